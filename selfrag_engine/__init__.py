@@ -1,0 +1,28 @@
+"""selfrag-engine: a decoding engine for Self-RAG models.
+
+    from selfrag_engine import Engine, SamplingParams
+    engine = Engine.from_pretrained("path/to/checkpoint", device="cuda")
+    out = engine.generate(["### Instruction:\\nWho wrote Hamlet?\\n\\n### Response:\\n"],
+                          SamplingParams(max_tokens=100, temperature=0.0))
+"""
+import importlib
+
+# Resolved on first use, so importing one submodule (a kernel, the tokenizer) does not load the engine.
+_EXPORTS = {
+    "Engine": "selfrag_engine.engine.llm_engine",
+    "RequestOutput": "selfrag_engine.engine.llm_engine",
+    "SamplingParams": "selfrag_engine.engine.sampling_params",
+    "LlamaConfig": "selfrag_engine.config",
+    "Tokenizer": "selfrag_engine.tokenizer",
+    "CheckpointError": "selfrag_engine.errors",
+    "RequestError": "selfrag_engine.errors",
+    "CacheCapacityError": "selfrag_engine.errors",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'selfrag_engine' has no attribute '{name}'")

@@ -1,0 +1,1 @@
+"""The serving core: requests, KV cache blocks, scheduling, model steps and sampling."""

@@ -1,0 +1,52 @@
+"""The KV pool tensors: one [num_blocks, block_size, kv_heads, head_dim] pair per layer, sized from a budget."""
+from __future__ import annotations
+
+import torch
+
+from selfrag_engine.config import LlamaConfig
+from selfrag_engine.engine.attention import KVCache
+
+
+def bytes_per_block(config: LlamaConfig, block_size: int, dtype: torch.dtype) -> int:
+    elem = torch.empty((), dtype=dtype).element_size()
+    return 2 * config.num_hidden_layers * block_size * config.num_key_value_heads * config.head_dim * elem
+
+
+def num_blocks_for_budget(config: LlamaConfig, block_size: int, dtype: torch.dtype, device: torch.device,
+                          kv_cache_bytes: int | None, gpu_memory_utilization: float) -> int:
+    """Blocks that fit: an explicit byte budget, or on CUDA the given fraction of the device memory minus
+    what is already allocated (weights) and a reserve for activations."""
+    per_block = bytes_per_block(config, block_size, dtype)
+    if kv_cache_bytes is None:
+        if device.type != "cuda":
+            kv_cache_bytes = 512 << 20
+        else:
+            if not 0.0 < gpu_memory_utilization <= 1.0:
+                raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
+            total = torch.cuda.get_device_properties(device).total_memory
+            activation_reserve = 1 << 30
+            kv_cache_bytes = int(total * gpu_memory_utilization) - torch.cuda.memory_allocated(device) \
+                - activation_reserve
+    num_blocks = int(kv_cache_bytes) // per_block
+    if num_blocks < 1:
+        raise ValueError(f"the KV cache budget ({kv_cache_bytes} bytes) holds no block of {per_block} bytes")
+    return num_blocks
+
+
+def allocate_kv_caches(config: LlamaConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
+                       device: torch.device) -> list[KVCache]:
+    shape = (num_blocks, block_size, config.num_key_value_heads, config.head_dim)
+    return [KVCache(torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
+            for _ in range(config.num_hidden_layers)]
+
+
+def copy_blocks(caches: list[KVCache], copies: list[tuple[int, int]]) -> None:
+    """Copy-on-write: block dst of every layer receives block src's keys and values."""
+    if not copies:
+        return
+    device = caches[0].k.device
+    src = torch.tensor([s for s, _ in copies], dtype=torch.long, device=device)
+    dst = torch.tensor([d for _, d in copies], dtype=torch.long, device=device)
+    for cache in caches:
+        cache.k.index_copy_(0, dst, cache.k.index_select(0, src))
+        cache.v.index_copy_(0, dst, cache.v.index_select(0, src))

@@ -1,0 +1,369 @@
+"""The engine: requests in, tokens out, over a paged KV cache shared by forked branches.
+
+Data flows one way: request -> scheduler -> model step -> sampler -> output. A caller either uses
+`generate` for whole prompts, or drives requests itself (`add_request`, `fork`, `step`, `release`), as the
+Self-RAG algorithms do to branch K passages off one cached prompt.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence as Seq
+
+import torch
+from tqdm.auto import tqdm
+
+from selfrag_engine.checkpoint import load_model
+from selfrag_engine.config import LlamaConfig
+from selfrag_engine.engine.block_manager import BlockManager
+from selfrag_engine.engine.kv_cache import allocate_kv_caches, num_blocks_for_budget
+from selfrag_engine.engine.model_runner import ModelRunner
+from selfrag_engine.engine.sampler import ReflectionGroups, sample
+from selfrag_engine.engine.sampling_params import SamplingParams
+from selfrag_engine.engine.scheduler import Chunk, Scheduler
+from selfrag_engine.engine.sequence import Sequence, Status
+from selfrag_engine.errors import CacheCapacityError, RequestError
+from selfrag_engine.tokenizer import Tokenizer
+
+_MASK64 = (1 << 64) - 1
+
+
+def step_seed(seed: int, step: int) -> int:
+    """A well-mixed non-negative int64 seed for one draw (splitmix64 of the request seed and the step), so
+    a sequence's draws do not depend on batching or preemption."""
+    z = (seed * 0x9E3779B97F4A7C15 + (step + 1) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) & ((1 << 63) - 1)
+
+
+@dataclass
+class RequestOutput:
+    request_id: int
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None  # "stop" (EOS, stop string or stop token) or "length"
+    stop_reason: str | int | None  # the stop string or stop token id that ended it, None for EOS
+    cumulative_logprob: float
+    token_logprobs: list[float]  # log-probability of each generated token (temperature 1)
+    logprobs: list[dict[int, float]] | None  # per step, the top-n and the chosen token, when asked
+    reflection_probs: torch.Tensor | None  # [steps, G] group-normalized reflection probabilities
+    reflection_logprobs: torch.Tensor | None  # [steps, G] full-vocabulary log-probabilities
+    reflection_groups: ReflectionGroups | None
+
+
+class Engine:
+    def __init__(self, model, tokenizer: Tokenizer, *, block_size: int = 16, num_blocks: int | None = None,
+                 kv_cache_bytes: int | None = None, gpu_memory_utilization: float = 0.9,
+                 max_num_seqs: int = 256, max_num_batched_tokens: int = 4096, max_model_len: int | None = None,
+                 enable_prefix_caching: bool = True, seed: int = 0):
+        self.model = model
+        self.config: LlamaConfig = model.config
+        self.tokenizer = tokenizer
+        self.device = model.rope_cos.device
+        self.dtype = model.model.embed_tokens.weight.dtype
+        if tokenizer.vocab_size > self.config.vocab_size:
+            raise RequestError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is "
+                               f"{self.config.vocab_size}")
+        self.max_model_len = min(max_model_len or self.config.max_position_embeddings,
+                                 self.config.max_position_embeddings)
+        if num_blocks is None:
+            num_blocks = num_blocks_for_budget(self.config, block_size, self.dtype, self.device,
+                                               kv_cache_bytes, gpu_memory_utilization)
+        self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
+        self.kv_caches = allocate_kv_caches(self.config, num_blocks, block_size, self.dtype, self.device)
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
+        self.runner = ModelRunner(model, self.kv_caches, self.block_manager, self.device)
+        self.reflection_groups = _reflection_groups(tokenizer)
+        self.seqs: dict[int, Sequence] = {}
+        self._ids = itertools.count()
+        self._seed_rng = torch.Generator().manual_seed(seed)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu",
+                        dtype: torch.dtype | str | None = None, quantization: str | None = None,
+                        progress: bool = True, **engine_kwargs) -> "Engine":
+        """Loads a Hugging Face Llama checkpoint directory (weights, config and tokenizer).
+
+        dtype defaults to the checkpoint's on CUDA and float32 on the CPU; quantization None or "fp8".
+        Engine options: block_size, num_blocks or kv_cache_bytes or gpu_memory_utilization, max_num_seqs,
+        max_num_batched_tokens, max_model_len, enable_prefix_caching, seed.
+        """
+        tokenizer = Tokenizer.from_pretrained(path)
+        model = load_model(path, device=device, dtype=dtype, quantization=quantization, progress=progress)
+        return cls(model, tokenizer, **engine_kwargs)
+
+    # ---- requests -------------------------------------------------------------------------------
+
+    def _token_ids(self, prompt: str | Seq[int]) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt, add_bos=True)
+        else:
+            ids = [int(t) for t in prompt]
+        if not ids:
+            raise RequestError("empty prompt")
+        bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise RequestError(f"token id {bad[0]} is outside the vocabulary (size {self.config.vocab_size})")
+        return ids
+
+    def _check_fits(self, num_tokens: int, max_new_tokens: int, what: str) -> None:
+        if num_tokens >= self.max_model_len:
+            raise RequestError(f"{what} has {num_tokens} tokens, which leaves no room to generate within the "
+                               f"model's context of {self.max_model_len} tokens")
+        needed = min(num_tokens + max_new_tokens, self.max_model_len)
+        capacity = self.block_manager.num_blocks() * self.block_manager.block_size()
+        if needed > capacity:
+            raise CacheCapacityError(f"{what} of {num_tokens} tokens with max_tokens={max_new_tokens} needs "
+                                     f"{needed} tokens of KV cache but the whole pool holds {capacity} "
+                                     f"({self.block_manager.num_blocks()} blocks of "
+                                     f"{self.block_manager.block_size()})")
+
+    def _new_seq(self, token_ids: list[int], params: SamplingParams, keep_cache: bool) -> Sequence:
+        seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,),
+                                                                             generator=self._seed_rng))
+        seq = Sequence(next(self._ids), token_ids, len(token_ids), params, seed, keep_cache)
+        self.seqs[seq.seq_id] = seq
+        return seq
+
+    def add_request(self, prompt: str | Seq[int], params: SamplingParams | None = None,
+                    keep_cache: bool = False) -> int:
+        """Queues a prompt (text, encoded with BOS, or token ids); returns its request id. With keep_cache
+        the finished request keeps its KV blocks so it can be forked; `release` frees them."""
+        params = params or SamplingParams()
+        ids = self._token_ids(prompt)
+        self._check_fits(len(ids), params.max_tokens, "prompt")
+        seq = self._new_seq(ids, params, keep_cache)
+        self.scheduler.add(seq)
+        return seq.seq_id
+
+    def fork(self, parent: int, suffixes: Iterable[str | Seq[int]], params: SamplingParams | Seq[SamplingParams],
+             prefix_len: int | None = None, keep_cache: bool = False) -> list[int]:
+        """New requests that continue from the parent's first `prefix_len` tokens (default: all of them) followed
+        by their own suffix, sharing the parent's cached blocks. Text suffixes are encoded without BOS.
+
+        The parent must hold its cache (running, or finished with keep_cache). prefix_len may drop the parent's
+        last sampled token (whose K/V is not computed yet), not computed tokens.
+        """
+        p = self._get(parent)
+        if p.status not in (Status.RUNNING, Status.PAUSED):
+            raise RequestError(f"request {parent} holds no KV cache to fork from (status {p.status.value})")
+        prefix_len = len(p.token_ids) if prefix_len is None else prefix_len
+        if not p.num_computed <= prefix_len <= len(p.token_ids):
+            raise RequestError(f"prefix_len {prefix_len} must lie between the parent's computed tokens "
+                               f"({p.num_computed}) and its length ({len(p.token_ids)})")
+        suffix_ids = [self.tokenizer.encode(s, add_bos=False) if isinstance(s, str) else [int(t) for t in s]
+                      for s in suffixes]
+        if isinstance(params, SamplingParams):
+            params = [params] * len(suffix_ids)
+        if len(params) != len(suffix_ids):
+            raise RequestError(f"{len(suffix_ids)} suffixes but {len(params)} sampling params")
+        children = []
+        for suffix, prm in zip(suffix_ids, params):
+            ids = p.token_ids[:prefix_len] + suffix
+            if len(ids) == p.num_computed:
+                raise RequestError("a forked branch needs at least one token after the parent's computed prefix")
+            bad = [t for t in suffix if not 0 <= t < self.config.vocab_size]
+            if bad:
+                raise RequestError(f"token id {bad[0]} is outside the vocabulary (size {self.config.vocab_size})")
+            self._check_fits(len(ids), prm.max_tokens, "forked branch")
+            children.append(self._new_seq(ids, prm, keep_cache))
+        self.block_manager.fork(p.seq_id, [c.seq_id for c in children])
+        for c in children:
+            c.num_computed = p.num_computed
+            self.scheduler.add_running(c)
+        return [c.seq_id for c in children]
+
+    def release(self, seq_id: int) -> None:
+        """Frees a request's KV blocks (a paused fork parent, or an unfinished request, which is aborted)."""
+        seq = self._get(seq_id)
+        self.scheduler.remove(seq)
+        if self.block_manager.has(seq_id):
+            self.block_manager.free(seq_id)
+        if seq.status != Status.FINISHED:
+            seq.finish_reason = seq.finish_reason or "abort"
+        seq.status = Status.FINISHED
+
+    def _get(self, seq_id: int) -> Sequence:
+        if seq_id not in self.seqs:
+            raise RequestError(f"unknown request id {seq_id}")
+        return self.seqs[seq_id]
+
+    def is_done(self, seq_id: int) -> bool:
+        return self._get(seq_id).status in (Status.PAUSED, Status.FINISHED)
+
+    # ---- stepping -------------------------------------------------------------------------------
+
+    def step(self) -> list[int]:
+        """Runs one model step over the scheduled batch; returns the ids of requests that finished in it."""
+        batch = self.scheduler.schedule()
+        if not batch.chunks:
+            return []
+        logits = self.runner.run(batch.chunks, batch.copies)
+        sampling = [c for c in batch.chunks if c.samples]
+        for c in batch.chunks:
+            c.seq.num_computed = c.start + c.num_tokens
+        if not sampling:
+            return []
+        out = self._sample(logits, [c.seq for c in sampling])
+        finished = []
+        for i, c in enumerate(sampling):
+            if self._append_token(c.seq, out, i):
+                finished.append(c.seq.seq_id)
+        return finished
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]):
+        dev = logits.device
+        params = [s.params for s in seqs]
+        top_n = max((p.logprobs or 0) for p in params)
+        want_groups = self.reflection_groups is not None and any(p.reflection for p in params)
+        return sample(
+            logits,
+            temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32, device=dev),
+            top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=dev),
+            top_k=torch.tensor([p.top_k for p in params], dtype=torch.int32, device=dev),
+            seeds=torch.tensor([step_seed(s.seed, s.num_output_tokens) for s in seqs], dtype=torch.int64, device=dev),
+            groups=self.reflection_groups if want_groups else None,
+            top_n=top_n,
+        )
+
+    def _append_token(self, seq: Sequence, out, row: int) -> bool:
+        p = seq.params
+        token = int(out.tokens[row])
+        seq.token_ids.append(token)
+        lp = float(out.logprobs[row])
+        seq.token_logprobs.append(lp)
+        seq.cumulative_logprob += lp
+        if p.logprobs is not None:
+            top = {int(t): float(v) for t, v in zip(out.topn_ids[row, :p.logprobs].tolist(),
+                                                   out.topn_logprobs[row, :p.logprobs].tolist())}
+            top[token] = lp
+            seq.top_logprobs.append(top)
+        if p.reflection and out.group_probs is not None:
+            seq.reflection.append(out.group_probs[row].cpu())
+            seq.reflection_logprobs.append(out.group_logprobs[row].cpu())
+
+        reason = None
+        if token == self.tokenizer.eos_id and not p.ignore_eos:
+            reason = ("stop", None)
+        elif token in p.stop_token_ids:
+            reason = ("stop", token)
+        elif p.stop:
+            text = self._decode(seq)
+            for s in p.stop:
+                at = text.find(s, max(0, len(seq.text) - len(s)))
+                if at >= 0:
+                    seq.text = text[:at + len(s)] if p.include_stop_str_in_output else text[:at]
+                    reason = ("stop", s)
+                    break
+            else:
+                seq.text = text
+        if reason is None and (seq.num_output_tokens >= p.max_tokens or len(seq.token_ids) >= self.max_model_len):
+            reason = ("length", None)
+        if reason is None:
+            return False
+        seq.finish_reason, seq.stop_reason = reason
+        if not (p.stop and reason[1] in p.stop):
+            seq.text = self._decode(seq)
+        self.scheduler.remove(seq)
+        if seq.keep_cache:
+            seq.status = Status.PAUSED
+        else:
+            self.block_manager.free(seq.seq_id)
+            seq.status = Status.FINISHED
+        return True
+
+    def _decode(self, seq: Sequence) -> str:
+        return self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=seq.params.skip_special_tokens)
+
+    def run(self, seq_ids: Iterable[int], progress: bool = False) -> list[RequestOutput]:
+        """Steps until every listed request is done; returns their outputs in order."""
+        seq_ids = list(seq_ids)
+        pending = {i for i in seq_ids if not self.is_done(i)}
+        bar = tqdm(total=len(pending), desc="generating", unit="req", disable=not progress)
+        while pending:
+            if not self.scheduler.has_work():
+                raise RuntimeError(f"requests {sorted(pending)} are not scheduled")
+            done = pending.intersection(self.step())
+            pending -= done
+            bar.update(len(done))
+        bar.close()
+        return [self.output(i) for i in seq_ids]
+
+    def output(self, seq_id: int) -> RequestOutput:
+        seq = self._get(seq_id)
+        groups = self.reflection_groups if seq.reflection else None
+        return RequestOutput(
+            request_id=seq.seq_id,
+            prompt_token_ids=seq.token_ids[:seq.num_prompt_tokens],
+            token_ids=list(seq.output_token_ids),
+            text=seq.text,
+            finish_reason=seq.finish_reason,
+            stop_reason=seq.stop_reason,
+            cumulative_logprob=seq.cumulative_logprob,
+            token_logprobs=list(seq.token_logprobs),
+            logprobs=list(seq.top_logprobs) if seq.params.logprobs is not None else None,
+            reflection_probs=torch.stack(seq.reflection) if seq.reflection else None,
+            reflection_logprobs=torch.stack(seq.reflection_logprobs) if seq.reflection else None,
+            reflection_groups=groups,
+        )
+
+    def generate(self, prompts: str | Seq[int] | Seq[str | Seq[int]],
+                 params: SamplingParams | Seq[SamplingParams] | None = None,
+                 progress: bool = False) -> list[RequestOutput]:
+        """Generates for each prompt (text or token ids) in one continuous batch."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = params or SamplingParams()
+        if isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise RequestError(f"{len(prompts)} prompts but {len(params)} sampling params")
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
+        try:
+            outputs = self.run(ids, progress=progress)
+        finally:
+            for i in ids:
+                if self.seqs[i].status != Status.FINISHED:
+                    self.release(i)
+                del self.seqs[i]
+        return outputs
+
+    # ---- scoring --------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def score(self, token_ids: Seq[int] | str) -> torch.Tensor:
+        """Logits [len, vocab] (float32) for every position of a prompt, computed through the paged cache in
+        chunks of at most max_num_batched_tokens."""
+        ids = self._token_ids(token_ids)
+        if len(ids) > self.max_model_len:
+            raise RequestError(f"{len(ids)} tokens exceed the model's context of {self.max_model_len}")
+        self._check_fits(len(ids) - 1, 1, "scored sequence")
+        seq = self._new_seq(ids, SamplingParams(max_tokens=1), keep_cache=False)
+        if not self.block_manager.can_allocate(len(ids)):
+            raise CacheCapacityError(f"the KV pool has no room for {len(ids)} tokens now")
+        # Every position needs its logits, so the prefix cache must not skip any.
+        self.block_manager.allocate(seq.seq_id, ids, False)
+        try:
+            step = self.scheduler.max_num_batched_tokens
+            logits = [self.runner.run([Chunk(seq, s, min(step, len(ids) - s))], [], all_logits=True)
+                      for s in range(0, len(ids), step)]
+        finally:
+            self.block_manager.free(seq.seq_id)
+            del self.seqs[seq.seq_id]
+        return torch.cat(logits)
+
+    def cache_stats(self) -> dict[str, int]:
+        bm = self.block_manager
+        return {"num_blocks": bm.num_blocks(), "block_size": bm.block_size(), "free": bm.num_free_blocks(),
+                "used": bm.num_used_blocks(), "shared": bm.num_shared_blocks(), "cached": bm.num_cached_blocks()}
+
+
+def _reflection_groups(tokenizer: Tokenizer) -> ReflectionGroups | None:
+    try:
+        ids = tokenizer.reflection_token_ids()
+    except (ValueError, KeyError):
+        return None
+    return ReflectionGroups.from_token_ids(ids.groups())

@@ -1,0 +1,65 @@
+"""One model step: turns a scheduled batch into input tensors and attention metadata, runs the model,
+and returns the logits of the rows that sample."""
+from __future__ import annotations
+
+import torch
+
+from selfrag_engine.engine.attention import AttentionMetadata, KVCache
+from selfrag_engine.engine.kv_cache import copy_blocks
+from selfrag_engine.engine.scheduler import Chunk
+
+
+class ModelRunner:
+    def __init__(self, model, kv_caches: list[KVCache], block_manager, device: torch.device):
+        self.model = model
+        self.kv_caches = kv_caches
+        self.bm = block_manager
+        self.device = device
+        self.block_size = block_manager.block_size()
+
+    def prepare(self, chunks: list[Chunk]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        cu = [0]
+        context_lens: list[int] = []
+        tables: list[list[int]] = []
+        bs = self.block_size
+        for c in chunks:
+            seq_id, end = c.seq.seq_id, c.start + c.num_tokens
+            table = self.bm.block_table(seq_id)
+            input_ids.extend(c.seq.token_ids[c.start:end])
+            positions.extend(range(c.start, end))
+            slots.extend(table[i // bs] * bs + i % bs for i in range(c.start, end))
+            cu.append(cu[-1] + c.num_tokens)
+            context_lens.append(end)
+            tables.append(table)
+        width = max(len(t) for t in tables)
+        padded = [t + [-1] * (width - len(t)) for t in tables]
+        dev = self.device
+        q_lens = [c.num_tokens for c in chunks]
+        meta = AttentionMetadata(
+            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
+            context_lens=torch.tensor(context_lens, dtype=torch.int32, device=dev),
+            block_tables=torch.tensor(padded, dtype=torch.int32, device=dev),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            max_q_len=max(q_lens),
+            max_context_len=max(context_lens),
+            q_lens_host=q_lens,
+            context_lens_host=context_lens,
+        )
+        return (torch.tensor(input_ids, dtype=torch.int64, device=dev),
+                torch.tensor(positions, dtype=torch.int64, device=dev), meta)
+
+    @torch.inference_mode()
+    def run(self, chunks: list[Chunk], copies: list[tuple[int, int]], all_logits: bool = False) -> torch.Tensor:
+        """Computes the chunks' K/V; returns float32 logits [num sampling chunks, vocab] (their last rows),
+        or for every token when `all_logits`."""
+        copy_blocks(self.kv_caches, copies)
+        input_ids, positions, meta = self.prepare(chunks)
+        hidden = self.model(input_ids, positions, meta, self.kv_caches)
+        if not all_logits:
+            last_rows = [int(meta_end) - 1 for meta_end, c in zip(meta.cu_seqlens_q[1:].tolist(), chunks)
+                         if c.samples]
+            hidden = hidden[torch.tensor(last_rows, dtype=torch.long, device=hidden.device)]
+        return self.model.compute_logits(hidden)

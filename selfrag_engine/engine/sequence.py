@@ -1,0 +1,48 @@
+"""A sequence being decoded: its tokens, how many have K/V in the cache, and what was sampled."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+
+from selfrag_engine.engine.sampling_params import SamplingParams
+
+
+class Status(Enum):
+    WAITING = "waiting"    # no cache blocks (new, or preempted and to be recomputed)
+    RUNNING = "running"    # holds blocks and is scheduled every step
+    PAUSED = "paused"      # finished decoding but keeps its blocks, to be forked from
+    FINISHED = "finished"  # blocks released
+
+
+@dataclass
+class Sequence:
+    seq_id: int
+    token_ids: list[int]
+    num_prompt_tokens: int
+    params: SamplingParams
+    seed: int
+    keep_cache: bool = False
+    status: Status = Status.WAITING
+    num_computed: int = 0  # leading tokens whose K/V are in the pool
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    cumulative_logprob: float = 0.0
+    token_logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[dict[int, float]] = field(default_factory=list)
+    reflection: list[torch.Tensor] = field(default_factory=list)  # per step: group-normalized probs [G]
+    reflection_logprobs: list[torch.Tensor] = field(default_factory=list)  # per step: full-vocab logprobs [G]
+    text: str = ""
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def num_uncomputed(self) -> int:
+        return len(self.token_ids) - self.num_computed

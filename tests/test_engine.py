@@ -1,0 +1,128 @@
+"""The engine's request API: batching, sampling options, stop conditions, forks, and bad requests."""
+import pytest
+import torch
+
+from selfrag_engine import CacheCapacityError, Engine, RequestError, SamplingParams
+from tests.helpers import tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def path():
+    return tiny_checkpoint(seed=21, num_key_value_heads=2)
+
+
+@pytest.fixture(scope="module")
+def engine(path):
+    return Engine.from_pretrained(path, progress=False)
+
+
+def _greedy(n=24, **kw):
+    return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, **kw)
+
+
+def test_batched_equals_one_by_one(engine):
+    prompts = ["a", "### Instruction:\nWhat is 2 + 2?\n\n### Response:\n", "the quick brown fox " * 6, "x y z"]
+    batched = engine.generate(prompts, _greedy(logprobs=3))
+    for prompt, b in zip(prompts, batched):
+        single = engine.generate(prompt, _greedy(logprobs=3))[0]
+        assert single.token_ids == b.token_ids
+        assert single.token_logprobs == pytest.approx(b.token_logprobs, abs=1e-5)
+    assert engine.cache_stats()["used"] == 0
+
+
+def test_chunked_prefill_equals_whole(path):
+    small = Engine.from_pretrained(path, progress=False, max_num_batched_tokens=7)
+    big = Engine.from_pretrained(path, progress=False)
+    prompt = "a long prompt that will be split into several prefill chunks " * 3
+    a = small.generate(prompt, _greedy())[0]
+    b = big.generate(prompt, _greedy())[0]
+    assert a.token_ids == b.token_ids
+    assert a.token_logprobs == pytest.approx(b.token_logprobs, abs=1e-5)
+
+
+def test_sampling_is_seeded_and_batch_independent(engine):
+    p = SamplingParams(max_tokens=20, temperature=1.0, top_p=0.9, seed=1234, ignore_eos=True)
+    a = engine.generate(["once upon a time", "other"], p)[0]
+    b = engine.generate("once upon a time", p)[0]
+    c = engine.generate("once upon a time", SamplingParams(max_tokens=20, temperature=1.0, seed=99,
+                                                            ignore_eos=True))[0]
+    assert a.token_ids == b.token_ids
+    assert a.token_ids != c.token_ids
+
+
+def test_max_tokens_and_finish_reason(engine):
+    out = engine.generate("count", _greedy(5))[0]
+    assert len(out.token_ids) == 5 and out.finish_reason == "length"
+
+
+def test_stop_token_and_stop_string(engine):
+    ref = engine.generate("stop here", _greedy(30))[0]
+    tok = ref.token_ids[4]
+    out = engine.generate("stop here", _greedy(30, stop_token_ids=[tok]))[0]
+    first = ref.token_ids.index(tok)
+    assert out.token_ids == ref.token_ids[: first + 1]
+    assert out.finish_reason == "stop" and out.stop_reason == tok
+    text = ref.text
+    stop = text[len(text) // 2: len(text) // 2 + 2]
+    if stop.strip():
+        out = engine.generate("stop here", _greedy(30, stop=[stop]))[0]
+        assert out.finish_reason == "stop" and out.stop_reason == stop
+        assert out.text == text[: text.find(stop)]
+
+
+def test_eos_stops(engine):
+    # Force EOS by making it the only allowed token through a stop on every token: use top_k=1 on a prompt
+    # whose greedy continuation we know, then check ignore_eos=False ends at EOS when EOS is produced.
+    out = engine.generate("eos", SamplingParams(max_tokens=200, temperature=0.0))[0]
+    if engine.tokenizer.eos_id in out.token_ids:
+        assert out.token_ids[-1] == engine.tokenizer.eos_id and out.finish_reason == "stop"
+    else:
+        assert out.finish_reason == "length"
+
+
+def test_fork_branches_equal_independent_generates(path):
+    engine = Engine.from_pretrained(path, progress=False)
+    prompt = engine.tokenizer.encode("### Instruction:\nWho was born in Veloria?\n\n### Response:\n")
+    suffixes = [engine.tokenizer.encode(f"[Retrieval]<paragraph>Passage {i}\nSome text {i * 7}.</paragraph>",
+                                        add_bos=False) for i in range(5)]
+    parent = engine.add_request(prompt, SamplingParams(max_tokens=1, temperature=0.0), keep_cache=True)
+    engine.run([parent])
+    children = engine.fork(parent, suffixes, _greedy(16, logprobs=2), prefix_len=len(prompt))
+    engine.release(parent)
+    forked = engine.run(children)
+    for suffix, out in zip(suffixes, forked):
+        ref = engine.generate([prompt + suffix], _greedy(16, logprobs=2))[0]
+        assert out.token_ids == ref.token_ids
+        assert out.token_logprobs == pytest.approx(ref.token_logprobs, abs=1e-5)
+    assert engine.cache_stats()["used"] == 0
+
+
+def test_preemption_keeps_outputs(path):
+    prompts = [f"prompt number {i} " * (i + 1) for i in range(6)]
+    roomy = Engine.from_pretrained(path, progress=False)
+    tight = Engine.from_pretrained(path, progress=False, num_blocks=12, block_size=8)
+    a = roomy.generate(prompts, _greedy(40))
+    b = tight.generate(prompts, _greedy(40))
+    for x, y in zip(a, b):
+        assert x.token_ids == y.token_ids
+    assert tight.cache_stats()["used"] == 0
+
+
+def test_bad_requests(path, engine):
+    with pytest.raises(RequestError, match="empty prompt"):
+        engine.generate([[]], _greedy())
+    with pytest.raises(RequestError, match="outside the vocabulary"):
+        engine.generate([[1, 10**6]], _greedy())
+    with pytest.raises(RequestError, match="no room to generate"):
+        engine.generate([[5] * engine.max_model_len], _greedy())
+    with pytest.raises(RequestError, match="max_tokens"):
+        SamplingParams(max_tokens=0)
+    with pytest.raises(RequestError, match="top_p"):
+        SamplingParams(top_p=0.0)
+    with pytest.raises(RequestError, match="logprobs"):
+        SamplingParams(logprobs=21)
+    small = Engine.from_pretrained(path, progress=False, num_blocks=2, block_size=8)
+    with pytest.raises(CacheCapacityError, match="whole pool holds 16 "):
+        small.generate([[5] * 30], _greedy())
+    assert small.cache_stats()["used"] == 0
+    assert engine.cache_stats()["used"] == 0
