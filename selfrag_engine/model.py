@@ -75,6 +75,17 @@ class Attention(nn.Module):
         o = paged_attention(q, kv, meta, self.scale)
         return self.o_proj(o.reshape(t, self.num_heads * self.head_dim))
 
+    def forward_dense(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Causal attention over whole sequences x [B, L, hidden] without a cache (training, analysis)."""
+        b, l, _ = x.shape
+        q = apply_rotary(self.q_proj(x).view(b, l, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rotary(self.k_proj(x).view(b, l, self.num_kv_heads, self.head_dim), cos, sin)
+        v = self.v_proj(x).view(b, l, self.num_kv_heads, self.head_dim)
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           is_causal=True, scale=self.scale,
+                                           enable_gqa=self.num_heads != self.num_kv_heads)
+        return self.o_proj(o.transpose(1, 2).reshape(b, l, self.num_heads * self.head_dim))
+
 
 class MLP(nn.Module):
     def __init__(self, config: LlamaConfig):
@@ -104,6 +115,10 @@ class DecoderLayer(nn.Module):
         h = self.self_attn(h, cos, sin, meta, kv)
         h, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(h), residual
+
+    def forward_dense(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn.forward_dense(self.input_layernorm(x), cos, sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class LlamaModel(nn.Module):
@@ -146,6 +161,16 @@ class Llama(nn.Module):
             x, residual = layer(x, residual, cos, sin, meta, kv)
         x, _ = self.model.norm(x, residual)
         return x
+
+    def forward_dense(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids [B, L] -> logits [B, L, vocab]: whole sequences from position 0, no KV cache. Autograd
+        works through it, so the same module trains."""
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        x = self.model.embed_tokens(input_ids)
+        for layer in self.model.layers:
+            x = layer.forward_dense(x, cos, sin)
+        return self.lm_head(self.model.norm(x))
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] -> logits [N, vocab] in float32."""

@@ -1,7 +1,8 @@
 """Shared test utilities: cached tiny checkpoints and the transformers oracle."""
 from __future__ import annotations
 
-import functools
+import hashlib
+import json
 import tempfile
 from pathlib import Path
 
@@ -12,11 +13,10 @@ from selfrag_engine.testing import write_tiny_checkpoint
 _ROOT = Path(tempfile.mkdtemp(prefix="selfrag-test-ckpt-"))
 
 
-@functools.lru_cache(maxsize=None)
 def tiny_checkpoint(**kwargs) -> Path:
     """A tiny HF checkpoint written once per process for each distinct set of options."""
-    name = "-".join(f"{k}={v}" for k, v in sorted(kwargs.items())).replace("/", "_").replace(" ", "") or "default"
-    path = _ROOT / name
+    key = json.dumps(kwargs, sort_keys=True, default=str)
+    path = _ROOT / hashlib.sha1(key.encode()).hexdigest()[:16]
     if not path.exists():
         write_tiny_checkpoint(path, **kwargs)
     return path

@@ -13,7 +13,16 @@ def path():
 
 @pytest.fixture(scope="module")
 def engine(path):
-    return Engine.from_pretrained(path, progress=False)
+    return make_engine(path)
+
+
+def make_engine(path, **kw) -> Engine:
+    """An engine whose KV pool starts as NaN, so a read of a slot nobody wrote cannot go unnoticed."""
+    engine = Engine.from_pretrained(path, progress=False, **kw)
+    for cache in engine.kv_caches:
+        cache.k.fill_(float("nan"))
+        cache.v.fill_(float("nan"))
+    return engine
 
 
 def _greedy(n=24, **kw):
@@ -31,8 +40,8 @@ def test_batched_equals_one_by_one(engine):
 
 
 def test_chunked_prefill_equals_whole(path):
-    small = Engine.from_pretrained(path, progress=False, max_num_batched_tokens=7)
-    big = Engine.from_pretrained(path, progress=False)
+    small = make_engine(path, max_num_batched_tokens=7)
+    big = make_engine(path)
     prompt = "a long prompt that will be split into several prefill chunks " * 3
     a = small.generate(prompt, _greedy())[0]
     b = big.generate(prompt, _greedy())[0]
@@ -81,7 +90,7 @@ def test_eos_stops(engine):
 
 
 def test_fork_branches_equal_independent_generates(path):
-    engine = Engine.from_pretrained(path, progress=False)
+    engine = make_engine(path)
     prompt = engine.tokenizer.encode("### Instruction:\nWho was born in Veloria?\n\n### Response:\n")
     suffixes = [engine.tokenizer.encode(f"[Retrieval]<paragraph>Passage {i}\nSome text {i * 7}.</paragraph>",
                                         add_bos=False) for i in range(5)]
@@ -99,12 +108,25 @@ def test_fork_branches_equal_independent_generates(path):
 
 def test_preemption_keeps_outputs(path):
     prompts = [f"prompt number {i} " * (i + 1) for i in range(6)]
-    roomy = Engine.from_pretrained(path, progress=False)
-    tight = Engine.from_pretrained(path, progress=False, num_blocks=12, block_size=8)
-    a = roomy.generate(prompts, _greedy(40))
-    b = tight.generate(prompts, _greedy(40))
+    roomy = make_engine(path)
+    longest = max(len(roomy.tokenizer.encode(p)) for p in prompts) + 40
+    # Room for the longest request and a little more: six running requests must take turns.
+    tight = make_engine(path, num_blocks=-(-longest // 8) + 2, block_size=8)
+    preempted = []
+    schedule = tight.scheduler.schedule
+
+    def watch():
+        batch = schedule()
+        preempted.extend(batch.preempted)
+        return batch
+
+    tight.scheduler.schedule = watch
+    a = roomy.generate(prompts, _greedy(40, logprobs=1))
+    b = tight.generate(prompts, _greedy(40, logprobs=1))
+    assert preempted, "the pool was meant to be too small to hold every request at once"
     for x, y in zip(a, b):
         assert x.token_ids == y.token_ids
+        assert x.token_logprobs == pytest.approx(y.token_logprobs, abs=1e-5)
     assert tight.cache_stats()["used"] == 0
 
 
@@ -121,7 +143,7 @@ def test_bad_requests(path, engine):
         SamplingParams(top_p=0.0)
     with pytest.raises(RequestError, match="logprobs"):
         SamplingParams(logprobs=21)
-    small = Engine.from_pretrained(path, progress=False, num_blocks=2, block_size=8)
+    small = make_engine(path, num_blocks=2, block_size=8)
     with pytest.raises(CacheCapacityError, match="whole pool holds 16 "):
         small.generate([[5] * 30], _greedy())
     assert small.cache_stats()["used"] == 0

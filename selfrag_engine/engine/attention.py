@@ -106,6 +106,8 @@ def _decode_torch(q: torch.Tensor, cache: KVCache, meta: AttentionMetadata, scal
     v = cache.v[tables].flatten(1, 2)
     positions = torch.arange(k.shape[1], device=q.device)
     mask = positions[None, :] < meta.context_lens[:, None].long()  # [B, L]
+    # Slots past a context hold whatever an earlier owner left (possibly NaN); 0 * NaN would leak through.
+    v = v.masked_fill(~mask[:, :, None, None], 0)
     o = _attend(q[:, :, None, :], k.transpose(1, 2), v.transpose(1, 2), scale, mask[:, None, None, :])
     return o[:, :, 0, :]
 
