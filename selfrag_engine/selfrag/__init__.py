@@ -1,0 +1,1 @@
+"""The Self-RAG algorithms on top of the engine: prompts, reflection-token scores, short and long form."""
