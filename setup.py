@@ -1,6 +1,6 @@
 """Builds the C++ extension `selfrag_engine._C` from csrc/ (host C++ with pybind11; no CUDA needed).
 
-CUDA sources (csrc/**/*.cu) are not linked into this extension; tests/test_csrc_cuda.py compiles each of
+CUDA sources (csrc/**/*.cu) are not linked into this extension; tests/test_csrc.py compiles each of
 them with nvcc for sm_80 and sm_90a so that CUDA compile errors are caught on machines without a GPU.
 """
 import glob

@@ -181,7 +181,7 @@ class Engine:
         seq = self._get(seq_id)
         self.scheduler.remove(seq)
         if self.block_manager.has(seq_id):
-            self.block_manager.free(seq_id)
+            self.block_manager.free(seq_id, seq.num_computed)
         if seq.status != Status.FINISHED:
             seq.finish_reason = seq.finish_reason or "abort"
         seq.status = Status.FINISHED
@@ -346,12 +346,15 @@ class Engine:
             raise CacheCapacityError(f"the KV pool has no room for {len(ids)} tokens now")
         # Every position needs its logits, so the prefix cache must not skip any.
         self.block_manager.allocate(seq.seq_id, ids, False)
+        logits = []
         try:
             step = self.scheduler.max_num_batched_tokens
-            logits = [self.runner.run([Chunk(seq, s, min(step, len(ids) - s))], [], all_logits=True)
-                      for s in range(0, len(ids), step)]
+            for start in range(0, len(ids), step):
+                logits.append(self.runner.run([Chunk(seq, start, min(step, len(ids) - start))], [],
+                                              all_logits=True))
+                seq.num_computed = start + logits[-1].shape[0]
         finally:
-            self.block_manager.free(seq.seq_id)
+            self.block_manager.free(seq.seq_id, seq.num_computed)
             del self.seqs[seq.seq_id]
         return torch.cat(logits)
 

@@ -15,34 +15,26 @@ class ModelRunner:
         self.kv_caches = kv_caches
         self.bm = block_manager
         self.device = device
-        self.block_size = block_manager.block_size()
 
     def prepare(self, chunks: list[Chunk]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        seq_ids = [c.seq.seq_id for c in chunks]
+        q_lens = [c.num_tokens for c in chunks]
+        context_lens = [c.start + c.num_tokens for c in chunks]
         input_ids: list[int] = []
         positions: list[int] = []
-        slots: list[int] = []
         cu = [0]
-        context_lens: list[int] = []
-        tables: list[list[int]] = []
-        bs = self.block_size
-        for c in chunks:
-            seq_id, end = c.seq.seq_id, c.start + c.num_tokens
-            table = self.bm.block_table(seq_id)
+        for c, end in zip(chunks, context_lens):
             input_ids.extend(c.seq.token_ids[c.start:end])
             positions.extend(range(c.start, end))
-            slots.extend(table[i // bs] * bs + i % bs for i in range(c.start, end))
             cu.append(cu[-1] + c.num_tokens)
-            context_lens.append(end)
-            tables.append(table)
-        width = max(len(t) for t in tables)
-        padded = [t + [-1] * (width - len(t)) for t in tables]
+        slots = self.bm.slot_mapping(seq_ids, q_lens, [c.start for c in chunks])
+        tables = self.bm.block_tables(seq_ids, -1)
         dev = self.device
-        q_lens = [c.num_tokens for c in chunks]
         meta = AttentionMetadata(
             cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
             context_lens=torch.tensor(context_lens, dtype=torch.int32, device=dev),
-            block_tables=torch.tensor(padded, dtype=torch.int32, device=dev),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            block_tables=torch.from_numpy(tables).to(dev),
+            slot_mapping=torch.from_numpy(slots).to(dev),
             max_q_len=max(q_lens),
             max_context_len=max(context_lens),
             q_lens_host=q_lens,

@@ -67,7 +67,8 @@ class Scheduler:
 
     def _preempt(self, batch: Batch, victim: Sequence) -> None:
         self.running.remove(victim)
-        self.bm.free(victim.seq_id)
+        # Only blocks whose K/V were computed may stay in the prefix cache.
+        self.bm.free(victim.seq_id, victim.num_computed)
         victim.num_computed = 0
         victim.status = Status.WAITING
         self.waiting.appendleft(victim)
