@@ -148,3 +148,9 @@ def test_bad_requests(path, engine):
         small.generate([[5] * 30], _greedy())
     assert small.cache_stats()["used"] == 0
     assert engine.cache_stats()["used"] == 0
+
+
+def test_scheduler_bench_smoke(tmp_path):
+    from bench.scheduler import main
+    main(["--smoke", "--out", str(tmp_path)])
+    assert list(tmp_path.glob("scheduler-cpu-*.json")) and list(tmp_path.glob("scheduler-cpu-*.png"))
