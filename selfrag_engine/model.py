@@ -148,9 +148,8 @@ class Llama(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def init_rope(self) -> None:
-        cos, sin = rope_tables(self.config, self.rope_cos.device)
-        self.rope_cos.copy_(cos)
-        self.rope_sin.copy_(sin)
+        # Assigned, not copied: the tables stay float32 whatever dtype the weights were cast to.
+        self.rope_cos, self.rope_sin = rope_tables(self.config, self.rope_cos.device)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv_caches: list[KVCache]) -> torch.Tensor:
