@@ -39,8 +39,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, use_kernel: bool = False):
         """Normalizes x, or x + residual when a residual is given, returning (out, x + residual) then."""
+        if use_kernel:
+            from selfrag_engine.kernels.rmsnorm import rms_norm
+            return rms_norm(x, self.weight, self.eps, residual)
         if residual is not None:
             x = x + residual
             residual = x
@@ -64,14 +67,20 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(h, self.num_kv_heads * d, bias=False)
         self.o_proj = nn.Linear(self.num_heads * d, h, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 meta: AttentionMetadata, kv: KVCache) -> torch.Tensor:
+        """x [T, hidden]; rope: the full cos/sin tables [max_positions, head_dim // 2]."""
         t = x.shape[0]
         q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        store_kv(k, v, kv, meta.slot_mapping)
+        if meta.use_kernels:
+            from selfrag_engine.kernels.rotary_kv import rotary_and_store_kv
+            rotary_and_store_kv(q, k, v, positions, rope[0], rope[1], kv.k, kv.v, meta.slot_mapping)
+        else:
+            cos, sin = rope[0][positions], rope[1][positions]
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            store_kv(k, v, kv, meta.slot_mapping)
         o = paged_attention(q, kv, meta, self.scale)
         return self.o_proj(o.reshape(t, self.num_heads * self.head_dim))
 
@@ -106,14 +115,15 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, residual, cos, sin, meta, kv):
+    def forward(self, x, residual, positions, rope, meta: AttentionMetadata, kv: KVCache):
+        fused = meta.use_kernels
         if residual is None:
             residual = x
-            h = self.input_layernorm(x)
+            h = self.input_layernorm(x, use_kernel=fused)
         else:
-            h, residual = self.input_layernorm(x, residual)
-        h = self.self_attn(h, cos, sin, meta, kv)
-        h, residual = self.post_attention_layernorm(h, residual)
+            h, residual = self.input_layernorm(x, residual, use_kernel=fused)
+        h = self.self_attn(h, positions, rope, meta, kv)
+        h, residual = self.post_attention_layernorm(h, residual, use_kernel=fused)
         return self.mlp(h), residual
 
     def forward_dense(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -154,11 +164,11 @@ class Llama(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv_caches: list[KVCache]) -> torch.Tensor:
         """input_ids, positions: [T] int64 -> final hidden states [T, hidden] (norm applied)."""
-        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        rope = (self.rope_cos, self.rope_sin)
         x, residual = self.model.embed_tokens(input_ids), None
         for layer, kv in zip(self.model.layers, kv_caches):
-            x, residual = layer(x, residual, cos, sin, meta, kv)
-        x, _ = self.model.norm(x, residual)
+            x, residual = layer(x, residual, positions, rope, meta, kv)
+        x, _ = self.model.norm(x, residual, use_kernel=meta.use_kernels)
         return x
 
     def forward_dense(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -36,6 +36,8 @@ class AttentionMetadata:
     # Host copies: the reference path loops over sequences and must not synchronize per step.
     q_lens_host: list[int]
     context_lens_host: list[int]
+    # Run the Triton kernels (CUDA) instead of the torch reference.
+    use_kernels: bool = False
 
     @property
     def is_decode(self) -> bool:
@@ -113,4 +115,12 @@ def _decode_torch(q: torch.Tensor, cache: KVCache, meta: AttentionMetadata, scal
 
 
 def paged_attention(q: torch.Tensor, cache: KVCache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    return paged_attention_torch(q, cache, meta, scale)
+    if not meta.use_kernels:
+        return paged_attention_torch(q, cache, meta, scale)
+    if meta.is_decode:
+        from selfrag_engine.kernels.decode_attention import paged_decode_attention
+        return paged_decode_attention(q, cache.k, cache.v, meta.block_tables, meta.context_lens, scale,
+                                      max_context_len=meta.max_context_len)
+    from selfrag_engine.kernels.prefill_attention import prefill_attention
+    return prefill_attention(q, cache.k, cache.v, meta.block_tables, meta.cu_seqlens_q, meta.context_lens, scale,
+                             meta.max_q_len)

@@ -7,6 +7,7 @@ Self-RAG algorithms do to branch K passages off one cached prompt.
 from __future__ import annotations
 
 import itertools
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence as Seq
@@ -58,7 +59,7 @@ class Engine:
     def __init__(self, model, tokenizer: Tokenizer, *, block_size: int = 16, num_blocks: int | None = None,
                  kv_cache_bytes: int | None = None, gpu_memory_utilization: float = 0.9,
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 4096, max_model_len: int | None = None,
-                 enable_prefix_caching: bool = True, seed: int = 0):
+                 enable_prefix_caching: bool = True, use_kernels: bool | None = None, seed: int = 0):
         self.model = model
         self.config: LlamaConfig = model.config
         self.tokenizer = tokenizer
@@ -75,7 +76,11 @@ class Engine:
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.kv_caches = allocate_kv_caches(self.config, num_blocks, block_size, self.dtype, self.device)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
-        self.runner = ModelRunner(model, self.kv_caches, self.block_manager, self.device)
+        if use_kernels and self.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("use_kernels needs a CUDA device, or TRITON_INTERPRET=1 to run the kernels on the CPU "
+                             "(the CPU path is otherwise the torch reference)")
+        self.use_kernels = self.device.type == "cuda" if use_kernels is None else use_kernels
+        self.runner = ModelRunner(model, self.kv_caches, self.block_manager, self.device, self.use_kernels)
         self.reflection_groups = _reflection_groups(tokenizer)
         self.seqs: dict[int, Sequence] = {}
         self._ids = itertools.count()
@@ -89,7 +94,7 @@ class Engine:
 
         dtype defaults to the checkpoint's on CUDA and float32 on the CPU; quantization None or "fp8".
         Engine options: block_size, num_blocks or kv_cache_bytes or gpu_memory_utilization, max_num_seqs,
-        max_num_batched_tokens, max_model_len, enable_prefix_caching, seed.
+        max_num_batched_tokens, max_model_len, enable_prefix_caching, use_kernels (default: on CUDA), seed.
         """
         tokenizer = Tokenizer.from_pretrained(path)
         model = load_model(path, device=device, dtype=dtype, quantization=quantization, progress=progress)

@@ -10,8 +10,10 @@ from selfrag_engine.engine.scheduler import Chunk
 
 
 class ModelRunner:
-    def __init__(self, model, kv_caches: list[KVCache], block_manager, device: torch.device):
+    def __init__(self, model, kv_caches: list[KVCache], block_manager, device: torch.device,
+                 use_kernels: bool = False):
         self.model = model
+        self.use_kernels = use_kernels
         self.kv_caches = kv_caches
         self.bm = block_manager
         self.device = device
@@ -39,6 +41,7 @@ class ModelRunner:
             max_context_len=max(context_lens),
             q_lens_host=q_lens,
             context_lens_host=context_lens,
+            use_kernels=self.use_kernels,
         )
         return (torch.tensor(input_ids, dtype=torch.int64, device=dev),
                 torch.tensor(positions, dtype=torch.int64, device=dev), meta)
