@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
         if out.reflection_probs is not None:
             groups = out.reflection_groups
             first = out.reflection_probs[0]
-            shown = ", ".join(f"{name}={first[groups.slice(name)].tolist()}" for name in groups.names)
+            shown = ", ".join(f"{name}={[round(x, 3) for x in first[groups.span(name)].tolist()]}" for name in groups.names)
             print(f"   reflection groups at the first position: {shown}")
 
 

@@ -54,13 +54,9 @@ class Answer:
 
 def group_probs(out: RequestOutput, step: int) -> dict[str, dict[str, float]]:
     """Group-normalized reflection probabilities at a generated step, by group and token string."""
-    probs = out.reflection_probs[step].tolist()
-    result: dict[str, dict[str, float]] = {}
-    i = 0
-    for name, tokens in GROUPS.items():
-        result[name] = dict(zip(tokens, probs[i:i + len(tokens)]))
-        i += len(tokens)
-    return result
+    row = out.reflection_probs[step]
+    groups = out.reflection_groups
+    return {name: dict(zip(GROUPS[name], row[groups.span(name)].tolist())) for name in groups.names}
 
 
 def critique(out: RequestOutput, ids: dict[str, tuple[int, ...]], cfg: ScoringConfig) -> tuple[
