@@ -82,4 +82,7 @@ def test_bad_inputs(engine):
         rag.answer("q", [huge], mode="always")
     with pytest.raises(ValueError, match="neither passages nor a retriever"):
         rag.answer("q", mode="always")
+    with pytest.raises(RequestError, match="no room to generate"):
+        rag.answer_batch(["q1", "q2"], [PASSAGES[:2], [huge]], mode="always")
     assert engine.cache_stats()["used"] == 0
+    assert not engine.scheduler.has_work() and not engine.seqs

@@ -191,6 +191,13 @@ class Engine:
             seq.finish_reason = seq.finish_reason or "abort"
         seq.status = Status.FINISHED
 
+    def forget(self, seq_id: int) -> None:
+        """Drops the record of a request (its output can no longer be read), freeing its blocks if it holds any."""
+        seq = self._get(seq_id)
+        if seq.status != Status.FINISHED:
+            self.release(seq_id)
+        del self.seqs[seq_id]
+
     def _get(self, seq_id: int) -> Sequence:
         if seq_id not in self.seqs:
             raise RequestError(f"unknown request id {seq_id}")
@@ -328,13 +335,10 @@ class Engine:
             raise RequestError(f"{len(prompts)} prompts but {len(params)} sampling params")
         ids = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
         try:
-            outputs = self.run(ids, progress=progress)
+            return self.run(ids, progress=progress)
         finally:
             for i in ids:
-                if self.seqs[i].status != Status.FINISHED:
-                    self.release(i)
-                del self.seqs[i]
-        return outputs
+                self.forget(i)
 
     # ---- scoring --------------------------------------------------------------------------------
 

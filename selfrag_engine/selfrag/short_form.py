@@ -147,9 +147,14 @@ class SelfRAG:
                     suffixes = [[self.ids["retrieval"][1]]]  # continue after [No Retrieval]
                 kids = engine.fork(parents[i], suffixes, decode, prefix_len=len(prompts[i]))
                 plans.append((gate, docs, kids))
+        except BaseException:
+            for _, _, kids in plans:
+                for k in kids:
+                    engine.forget(k)
+            raise
         finally:
             for p in parents:
-                engine.release(p)
+                engine.forget(p)
         outputs = engine.run([k for _, _, kids in plans for k in kids])
         answers = []
         at = 0
@@ -159,7 +164,7 @@ class SelfRAG:
             answers.append(self._assemble(question, gate, docs, outs, closed_set, start))
         for _, _, kids in plans:
             for k in kids:
-                del engine.seqs[k]
+                engine.forget(k)
         return answers
 
     def _assemble(self, question: str, gate: float | None, docs: list[Passage] | None,
