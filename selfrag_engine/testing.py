@@ -85,21 +85,31 @@ def _character_coverage(lines: list[str], max_chars: int) -> float:
     return max(0.98, (below + at) / 2)
 
 
-def train_sentencepiece(vocab_pieces: int = 320, seed: int = 0) -> bytes:
+def train_sentencepiece(vocab_pieces: int = 320, seed: int = 0, pad_to: int | None = None) -> bytes:
     """A serialized Llama-2-style SentencePiece BPE model (byte fallback, <unk>/<s>/</s> = 0/1/2, no pad,
     digits split, identity normalization, dummy prefix, spaces kept) trained on a corpus generated from `seed`.
-    Deterministic: one thread, no sampling or shuffling of the input. Cached per (vocab_pieces, seed)."""
-    key = (vocab_pieces, seed)
+    Deterministic: one thread, no sampling or shuffling of the input. Cached per (vocab_pieces, seed, pad_to).
+
+    pad_to: grow the model to exactly this many pieces with unused symbols `<extra_i>` (ids 3..), so that a
+    model with Llama-2's full vocabulary of 32000 pieces gets a tokenizer of the same size in a second."""
+    key = (vocab_pieces, seed, pad_to)
     if key in _sp_cache:
         return _sp_cache[key]
     lines = _corpus(seed)
     # Two thirds of the free slots for single characters leaves the rest for merges at the default size.
     free = vocab_pieces - _RESERVED_PIECES
+    extra: list[str] = []
+    if pad_to is not None:
+        base = spm.SentencePieceProcessor(model_proto=train_sentencepiece(vocab_pieces, seed)).get_piece_size()
+        if pad_to < base:
+            raise ValueError(f"pad_to={pad_to} is below the {base} pieces the model has without padding")
+        extra = [f"<extra_{i}>" for i in range(pad_to - base)]
     model = io.BytesIO()
     spm.set_random_generator_seed(seed)
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_pieces, model_type="bpe",
+            sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_pieces + len(extra),
+            model_type="bpe", user_defined_symbols=extra,
             byte_fallback=True, split_digits=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
             unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>",
             normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=True,
@@ -118,13 +128,13 @@ def _added_token_entry(content: str) -> dict:
 
 
 def write_tokenizer(path: str | Path, *, vocab_pieces: int = 320, seed: int = 0, legacy: bool = True,
-                    model_max_length: int = 2048) -> int:
+                    model_max_length: int = 2048, pad_to: int | None = None) -> int:
     """Writes `tokenizer.model`, `tokenizer_config.json`, `special_tokens_map.json` and `added_tokens.json` as
     the published Self-RAG checkpoint has them: the 16 Self-RAG tokens get the ids right after the
     SentencePiece pieces. Returns the full vocabulary size (pieces + 16)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    proto = train_sentencepiece(vocab_pieces, seed)
+    proto = train_sentencepiece(vocab_pieces, seed, pad_to)
     (path / "tokenizer.model").write_bytes(proto)
     num_pieces = spm.SentencePieceProcessor(model_proto=proto).get_piece_size()
     added = {tok: num_pieces + i for i, tok in enumerate(SELFRAG_ADDED_TOKENS)}

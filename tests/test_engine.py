@@ -154,3 +154,13 @@ def test_scheduler_bench_smoke(tmp_path):
     from bench.scheduler import main
     main(["--smoke", "--out", str(tmp_path)])
     assert list(tmp_path.glob("scheduler-cpu-*.json")) and list(tmp_path.glob("scheduler-cpu-*.png"))
+
+
+def test_detokenize_off_keeps_tokens_and_skips_text(engine):
+    prompt = "the quick brown fox"
+    with_text = engine.generate([prompt], _greedy(8))[0]
+    ids_only = engine.generate([prompt], _greedy(8, detokenize=False))[0]
+    assert ids_only.token_ids == with_text.token_ids and with_text.text
+    assert ids_only.text == ""
+    with pytest.raises(RequestError, match="detokenize"):
+        SamplingParams(stop=["x"], detokenize=False)

@@ -177,3 +177,19 @@ def test_bad_arguments(tmp_path):
         write_tiny_checkpoint(tmp_path / "c", num_key_value_heads=3)
     with pytest.raises(ValueError, match="cannot train a SentencePiece model of 280 pieces"):
         write_tokenizer(tmp_path / "d", vocab_pieces=280)
+
+
+def test_tokenizer_padded_to_a_full_vocabulary(tmp_path):
+    from transformers import LlamaTokenizer
+
+    from selfrag_engine.testing import write_tokenizer
+    from selfrag_engine.tokenizer import Tokenizer
+
+    size = write_tokenizer(tmp_path, pad_to=1000)
+    assert size == 1016
+    ours, hf = Tokenizer.from_pretrained(tmp_path), LlamaTokenizer.from_pretrained(tmp_path)
+    assert ours.vocab_size == len(hf) == 1016
+    assert ours.reflection_token_ids().groups()["retrieval"][0] == 1001 == hf.convert_tokens_to_ids("[Retrieval]")
+    text = "the river was born in 1923, café"
+    assert ours.encode(text) == hf.encode(text)
+    assert ours.decode(ours.encode(text, add_bos=False)) == text

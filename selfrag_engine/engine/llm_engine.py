@@ -277,7 +277,7 @@ class Engine:
         if reason is None:
             return False
         seq.finish_reason, seq.stop_reason = reason
-        if not (p.stop and reason[1] in p.stop):
+        if p.detokenize and not (p.stop and reason[1] in p.stop):
             seq.text = self._decode(seq)
         self.scheduler.remove(seq)
         if seq.keep_cache:

@@ -30,6 +30,7 @@ class SamplingParams:
     reflection: bool = False
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    detokenize: bool = True  # False leaves RequestOutput.text empty (token ids only; no stop strings)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -48,6 +49,8 @@ class SamplingParams:
             raise RequestError(f"logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {self.logprobs!r}")
         if any(not s for s in self.stop):
             raise RequestError("stop strings must be non-empty")
+        if self.stop and not self.detokenize:
+            raise RequestError("stop strings need detokenize=True")
 
     @property
     def greedy(self) -> bool:

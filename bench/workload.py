@@ -1,0 +1,93 @@
+"""What the end-to-end benchmarks run on: a Llama-2-shaped model with random weights made on the device (no
+download), a small Self-RAG tokenizer, and a Hugging Face `LlamaForCausalLM` that shares the same weights.
+
+Random weights decode as fast as trained ones (every step reads every weight); the benchmarks force the
+number of generated tokens with ignore_eos so no run ends early.
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+
+from selfrag_engine.config import LlamaConfig
+from selfrag_engine.model import Llama
+from selfrag_engine.testing import tiny_config, write_tokenizer
+from selfrag_engine.tokenizer import Tokenizer
+
+# selfrag/selfrag_llama2_7b's config.json (SELFRAG_REFERENCE.md), as transformers writes it.
+LLAMA2_7B = tiny_config(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                        num_key_value_heads=32, max_position_embeddings=4096, vocab_size=32016,
+                        torch_dtype="bfloat16")
+# The same shape of model, small enough for the Triton interpreter on a CPU (the smoke mode CI runs).
+SMOKE = tiny_config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=4, max_position_embeddings=1024, vocab_size=512)
+
+
+def random_llama(cfg: dict, device: str, dtype: torch.dtype, seed: int = 0, fp8: bool = False) -> Llama:
+    """A Llama with N(0, 0.02) weights drawn on `device` (norm weights near 1); with fp8 the decoder linears
+    are quantized per channel as when loading with quantization="fp8"."""
+    config = LlamaConfig.from_dict(cfg)
+    with torch.device("meta"):
+        model = Llama(config)
+    model.to(dtype).to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.05 * torch.randn(p.shape, generator=gen, device=device, dtype=torch.float32))
+            else:
+                p.copy_(0.02 * torch.randn(p.shape, generator=gen, device=device, dtype=torch.float32))
+    model.init_rope()
+    if fp8:
+        from selfrag_engine.quantization import replace_linears_with_fp8
+        replace_linears_with_fp8(model, quantize_existing=True)
+    return model.eval().requires_grad_(False)
+
+
+def weight_bytes_per_token(model: Llama) -> int:
+    """Bytes a decode step must read from the weights: every parameter and buffer but the embedding table
+    (one row per token) and the rope tables (a row per position)."""
+    total = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    embed = model.model.embed_tokens.weight
+    return total - embed.numel() * embed.element_size()
+
+
+def kv_bytes_per_token(cfg: dict, dtype: torch.dtype) -> int:
+    """K and V bytes of one cached token, all layers."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
+    return 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * head_dim * elem
+
+
+def bench_tokenizer(cfg: dict) -> Tokenizer:
+    """A SentencePiece tokenizer of exactly the model's vocabulary, the 16 Self-RAG tokens last as in the
+    published checkpoint (a small trained model padded with unused pieces), so every id a random model
+    samples decodes."""
+    path = Path(tempfile.mkdtemp(prefix="selfrag-bench-tok-"))
+    write_tokenizer(path, vocab_pieces=320, pad_to=cfg["vocab_size"] - 16)
+    return Tokenizer.from_pretrained(path)
+
+
+def hf_sharing_weights(model: Llama, cfg: dict):
+    """A transformers LlamaForCausalLM whose parameters are `model`'s own tensors (no second copy).
+    Needs a model that is not FP8-quantized."""
+    from transformers import LlamaConfig as HFConfig
+    from transformers import LlamaForCausalLM
+
+    hf_cfg = HFConfig(**{k: v for k, v in cfg.items() if k not in ("architectures", "torch_dtype")})
+    with torch.device("meta"):
+        hf = LlamaForCausalLM(hf_cfg)
+    hf.load_state_dict(model.state_dict(), strict=True, assign=True)
+    device = model.rope_cos.device
+    # Rotary inv_freq and similar non-persistent buffers stayed on meta: rebuild them on the device.
+    for module in hf.modules():
+        if hasattr(module, "inv_freq"):
+            init_fn = getattr(module, "rope_init_fn", None)
+            if init_fn is not None:
+                inv_freq, scaling = init_fn(module.config, device)
+                module.register_buffer("inv_freq", inv_freq, persistent=False)
+                module.original_inv_freq = inv_freq
+                module.attention_scaling = scaling
+    return hf.to(device).eval()

@@ -1,0 +1,47 @@
+"""The end-to-end benchmarks run in their smoke mode (tiny model, CPU) so the scripts never rot. Timings are
+not asserted; the results files' schema and the headline metric names are."""
+from __future__ import annotations
+
+import json
+
+
+def _load(tmp_path, bench: str) -> dict:
+    files = list(tmp_path.glob(f"{bench}-cpu-*.json"))
+    assert len(files) == 1, files
+    assert files[0].with_suffix(".md").exists() and files[0].with_suffix(".png").exists()
+    doc = json.loads(files[0].read_text())
+    assert doc["bench"] == bench and doc["device"] == "cpu"
+    assert set(doc["versions"]) == {"torch", "triton", "cuda", "driver"}
+    assert doc["command"] and doc["date"]
+    for r in doc["results"]:
+        assert set(r) == {"metric", "value", "unit", "config"}
+        assert r["value"] == r["value"] and r["value"] >= 0  # not NaN
+    return doc
+
+
+def _metrics(doc: dict) -> set[str]:
+    return {r["metric"] for r in doc["results"]}
+
+
+def test_decode_bench_smoke(tmp_path):
+    from bench.decode import main
+    main(["--smoke", "--out", str(tmp_path)])
+    doc = _load(tmp_path, "decode")
+    assert {"decode_fp8_bs1_tokens_per_s", "decode_fp8_bs1_floor_fraction", "decode_speedup_vs_transformers",
+            "branch5_step_cost_ratio", "decode_tokens_per_s", "hf_decode_tokens_per_s"} <= _metrics(doc)
+    fractions = [r["value"] for r in doc["results"] if r["metric"] == "decode_floor_fraction"]
+    assert fractions and all(0 < f for f in fractions)
+
+
+def test_selfrag_bench_smoke(tmp_path):
+    from bench.selfrag import main
+    main(["--smoke", "--out", str(tmp_path)])
+    doc = _load(tmp_path, "selfrag")
+    assert {"selfrag_query_latency_ms", "selfrag_query_speedup_vs_reference", "selfrag_ttft_ms",
+            "selfrag_query_speedup_vs_transformers"} <= _metrics(doc)
+    impls = {r["config"].get("impl") for r in doc["results"] if r["metric"] == "selfrag_query_latency_ms"}
+    assert impls == {"ours", "reference_style", "transformers"}
+    tokens = {r["config"]["impl"]: r["config"]["generated_tokens"] for r in doc["results"]
+              if r["metric"] == "selfrag_query_latency_ms"}
+    # The reference order of work decodes a whole draft on top of the K branches.
+    assert tokens["reference_style"] > tokens["ours"] > 0
