@@ -19,6 +19,21 @@ class KVCache:
 
 
 @dataclass
+class CascadeMetadata:
+    """A decode batch laid out in groups of rows that share leading KV blocks (see engine/prefix_groups.py).
+
+    group_start: int32 [G+1], rows group_start[g]:group_start[g+1] form group g (every row is in one group)
+    prefix_blocks: int32 [G], the first prefix_blocks[g] blocks of the rows of group g are the same physical,
+        fully written blocks (0 for a row that shares nothing)
+    Host values, so that the kernel's launch needs no read back from the device.
+    """
+    group_start: torch.Tensor
+    prefix_blocks: torch.Tensor
+    max_group_size: int
+    max_suffix_len: int  # the most tokens of a row past its group's prefix
+
+
+@dataclass
 class AttentionMetadata:
     """Where the T flattened tokens of a batch of B sequences come from and go to.
 
@@ -38,6 +53,9 @@ class AttentionMetadata:
     context_lens_host: list[int]
     # Run the Triton kernels (CUDA) instead of the torch reference.
     use_kernels: bool = False
+    # Decode only: read each group's shared prefix once (cascade decode). The kernels' choice; the torch
+    # reference ignores it, since the result is the same attention.
+    cascade: CascadeMetadata | None = None
 
     @property
     def is_decode(self) -> bool:
@@ -117,6 +135,14 @@ def _decode_torch(q: torch.Tensor, cache: KVCache, meta: AttentionMetadata, scal
 def paged_attention(q: torch.Tensor, cache: KVCache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     if not meta.use_kernels:
         return paged_attention_torch(q, cache, meta, scale)
+    if meta.is_decode and meta.cascade is not None:
+        from selfrag_engine.kernels.decode_attention import cascade_decode_attention, default_num_splits
+        c = meta.cascade
+        # The suffix programs cover each row's own keys; split them only when some row has many.
+        suffix_splits = default_num_splits(q.shape[0], cache.k.shape[2], c.max_suffix_len, q.device)
+        return cascade_decode_attention(q, cache.k, cache.v, meta.block_tables, meta.context_lens, c.group_start,
+                                        c.prefix_blocks, scale, max_group_size=c.max_group_size,
+                                        max_context_len=meta.max_context_len, suffix_splits=suffix_splits)
     if meta.is_decode:
         from selfrag_engine.kernels.decode_attention import paged_decode_attention
         return paged_decode_attention(q, cache.k, cache.v, meta.block_tables, meta.context_lens, scale,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence as Seq
@@ -18,6 +19,7 @@ from tqdm.auto import tqdm
 from selfrag_engine.checkpoint import load_model
 from selfrag_engine.config import LlamaConfig
 from selfrag_engine.engine.block_manager import BlockManager
+from selfrag_engine.engine.cuda_graph import DecodeGraphs
 from selfrag_engine.engine.kv_cache import allocate_kv_caches, num_blocks_for_budget
 from selfrag_engine.engine.model_runner import ModelRunner
 from selfrag_engine.engine.sampler import ReflectionGroups, sample
@@ -59,7 +61,8 @@ class Engine:
     def __init__(self, model, tokenizer: Tokenizer, *, block_size: int = 16, num_blocks: int | None = None,
                  kv_cache_bytes: int | None = None, gpu_memory_utilization: float = 0.9,
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 4096, max_model_len: int | None = None,
-                 enable_prefix_caching: bool = True, use_kernels: bool | None = None, seed: int = 0):
+                 enable_prefix_caching: bool = True, use_kernels: bool | None = None, enforce_eager: bool = False,
+                 cuda_graph_max_batch: int = 64, seed: int = 0):
         self.model = model
         self.config: LlamaConfig = model.config
         self.tokenizer = tokenizer
@@ -81,6 +84,10 @@ class Engine:
                              "(the CPU path is otherwise the torch reference)")
         self.use_kernels = self.device.type == "cuda" if use_kernels is None else use_kernels
         self.runner = ModelRunner(model, self.kv_caches, self.block_manager, self.device, self.use_kernels)
+        if self.device.type == "cuda" and self.use_kernels and not enforce_eager:
+            self.runner.graphs = _capture_decode_graphs(self, min(max_num_seqs, cuda_graph_max_batch))
+            weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+            self.runner.cascade_min_saved_bytes = weight_bytes // 2
         self.reflection_groups = _reflection_groups(tokenizer)
         self.seqs: dict[int, Sequence] = {}
         self._ids = itertools.count()
@@ -94,7 +101,8 @@ class Engine:
 
         dtype defaults to the checkpoint's on CUDA and float32 on the CPU; quantization None or "fp8".
         Engine options: block_size, num_blocks or kv_cache_bytes or gpu_memory_utilization, max_num_seqs,
-        max_num_batched_tokens, max_model_len, enable_prefix_caching, use_kernels (default: on CUDA), seed.
+        max_num_batched_tokens, max_model_len, enable_prefix_caching, use_kernels (default: on CUDA),
+        enforce_eager (no CUDA graphs), cuda_graph_max_batch (largest decode batch replayed from a graph), seed.
         """
         tokenizer = Tokenizer.from_pretrained(path)
         model = load_model(path, device=device, dtype=dtype, quantization=quantization, progress=progress)
@@ -371,6 +379,18 @@ class Engine:
         bm = self.block_manager
         return {"num_blocks": bm.num_blocks(), "block_size": bm.block_size(), "free": bm.num_free_blocks(),
                 "used": bm.num_used_blocks(), "shared": bm.num_shared_blocks(), "cached": bm.num_cached_blocks()}
+
+
+def _capture_decode_graphs(engine: Engine, max_batch: int) -> DecodeGraphs | None:
+    """Captured decode graphs, or None (eager decode, with a warning) when capture fails on this setup."""
+    graphs = DecodeGraphs(engine.model, engine.kv_caches, max_batch, engine.max_model_len,
+                          engine.block_manager.block_size(), engine.device)
+    try:
+        graphs.capture()
+    except RuntimeError as e:
+        warnings.warn(f"CUDA graph capture of the decode step failed, decoding eagerly: {e}", RuntimeWarning)
+        return None
+    return graphs
 
 
 def _reflection_groups(tokenizer: Tokenizer) -> ReflectionGroups | None:

@@ -1,24 +1,143 @@
 """One model step: turns a scheduled batch into input tensors and attention metadata, runs the model,
-and returns the logits of the rows that sample."""
+and returns the logits of the rows that sample, in the order of the scheduled chunks.
+
+A decode step that runs the Triton kernels looks for rows sharing leading KV blocks (branches forked from one
+prompt, prompts served by the prefix cache; engine/prefix_groups.py). When some group of rows shares at least
+`MIN_SHARED_PREFIX_BLOCKS` blocks, the batch is built group by group and attention reads each shared prefix
+once (cascade decode); the logits are put back in chunk order. Otherwise rows keep the chunks' order and the
+plain split-K decode runs. The torch path never regroups: it is the reference the kernels are checked against.
+
+Decode steps replay a captured CUDA graph (engine/cuda_graph.py, plain decode) when `graphs` is set and holds
+the batch. A graph saves the launch gaps of the whole step, a cascade only the repeated prefix reads, so with
+graphs the cascade (run eagerly) is taken only when the prefix reads it saves exceed `cascade_min_saved_bytes`
+(the engine sets half the weight bytes: about what the launch gaps of an eager 7B step cost in reads at
+Hopper bandwidth; an estimate, to be tuned with bench/decode.py).
+"""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 
-from selfrag_engine.engine.attention import AttentionMetadata, KVCache
+from selfrag_engine.engine.attention import AttentionMetadata, CascadeMetadata, KVCache
 from selfrag_engine.engine.kv_cache import copy_blocks
+from selfrag_engine.engine.prefix_groups import PrefixGroups, shared_prefix_groups
 from selfrag_engine.engine.scheduler import Chunk
+
+# Shared blocks below which the plain split-K decode is as good. A cascade saves (rows - 1) * prefix_blocks
+# block reads per kv head, but writes every row's output as float32 partials and merges them in a second
+# launch, which plain decode of short contexts skips. One shared 16-token block of Llama-2-7B K/V is 256 KiB
+# per layer, about what the partials of a few rows cost, so a single block is not worth it; from two blocks
+# on the saving grows with every block and branch. An estimate, not a measurement: bench/attention.py
+# (cascade vs plain) is where to tune it.
+MIN_SHARED_PREFIX_BLOCKS = 2
+
+
+@dataclass
+class StepInputs:
+    """The model's inputs for one step. The batch may list the chunks in another order than the scheduler's:
+    chunk_rows[i] are the rows of the batch that hold chunk i's tokens."""
+    input_ids: torch.Tensor  # int64 [T]
+    positions: torch.Tensor  # int64 [T]
+    meta: AttentionMetadata
+    chunk_rows: list[range]
+    reordered: bool = False
+
+
+def cascade_metadata(groups: PrefixGroups, context_lens: list[int], block_size: int,
+                     device: torch.device) -> CascadeMetadata:
+    """Cascade fields of a decode batch already laid out in `groups`' order (context_lens in batch order)."""
+    prefix_tokens = np.repeat(groups.prefix_blocks.astype(np.int64) * block_size, groups.group_sizes)
+    return CascadeMetadata(
+        group_start=torch.from_numpy(groups.group_start).to(device),
+        prefix_blocks=torch.from_numpy(groups.prefix_blocks).to(device),
+        max_group_size=groups.max_group_size,
+        max_suffix_len=int((np.asarray(context_lens, dtype=np.int64) - prefix_tokens).max()),
+    )
+
+
+def decode_metadata(block_tables: np.ndarray, context_lens: list[int], slot_mapping: np.ndarray,
+                    device: torch.device, use_kernels: bool,
+                    cascade: CascadeMetadata | None = None) -> AttentionMetadata:
+    """Attention metadata of a decode step (one new token per row), every argument in batch order:
+    block_tables int32 [B, max_blocks] padded with -1, context_lens including the new token, slot_mapping
+    int64 [B] where each new token's K/V goes."""
+    batch = len(context_lens)
+    return AttentionMetadata(
+        cu_seqlens_q=torch.arange(batch + 1, dtype=torch.int32, device=device),
+        context_lens=torch.tensor(context_lens, dtype=torch.int32, device=device),
+        block_tables=torch.from_numpy(np.ascontiguousarray(block_tables)).to(device),
+        slot_mapping=torch.from_numpy(slot_mapping).to(device),
+        max_q_len=1,
+        max_context_len=max(context_lens),
+        q_lens_host=[1] * batch,
+        context_lens_host=list(context_lens),
+        use_kernels=use_kernels,
+        cascade=cascade,
+    )
 
 
 class ModelRunner:
     def __init__(self, model, kv_caches: list[KVCache], block_manager, device: torch.device,
-                 use_kernels: bool = False):
+                 use_kernels: bool = False, min_shared_prefix_blocks: int = MIN_SHARED_PREFIX_BLOCKS):
         self.model = model
         self.use_kernels = use_kernels
         self.kv_caches = kv_caches
         self.bm = block_manager
         self.device = device
+        self.min_shared_prefix_blocks = min_shared_prefix_blocks
+        self.graphs = None  # DecodeGraphs, set by the engine when it captured them
+        self.cascade_min_saved_bytes = 0  # with graphs: the least saved prefix bytes worth an eager cascade step
+        self.kv_bytes_per_token = sum(2 * c.k[0, 0].numel() * c.k.element_size() for c in kv_caches)
 
-    def prepare(self, chunks: list[Chunk]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    def prepare(self, chunks: list[Chunk]) -> StepInputs:
+        if chunks and all(c.num_tokens == 1 for c in chunks):
+            return self.prepare_decode(chunks)
+        return self.prepare_mixed(chunks)
+
+    def prepare_decode(self, chunks: list[Chunk]) -> StepInputs:
+        """One new token per chunk; with the kernels, rows sharing a prefix are laid out group by group."""
+        seq_ids = [c.seq.seq_id for c in chunks]
+        tables = self.bm.block_tables(seq_ids, -1)
+        context_lens = [c.start + 1 for c in chunks]
+        order: list[int] | None = None
+        groups = None
+        if self.use_kernels and len(chunks) > 1:
+            groups = shared_prefix_groups(tables, context_lens, self.bm.block_size(), self.min_shared_prefix_blocks)
+            if groups.shares and self.graphs is not None and self.graphs.fits(len(chunks), tables.shape[1]):
+                saved = groups.saved_blocks * self.bm.block_size() * self.kv_bytes_per_token
+                if saved < self.cascade_min_saved_bytes:
+                    groups = None  # the graph replay is worth more than the prefix reads saved
+            if groups is not None and groups.shares:
+                order = groups.order.tolist()
+            else:
+                groups = None
+        if order is not None:
+            chunks = [chunks[i] for i in order]
+            seq_ids = [seq_ids[i] for i in order]
+            context_lens = [context_lens[i] for i in order]
+            tables = tables[order]
+        starts = [c.start for c in chunks]
+        slots = self.bm.slot_mapping(seq_ids, [1] * len(chunks), starts)
+        cascade = None if groups is None else cascade_metadata(groups, context_lens, self.bm.block_size(),
+                                                               self.device)
+        meta = decode_metadata(tables, context_lens, slots, self.device, self.use_kernels, cascade)
+        if order is None:
+            chunk_rows = [range(i, i + 1) for i in range(len(chunks))]
+        else:
+            chunk_rows = [range(0)] * len(chunks)
+            for row, i in enumerate(order):
+                chunk_rows[i] = range(row, row + 1)
+        dev = self.device
+        return StepInputs(
+            input_ids=torch.tensor([c.seq.token_ids[c.start] for c in chunks], dtype=torch.int64, device=dev),
+            positions=torch.tensor(starts, dtype=torch.int64, device=dev),
+            meta=meta, chunk_rows=chunk_rows, reordered=order is not None,
+        )
+
+    def prepare_mixed(self, chunks: list[Chunk]) -> StepInputs:
+        """Prompt chunks (and decode rows batched with them), in the chunks' order."""
         seq_ids = [c.seq.seq_id for c in chunks]
         q_lens = [c.num_tokens for c in chunks]
         context_lens = [c.start + c.num_tokens for c in chunks]
@@ -43,18 +162,27 @@ class ModelRunner:
             context_lens_host=context_lens,
             use_kernels=self.use_kernels,
         )
-        return (torch.tensor(input_ids, dtype=torch.int64, device=dev),
-                torch.tensor(positions, dtype=torch.int64, device=dev), meta)
+        return StepInputs(torch.tensor(input_ids, dtype=torch.int64, device=dev),
+                          torch.tensor(positions, dtype=torch.int64, device=dev), meta,
+                          [range(a, b) for a, b in zip(cu, cu[1:])])
 
     @torch.inference_mode()
     def run(self, chunks: list[Chunk], copies: list[tuple[int, int]], all_logits: bool = False) -> torch.Tensor:
-        """Computes the chunks' K/V; returns float32 logits [num sampling chunks, vocab] (their last rows),
-        or for every token when `all_logits`."""
+        """Computes the chunks' K/V; returns float32 logits [num sampling chunks, vocab] (their last rows, in
+        chunk order), or for every token of the chunks in order when `all_logits`."""
         copy_blocks(self.kv_caches, copies)
-        input_ids, positions, meta = self.prepare(chunks)
-        hidden = self.model(input_ids, positions, meta, self.kv_caches)
-        if not all_logits:
-            last_rows = [int(meta_end) - 1 for meta_end, c in zip(meta.cu_seqlens_q[1:].tolist(), chunks)
-                         if c.samples]
-            hidden = hidden[torch.tensor(last_rows, dtype=torch.long, device=hidden.device)]
+        inputs = self.prepare(chunks)
+        meta = inputs.meta
+        if all_logits:
+            rows = [r for rs in inputs.chunk_rows for r in rs]
+        else:
+            rows = [rs[-1] for rs, c in zip(inputs.chunk_rows, chunks) if c.samples]
+        if (self.graphs is not None and meta.is_decode and meta.cascade is None
+                and self.graphs.fits(len(chunks), meta.block_tables.shape[1])):
+            logits = self.graphs.run(inputs.input_ids, inputs.positions, meta)
+            # Indexing copies the rows out of the graph's output buffer, which the next replay overwrites.
+            return logits[torch.tensor(rows, dtype=torch.long, device=logits.device)]
+        hidden = self.model(inputs.input_ids, inputs.positions, meta, self.kv_caches)
+        if not all_logits or inputs.reordered:
+            hidden = hidden[torch.tensor(rows, dtype=torch.long, device=hidden.device)]
         return self.model.compute_logits(hidden)
