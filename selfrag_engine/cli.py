@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("dst")
     q.add_argument("--quiet", action="store_true")
     q.set_defaults(func=_quantize)
+
+    from selfrag_engine.selfrag.evaluate import register as register_eval
+    register_eval(sub)
     return parser
 
 

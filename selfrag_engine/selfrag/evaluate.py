@@ -1,0 +1,364 @@
+"""Evaluation of Self-RAG on the paper's tasks: metrics, the batch runner, the predictions files and the
+`selfrag-engine eval` command.
+
+Metrics follow the reference scripts: `match` is 1 when any gold string occurs in the prediction (case and
+spacing as written, as the reference compares them); `accuracy` compares the normalized closed-set answer
+(true / false for PubHealth, the chosen letter for ARC) with the gold; `str_em` is ALCE's string exact match
+for ASQA (the fraction of disambiguated questions one of whose short answers occurs in the normalized
+prediction). Every value lies in [0, 1]; a report averages them over the rows that have them.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from selfrag_engine.errors import RequestError
+from selfrag_engine.selfrag.tasks import (MODE_ALIASES, MODES, PASSAGE_FIELDS, PRESETS, DatasetError, Example,
+                                          Preset, arc_letter, get_preset, normalize_answer, normalize_mode,
+                                          postprocess_prediction, pubhealth_gold, pubhealth_label, read_examples)
+
+COMPAT = ("paper", "released")
+
+
+# ---- metrics ----------------------------------------------------------------------------------------
+
+
+def match(prediction: str, golds: Sequence[str]) -> float:
+    """1.0 when any gold string is contained in the prediction (the reference's `match`)."""
+    return 1.0 if any(g in prediction for g in golds) else 0.0
+
+
+def reference_match(prediction: str, golds: Sequence[str]) -> float:
+    """`match` after the reference script's FEVER relabelling (SUPPORTS -> true, REFUTES -> false)."""
+    if "SUPPORTS" in prediction:
+        prediction = "true"
+    elif "REFUTES" in prediction:
+        prediction = "false"
+    return match(prediction, golds)
+
+
+def pubhealth_accuracy(prediction: str, golds: Sequence[str]) -> float:
+    label = pubhealth_label(prediction)
+    return 1.0 if label is not None and label == pubhealth_gold(golds[0]) else 0.0
+
+
+def arc_accuracy(prediction: str, gold: str, choices: dict[str, str] | None = None) -> float:
+    return 1.0 if arc_letter(prediction, choices) == gold else 0.0
+
+
+def str_em(prediction: str, qa_pairs: Sequence[Sequence[str]]) -> float:
+    """Fraction of qa pairs with a short answer contained in the prediction, both normalized (ALCE)."""
+    if not qa_pairs:
+        raise ValueError("str_em needs at least one qa pair")
+    norm = normalize_answer(prediction)
+    hits = [any(normalize_answer(a) and normalize_answer(a) in norm for a in answers) for answers in qa_pairs]
+    return sum(hits) / len(hits)
+
+
+def row_metrics(preset: Preset, ex: Example, prediction: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for name in preset.metrics:
+        if name == "match":
+            out[name] = reference_match(prediction, ex.golds)
+        elif name == "accuracy" and preset.name == "pubhealth":
+            out[name] = pubhealth_accuracy(prediction, ex.golds)
+        elif name == "accuracy" and preset.name == "arc_challenge":
+            out[name] = arc_accuracy(prediction, ex.golds[0], ex.choices)
+        elif name == "str_em":
+            if ex.qa_pairs:
+                out[name] = str_em(prediction, ex.qa_pairs)
+        else:
+            raise ValueError(f"no metric {name!r} for task {preset.name!r}")
+    return out
+
+
+# ---- running ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Report:
+    task: str
+    num_examples: int
+    metrics: dict[str, float]            # mean over the rows that have each metric
+    primary_metric: str | None
+    retrieval_frequency: float           # fraction of rows whose answer used passages
+    num_generated_tokens: int | None     # None when the runner does not count them
+    seconds: float                       # wall time of the runner's batches (retrieval included)
+    tokens_per_second: float | None
+    questions_per_second: float
+    settings: dict[str, Any]
+    records: list[dict[str, Any]]
+
+    def summary(self) -> dict[str, Any]:
+        """Everything but the per-row records."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "records"}
+
+
+def _jsonable(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
+
+
+def short_form_trace(ans: Any) -> dict[str, Any]:
+    """Why the short form answered as it did: the gate value and every branch's critique."""
+    return {
+        "retrieval_probability": ans.retrieval_probability,
+        "best": ans.best,
+        "answer": ans.answer,
+        "num_generated_tokens": ans.num_generated_tokens,
+        "branches": [{"title": b.passage.title, "passage_id": b.passage.id, "text": b.text,
+                      "relevance": b.relevance, "grounding": b.grounding, "utility": b.utility,
+                      "seq_score": b.seq_score, "final": b.final, "probs": _jsonable(b.probs)}
+                     for b in ans.branches],
+    }
+
+
+def long_form_trace(ans: Any) -> dict[str, Any]:
+    return {"answer": ans.answer, "segments": _jsonable(getattr(ans, "segments", None)),
+            "citations": _jsonable(getattr(ans, "citations", None)),
+            "num_generated_tokens": getattr(ans, "num_generated_tokens", None)}
+
+
+def _row_passages(ex: Example, ndocs: int, retriever: Any, needed: bool) -> list | None:
+    if retriever is not None:
+        return list(retriever.search(ex.question, ndocs))
+    if ex.passages is None:
+        if needed:
+            raise DatasetError(f"line {ex.line}: the row has no passages (expected one of the fields "
+                               f"{', '.join(map(repr, PASSAGE_FIELDS))}) and no retriever was given (--index)")
+        return None
+    return ex.passages[:ndocs]
+
+
+def evaluate(runner: Any, examples: Sequence[Example], preset: Preset, batch_size: int = 8, *,
+             retriever: Any = None, progress: Callable[[int, int], None] | None = None) -> Report:
+    """Answers every example with `runner` (a `SelfRAG` for short-form presets, a `LongFormSelfRAG` for long
+    form), batch_size questions per call, and scores the answers. Passages come from the rows (their first
+    ndocs, in file order) or, when given, from `retriever.search(question, ndocs)`."""
+    if batch_size < 1:
+        raise RequestError(f"batch size must be at least 1, got {batch_size}")
+    ndocs = getattr(runner, "ndocs", preset.ndocs)
+    mode = getattr(runner, "mode", preset.mode)
+    records: list[dict[str, Any]] = []
+    tokens: int | None = 0
+    seconds = 0.0
+    for start in range(0, len(examples), batch_size):
+        batch = examples[start:start + batch_size]
+        t0 = time.perf_counter()
+        passages = [_row_passages(ex, ndocs, retriever, needed=mode != "never") for ex in batch]
+        instructions = [ex.instruction for ex in batch]
+        if preset.form == "short":
+            answers = runner.answer_batch(instructions, passages, closed_set=preset.closed_set)
+        else:
+            answers = runner.answer_batch(instructions, passages)
+        seconds += time.perf_counter() - t0
+        for ex, docs, ans in zip(batch, passages, answers):
+            count = getattr(ans, "num_generated_tokens", None)
+            tokens = None if tokens is None or count is None else tokens + count
+            prediction = postprocess_prediction(preset, ans.answer)
+            record = {"index": ex.index, "id": ex.id, "question": ex.question, "instruction": ex.instruction,
+                      "prediction": prediction, "gold": ex.golds,
+                      "metrics": row_metrics(preset, ex, prediction), "retrieved": bool(ans.retrieved),
+                      "passages": None if docs is None else [{"title": d.title, "id": d.id} for d in docs],
+                      "trace": short_form_trace(ans) if preset.form == "short" else long_form_trace(ans)}
+            if ex.qa_pairs is not None:
+                record["qa_pairs"] = ex.qa_pairs
+            record.update(ex.extra)
+            records.append(record)
+        if progress is not None:
+            progress(len(records), len(examples))
+    n = len(records)
+    metrics = {}
+    for name in preset.metrics:
+        values = [r["metrics"][name] for r in records if name in r["metrics"]]
+        if values:
+            metrics[name] = sum(values) / len(values)
+    settings = {"ndocs": ndocs, "mode": mode, "threshold": getattr(getattr(runner, "scoring", None), "threshold",
+                                                                     preset.threshold),
+                "max_new_tokens": getattr(runner, "max_new_tokens", preset.max_new_tokens),
+                "closed_set": preset.closed_set, "batch_size": batch_size,
+                "compat": getattr(runner, "compat", "paper")}
+    if preset.form == "long":
+        settings.update(beam_width=getattr(runner, "beam_width", preset.beam_width),
+                        max_depth=getattr(runner, "max_depth", preset.max_depth))
+    return Report(
+        task=preset.name, num_examples=n, metrics=metrics, primary_metric=preset.primary_metric,
+        retrieval_frequency=sum(r["retrieved"] for r in records) / n if n else 0.0,
+        num_generated_tokens=tokens, seconds=seconds,
+        tokens_per_second=tokens / seconds if tokens is not None and seconds > 0 else None,
+        questions_per_second=n / seconds if seconds > 0 else 0.0, settings=settings, records=records)
+
+
+# ---- files ------------------------------------------------------------------------------------------
+
+
+def metrics_path(predictions: str | Path) -> Path:
+    """preds.jsonl -> preds.metrics.json, next to it."""
+    p = Path(predictions)
+    stem = p.name[:-len(".jsonl")] if p.name.endswith(".jsonl") else p.name
+    return p.with_name(stem + ".metrics.json")
+
+
+def write_predictions(report: Report, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for record in report.records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return path
+
+
+def write_metrics(report: Report, path: str | Path, **context: Any) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**context, **report.summary()}, indent=2, ensure_ascii=False) + "\n",
+                    encoding="utf-8")
+    return path
+
+
+def format_table(report: Report) -> str:
+    rows = [("task", f"{report.task} ({report.num_examples} examples)")]
+    for name, value in report.metrics.items():
+        rows.append((name + (" *" if name == report.primary_metric else ""), f"{100 * value:.1f}"))
+    rows.append(("retrieval", f"{100 * report.retrieval_frequency:.1f}%"))
+    if report.tokens_per_second is not None:
+        rows.append(("tokens/s", f"{report.tokens_per_second:.1f}"))
+    rows.append(("questions/s", f"{report.questions_per_second:.2f}"))
+    rows.append(("seconds", f"{report.seconds:.1f}"))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+# ---- building the runner ----------------------------------------------------------------------------
+
+
+def scoring_for(preset: Preset, threshold: float, compat: str):
+    """The paper weights w_rel = w_sup = 1, w_use = 0.5; the released short-form script uses its --w_use
+    default (1.0). The README commands all add the sequence score."""
+    from selfrag_engine.selfrag.scoring import ScoringConfig
+
+    w_use = preset.w_use_released if compat == "released" and preset.form == "short" else 0.5
+    return ScoringConfig(threshold=threshold, w_rel=1.0, w_sup=1.0, w_use=w_use, use_seqscore=preset.use_seqscore)
+
+
+def _with_compat(cls: type, kwargs: dict[str, Any], compat: str) -> dict[str, Any]:
+    if "compat" in inspect.signature(cls.__init__).parameters:
+        return {**kwargs, "compat": compat}
+    if compat != "paper":
+        raise RequestError(f"compat={compat!r} is not supported by {cls.__name__} in this build")
+    return kwargs
+
+
+def build_runner(engine: Any, preset: Preset, *, ndocs: int | None = None, mode: str | None = None,
+                 threshold: float | None = None, max_new_tokens: int | None = None, compat: str = "paper",
+                 beam_width: int | None = None, max_depth: int | None = None, retriever: Any = None) -> Any:
+    """A SelfRAG (short form) or LongFormSelfRAG (long form) with the preset's settings, overridable."""
+    if compat not in COMPAT:
+        raise RequestError(f"compat must be one of {COMPAT}, got {compat!r}")
+    for name, value in (("ndocs", ndocs), ("max_new_tokens", max_new_tokens), ("beam_width", beam_width),
+                        ("max_depth", max_depth)):
+        if value is not None and value < 1:
+            raise RequestError(f"{name} must be at least 1, got {value}")
+    mode = normalize_mode(mode or preset.mode)
+    scoring = scoring_for(preset, preset.threshold if threshold is None else threshold, compat)
+    kwargs: dict[str, Any] = {"retriever": retriever, "scoring": scoring, "ndocs": ndocs or preset.ndocs,
+                              "max_new_tokens": max_new_tokens or preset.max_new_tokens, "mode": mode}
+    if preset.form == "short":
+        from selfrag_engine.selfrag.short_form import SelfRAG
+
+        runner = SelfRAG(engine, **_with_compat(SelfRAG, kwargs, compat))
+    else:
+        try:
+            from selfrag_engine.selfrag.long_form import LongFormSelfRAG
+        except ImportError as e:
+            raise RequestError(f"task {preset.name!r} needs the long form (selfrag_engine.selfrag.long_form), "
+                               f"which is not available: {e}") from None
+        kwargs.update(beam_width=beam_width or preset.beam_width, max_depth=max_depth or preset.max_depth,
+                      retrieval="static")
+        runner = LongFormSelfRAG(engine, **_with_compat(LongFormSelfRAG, kwargs, compat))
+    if not hasattr(runner, "compat"):
+        runner.compat = compat
+    return runner
+
+
+def load_retriever(index: str) -> Any:
+    try:
+        from selfrag_engine.retrieval.retriever import Retriever
+    except ImportError as e:
+        raise RequestError(f"--index needs selfrag_engine.retrieval.retriever, which is not available: {e}") from None
+    return Retriever.load(index)
+
+
+# ---- command line -----------------------------------------------------------------------------------
+
+
+def _run(args: argparse.Namespace) -> int:
+    from selfrag_engine.engine.llm_engine import Engine
+
+    preset = get_preset(args.task)
+    for name in ("batch_size", "limit"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise RequestError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    examples = read_examples(args.input, preset, args.limit)
+    retriever = load_retriever(args.index) if args.index else None
+    engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype,
+                                    quantization=args.quantization, progress=not args.quiet)
+    runner = build_runner(engine, preset, ndocs=args.ndocs, mode=args.mode, threshold=args.threshold,
+                          max_new_tokens=args.max_new_tokens, compat=args.compat, beam_width=args.beam_width,
+                          max_depth=args.max_depth, retriever=retriever if preset.form == "long" else None)
+
+    def progress(done: int, total: int) -> None:
+        if not args.quiet:
+            print(f"{done}/{total} answered", file=sys.stderr, flush=True)
+
+    report = evaluate(runner, examples, preset, args.batch_size, retriever=retriever, progress=progress)
+    output = Path(args.output) if args.output else Path(f"{Path(args.input).stem}.{preset.name}.preds.jsonl")
+    write_predictions(report, output)
+    metrics_file = write_metrics(report, metrics_path(output), input=str(args.input), model=str(args.model),
+                                 predictions=str(output), device=args.device)
+    print(format_table(report))
+    print(f"predictions: {output}\nmetrics: {metrics_file}")
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    """Adds `eval` to the `selfrag-engine` command line."""
+    e = subparsers.add_parser("eval", help="answer a Self-RAG task's eval file and report its metrics")
+    e.add_argument("--task", required=True, choices=list(PRESETS))
+    e.add_argument("--input", required=True, help="the task's eval file (JSONL, or JSON list), with 'ctxs'")
+    e.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
+    e.add_argument("--output", default=None, help="predictions JSONL (default: <input stem>.<task>.preds.jsonl); "
+                                                  "the metrics go to <output stem>.metrics.json")
+    e.add_argument("--limit", type=int, default=None, help="only the first N rows")
+    e.add_argument("--batch-size", type=int, default=8, help="questions answered together")
+    e.add_argument("--ndocs", type=int, default=None, help="passages per question (default: the task's)")
+    e.add_argument("--mode", default=None, choices=list(MODES) + list(MODE_ALIASES))
+    e.add_argument("--threshold", type=float, default=None, help="retrieval threshold (default: the task's)")
+    e.add_argument("--max-new-tokens", type=int, default=None)
+    e.add_argument("--beam-width", type=int, default=None, help="long form only")
+    e.add_argument("--max-depth", type=int, default=None, help="long form only")
+    e.add_argument("--compat", default="paper", choices=list(COMPAT),
+                   help="paper: the paper's rules; released: the reference scripts' behaviour")
+    e.add_argument("--index", default=None, help="retrieve from this index instead of the rows' passages")
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--dtype", default=None)
+    e.add_argument("--quantization", default=None, choices=[None, "fp8"])
+    e.add_argument("--quiet", action="store_true")
+    e.set_defaults(func=_run)
