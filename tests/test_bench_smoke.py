@@ -45,3 +45,14 @@ def test_selfrag_bench_smoke(tmp_path):
               if r["metric"] == "selfrag_query_latency_ms"}
     # The reference order of work decodes a whole draft on top of the K branches.
     assert tokens["reference_style"] > tokens["ours"] > 0
+
+
+def test_fp8_accuracy_bench_smoke(tmp_path):
+    from bench.fp8_accuracy import main
+    assert main(["--smoke", "--out", str(tmp_path)]) == 0
+    doc = _load(tmp_path, "fp8_accuracy")
+    values = {r["metric"]: r["value"] for r in doc["results"]}
+    assert set(values) == {"fp8_logits_rel_err", "fp8_greedy_agreement"}
+    # e4m3 rounds each weight by up to 2^-4: the logits move by a few percent, never by as much as themselves.
+    assert 1e-4 < values["fp8_logits_rel_err"] < 0.3
+    assert 0.0 <= values["fp8_greedy_agreement"] <= 1.0
