@@ -1,4 +1,4 @@
-"""Command line: `selfrag-engine generate | convert | quantize`."""
+"""Command line: `selfrag-engine generate | convert | quantize | eval | index | ask`."""
 from __future__ import annotations
 
 import argparse
@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     from selfrag_engine.selfrag.evaluate import register as register_eval
     register_eval(sub)
+    from selfrag_engine.retrieval.commands import register as register_index
+    register_index(sub)
+    from selfrag_engine.ask import register as register_ask
+    register_ask(sub)
     return parser
 
 

@@ -249,15 +249,20 @@ def format_table(report: Report) -> str:
 
 
 def scoring_for(preset: Preset, threshold: float, compat: str):
-    """The paper weights w_rel = w_sup = 1, w_use = 0.5; the released short-form script uses its --w_use
-    default (1.0). The README commands all add the sequence score."""
+    """The flavour's preset (ScoringConfig.paper / .released) with the task's threshold. The README commands
+    all add the sequence score (the released long form ignores it); the released short-form script uses its
+    --w_use default (1.0)."""
     from selfrag_engine.selfrag.scoring import ScoringConfig
 
-    w_use = preset.w_use_released if compat == "released" and preset.form == "short" else 0.5
-    return ScoringConfig(threshold=threshold, w_rel=1.0, w_sup=1.0, w_use=w_use, use_seqscore=preset.use_seqscore)
+    if compat == "released":
+        weights = {"w_use": preset.w_use_released} if preset.form == "short" else {}
+        return ScoringConfig.released(form=preset.form, threshold=threshold, use_seqscore=preset.use_seqscore,
+                                      **weights)
+    return ScoringConfig.paper(threshold=threshold, use_seqscore=preset.use_seqscore)
 
 
 def _with_compat(cls: type, kwargs: dict[str, Any], compat: str) -> dict[str, Any]:
+    """kwargs plus compat for a runner class that takes it; for one that does not, only compat="paper"."""
     if "compat" in inspect.signature(cls.__init__).parameters:
         return {**kwargs, "compat": compat}
     if compat != "paper":
@@ -278,23 +283,17 @@ def build_runner(engine: Any, preset: Preset, *, ndocs: int | None = None, mode:
     mode = normalize_mode(mode or preset.mode)
     scoring = scoring_for(preset, preset.threshold if threshold is None else threshold, compat)
     kwargs: dict[str, Any] = {"retriever": retriever, "scoring": scoring, "ndocs": ndocs or preset.ndocs,
-                              "max_new_tokens": max_new_tokens or preset.max_new_tokens, "mode": mode}
+                              "max_new_tokens": max_new_tokens or preset.max_new_tokens, "mode": mode,
+                              "compat": compat}
     if preset.form == "short":
         from selfrag_engine.selfrag.short_form import SelfRAG
 
-        runner = SelfRAG(engine, **_with_compat(SelfRAG, kwargs, compat))
-    else:
-        try:
-            from selfrag_engine.selfrag.long_form import LongFormSelfRAG
-        except ImportError as e:
-            raise RequestError(f"task {preset.name!r} needs the long form (selfrag_engine.selfrag.long_form), "
-                               f"which is not available: {e}") from None
-        kwargs.update(beam_width=beam_width or preset.beam_width, max_depth=max_depth or preset.max_depth,
-                      retrieval="static")
-        runner = LongFormSelfRAG(engine, **_with_compat(LongFormSelfRAG, kwargs, compat))
-    if not hasattr(runner, "compat"):
-        runner.compat = compat
-    return runner
+        return SelfRAG(engine, **kwargs)
+    from selfrag_engine.selfrag.long_form import LongFormSelfRAG
+
+    kwargs.update(beam_width=beam_width or preset.beam_width, max_depth=max_depth or preset.max_depth,
+                  retrieval="static")
+    return LongFormSelfRAG(engine, **kwargs)
 
 
 def load_retriever(index: str) -> Any:

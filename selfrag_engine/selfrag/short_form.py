@@ -2,7 +2,15 @@
 
 The prompt is prefilled once. Its first generated position gives the retrieval decision; then either K
 branches are forked off the prompt's cache, one per passage, and decoded in one batch, or the prompt
-continues after `[No Retrieval]`. The paper's rules (Appendix A.3) are used throughout.
+continues after `[No Retrieval]`.
+
+Two flavours (`compat`):
+- "paper" (default): the paper's rules (Appendix A.3).
+- "released" (or "official"): what the reference script run_short_form.py does, item by item: it first
+  decodes a whole no-retrieval draft (max_new_tokens) and reads the gate off the draft's first position; the
+  gate divides log-probabilities; branch critiques read top-5000 log-probabilities with -100 for a missing
+  token; w_use is 1.0 (ScoringConfig.released(form="short")). Where the script would fail on a missing
+  threshold, a RequestError says so. The draft and the branches still share the prompt's cached blocks.
 """
 from __future__ import annotations
 
@@ -12,18 +20,16 @@ from typing import Sequence
 
 from selfrag_engine.engine.llm_engine import Engine, RequestOutput
 from selfrag_engine.engine.sampling_params import SamplingParams
+from selfrag_engine.errors import RequestError
+from selfrag_engine.retrieval.passages import Passage
+from selfrag_engine.selfrag.critique import Decoded, Reader, critique as read_critique, top_k_for
+from selfrag_engine.selfrag.owned import Owned
 from selfrag_engine.selfrag.prompts import GROUPS, format_passage, format_prompt, postprocess
-from selfrag_engine.selfrag.scoring import (ScoringConfig, final_score, grounding_score, relevance_score,
-                                            retrieval_gate, sequence_score, utility_score)
+from selfrag_engine.selfrag.scoring import ScoringConfig, normalize_compat, retrieval_gate
+
+__all__ = ["Answer", "Branch", "MODES", "Passage", "SelfRAG", "critique", "group_probs"]
 
 MODES = ("adaptive", "always", "never")
-
-
-@dataclass(frozen=True)
-class Passage:
-    title: str
-    text: str
-    id: str | None = None
 
 
 @dataclass
@@ -50,6 +56,7 @@ class Answer:
     best: int | None  # index into branches
     num_generated_tokens: int
     seconds: float
+    draft: str | None = None  # compat="released": the no-retrieval draft decoded before the gate
 
 
 def group_probs(out: RequestOutput, step: int) -> dict[str, dict[str, float]]:
@@ -59,27 +66,36 @@ def group_probs(out: RequestOutput, step: int) -> dict[str, dict[str, float]]:
     return {name: dict(zip(GROUPS[name], row[groups.span(name)].tolist())) for name in groups.names}
 
 
-def critique(out: RequestOutput, ids: dict[str, tuple[int, ...]], cfg: ScoringConfig) -> tuple[
-        float, float, float, float, float, dict[str, dict[str, float]]]:
-    """(relevance, grounding, utility, seq score, final, probs read) of a retrieval branch's output."""
-    read: dict[str, dict[str, float]] = {}
-    p0 = group_probs(out, 0)
-    read["relevance"] = p0["relevance"]
-    rel = relevance_score(*p0["relevance"].values())
-    grd = util = 0.0
-    grounding_ids, utility_ids = set(ids["grounding"]), set(ids["utility"])
-    for step, token in enumerate(out.token_ids):
-        if token in grounding_ids:
-            read["grounding"] = group_probs(out, step)["grounding"]
-            grd = grounding_score(*read["grounding"].values())
-            break
-    for step, token in enumerate(out.token_ids):
-        if token in utility_ids:
-            read["utility"] = group_probs(out, step)["utility"]
-            util = utility_score(list(read["utility"].values()))
-            break
-    seq = sequence_score(out.cumulative_logprob, len(out.token_ids))
-    return rel, grd, util, seq, final_score(rel, grd, util, seq, cfg), read
+def critique(out: RequestOutput, ids: dict[str, tuple[int, ...]], cfg: ScoringConfig, engine: Engine | None = None
+             ) -> tuple[float, float, float, float, float, dict[str, dict[str, float]]]:
+    """(relevance, grounding, utility, seq score, final, probs read) of a retrieval branch's output. With a
+    truncated config (top_logprobs), `engine` serves the rank pass a read may need."""
+    reader = Reader(cfg, engine.config.vocab_size if engine else None, engine.score if engine else None)
+    c = read_critique(Decoded.from_output(out), reader, ids)
+    return c.relevance, c.grounding, c.utility, c.seq_score, c.final, c.probs
+
+
+def check_passages_fit(engine: Engine, prefix_len: int, suffixes: Sequence[Sequence[int]],
+                       docs: Sequence[Passage]) -> None:
+    """A passage that leaves no room to generate is an error naming it; the instruction is never cut."""
+    for i, (suffix, doc) in enumerate(zip(suffixes, docs)):
+        if prefix_len + len(suffix) >= engine.max_model_len:
+            raise RequestError(f"passage {i} ({doc.title!r}, {len(suffix)} tokens) leaves no room to generate after "
+                               f"the {prefix_len}-token prompt within the model's context of "
+                               f"{engine.max_model_len} tokens")
+
+
+@dataclass
+class _Plan:
+    """One question's state between the batched rounds."""
+    question: str
+    prompt: list[int]
+    head: int
+    head_out: RequestOutput | None = None
+    draft: Decoded | None = None
+    gate: float | None = None
+    docs: list[Passage] | None = None
+    kids: list[int] = field(default_factory=list)
 
 
 class SelfRAG:
@@ -87,22 +103,33 @@ class SelfRAG:
     `search(query, k) -> list[Passage]`); passages may also be given per question."""
 
     def __init__(self, engine: Engine, retriever=None, scoring: ScoringConfig | None = None,
-                 ndocs: int = 5, max_new_tokens: int = 100, mode: str = "adaptive"):
+                 ndocs: int = 5, max_new_tokens: int = 100, mode: str = "adaptive", compat: str = "paper"):
+        if engine.reflection_groups is None:
+            raise ValueError("the engine's tokenizer has no Self-RAG reflection tokens")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        for name, value in (("ndocs", ndocs), ("max_new_tokens", max_new_tokens)):
+            if not isinstance(value, int) or value < 1:
+                raise RequestError(f"{name} must be a positive integer, got {value!r}")
         self.engine = engine
         self.retriever = retriever
-        self.scoring = scoring or ScoringConfig()
+        self.compat = normalize_compat(compat)
+        self.scoring = scoring or (ScoringConfig.paper() if self.compat == "paper"
+                                   else ScoringConfig.released(form="short"))
         self.ndocs = ndocs
         self.max_new_tokens = max_new_tokens
         self.mode = mode
         ref = engine.tokenizer.reflection_token_ids()
         self.ids = ref.groups()
         self.control_ids = {t for g in self.ids.values() for t in g} | {ref.paragraph_open, ref.paragraph_close}
-        if engine.reflection_groups is None:
-            raise ValueError("the engine's tokenizer has no Self-RAG reflection tokens")
 
     def _text(self, token_ids: Sequence[int]) -> str:
         kept = [t for t in token_ids if t not in self.control_ids and t != self.engine.tokenizer.eos_id]
         return postprocess(self.engine.tokenizer.decode(kept, skip_special_tokens=True))
+
+    def _params(self, max_tokens: int) -> SamplingParams:
+        top = top_k_for(self.scoring, self.engine.config.vocab_size)
+        return SamplingParams(max_tokens=max_tokens, temperature=0.0, reflection=True, logprobs=top)
 
     def answer(self, question: str, passages: Sequence[Passage] | None = None, *, input: str | None = None,
                mode: str | None = None, ndocs: int | None = None, closed_set: bool = False) -> Answer:
@@ -118,65 +145,99 @@ class SelfRAG:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         ndocs = ndocs or self.ndocs
+        if passages is not None and len(passages) != len(questions):
+            raise RequestError(f"{len(questions)} questions but {len(passages)} passage lists")
+        released = self.compat == "released"
+        if released and mode == "adaptive" and self.scoring.threshold is None:
+            raise RequestError("compat='released' with mode='adaptive' needs a threshold: the reference script "
+                               "fails without one (it reads an undefined variable)")
         engine, tok = self.engine, self.engine.tokenizer
         start = time.perf_counter()
         prompts = [tok.encode(format_prompt(q, input)) for q in questions]
-        first = SamplingParams(max_tokens=1, temperature=0.0, reflection=True)
-        parents = [engine.add_request(p, first, keep_cache=True) for p in prompts]
-        decode = SamplingParams(max_tokens=self.max_new_tokens, temperature=0.0, reflection=True)
-        plans = []
-        try:
-            heads = engine.run(parents)
-            for i, (question, head) in enumerate(zip(questions, heads)):
-                gate = None
-                if mode == "adaptive":
-                    p = group_probs(head, 0)["retrieval"]
-                    gate = retrieval_gate(p["[Retrieval]"], p["[No Retrieval]"])
-                retrieve = mode == "always" or (mode == "adaptive" and gate > self.scoring.threshold)
+        with Owned(engine) as owned:
+            first = SamplingParams(max_tokens=1, temperature=0.0, reflection=True)
+            plans = [_Plan(q, p, owned.add(p, first, keep_cache=True)) for q, p in zip(questions, prompts)]
+            for plan, out in zip(plans, owned.run([p.head for p in plans])):
+                plan.head_out = out
+            if released and mode != "always":
+                self._decode_drafts(owned, plans)
+            for i, plan in enumerate(plans):
+                retrieve = self._decide(plan, mode)
                 docs = None
                 if retrieve:
-                    docs = list(passages[i]) if passages is not None and passages[i] is not None else None
-                    if docs is None:
+                    given = passages[i] if passages is not None else None
+                    if given is None:
                         if self.retriever is None:
                             raise ValueError("retrieval was chosen but neither passages nor a retriever were given")
-                        docs = list(self.retriever.search(question, ndocs))
-                    docs = docs[:ndocs]
+                        given = self.retriever.search(plan.question, ndocs)
+                    docs = list(given)[:ndocs]
                 if docs:
                     suffixes = [tok.encode(format_passage(d.title, d.text), add_bos=False) for d in docs]
+                    check_passages_fit(engine, len(plan.prompt), suffixes, docs)
                 else:
                     suffixes = [[self.ids["retrieval"][1]]]  # continue after [No Retrieval]
-                kids = engine.fork(parents[i], suffixes, decode, prefix_len=len(prompts[i]))
-                plans.append((gate, docs, kids))
-        except BaseException:
-            for _, _, kids in plans:
-                for k in kids:
-                    engine.forget(k)
-            raise
-        finally:
-            for p in parents:
-                engine.forget(p)
-        outputs = engine.run([k for _, _, kids in plans for k in kids])
-        answers = []
-        at = 0
-        for question, (gate, docs, kids) in zip(questions, plans):
-            outs = outputs[at:at + len(kids)]
-            at += len(kids)
-            answers.append(self._assemble(question, gate, docs, outs, closed_set, start))
-        for _, _, kids in plans:
-            for k in kids:
-                engine.forget(k)
+                plan.docs = docs
+                plan.kids = owned.fork(plan.head, suffixes, self._params(self.max_new_tokens),
+                                       prefix_len=len(plan.prompt))
+            outputs = owned.run([k for plan in plans for k in plan.kids])
+            for plan in plans:
+                owned.drop(plan.head)
+            reader = Reader(self.scoring, engine.config.vocab_size, engine.score)
+            answers, at = [], 0
+            for plan in plans:
+                outs = outputs[at:at + len(plan.kids)]
+                at += len(plan.kids)
+                answers.append(self._assemble(plan, outs, reader, closed_set, start))
         return answers
 
-    def _assemble(self, question: str, gate: float | None, docs: list[Passage] | None,
-                  outs: list[RequestOutput], closed_set: bool, start: float) -> Answer:
+    def _decode_drafts(self, owned: Owned, plans: list[_Plan]) -> None:
+        """The released script's whole no-retrieval draft: the head's first token continued to max_new_tokens
+        (forked off the head, so the prompt is not prefilled again)."""
+        eos = self.engine.tokenizer.eos_id
+        rest = self.max_new_tokens - 1
+        growing = []
+        for plan in plans:
+            plan.draft = Decoded.from_output(plan.head_out)
+            if rest > 0 and plan.head_out.token_ids[-1] != eos:
+                kid = owned.fork(plan.head, [plan.head_out.token_ids], self._params(rest),
+                                 prefix_len=len(plan.prompt))[0]
+                growing.append((plan, kid))
+        outs = owned.run([kid for _, kid in growing])
+        for (plan, kid), out in zip(growing, outs):
+            plan.draft.extend(out)
+            owned.drop(kid)
+
+    def _decide(self, plan: _Plan, mode: str) -> bool:
+        if mode != "adaptive":
+            return mode == "always"
+        head = plan.head_out
+        cfg = self.scoring
+        if cfg.gate == "logprob":
+            lp = head.reflection_logprobs[0][head.reflection_groups.span("retrieval")].tolist()
+            plan.gate = retrieval_gate(lp[0], lp[1], "logprob")
+        else:
+            p = group_probs(head, 0)["retrieval"]
+            plan.gate = retrieval_gate(p["[Retrieval]"], p["[No Retrieval]"], "prob")
+        if cfg.threshold is None:  # paper flavour: the model's own first token decides
+            return head.token_ids[0] == self.ids["retrieval"][0]
+        return plan.gate > cfg.threshold
+
+    def _assemble(self, plan: _Plan, outs: list[RequestOutput], reader: Reader, closed_set: bool,
+                  start: float) -> Answer:
         n_tokens = sum(len(o.token_ids) for o in outs)
+        draft = None
+        if plan.draft is not None:
+            n_tokens += len(plan.draft.token_ids)
+            draft = self._text(plan.draft.token_ids)
         elapsed = time.perf_counter() - start
-        if not docs:
-            return Answer(question, self._text(outs[0].token_ids), False, gate, [], None, n_tokens, elapsed)
+        if not plan.docs:
+            return Answer(plan.question, self._text(outs[0].token_ids), False, plan.gate, [], None, n_tokens,
+                          elapsed, draft)
         branches = []
-        for doc, out in zip(docs, outs):
-            rel, grd, util, seq, final, read = critique(out, self.ids, self.scoring)
-            branches.append(Branch(doc, self._text(out.token_ids), out.token_ids, rel, grd, util, seq, final, read))
+        for doc, out in zip(plan.docs, outs):
+            c = read_critique(Decoded.from_output(out), reader, self.ids)
+            branches.append(Branch(doc, self._text(out.token_ids), out.token_ids, c.relevance, c.grounding,
+                                   c.utility, c.seq_score, c.final, c.probs))
         if closed_set:
             totals: dict[str, float] = {}
             for b in branches:
@@ -185,5 +246,4 @@ class SelfRAG:
             best = next(i for i, b in enumerate(branches) if b.text == best_text)
         else:
             best = max(range(len(branches)), key=lambda i: branches[i].final)
-        return Answer(question, branches[best].text, True, gate, branches, best, n_tokens, elapsed)
-
+        return Answer(plan.question, branches[best].text, True, plan.gate, branches, best, n_tokens, elapsed, draft)
