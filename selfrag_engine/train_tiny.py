@@ -1,0 +1,430 @@
+"""Trains the tiny Self-RAG model on the synthetic world, on the CPU, and measures it on held-out data.
+
+    python -m selfrag_engine.train_tiny --out DIR [--steps 5000] [--seed 0] [--snapshot-every N]
+
+Writes a Hugging Face checkpoint directory (config.json, model.safetensors, generation_config.json, the
+SentencePiece tokenizer with the 16 Self-RAG tokens), corpus.jsonl (the world's passages), examples.json
+(held-out questions and instructions for demos) and training.json (the run's settings, its statistics and
+the held-out evaluation of `selfrag_engine.world.evaluate`, which reads the written checkpoint through the
+engine). A run is fixed by its seed and step count (which also sets the learning-rate schedule): the same
+command gives the same weights with the same thread count (2) on the same kind of CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from selfrag_engine.config import LlamaConfig
+from selfrag_engine.model import Llama
+from selfrag_engine.testing import ADDITIONAL_SPECIAL_TOKENS, PAD_TOKEN, SELFRAG_ADDED_TOKENS
+from selfrag_engine.world.assets import EXAMPLES_FILE, write_corpus
+from selfrag_engine.world.evaluate import expected_answer, load_selfrag, evaluate, world_and_split
+from selfrag_engine.world.generator import World
+from selfrag_engine.world.training_data import (
+    Encoded, Split, TrainingStream, branch_cases, encode_example, heldout_instructions, irrelevant_example,
+    relevant_example,
+)
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+@dataclass
+class ModelShape:
+    # A run 256 wide with 8 heads (about as fast on this CPU) stalled: the held-out relevance stayed near chance
+    # and no answer was copied exactly after 2000 steps, where this shape had learned both.
+    hidden_size: int = 192
+    intermediate_size: int = 512
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    max_position_embeddings: int = 512
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    steps: int = 5000
+    # Stop after this many steps of the `steps`-step schedule (None: run it all). The committed model is such a
+    # prefix of a longer schedule: the machine it was trained on was shared, and the full run did not fit.
+    stop_after: int | None = None
+    batch_size: int = 32
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.05
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    # Large enough that most first and last names of the world are one or two pieces: comparing the names of
+    # question and passage, and copying them, is then a comparison of a few tokens instead of eight.
+    sp_vocab_size: int = 2400
+    # Shares of world questions asked about remixed and fresh worlds' people (see TrainingStream).
+    remix_fraction: float = 0.5
+    fresh_fraction: float = 0.2
+    world_fraction: float = 0.8
+    # Decision tokens (the first response token and the relevance token) carry the behaviour the scores read;
+    # weighting them keeps them from being drowned by the many copy tokens of each answer.
+    decision_weight: float = 3.0
+    # Examples are drawn this many batches at a time and batched by length, which cuts the padding by half.
+    bucket_batches: int = 8
+    # bf16 autocast: on CPUs with AMX or AVX512-BF16 the matrix products run about 4x faster; master weights,
+    # optimizer state and the loss stay float32.
+    bf16: bool = True
+    # Write the weights so far to DIR/step-N every this many steps (0: never), to inspect a run under way.
+    snapshot_every: int = 0
+
+
+def new_stream(world: World, split: Split, cfg: TrainConfig, seed: int) -> TrainingStream:
+    return TrainingStream(world, split, seed=seed, world_fraction=cfg.world_fraction,
+                          remix_fraction=cfg.remix_fraction, fresh_fraction=cfg.fresh_fraction)
+
+
+# ---- tokenizer -----------------------------------------------------------------------------------
+
+
+def tokenizer_sentences(stream: TrainingStream, num_examples: int) -> list[str]:
+    """Plain-text lines for SentencePiece: the training passages and sampled training examples, cut at the
+    Self-RAG tokens and at newlines. Cutting at the added tokens mirrors how the HF legacy tokenizer encodes
+    each span on its own; cutting at newlines keeps '\\n' out of the learned pieces, so it falls back to its
+    byte as in Llama. Held-out text stays out, so that no piece exists whose embedding training never saw."""
+    texts = [p.title + "\n" + p.text for p in stream.main.index.passages]
+    for _ in range(num_examples):
+        ex = stream.next()
+        texts.append(ex.prompt + ex.response)
+    out = []
+    for text in texts:
+        for tok in SELFRAG_ADDED_TOKENS:
+            text = text.replace(tok, "\n")
+        out += [line for line in text.split("\n") if line]
+    return out
+
+
+def write_world_tokenizer(path: Path, sentences: list[str], vocab_pieces: int, model_max_length: int = 512) -> int:
+    """Trains a SentencePiece BPE model with the options of `testing.train_sentencepiece` (Llama-2's: byte
+    fallback, <unk>/<s>/</s> = 0/1/2, digits split, identity normalization, dummy prefix) on the sentences, and
+    writes the HF tokenizer files in the layout of `testing.write_tokenizer`, the 16 Self-RAG tokens right
+    after the pieces. Deterministic for given sentences. Returns the full vocabulary size (pieces + 16)."""
+    import sentencepiece as spm
+
+    path.mkdir(parents=True, exist_ok=True)
+    model = io.BytesIO()
+    spm.set_random_generator_seed(0)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences), model_writer=model, vocab_size=vocab_pieces, model_type="bpe",
+        byte_fallback=True, split_digits=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>",
+        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=True,
+        character_coverage=1.0, num_threads=1, shuffle_input_sentence=False, input_sentence_size=0,
+        minloglevel=2)
+    (path / "tokenizer.model").write_bytes(model.getvalue())
+    num_pieces = spm.SentencePieceProcessor(model_proto=model.getvalue()).get_piece_size()
+    added = {tok: num_pieces + i for i, tok in enumerate(SELFRAG_ADDED_TOKENS)}
+
+    def entry(content: str) -> dict:
+        return {"content": content, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
+                "special": True}
+
+    decoder = {"0": entry("<unk>"), "1": entry("<s>"), "2": entry("</s>")}
+    decoder.update({str(i): entry(tok) for tok, i in added.items()})
+    special_map = {"additional_special_tokens": list(ADDITIONAL_SPECIAL_TOKENS), "bos_token": "<s>",
+                   "eos_token": "</s>", "pad_token": PAD_TOKEN, "unk_token": "<unk>"}
+    config = {
+        "add_bos_token": True, "add_eos_token": False, "added_tokens_decoder": decoder, **special_map,
+        "clean_up_tokenization_spaces": False, "legacy": True, "model_max_length": model_max_length,
+        "padding_side": "right", "sp_model_kwargs": {}, "spaces_between_special_tokens": False,
+        "tokenizer_class": "LlamaTokenizer", "use_default_system_prompt": False,
+    }
+    for name, obj in (("tokenizer_config.json", config), ("special_tokens_map.json", special_map),
+                      ("added_tokens.json", added)):
+        (path / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return num_pieces + len(SELFRAG_ADDED_TOKENS)
+
+
+def load_tokenizer(path: Path):
+    from selfrag_engine.tokenizer import Tokenizer
+
+    return Tokenizer.from_pretrained(path)
+
+
+# ---- model ---------------------------------------------------------------------------------------
+
+
+def hf_config(shape: ModelShape, vocab_size: int) -> dict:
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+        "hidden_size": shape.hidden_size, "intermediate_size": shape.intermediate_size,
+        "num_hidden_layers": shape.num_hidden_layers, "num_attention_heads": shape.num_attention_heads,
+        "num_key_value_heads": shape.num_attention_heads,
+        "head_dim": shape.hidden_size // shape.num_attention_heads,
+        "max_position_embeddings": shape.max_position_embeddings, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+        "rope_scaling": None, "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False,
+        "initializer_range": 0.02, "pretraining_tp": 1, "tie_word_embeddings": False, "use_cache": True,
+        "vocab_size": vocab_size, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": vocab_size - 1,
+        "torch_dtype": "float32", "transformers_version": "4.57.6",
+    }
+
+
+def new_model(config: LlamaConfig, seed: int) -> Llama:
+    torch.manual_seed(seed)
+    model = Llama(config)
+    model.init_rope()
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight") or "layernorm" in name:
+            torch.nn.init.ones_(p)
+        else:
+            # GPT-2's scaled init of the residual-branch outputs keeps early training stable without warm-up tricks.
+            std = 0.02 / math.sqrt(2 * config.num_hidden_layers) if name.endswith(("o_proj.weight",
+                                                                                   "down_proj.weight")) else 0.02
+            torch.nn.init.normal_(p, std=std)
+    return model
+
+
+# ---- training --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # [B, L]
+    targets: torch.Tensor    # [B, L - 1]
+    weights: torch.Tensor    # [B, L - 1], 0 where not a target
+
+
+def make_batch(encoded: list[Encoded], pad_id: int, decision_ids: set[int], decision_weight: float) -> Batch:
+    length = max(len(e.input_ids) for e in encoded)
+    ids = torch.full((len(encoded), length), pad_id, dtype=torch.long)
+    weights = torch.zeros(len(encoded), length)
+    for i, e in enumerate(encoded):
+        ids[i, :len(e.input_ids)] = torch.tensor(e.input_ids)
+        for j, (t, m) in enumerate(zip(e.input_ids, e.loss_mask)):
+            if m:
+                weights[i, j] = decision_weight if t in decision_ids else 1.0
+    return Batch(ids, ids[:, 1:], weights[:, 1:])
+
+
+def length_bucketed(stream: TrainingStream, tokenizer, cfg: TrainConfig, rng: random.Random):
+    """Endless batches of encoded examples: each draw of bucket_batches batches is sorted by length, cut into
+    batches and shuffled."""
+    while True:
+        pool = [encode_example(stream.next(), tokenizer) for _ in range(cfg.batch_size * cfg.bucket_batches)]
+        pool.sort(key=lambda e: len(e.input_ids))
+        groups = [pool[i:i + cfg.batch_size] for i in range(0, len(pool), cfg.batch_size)]
+        rng.shuffle(groups)
+        yield from groups
+
+
+def batch_loss(model: Llama, batch: Batch, bf16: bool = False) -> torch.Tensor:
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        logits = model.forward_dense(batch.input_ids[:, :-1])
+    nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch.targets.reshape(-1),
+                          reduction="none")
+    w = batch.weights.reshape(-1)
+    return (nll * w).sum() / w.sum()
+
+
+def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    frac = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+@dataclass
+class Probe:
+    """A cheap held-out check run during training: relevance-token accuracy on (question, gold passage) and
+    (question, top lexical distractor) pairs, and teacher-forced exactness of the gold answers."""
+    batch: Batch
+    rel_rows: list[tuple[int, int]]  # (row, position predicting the relevance token)
+    want_rel: list[bool]
+    answer_spans: list[tuple[int, int, int]]  # (row, first answer position, end)
+
+
+def make_probe(world: World, split: Split, tokenizer, n: int = 48) -> Probe:
+    close_id = tokenizer.token_to_id("</paragraph>")
+    encoded, rel_rows, want, spans = [], [], [], []
+    for case in branch_cases(world, split, n, k=2, seed=123):
+        gold = case.passages[case.gold_index]
+        other = case.passages[1 - case.gold_index]
+        for ex, is_rel in ((relevant_example(case.question, gold), True),
+                           (irrelevant_example(case.question, other), False)):
+            e = encode_example(ex, tokenizer)
+            row, c = len(encoded), e.input_ids.index(close_id)
+            encoded.append(e)
+            rel_rows.append((row, c))
+            want.append(is_rel)
+            if is_rel:
+                spans.append((row, c + 1, len(e.input_ids) - 1))
+    batch = make_batch(encoded, tokenizer.token_to_id("<pad>"), set(), 1.0)
+    return Probe(batch, rel_rows, want, spans)
+
+
+@torch.inference_mode()
+def run_probe(model: Llama, probe: Probe, tokenizer) -> tuple[float, float]:
+    rel_id, irrel_id = tokenizer.token_to_id("[Relevant]"), tokenizer.token_to_id("[Irrelevant]")
+    logits = model.forward_dense(probe.batch.input_ids)
+    rel_ok = sum((logits[r, p, rel_id] > logits[r, p, irrel_id]).item() == w
+                 for (r, p), w in zip(probe.rel_rows, probe.want_rel))
+    pred = logits.argmax(-1)
+    exact = sum(bool((pred[r, a:b] == probe.batch.input_ids[r, a + 1:b + 1]).all()) for r, a, b in probe.answer_spans)
+    return rel_ok / len(probe.rel_rows), exact / len(probe.answer_spans)
+
+
+def train(model: Llama, tokenizer, stream: TrainingStream, cfg: TrainConfig, probe: Probe | None = None,
+          snapshot: "Callable[[int], None] | None" = None) -> dict:
+    """AdamW over the example stream; returns what the model card records (steps, time, last losses)."""
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    decision_ids = {tokenizer.token_to_id(t) for t in ("[Retrieval]", "[No Retrieval]", "[Relevant]",
+                                                       "[Irrelevant]")}
+    pad_id = tokenizer.token_to_id("<pad>")
+    total = cfg.steps
+    start = time.perf_counter()
+    losses: list[float] = []
+    step = 0
+    batches = length_bucketed(stream, tokenizer, cfg, random.Random(cfg.seed + 1))
+    model.train()
+    while True:
+        if step >= total or (cfg.stop_after is not None and step >= cfg.stop_after):
+            break
+        batch = make_batch(next(batches), pad_id, decision_ids, cfg.decision_weight)
+        lr = lr_at(step, total, cfg)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        loss = batch_loss(model, batch, cfg.bf16)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        step += 1
+        if step % 50 == 0:
+            extra = ""
+            if probe is not None and step % 200 == 0:
+                model.eval()
+                rel_acc, answer_exact = run_probe(model, probe, tokenizer)
+                model.train()
+                extra = f"  held-out relevance {rel_acc:.3f} answers {answer_exact:.3f}"
+            if snapshot is not None and cfg.snapshot_every and step % cfg.snapshot_every == 0:
+                snapshot(step)
+            log(f"step {step}/{total}  loss {sum(losses[-50:]) / 50:.4f}  lr {lr:.2e}  "
+                f"{time.perf_counter() - start:.0f}s{extra}")
+    model.eval()
+    return {"steps": step, "planned_steps": total, "seconds": round(time.perf_counter() - start, 1),
+            "final_loss": round(sum(losses[-50:]) / max(1, len(losses[-50:])), 4)}
+
+
+
+# ---- output ----------------------------------------------------------------------------------------
+
+
+def save_checkpoint(model: Llama, out: Path, config: dict, weights_dir: Path | None = None) -> None:
+    """Writes the weights (fp32) and config into `out`, or only the weights into `weights_dir` (a snapshot)."""
+    from safetensors.torch import save_file
+
+    if weights_dir is not None:
+        weights_dir.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().float() for k, v in model.state_dict().items()
+                 if not k.startswith("rope_")}
+        save_file(state, str(weights_dir / "model.safetensors"), metadata={"format": "pt"})
+        return
+
+    state = {k: v.detach().contiguous().float() for k, v in model.state_dict().items()
+             if not k.startswith("rope_")}
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    generation = {"_from_model_config": True, "bos_token_id": 1, "eos_token_id": 2,
+                  "pad_token_id": config["pad_token_id"], "transformers_version": config["transformers_version"]}
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+
+
+def write_examples(world: World, split: Split, out: Path, n: int = 8) -> None:
+    """A few held-out questions (one per attribute kind first) and instructions, for demos."""
+    questions, seen = [], set()
+    for case in branch_cases(world, split, 200, k=2, seed=7):
+        q = case.question
+        key = (world.entity(q.entity_id).kind, q.attribute)
+        if key not in seen and not q.heldout_phrasing:
+            seen.add(key)
+            questions.append({"question": q.text, "gold": q.gold})
+    instructions = [{"instruction": ex.instruction, "answer": expected_answer(ex)}
+                    for ex in heldout_instructions(world, split, n, seed=7)]
+    record = {"questions": questions[:n], "instructions": instructions}
+    (out / EXAMPLES_FILE).write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--steps", type=int, default=TrainConfig.steps)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--hidden", type=int, default=ModelShape.hidden_size)
+    parser.add_argument("--intermediate", type=int, default=ModelShape.intermediate_size)
+    parser.add_argument("--layers", type=int, default=ModelShape.num_hidden_layers)
+    parser.add_argument("--heads", type=int, default=ModelShape.num_attention_heads)
+    parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    parser.add_argument("--lr", type=float, default=TrainConfig.lr)
+    parser.add_argument("--fresh-fraction", type=float, default=TrainConfig.fresh_fraction)
+    parser.add_argument("--remix-fraction", type=float, default=TrainConfig.remix_fraction)
+    parser.add_argument("--world-fraction", type=float, default=TrainConfig.world_fraction)
+    parser.add_argument("--snapshot-every", type=int, default=0)
+    parser.add_argument("--stop-after", type=int, default=None, help="stop after N steps of the --steps schedule")
+    parser.add_argument("--vocab", type=int, default=TrainConfig.sp_vocab_size, help="SentencePiece pieces")
+    parser.add_argument("--eval-questions", type=int, default=None, help="default: every held-out question")
+    parser.add_argument("--eval-instructions", type=int, default=300)
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(2)
+    torch.use_deterministic_algorithms(True)
+    # Adam's second moments of embedding rows that get no gradient decay geometrically (beta2 = 0.95) into
+    # subnormal floats after ~1500 steps, and subnormal arithmetic made steps ten times slower from then on.
+    torch.set_flush_denormal(True)
+    cfg = TrainConfig(seed=args.seed, steps=args.steps, batch_size=args.batch_size,
+                      lr=args.lr, fresh_fraction=args.fresh_fraction, remix_fraction=args.remix_fraction,
+                      world_fraction=args.world_fraction, sp_vocab_size=args.vocab,
+                      snapshot_every=args.snapshot_every, stop_after=args.stop_after)
+    shape = ModelShape(args.hidden, args.intermediate, args.layers, args.heads)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    wall = time.perf_counter()
+
+    world, split = world_and_split()
+    sentences = tokenizer_sentences(new_stream(world, split, cfg, 10_000 + args.seed), 20_000)
+    vocab_size = write_world_tokenizer(out, sentences, cfg.sp_vocab_size, shape.max_position_embeddings)
+    tokenizer = load_tokenizer(out)
+    config = hf_config(shape, vocab_size)
+    model = new_model(LlamaConfig.from_dict(config), args.seed)
+    num_params = sum(p.numel() for p in model.parameters())
+    log(f"model: {num_params / 1e6:.2f}M parameters, vocab {vocab_size}")
+
+    stream = new_stream(world, split, cfg, args.seed)
+    def snapshot(step: int) -> None:
+        save_checkpoint(model, out, config, out / f"step-{step}")
+
+    stats = train(model, tokenizer, stream, cfg, make_probe(world, split, tokenizer), snapshot)
+    save_checkpoint(model, out, config)
+    write_corpus(out, [p.as_record() for p in world.passages])
+    write_examples(world, split, out)
+    stats["wall_seconds_with_tokenizer_and_saving"] = round(time.perf_counter() - wall, 1)
+    log(f"trained in {stats['seconds']} s; evaluating the written checkpoint through the engine")
+
+    result = evaluate(load_selfrag(out), world, split, args.eval_questions, args.eval_instructions)
+    log(json.dumps(result.summary(), indent=2))
+    record = {"command": "python -m selfrag_engine.train_tiny " + " ".join(sys.argv[1:] if argv is None else argv),
+              "threads": torch.get_num_threads(), "train_config": asdict(cfg), "model_shape": asdict(shape),
+              "num_parameters": num_params, "vocab_size": vocab_size, "training": stats,
+              "heldout": result.summary(), "heldout_failures": result.failures}
+    (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,612 @@
+"""Self-RAG training examples from the synthetic world, and the held-out split used to evaluate.
+
+Three kinds of example, all in the published model's output format (`[...]` tokens, `</s>` as the EOS id):
+
+- relevant: a question about an entity's attribute with the passage stating it:
+  `[Retrieval]<paragraph>{title}\\n{text}</paragraph>[Relevant]{answer}[Fully supported][Utility:5]</s>`
+- irrelevant: the same kind of question with a passage that does not state that attribute of that entity
+  (another entity, a look-alike name, or the entity's other passage):
+  `[Retrieval]<paragraph>{title}\\n{text}</paragraph>[Irrelevant]I don't know.[Utility:1]</s>`.
+  No grounding token follows `[Irrelevant]`, as in Self-RAG's data, so such a branch scores 0 on grounding;
+  the answer refuses because the model has no other source for a fictional fact.
+- no_fact: an instruction that needs no evidence (arithmetic, greetings, rewriting, counting, tasks on a
+  name that ask nothing about the named entity): `[No Retrieval]{answer}[Utility:5]</s>` (4 for chit-chat).
+
+Loss masking follows Self-RAG's fine-tuning: the prompt is not a target; the passage body and
+`</paragraph>` are not targets (the engine inserts retrieved text there); `[Retrieval]` and `<paragraph>`
+are targets, so the model learns to ask for evidence at the first position and to open the paragraph the
+engine fills in; everything after `</paragraph>` through `</s>` is a target.
+"""
+from __future__ import annotations
+
+import math
+import random
+import re
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+from selfrag_engine.selfrag.prompts import PARAGRAPH_CLOSE, PARAGRAPH_OPEN, format_passage, format_prompt
+from selfrag_engine.world.generator import Entity, Passage, World, build_world, remix_world
+
+# The world the committed model is trained on, and its held-out split.
+WORLD_SEED = 0
+HELDOUT_FRACTION = 0.15
+SPLIT_SEED = 0
+
+IRRELEVANT_ANSWER = "I don't know."
+
+# (attribute, phrasings used in training, phrasings kept for evaluation only)
+PERSON_QUESTIONS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "birthplace": (("Where was {name} born?", "In which town was {name} born?",
+                    "What is the birthplace of {name}?", "Name the town where {name} was born."),
+                   ("Which town is the birthplace of {name}?",)),
+    "birth_year": (("When was {name} born?", "In what year was {name} born?",
+                    "What is the birth year of {name}?", "In which year was {name} born?"),
+                   ("What year was {name} born in?",)),
+    "occupation": (("What is the occupation of {name}?", "What does {name} do for a living?",
+                    "What is {name}'s profession?", "What kind of work does {name} do?"),
+                   ("What is the job of {name}?",)),
+    "country": (("Which country is {name} from?", "What country does {name} come from?",
+                 "What is the home country of {name}?"),
+                ("From which country is {name}?",)),
+    "residence": (("Where did {name} move to?", "Which town did {name} move to?",
+                   "In which town did {name} later live?"),
+                  ("To which town did {name} move?",)),
+}
+TOWN_QUESTIONS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "country": (("In which country is {name}?", "Which country is {name} in?", "Where is the town of {name}?"),
+                ("In what country is the town of {name}?",)),
+    "founded": (("When was {name} founded?", "In what year was {name} founded?",
+                 "What is the founding year of {name}?"),
+                ("In which year was the town of {name} founded?",)),
+    "river": (("Which river flows through {name}?", "On which river does {name} lie?", "What river is {name} on?"),
+              ("Which river runs through the town of {name}?",)),
+}
+ANSWERS: dict[tuple[str, str], str] = {
+    ("person", "birthplace"): "{name} was born in {value}.",
+    ("person", "birth_year"): "{name} was born in {value}.",
+    ("person", "occupation"): "{name} is {a_value}.",
+    ("person", "country"): "{name} is from {value}.",
+    ("person", "residence"): "{name} moved to {value}.",
+    ("town", "country"): "{name} is in {value}.",
+    ("town", "founded"): "{name} was founded in {value}.",
+    ("town", "river"): "{name} lies on the {value} river.",
+}
+
+ADJECTIVES = ("red", "green", "blue", "quiet", "happy", "small", "big", "old", "new", "bright", "dark", "warm",
+              "cold", "soft", "fast", "slow", "tall", "sweet", "loud", "calm", "brave", "early", "yellow", "wild")
+NOUNS = ("apple", "house", "garden", "window", "song", "bird", "cat", "dog", "tree", "book", "road", "cloud",
+         "stone", "boat", "lamp", "door", "table", "city", "friend", "morning", "letter", "flower", "horse",
+         "bridge")
+# Words that appear in no training phrase, so evaluation can ask to rewrite text the model never saw.
+HELDOUT_WORDS = frozenset({"yellow", "wild", "horse", "bridge", "calm", "letter"})
+
+CHAT = {  # instruction -> (answer, utility)
+    "Hello!": "Hello! How can I help you today?",
+    "Hi!": "Hello! How can I help you today?",
+    "Good morning!": "Good morning! How can I help you today?",
+    "Hi, how are you?": "I am fine, thank you. How can I help you?",
+    "How are you today?": "I am fine, thank you. How can I help you?",
+    "Thank you!": "You are welcome!",
+    "Thanks for your help.": "You are welcome!",
+    "Goodbye!": "Goodbye! Have a nice day.",
+    "See you later!": "Goodbye! Have a nice day.",
+    "Who are you?": "I am a small assistant that reads passages to answer questions.",
+    "What can you do?": "I can answer questions about people and towns by reading passages.",
+}
+HELDOUT_CHAT = {
+    "Hey there!": "Hello! How can I help you today?",
+    "Good evening!": "Good evening! How can I help you today?",
+    "Thanks a lot!": "You are welcome!",
+    "Bye for now!": "Goodbye! Have a nice day.",
+}
+
+
+class TextTokenizer(Protocol):
+    eos_id: int
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]: ...
+
+    def token_to_id(self, token: str) -> int: ...
+
+
+@dataclass
+class Question:
+    text: str
+    entity_id: str
+    attribute: str
+    gold: str      # the attribute value, which a correct answer contains
+    answer: str    # the full answer sentence used as the training target
+    heldout_phrasing: bool = False
+
+
+@dataclass
+class Example:
+    instruction: str
+    response: str  # the model's side, passage included, without the final </s> (added as the EOS id)
+    kind: str      # "relevant" | "irrelevant" | "no_fact"
+    gold: str = ""
+
+    @property
+    def prompt(self) -> str:
+        return format_prompt(self.instruction)
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    loss_mask: list[bool]  # loss_mask[i]: token i is a target, predicted from tokens[:i]
+
+
+@dataclass
+class Split:
+    train_entities: list[str]
+    heldout_entities: list[str]
+
+    def is_heldout(self, entity_id: str) -> bool:
+        return entity_id in set(self.heldout_entities)
+
+
+def split_world(world: World, heldout_fraction: float = HELDOUT_FRACTION, seed: int = SPLIT_SEED) -> Split:
+    """Holds out a fraction of the people and of the towns; their passages never appear in training."""
+    rng = random.Random(seed)
+    train, held = [], []
+    for kind in ("person", "town"):
+        ids = [e.id for e in world.entities if e.kind == kind]
+        rng.shuffle(ids)
+        n = round(len(ids) * heldout_fraction)
+        held += sorted(ids[:n])
+        train += sorted(ids[n:])
+    return Split(train, held)
+
+
+# ---- questions ---------------------------------------------------------------------------------------
+
+
+def _article(word: str) -> str:
+    return ("an " if word[0] in "aeiou" else "a ") + word
+
+
+def questions_for(entity: Entity, heldout_phrasings: bool) -> list[Question]:
+    """Every question about the entity's attributes, in the training or in the held-out phrasings."""
+    table = PERSON_QUESTIONS if entity.kind == "person" else TOWN_QUESTIONS
+    out = []
+    for attribute, (train_forms, heldout_forms) in table.items():
+        if attribute not in entity.attributes:
+            continue
+        value = entity.attributes[attribute]
+        answer = ANSWERS[(entity.kind, attribute)].format(name=entity.name, value=value, a_value=_article(value))
+        for form in (heldout_forms if heldout_phrasings else train_forms):
+            out.append(Question(form.format(name=entity.name), entity.id, attribute, value, answer,
+                                heldout_phrasings))
+    return out
+
+
+def is_relevant(passage: Passage, question: Question) -> bool:
+    """A passage is relevant when it states the asked attribute of the asked entity."""
+    return passage.entity_id == question.entity_id and question.attribute in passage.states
+
+
+def is_ambiguous(passage: Passage, question: Question, world: World) -> bool:
+    """A passage about another entity that mentions the asked one (a person born in the asked town) may
+    state the asked fact in passing: neither label is right, so such passages are never used as negatives."""
+    return passage.entity_id != question.entity_id and world.entity(question.entity_id).name in passage.text
+
+
+# ---- a lexical ranker, to pick the distractors a retriever would return -------------------------------
+
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+def _words(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+@dataclass
+class LexicalIndex:
+    passages: list[Passage]
+    idf: dict[str, float]
+    bags: list[Counter]
+
+    @classmethod
+    def build(cls, passages: list[Passage]) -> "LexicalIndex":
+        bags = [Counter(_words(p.title + " " + p.text)) for p in passages]
+        df = Counter(w for bag in bags for w in bag)
+        n = len(passages)
+        return cls(passages, {w: math.log(1 + n / c) for w, c in df.items()}, bags)
+
+    def rank(self, query: str) -> list[Passage]:
+        q = set(_words(query))
+        scores = [sum(self.idf.get(w, 0.0) for w in q if w in bag) for bag in self.bags]
+        order = sorted(range(len(self.passages)), key=lambda i: (-scores[i], i))
+        return [self.passages[i] for i in order]
+
+
+def _negatives(question: Question, world: World, pool: list[Passage]) -> list[Passage]:
+    return [p for p in pool if not is_relevant(p, question) and not is_ambiguous(p, question, world)]
+
+
+def retrieved_distractors(question: Question, world: World, index: LexicalIndex, k: int) -> list[Passage]:
+    """The k non-relevant passages a lexical retriever ranks highest for the question (evaluation)."""
+    allowed = {id(p) for p in _negatives(question, world, index.passages)}
+    return [p for p in index.rank(question.text) if id(p) in allowed][:k]
+
+
+def training_distractor(question: Question, world: World, index: LexicalIndex, rng: random.Random) -> Passage:
+    """One non-relevant passage for training, mostly hard ones, since a retriever returns hard ones: the
+    entity's other passage, a person sharing the last name, one sharing the first name, a lexical
+    neighbour; sometimes any passage. A kind with no candidate falls through to the next.
+
+    Shared last names get the largest share: telling "Ana Dorel" from "Ivo Dorel" needs the first name,
+    which is the comparison a small model learns last (it settles for the last name otherwise)."""
+    ok = _negatives(question, world, index.passages)
+    ok_ids = {id(p) for p in ok}
+    parts = world.entity(question.entity_id).name.split()
+
+    def sharing(i: int) -> list[Passage]:
+        if len(parts) != 2:
+            return [p for p in ok if set(parts) & set(p.title.split())]
+        return [p for p in ok if len(p.title.split()) == 2 and p.title.split()[i] == parts[i]
+                and p.title != world.entity(question.entity_id).name]
+
+    r = rng.random()
+    kinds = [
+        (0.15, lambda: [p for p in ok if p.entity_id == question.entity_id]),
+        (0.5, lambda: sharing(1)),
+        (0.75, lambda: sharing(0)),
+        (0.9, lambda: [p for p in index.rank(question.text)[:12] if id(p) in ok_ids]),
+    ]
+    for upper, candidates in kinds:
+        if r < upper:
+            cands = candidates()
+            if cands:
+                return rng.choice(cands)
+    return rng.choice(ok)
+
+
+# ---- instructions that need no facts ---------------------------------------------------------------
+
+
+def _heldout_pair(a: int, b: int) -> bool:
+    # Symmetric, so that reordering a pair (subtraction puts the larger first) keeps it on its side.
+    return (a + 1) * (b + 1) % 10 == 4
+
+
+def _phrase(rng: random.Random, heldout: bool) -> str:
+    def pick(words: tuple[str, ...]) -> str:
+        return rng.choice([w for w in words if heldout or w not in HELDOUT_WORDS])
+
+    shape = rng.randrange(3)
+    if shape == 0:
+        words = [pick(ADJECTIVES), pick(NOUNS)]
+    elif shape == 1:
+        words = ["the", pick(ADJECTIVES), pick(NOUNS)]
+    else:
+        words = ["a", pick(ADJECTIVES), pick(NOUNS), "and", "a", pick(NOUNS)]
+    text = " ".join(words).replace("a early", "an early").replace("a old", "an old")
+    if heldout and not set(text.split()) & HELDOUT_WORDS:
+        text += " " + rng.choice(sorted(HELDOUT_WORDS & set(NOUNS)))
+    return text
+
+
+def _numbers(rng: random.Random, hi: int, heldout: bool) -> tuple[int, int]:
+    while True:
+        a, b = rng.randint(0, hi), rng.randint(0, hi)
+        if _heldout_pair(a, b) == heldout:
+            return a, b
+
+
+Task = Callable[[random.Random, bool, list[str]], tuple[str, str]]
+
+
+def _add(rng, held, names):
+    a, b = _numbers(rng, 20, held)
+    form = rng.choice(["What is {a} plus {b}?", "Add {a} and {b}.", "What is the sum of {a} and {b}?"])
+    return form.format(a=a, b=b), f"{a} + {b} = {a + b}."
+
+
+def _sub(rng, held, names):
+    a, b = sorted(_numbers(rng, 20, held), reverse=True)
+    form = rng.choice(["What is {a} minus {b}?", "Subtract {b} from {a}."])
+    return form.format(a=a, b=b), f"{a} - {b} = {a - b}."
+
+
+def _mul(rng, held, names):
+    a, b = _numbers(rng, 10, held)
+    form = rng.choice(["What is {a} times {b}?", "Multiply {a} by {b}."])
+    return form.format(a=a, b=b), f"{a} x {b} = {a * b}."
+
+
+def _chat(rng, held, names):
+    table = HELDOUT_CHAT if held else CHAT
+    q = rng.choice(sorted(table))
+    return q, table[q]
+
+
+def _repeat(rng, held, names):
+    p = _phrase(rng, held)
+    return rng.choice(["Repeat the phrase: {p}", "Repeat after me: {p}"]).format(p=p), p
+
+
+def _upper(rng, held, names):
+    p = _phrase(rng, held)
+    return rng.choice(["Write '{p}' in capital letters.", "Convert to uppercase: {p}"]).format(p=p), p.upper()
+
+
+def _lower(rng, held, names):
+    p = _phrase(rng, held)
+    return f"Convert to lowercase: {p.upper()}", p
+
+
+def _count(rng, held, names):
+    a = rng.randint(16, 25) if held else rng.randint(0, 15)
+    b = a + rng.randint(2, 6)
+    return f"Count from {a} to {b}.", ", ".join(str(i) for i in range(a, b + 1)) + "."
+
+
+def _count_words(rng, held, names):
+    p = _phrase(rng, held)
+    n = len(p.split())
+    return f"How many words are in '{p}'?", f"There are {n} words."
+
+
+def _compare(rng, held, names):
+    a, b = _numbers(rng, 50, held)
+    while a == b:
+        a, b = _numbers(rng, 50, held)
+    yes = a > b
+    return (f"Is {a} greater than {b}?",
+            f"Yes, {a} is greater than {b}." if yes else f"No, {a} is not greater than {b}.")
+
+
+def _next(rng, held, names):
+    a = rng.randint(80, 98) if held else rng.randint(0, 79)
+    return rng.choice(["What number comes after {a}?", "What comes after {a}?"]).format(a=a), f"{a + 1}"
+
+
+def _name_task(rng, held, names):
+    # A name in the instruction is not a reason to retrieve: nothing about the entity is asked.
+    name = rng.choice(names)
+    r = rng.randrange(3)
+    if r == 0:
+        return f"Repeat the name {name}.", name
+    if r == 1:
+        return f"Write the name {name} in capital letters.", name.upper()
+    return f"How many words are in the name {name}?", f"There are {len(name.split())} words."
+
+
+TRAIN_TASKS: tuple[Task, ...] = (_add, _sub, _mul, _chat, _repeat, _upper, _lower, _count, _count_words,
+                                 _compare, _next, _name_task)
+
+
+def _h_add(rng, held, names):
+    a, b = _numbers(rng, 20, True)
+    return f"How much is {a} plus {b}?", f"{a} + {b} = {a + b}."
+
+
+def _h_mul(rng, held, names):
+    a, b = _numbers(rng, 10, True)
+    return f"What is the product of {a} and {b}?", f"{a} x {b} = {a * b}."
+
+
+def _h_chat(rng, held, names):
+    q = rng.choice(sorted(HELDOUT_CHAT))
+    return q, HELDOUT_CHAT[q]
+
+
+def _h_repeat(rng, held, names):
+    p = _phrase(rng, True)
+    return f"Please say this again: {p}", p
+
+
+def _h_upper(rng, held, names):
+    p = _phrase(rng, True)
+    return f"Make this uppercase: {p}", p.upper()
+
+
+def _h_count(rng, held, names):
+    a = rng.randint(16, 25)
+    b = a + rng.randint(2, 6)
+    return f"List the numbers from {a} to {b}.", ", ".join(str(i) for i in range(a, b + 1)) + "."
+
+
+def _h_compare(rng, held, names):
+    a, b = _numbers(rng, 50, True)
+    while a == b:
+        a, b = _numbers(rng, 50, True)
+    return (f"Is {a} smaller than {b}?",
+            f"Yes, {a} is smaller than {b}." if a < b else f"No, {a} is not smaller than {b}.")
+
+
+def _h_name(rng, held, names):
+    name = rng.choice(names)
+    return f"Say the name {name} twice.", f"{name} {name}"
+
+
+# Phrasings never used in training (the training tasks with held-out values are evaluated too).
+HELDOUT_TASKS: tuple[Task, ...] = (_h_add, _h_mul, _h_chat, _h_repeat, _h_upper, _h_count, _h_compare, _h_name)
+
+
+def no_fact_example(rng: random.Random, names: list[str], heldout: bool = False,
+                    heldout_phrasing: bool = False) -> Example:
+    task = rng.choice(HELDOUT_TASKS if heldout_phrasing else TRAIN_TASKS)
+    instruction, answer = task(rng, heldout, names)
+    utility = 4 if task in (_chat, _h_chat) else 5
+    return Example(instruction, f"[No Retrieval]{answer}[Utility:{utility}]", "no_fact")
+
+
+# ---- world examples -------------------------------------------------------------------------------
+
+
+def relevant_example(question: Question, passage: Passage) -> Example:
+    return Example(question.text, f"{format_passage(passage.title, passage.text)}[Relevant]{question.answer}"
+                                  "[Fully supported][Utility:5]", "relevant", question.gold)
+
+
+def irrelevant_example(question: Question, passage: Passage) -> Example:
+    return Example(question.text, f"{format_passage(passage.title, passage.text)}[Irrelevant]{IRRELEVANT_ANSWER}"
+                                  "[Utility:1]", "irrelevant", question.gold)
+
+
+@dataclass
+class QuestionSource:
+    """The questions of one world that training may ask, with the passages it may show for them."""
+    world: World
+    index: LexicalIndex  # over the passages it may show
+    questions: list[Question]
+
+    @classmethod
+    def of(cls, world: World, excluded: set[str]) -> "QuestionSource":
+        """Leaves out the entities in `excluded` and every passage about them."""
+        pool = [p for p in world.passages if p.entity_id not in excluded]
+        questions = [q for e in world.entities if e.id not in excluded for q in questions_for(e, False)]
+        return cls(world, LexicalIndex.build(pool), questions)
+
+    def pair(self, rng: random.Random) -> list[Example]:
+        """A question with its relevant passage and with one non-relevant passage."""
+        q = rng.choice(self.questions)
+        return [relevant_example(q, self.world.passage_stating(q.entity_id, q.attribute)),
+                irrelevant_example(q, training_distractor(q, self.world, self.index, rng))]
+
+
+def fresh_source(seed: int, main: World, heldout_names: set[str]) -> QuestionSource:
+    """A whole new world from `seed`, for questions about entities seen once: the model cannot answer them
+    from memory, so it must learn to read the passage. Entities named like one of the main world's are left
+    out (a fact about a held-out name must never be taught), and so are passages naming a held-out entity."""
+    world = build_world(seed)
+    taken = {e.name for e in main.entities}
+    excluded = {e.id for e in world.entities if e.name in taken}
+    excluded |= {p.entity_id for p in world.passages if any(n in p.text for n in heldout_names)}
+    return QuestionSource.of(world, excluded)
+
+
+@dataclass
+class TrainingStream:
+    """An endless, seeded stream of training examples that never shows a held-out entity.
+
+    World questions come from three sources: the main world's training entities; remixed worlds
+    (`remix_world`: new people named from the training people's first and last names, a new world every
+    `new_world_questions` questions), which are the cases most like the evaluation's distractors; and fresh
+    worlds with new names throughout (`fresh_source`), which keep the reading skill from depending on a
+    name's pieces. Remembered facts help with none but the first, so the model must learn to read.
+
+    A world question comes as a pair, relevant and irrelevant, one after the other: seeing the same question
+    with both labels close together (length bucketing usually puts them in one batch) makes the relevance
+    token's dependence on the passage the easiest thing to learn, instead of the question's wording."""
+    world: World
+    split: Split
+    seed: int = 0
+    world_fraction: float = 0.8  # of examples; the rest need no facts
+    remix_fraction: float = 0.5  # of world questions
+    fresh_fraction: float = 0.2  # of world questions
+    new_world_questions: int = 400
+
+    def __post_init__(self) -> None:
+        held = set(self.split.heldout_entities)
+        self.rng = random.Random(self.seed)
+        self.main = QuestionSource.of(self.world, held)
+        self.heldout_names = {self.world.entity(e).name for e in held}
+        self.names = [e.name for e in self.world.entities if e.kind == "person" and e.id not in held]
+        self.sources: dict[str, QuestionSource] = {}
+        self.left: dict[str, int] = {}
+        self.pending: list[Example] = []
+
+    def _new_seed(self) -> int:
+        seed = self.rng.randrange(1, 2 ** 31)
+        while seed == self.world.seed:
+            seed = self.rng.randrange(1, 2 ** 31)
+        return seed
+
+    def _source(self, kind: str) -> QuestionSource:
+        if self.left.get(kind, 0) == 0:
+            seed = self._new_seed()
+            if kind == "fresh":
+                self.sources[kind] = fresh_source(seed, self.world, self.heldout_names)
+            else:
+                remix = remix_world(self.world, seed, self.split.train_entities)
+                self.sources[kind] = QuestionSource.of(remix, set())
+            self.left[kind] = self.new_world_questions
+        self.left[kind] -= 1
+        return self.sources[kind]
+
+    def next(self) -> Example:
+        if self.pending:
+            return self.pending.pop()
+        # A world draw yields two examples, so this makes world_fraction the share of examples.
+        if self.rng.random() >= self.world_fraction / (2 - self.world_fraction):
+            return no_fact_example(self.rng, self.names)
+        r = self.rng.random()
+        if r < self.remix_fraction:
+            source = self._source("remix")
+        elif r < self.remix_fraction + self.fresh_fraction:
+            source = self._source("fresh")
+        else:
+            source = self.main
+        pair = source.pair(self.rng)
+        self.rng.shuffle(pair)
+        self.pending.append(pair[1])
+        return pair[0]
+
+
+# ---- evaluation sets ---------------------------------------------------------------------------------
+
+
+@dataclass
+class BranchCase:
+    question: Question
+    passages: list[Passage]  # K passages, shuffled
+    gold_index: int
+
+
+def heldout_questions(world: World, split: Split) -> list[Question]:
+    """Every question, in every phrasing, about the held-out entities."""
+    out = []
+    for eid in split.heldout_entities:
+        e = world.entity(eid)
+        out += questions_for(e, False) + questions_for(e, True)
+    return out
+
+
+def heldout_instructions(world: World, split: Split, n: int, seed: int = 0) -> list[Example]:
+    """No-fact instructions with values or phrasings the training never used, half of each."""
+    rng = random.Random(seed)
+    names = [world.entity(e).name for e in split.heldout_entities if world.entity(e).kind == "person"]
+    return [no_fact_example(rng, names, heldout=True, heldout_phrasing=i % 2 == 1) for i in range(n)]
+
+
+def branch_cases(world: World, split: Split, n: int, k: int = 5, seed: int = 0) -> list[BranchCase]:
+    """n held-out questions, each with its relevant passage and the k-1 non-relevant passages that a
+    lexical retriever over the whole corpus ranks highest (same names, the entity's other passage)."""
+    rng = random.Random(seed)
+    questions = heldout_questions(world, split)
+    rng.shuffle(questions)
+    index = LexicalIndex.build(world.passages)
+    cases = []
+    for q in questions[:n]:
+        gold = world.passage_stating(q.entity_id, q.attribute)
+        passages = retrieved_distractors(q, world, index, k - 1) + [gold]
+        rng.shuffle(passages)
+        cases.append(BranchCase(q, passages, passages.index(gold)))
+    return cases
+
+
+# ---- tokenization --------------------------------------------------------------------------------
+
+
+def encode_example(example: Example, tokenizer: TextTokenizer) -> Encoded:
+    """Token ids of prompt + response + EOS, and which of them are training targets (see module doc)."""
+    prompt_ids = tokenizer.encode(example.prompt, add_bos=True)
+    ids = tokenizer.encode(example.prompt + example.response, add_bos=True) + [tokenizer.eos_id]
+    if ids[:len(prompt_ids)] != prompt_ids:
+        raise ValueError(f"the prompt does not tokenize to a prefix of the example: {example.instruction!r}")
+    open_id, close_id = tokenizer.token_to_id(PARAGRAPH_OPEN), tokenizer.token_to_id(PARAGRAPH_CLOSE)
+    mask = [False] * len(prompt_ids)
+    inside = False
+    for t in ids[len(prompt_ids):]:
+        mask.append(not inside)
+        if t == open_id:
+            inside = True
+        elif t == close_id:
+            inside = False
+    return Encoded(ids, mask)

@@ -1,0 +1,293 @@
+"""The synthetic world, its Self-RAG training data, and the committed tiny model's behaviour on held-out data."""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from selfrag_engine.world import build_world
+from selfrag_engine.world.generator import remix_world
+from selfrag_engine.world.training_data import (
+    HELDOUT_TASKS, HELDOUT_WORDS, IRRELEVANT_ANSWER, PERSON_QUESTIONS, TOWN_QUESTIONS, TRAIN_TASKS,
+    LexicalIndex, TrainingStream, _heldout_pair, branch_cases, encode_example, fresh_source, heldout_instructions,
+    heldout_questions, is_relevant, questions_for, retrieved_distractors, split_world, training_distractor,
+)
+
+CHECKPOINT = Path(__file__).resolve().parent.parent / "selfrag_engine" / "data" / "tiny_selfrag"
+
+
+@pytest.fixture(scope="module")
+def world():
+    return build_world(0)
+
+
+@pytest.fixture(scope="module")
+def split(world):
+    return split_world(world, 0.15, seed=0)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory, world, split):
+    from selfrag_engine.tokenizer import Tokenizer
+    from selfrag_engine.train_tiny import tokenizer_sentences, write_world_tokenizer
+
+    path = tmp_path_factory.mktemp("world-tokenizer")
+    write_world_tokenizer(path, tokenizer_sentences(TrainingStream(world, split, seed=1), 1500), 600)
+    return Tokenizer.from_pretrained(path)
+
+
+def _digest(world) -> str:
+    records = [(e.id, e.kind, e.name, sorted(e.attributes.items())) for e in world.entities]
+    records += [(p.id, p.title, p.text, p.entity_id, p.states) for p in world.passages]
+    return hashlib.sha256(json.dumps(records).encode()).hexdigest()
+
+
+# ---- the world ---------------------------------------------------------------------------------------
+
+
+def test_world_is_deterministic_across_processes(world):
+    # A fresh interpreter with another hash seed: nothing may depend on set or dict-of-str iteration order.
+    code = ("import sys; sys.path.insert(0, %r); from tests.test_world import _digest; "
+            "from selfrag_engine.world import build_world; print(_digest(build_world(0)))"
+            % str(Path(__file__).resolve().parent.parent))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={"PYTHONHASHSEED": "12345", "PATH": ""}).stdout.strip()
+    assert out == _digest(world) == _digest(build_world(0))
+    assert _digest(build_world(1)) != _digest(world)
+
+
+def test_world_shape_and_unique_names(world):
+    people = [e for e in world.entities if e.kind == "person"]
+    towns = [e for e in world.entities if e.kind == "town"]
+    assert len(people) == 360 and len(towns) == 80
+    names = [e.name for e in world.entities]
+    assert len(set(names)) == len(names)
+    assert not set(world.towns) & set(world.countries) | set(world.towns) & set(world.rivers)
+    assert len({p.id for p in world.passages}) == len(world.passages)
+    assert {e.attributes["birthplace"] for e in people} <= set(world.towns)
+
+
+def test_passages_state_exactly_their_attributes(world):
+    for p in world.passages:
+        e = world.entity(p.entity_id)
+        assert p.title == e.name and e.name in p.text
+        assert 1 <= p.text.count(".") <= 3
+        for attribute in p.states:
+            assert e.attributes[attribute] in p.text, (p, attribute)
+        for attribute, value in e.attributes.items():
+            if attribute not in p.states and attribute != "country":
+                assert value not in p.text, (p, attribute)
+    # Every attribute of every entity is stated by exactly one passage.
+    for e in world.entities:
+        for attribute in e.attributes:
+            assert sum(attribute in p.states for p in world.passages_of(e.id)) == 1
+
+
+# ---- the held-out split ----------------------------------------------------------------------------
+
+
+def test_split_is_disjoint_seeded_and_covers_both_kinds(world, split):
+    held, train = set(split.heldout_entities), set(split.train_entities)
+    assert not held & train
+    assert held | train == {e.id for e in world.entities}
+    assert split == split_world(world, 0.15, seed=0) and split != split_world(world, 0.15, seed=1)
+    for kind, n in (("person", 360), ("town", 80)):
+        assert sum(world.entity(i).kind == kind for i in held) == round(0.15 * n)
+
+
+def test_training_stream_never_shows_heldout_entities_or_phrasings(world, split):
+    held = [world.entity(i) for i in split.heldout_entities]
+    held_people = [e.name for e in held if e.kind == "person"]
+    held_passages = {p.text for e in held for p in world.passages_of(e.id)}
+    heldout_forms = [f for table in (PERSON_QUESTIONS, TOWN_QUESTIONS) for _, forms in table.values() for f in forms]
+    heldout_re = re.compile("|".join(re.escape(f).replace(r"\{name\}", ".+") for f in heldout_forms))
+    stream = TrainingStream(world, split, seed=3)
+    kinds = set()
+    for _ in range(3000):
+        ex = stream.next()
+        kinds.add(ex.kind)
+        text = ex.instruction + ex.response
+        assert not any(name in text for name in held_people), text
+        assert not any(p in ex.response for p in held_passages), text
+        assert not heldout_re.fullmatch(ex.instruction), ex.instruction
+        for a, b in re.findall(r"(\d+) (?:plus|minus|times|and|by|from|greater than) (\d+)", ex.instruction):
+            assert not _heldout_pair(int(a), int(b)), ex.instruction
+        if ex.kind == "no_fact":
+            assert not set(re.findall(r"[a-z]+", text)) & HELDOUT_WORDS, text
+    assert kinds == {"relevant", "irrelevant", "no_fact"}
+
+
+def test_heldout_instructions_are_unseen(world, split):
+    stream = TrainingStream(world, split, seed=4)
+    seen = {stream.next().instruction for _ in range(20000)}
+    held = heldout_instructions(world, split, 300, seed=0)
+    assert len(held) == 300 and all(e.kind == "no_fact" for e in held)
+    assert not {e.instruction for e in held} & seen
+    assert HELDOUT_TASKS and not set(HELDOUT_TASKS) & set(TRAIN_TASKS)
+
+
+def test_heldout_questions_cover_heldout_entities_only(world, split):
+    qs = heldout_questions(world, split)
+    assert {q.entity_id for q in qs} == set(split.heldout_entities)
+    assert any(q.heldout_phrasing for q in qs) and not all(q.heldout_phrasing for q in qs)
+    for q in qs:
+        assert is_relevant(world.passage_stating(q.entity_id, q.attribute), q)
+        assert q.gold in q.answer
+
+
+# ---- relevance labels and distractors ---------------------------------------------------------------
+
+
+def test_distractors_are_never_relevant(world, split):
+    rng = random.Random(0)
+    index = LexicalIndex.build(world.passages)
+    kinds = {"same entity": 0, "look-alike name": 0}
+    for e in world.entities[::7]:
+        for q in questions_for(e, False):
+            for p in [training_distractor(q, world, index, rng) for _ in range(4)] + \
+                    retrieved_distractors(q, world, index, 4):
+                assert not is_relevant(p, q)
+                assert world.entity(q.entity_id).name not in p.text or p.entity_id == q.entity_id
+                kinds["same entity"] += p.entity_id == q.entity_id
+                kinds["look-alike name"] += p.entity_id != q.entity_id and bool(set(p.title.split()) &
+                                                                                 set(e.name.split()))
+    # Training shows mostly hard negatives, as a retriever returns them.
+    assert kinds["same entity"] > 20 and kinds["look-alike name"] > 200, kinds
+
+
+def test_fresh_worlds_never_name_a_main_world_entity(world, split):
+    held_names = {world.entity(i).name for i in split.heldout_entities}
+    main_names = {e.name for e in world.entities}
+    stream = TrainingStream(world, split, seed=8, new_world_questions=50)
+    seen_worlds = set()
+    for _ in range(1500):
+        stream.next()
+        if "fresh" in stream.sources:
+            seen_worlds.add(stream.sources["fresh"].world.seed)
+    assert len(seen_worlds) >= 2 and world.seed not in seen_worlds
+    for seed in sorted(seen_worlds)[:2]:
+        source = fresh_source(seed, world, held_names)
+        assert source.questions
+        for q in source.questions:
+            assert source.world.entity(q.entity_id).name not in main_names
+        for p in source.index.passages:
+            assert not any(n in p.text for n in held_names)
+            assert p.title not in main_names
+
+
+def test_remixed_worlds_reuse_training_names_but_no_entity(world, split):
+    seed = random.randrange(1, 10 ** 6)
+    remix = remix_world(world, seed, split.train_entities, num_people=120)
+    assert _digest(remix) == _digest(remix_world(world, seed, split.train_entities, num_people=120))
+    train_people = [world.entity(i) for i in split.train_entities if world.entity(i).kind == "person"]
+    train_towns = {world.entity(i).name: world.entity(i) for i in split.train_entities
+                   if world.entity(i).kind == "town"}
+    firsts = {e.name.split()[0] for e in train_people}
+    lasts = {e.name.split()[1] for e in train_people}
+    main_names = {e.name for e in world.entities}
+    held_names = {world.entity(i).name for i in split.heldout_entities}
+    names = [e.name for e in remix.entities]
+    assert len(names) == 120 == len(set(names)) and not set(names) & main_names
+    for e in remix.entities:
+        first, last = e.name.split()
+        assert first in firsts and last in lasts
+        town = train_towns[e.attributes["birthplace"]]  # a training town, with its true country
+        assert e.attributes["country"] == town.attributes["country"]
+    for p in remix.passages:
+        assert not any(n in p.text for n in held_names), p.text
+    # Many people share a last name with another: the case the evaluation's distractors are made of.
+    assert len(lasts & {n.split()[1] for n in names}) < len(names) * 0.9
+
+
+def test_branch_cases_hold_one_relevant_passage(world, split):
+    cases = branch_cases(world, split, 50, k=5, seed=0)
+    assert len(cases) == 50
+    for c in cases:
+        assert len(c.passages) == 5
+        assert [is_relevant(p, c.question) for p in c.passages].count(True) == 1
+        assert is_relevant(c.passages[c.gold_index], c.question)
+        assert c.question.entity_id in split.heldout_entities
+    # The lexical ranker returns the hard cases: look-alike names and the entity's own other passage.
+    shares_name = sum(any(set(p.title.split()) & set(world.entity(c.question.entity_id).name.split())
+                          for i, p in enumerate(c.passages) if i != c.gold_index) for c in cases)
+    assert shares_name > 25
+
+
+# ---- the training format and the loss mask ---------------------------------------------------------
+
+
+def _pieces(tok, ids):
+    return [tok.id_to_token(i) for i in ids]
+
+
+def test_example_format(world, split):
+    stream = TrainingStream(world, split, seed=5)
+    para = r"\[Retrieval\]<paragraph>[^\n<]+\n[^<\[]+</paragraph>"
+    patterns = {
+        "relevant": re.compile(para + r"\[Relevant\][^\[]+\[Fully supported\]\[Utility:5\]"),
+        "irrelevant": re.compile(para + re.escape("[Irrelevant]" + IRRELEVANT_ANSWER + "[Utility:1]")),
+        "no_fact": re.compile(r"\[No Retrieval\][^\[]+\[Utility:[45]\]"),
+    }
+    for _ in range(500):
+        ex = stream.next()
+        assert patterns[ex.kind].fullmatch(ex.response), ex.response
+        assert ex.prompt == f"### Instruction:\n{ex.instruction}\n\n### Response:\n"
+        if ex.kind == "relevant":
+            answer = ex.response.split("[Relevant]")[1]
+            assert ex.gold in answer
+
+
+def test_loss_mask_covers_exactly_the_models_part(world, split, tokenizer):
+    stream = TrainingStream(world, split, seed=6)
+    ids_of = tokenizer.token_to_id
+    open_id, close_id, eos = ids_of("<paragraph>"), ids_of("</paragraph>"), tokenizer.eos_id
+    seen = set()
+    for _ in range(300):
+        ex = stream.next()
+        enc = encode_example(ex, tokenizer)
+        prompt_ids = tokenizer.encode(ex.prompt, add_bos=True)
+        n = len(prompt_ids)
+        assert enc.input_ids[:n] == prompt_ids and len(enc.loss_mask) == len(enc.input_ids)
+        assert not any(enc.loss_mask[:n]), "the prompt is not a target"
+        assert enc.input_ids[-1] == eos and enc.loss_mask[-1], "</s> is a target"
+        targets = [t for t, m in zip(enc.input_ids, enc.loss_mask) if m]
+        if ex.kind == "no_fact":
+            assert all(enc.loss_mask[n:])
+            assert targets[0] == ids_of("[No Retrieval]")
+        else:
+            o, c = enc.input_ids.index(open_id), enc.input_ids.index(close_id)
+            assert n < o < c
+            assert all(enc.loss_mask[n:o + 1]), "[Retrieval] and <paragraph> are targets"
+            assert not any(enc.loss_mask[o + 1:c + 1]), "the passage and </paragraph> are not targets"
+            assert all(enc.loss_mask[c + 1:]), "everything after </paragraph> is a target"
+            assert targets[:2] == [ids_of("[Retrieval]"), open_id]
+            relevance = ids_of("[Relevant]") if ex.kind == "relevant" else ids_of("[Irrelevant]")
+            assert targets[2] == relevance
+            # The answer text round-trips through the tokenizer.
+            answer = tokenizer.decode(enc.input_ids[c + 1:], skip_special_tokens=True).strip()
+            assert answer == (ex.response.split("</paragraph>")[1].split("[")[1].split("]", 1)[1]).strip()
+        seen.add(ex.kind)
+    assert seen == {"relevant", "irrelevant", "no_fact"}
+
+
+def test_world_tokenizer_layout_matches_transformers(tmp_path, world, split, tokenizer):
+    transformers = pytest.importorskip("transformers")
+    from selfrag_engine.testing import SELFRAG_ADDED_TOKENS
+    from selfrag_engine.train_tiny import tokenizer_sentences, write_world_tokenizer
+
+    vocab = write_world_tokenizer(tmp_path, tokenizer_sentences(TrainingStream(world, split, seed=1), 1500), 600)
+    ours = type(tokenizer).from_pretrained(tmp_path)
+    hf = transformers.LlamaTokenizer.from_pretrained(str(tmp_path))
+    assert vocab == len(hf) == ours.vocab_size
+    assert [ours.token_to_id(t) for t in SELFRAG_ADDED_TOKENS] == list(range(vocab - 16, vocab))
+    stream = TrainingStream(world, split, seed=7)
+    for _ in range(100):
+        ex = stream.next()
+        text = ex.prompt + ex.response
+        assert ours.encode(text, add_bos=True) == hf.encode(text)
