@@ -1,40 +1,54 @@
-"""`make demo`: an end-to-end run on the embedded default checkpoint.
+"""`make demo`: Self-RAG end to end on the embedded tiny model.
 
-Until the project ships a trained tiny Self-RAG model, the default is a tiny randomly initialised
-Llama-2-shaped checkpoint with the Self-RAG tokenizer, written on first use; its text is noise, but every
-layer of the engine (loading, tokenizer, paged cache, forked branches, sampler) runs.
+Indexes the tiny model's corpus (its synthetic encyclopedia) with faiss and the default encoder, then asks
+held-out questions about the world (the model should retrieve and pick the relevant passage) and
+instructions that need no facts (it should answer without retrieving). Each answer is printed with the
+retrieval decision and the table of branch critiques, as `selfrag-engine ask` prints them.
 """
 from __future__ import annotations
 
 import argparse
-import tempfile
+import time
 from pathlib import Path
 
-from selfrag_engine import Engine, SamplingParams
-from selfrag_engine.testing import write_tiny_checkpoint
-
-PROMPT = "### Instruction:\n{question}\n\n### Response:\n"
+from selfrag_engine.ask import format_answer
+from selfrag_engine.engine.llm_engine import Engine
+from selfrag_engine.retrieval.encoders import get_encoder
+from selfrag_engine.retrieval.retriever import Retriever
+from selfrag_engine.selfrag.short_form import SelfRAG
+from selfrag_engine.world.assets import default_model_dir, read_corpus, read_examples
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", default=None, help="checkpoint directory (default: the embedded tiny one)")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None,
+                        help="directory with a checkpoint, corpus.jsonl and examples.json (default: the embedded one)")
+    parser.add_argument("--encoder", default="minilm", help="retrieval encoder spec (minilm, hashing:DIM)")
+    parser.add_argument("--questions", type=int, default=4, help="world questions to ask")
+    parser.add_argument("--instructions", type=int, default=2, help="no-fact instructions to ask")
+    parser.add_argument("--ndocs", type=int, default=5)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
-    path = Path(args.model) if args.model else Path(tempfile.gettempdir()) / "selfrag-engine-demo-tiny"
-    if args.model is None and not (path / "config.json").is_file():
-        write_tiny_checkpoint(path, seed=0)
-    engine = Engine.from_pretrained(path, device=args.device, progress=False)
-    questions = ["Where was Ada Lovelace born?", "Write a greeting."]
-    params = SamplingParams(max_tokens=24, temperature=0.0, reflection=True)
-    for q, out in zip(questions, engine.generate([PROMPT.format(question=q) for q in questions], params)):
-        print(f"Q: {q}")
-        print(f"A: {out.text!r}  ({len(out.token_ids)} tokens, finish: {out.finish_reason})")
-        if out.reflection_probs is not None:
-            groups = out.reflection_groups
-            first = out.reflection_probs[0]
-            shown = ", ".join(f"{name}={[round(x, 3) for x in first[groups.span(name)].tolist()]}" for name in groups.names)
-            print(f"   reflection groups at the first position: {shown}")
+
+    model_dir = Path(args.model) if args.model else default_model_dir()
+    passages = read_corpus(model_dir)
+    examples = read_examples(model_dir)
+    t0 = time.perf_counter()
+    retriever = Retriever.build(passages, get_encoder(args.encoder), progress=False)
+    print(f"Indexed {len(retriever)} passages from {model_dir / 'corpus.jsonl'} with {args.encoder} "
+          f"in {time.perf_counter() - t0:.1f} s")
+    engine = Engine.from_pretrained(model_dir, device=args.device, progress=False)
+    print(f"Loaded {model_dir.name}: {engine.config.num_hidden_layers} layers, hidden {engine.config.hidden_size}, "
+          f"vocabulary {engine.config.vocab_size}\n")
+    rag = SelfRAG(engine, retriever=retriever, ndocs=args.ndocs, max_new_tokens=48, mode="adaptive")
+
+    asks = [(q["question"], q["gold"]) for q in examples["questions"][:args.questions]]
+    asks += [(q["instruction"], q["answer"]) for q in examples["instructions"][:args.instructions]]
+    for question, expected in asks:
+        print("=" * 100)
+        print(f"Question: {question}   (expected: {expected})")
+        print(format_answer(rag.answer(question), "adaptive", rag.scoring.threshold))
+    print("=" * 100)
 
 
 if __name__ == "__main__":

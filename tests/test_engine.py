@@ -106,6 +106,23 @@ def test_fork_branches_equal_independent_generates(path):
     assert engine.cache_stats()["used"] == 0
 
 
+def test_fork_with_one_bad_branch_makes_none(path):
+    engine = make_engine(path)
+    prompt = engine.tokenizer.encode("### Instruction:\nName a town.\n\n### Response:\n")
+    parent = engine.add_request(prompt, SamplingParams(max_tokens=1, temperature=0.0), keep_cache=True)
+    engine.run([parent])
+    before = (set(engine.seqs), engine.cache_stats())
+    good = engine.tokenizer.encode("[Retrieval]<paragraph>Town</paragraph>", add_bos=False)
+    with pytest.raises(RequestError, match="outside the vocabulary"):
+        engine.fork(parent, [good, good, [engine.config.vocab_size + 3]], _greedy(4), prefix_len=len(prompt))
+    assert (set(engine.seqs), engine.cache_stats()) == before
+    # The parent still forks cleanly afterwards, and everything is freed at the end.
+    kids = engine.fork(parent, [good, good], _greedy(4), prefix_len=len(prompt))
+    engine.release(parent)
+    assert all(o.finish_reason == "length" for o in engine.run(kids))
+    assert engine.cache_stats()["used"] == 0
+
+
 def test_preemption_keeps_outputs(path):
     prompts = [f"prompt number {i} " * (i + 1) for i in range(6)]
     roomy = make_engine(path)

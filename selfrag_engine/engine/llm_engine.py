@@ -173,17 +173,23 @@ class Engine:
             params = [params] * len(suffix_ids)
         if len(params) != len(suffix_ids):
             raise RequestError(f"{len(suffix_ids)} suffixes but {len(params)} sampling params")
-        children = []
+        # Every branch is checked before any is made, so a bad one leaves no half-made siblings behind.
         for suffix, prm in zip(suffix_ids, params):
-            ids = p.token_ids[:prefix_len] + suffix
-            if len(ids) == p.num_computed:
+            n = prefix_len + len(suffix)
+            if n == p.num_computed:
                 raise RequestError("a forked branch needs at least one token after the parent's computed prefix")
             bad = [t for t in suffix if not 0 <= t < self.config.vocab_size]
             if bad:
                 raise RequestError(f"token id {bad[0]} is outside the vocabulary (size {self.config.vocab_size})")
-            self._check_fits(len(ids), prm.max_tokens, "forked branch")
-            children.append(self._new_seq(ids, prm, keep_cache))
-        self.block_manager.fork(p.seq_id, [c.seq_id for c in children])
+            self._check_fits(n, prm.max_tokens, "forked branch")
+        children = [self._new_seq(p.token_ids[:prefix_len] + suffix, prm, keep_cache)
+                    for suffix, prm in zip(suffix_ids, params)]
+        try:
+            self.block_manager.fork(p.seq_id, [c.seq_id for c in children])
+        except BaseException:
+            for c in children:
+                del self.seqs[c.seq_id]
+            raise
         for c in children:
             c.num_computed = p.num_computed
             self.scheduler.add_running(c)
