@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from selfrag_engine.config import LlamaConfig
 from selfrag_engine.model import Llama
 from selfrag_engine.testing import ADDITIONAL_SPECIAL_TOKENS, PAD_TOKEN, SELFRAG_ADDED_TOKENS
+from selfrag_engine.retrieval.passages import Passage
 from selfrag_engine.world.assets import EXAMPLES_FILE, write_corpus
 from selfrag_engine.world.evaluate import expected_answer, load_selfrag, evaluate, world_and_split
 from selfrag_engine.world.generator import World
@@ -412,7 +413,7 @@ def main(argv: list[str] | None = None) -> None:
 
     stats = train(model, tokenizer, stream, cfg, make_probe(world, split, tokenizer), snapshot)
     save_checkpoint(model, out, config)
-    write_corpus(out, [p.as_record() for p in world.passages])
+    write_corpus(out, [Passage(p.title, p.text, p.id) for p in world.passages])
     write_examples(world, split, out)
     stats["wall_seconds_with_tokenizer_and_saving"] = round(time.perf_counter() - wall, 1)
     log(f"trained in {stats['seconds']} s; evaluating the written checkpoint through the engine")

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Iterable
 
 from selfrag_engine.errors import CheckpointError
-from selfrag_engine.selfrag.short_form import Passage
+from selfrag_engine.retrieval.passages import Passage, read_passages, write_passages_jsonl
 
 CORPUS_FILE = "corpus.jsonl"
 EXAMPLES_FILE = "examples.json"
@@ -33,10 +34,9 @@ def default_corpus_path() -> Path:
 default_checkpoint_dir = default_model_dir
 
 
-def write_corpus(path: Path, passages: list[dict[str, str]]) -> None:
-    with open(path / CORPUS_FILE, "w", encoding="utf-8") as f:
-        for p in passages:
-            f.write(json.dumps({"id": p["id"], "title": p["title"], "text": p["text"]}, ensure_ascii=False) + "\n")
+def write_corpus(path: Path, passages: Iterable[Passage]) -> None:
+    """`corpus.jsonl` in `path`, in the format `read_passages` reads."""
+    write_passages_jsonl(passages, path / CORPUS_FILE)
 
 
 def read_corpus(path: Path | None = None) -> list[Passage]:
@@ -44,14 +44,7 @@ def read_corpus(path: Path | None = None) -> list[Passage]:
     file = (path or default_checkpoint_dir()) / CORPUS_FILE
     if not file.is_file():
         raise CheckpointError(f"no corpus at {file}")
-    out = []
-    for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
-        try:
-            rec = json.loads(line)
-            out.append(Passage(rec["title"], rec["text"], str(rec["id"])))
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{file} line {n}: expected an object with id, title and text ({e})") from e
-    return out
+    return read_passages(file)
 
 
 def read_examples(path: Path | None = None) -> dict[str, list[dict[str, str]]]:

@@ -59,9 +59,6 @@ class Passage:
     entity_id: str = ""
     states: tuple[str, ...] = ()  # the attributes of entity_id that the text states
 
-    def as_record(self) -> dict[str, str]:
-        return {"id": self.id, "title": self.title, "text": self.text}
-
 
 @dataclass
 class World:
