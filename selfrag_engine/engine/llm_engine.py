@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Iterable, Sequence as Seq
 
@@ -22,7 +22,7 @@ from selfrag_engine.engine.block_manager import BlockManager
 from selfrag_engine.engine.cuda_graph import DecodeGraphs
 from selfrag_engine.engine.kv_cache import allocate_kv_caches, num_blocks_for_budget
 from selfrag_engine.engine.model_runner import ModelRunner
-from selfrag_engine.engine.sampler import ReflectionGroups, sample
+from selfrag_engine.engine.sampler import ReflectionGroups, SamplerOutput, sample
 from selfrag_engine.engine.sampling_params import SamplingParams
 from selfrag_engine.engine.scheduler import Chunk, Scheduler
 from selfrag_engine.engine.sequence import Sequence, Status
@@ -233,10 +233,11 @@ class Engine:
             c.seq.num_computed = c.start + c.num_tokens
         if not sampling:
             return []
-        out = self._sample(logits, [c.seq for c in sampling])
+        out = to_host(self._sample(logits, [c.seq for c in sampling]))
+        tokens, logprobs = out.tokens.tolist(), out.logprobs.tolist()
         finished = []
         for i, c in enumerate(sampling):
-            if self._append_token(c.seq, out, i):
+            if self._append_token(c.seq, out, i, tokens[i], logprobs[i]):
                 finished.append(c.seq.seq_id)
         return finished
 
@@ -255,11 +256,9 @@ class Engine:
             top_n=top_n,
         )
 
-    def _append_token(self, seq: Sequence, out, row: int) -> bool:
+    def _append_token(self, seq: Sequence, out: SamplerOutput, row: int, token: int, lp: float) -> bool:
         p = seq.params
-        token = int(out.tokens[row])
         seq.token_ids.append(token)
-        lp = float(out.logprobs[row])
         seq.token_logprobs.append(lp)
         seq.cumulative_logprob += lp
         if p.logprobs is not None:
@@ -268,8 +267,8 @@ class Engine:
             top[token] = lp
             seq.top_logprobs.append(top)
         if p.reflection and out.group_probs is not None:
-            seq.reflection.append(out.group_probs[row].cpu())
-            seq.reflection_logprobs.append(out.group_logprobs[row].cpu())
+            seq.reflection.append(out.group_probs[row])
+            seq.reflection_logprobs.append(out.group_logprobs[row])
 
         reason = None
         if token == self.tokenizer.eos_id and not p.ignore_eos:
@@ -385,6 +384,17 @@ class Engine:
         bm = self.block_manager
         return {"num_blocks": bm.num_blocks(), "block_size": bm.block_size(), "free": bm.num_free_blocks(),
                 "used": bm.num_used_blocks(), "shared": bm.num_shared_blocks(), "cached": bm.num_cached_blocks()}
+
+
+def to_host(out: SamplerOutput) -> SamplerOutput:
+    """The sampler's output on the host after one synchronization, instead of one per row and field: the
+    copies are queued together (into pinned memory) and the stream is waited on once."""
+    if out.tokens.device.type != "cuda":
+        return out
+    moved = {f.name: None if getattr(out, f.name) is None else getattr(out, f.name).to("cpu", non_blocking=True)
+             for f in fields(out)}
+    torch.cuda.current_stream(out.tokens.device).synchronize()
+    return SamplerOutput(**moved)
 
 
 def _capture_decode_graphs(engine: Engine, max_batch: int) -> DecodeGraphs | None:
