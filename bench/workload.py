@@ -65,9 +65,9 @@ def bench_tokenizer(cfg: dict) -> Tokenizer:
     """A SentencePiece tokenizer of exactly the model's vocabulary, the 16 Self-RAG tokens last as in the
     published checkpoint (a small trained model padded with unused pieces), so every id a random model
     samples decodes."""
-    path = Path(tempfile.mkdtemp(prefix="selfrag-bench-tok-"))
-    write_tokenizer(path, vocab_pieces=320, pad_to=cfg["vocab_size"] - 16)
-    return Tokenizer.from_pretrained(path)
+    with tempfile.TemporaryDirectory(prefix="selfrag-bench-tok-") as tmp:
+        write_tokenizer(Path(tmp), vocab_pieces=320, pad_to=cfg["vocab_size"] - 16)
+        return Tokenizer.from_pretrained(Path(tmp))
 
 
 def hf_sharing_weights(model: Llama, cfg: dict):

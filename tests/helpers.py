@@ -1,8 +1,10 @@
 """Shared test utilities: cached tiny checkpoints and the transformers oracle."""
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -11,6 +13,7 @@ import torch
 from selfrag_engine.testing import write_tiny_checkpoint
 
 _ROOT = Path(tempfile.mkdtemp(prefix="selfrag-test-ckpt-"))
+atexit.register(shutil.rmtree, _ROOT, ignore_errors=True)
 
 
 def tiny_checkpoint(**kwargs) -> Path:
