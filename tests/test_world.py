@@ -68,9 +68,19 @@ def test_world_shape_and_unique_names(world):
     assert len(people) == 360 and len(towns) == 80
     names = [e.name for e in world.entities]
     assert len(set(names)) == len(names)
+    # By default no two people share a first or a last name.
+    assert len({e.name.split()[0] for e in people}) == len({e.name.split()[1] for e in people}) == 360
     assert not set(world.towns) & set(world.countries) | set(world.towns) & set(world.rivers)
     assert len({p.id for p in world.passages}) == len(world.passages)
     assert {e.attributes["birthplace"] for e in people} <= set(world.towns)
+
+
+def test_smaller_name_pools_make_namesakes():
+    world = build_world(0, num_first_names=70, num_last_names=110)
+    people = [e for e in world.entities if e.kind == "person"]
+    firsts, lasts = {e.name.split()[0] for e in people}, {e.name.split()[1] for e in people}
+    assert len(people) == 360 == len({e.name for e in people})
+    assert len(firsts) <= 70 and len(lasts) <= 110
 
 
 def test_passages_state_exactly_their_attributes(world):
@@ -107,7 +117,7 @@ def test_training_stream_never_shows_heldout_entities_or_phrasings(world, split)
     held_passages = {p.text for e in held for p in world.passages_of(e.id)}
     heldout_forms = [f for table in (PERSON_QUESTIONS, TOWN_QUESTIONS) for _, forms in table.values() for f in forms]
     heldout_re = re.compile("|".join(re.escape(f).replace(r"\{name\}", ".+") for f in heldout_forms))
-    stream = TrainingStream(world, split, seed=3)
+    stream = TrainingStream(world, split, seed=3, copy_fraction=0.5)
     kinds = set()
     for _ in range(3000):
         ex = stream.next()
@@ -132,6 +142,17 @@ def test_heldout_instructions_are_unseen(world, split):
     assert HELDOUT_TASKS and not set(HELDOUT_TASKS) & set(TRAIN_TASKS)
 
 
+def test_copy_tasks_ask_to_repeat_exactly_their_answer(world, split):
+    stream = TrainingStream(world, split, seed=10, copy_fraction=1.0)
+    copies = [ex for ex in (stream.next() for _ in range(400)) if ex.instruction.startswith(
+        ("Repeat after me: ", "Copy these words: ", "Repeat the list: "))]
+    assert len(copies) > 40
+    for ex in copies:
+        listed = ex.instruction.split(": ", 1)[1]
+        assert ex.response == f"[No Retrieval]{listed}[Utility:5]"
+        assert 3 <= len(listed.split(", ")) <= 8
+
+
 def test_heldout_questions_cover_heldout_entities_only(world, split):
     qs = heldout_questions(world, split)
     assert {q.entity_id for q in qs} == set(split.heldout_entities)
@@ -144,7 +165,9 @@ def test_heldout_questions_cover_heldout_entities_only(world, split):
 # ---- relevance labels and distractors ---------------------------------------------------------------
 
 
-def test_distractors_are_never_relevant(world, split):
+@pytest.mark.parametrize("namesakes", [False, True])
+def test_distractors_are_never_relevant(namesakes):
+    world = build_world(0, num_first_names=70, num_last_names=110) if namesakes else build_world(0)
     rng = random.Random(0)
     index = LexicalIndex.build(world.passages)
     kinds = {"same entity": 0, "look-alike name": 0}
@@ -157,8 +180,9 @@ def test_distractors_are_never_relevant(world, split):
                 kinds["same entity"] += p.entity_id == q.entity_id
                 kinds["look-alike name"] += p.entity_id != q.entity_id and bool(set(p.title.split()) &
                                                                                  set(e.name.split()))
-    # Training shows mostly hard negatives, as a retriever returns them.
-    assert kinds["same entity"] > 20 and kinds["look-alike name"] > 200, kinds
+    # Training shows mostly hard negatives, as a retriever returns them: namesakes where the world has any.
+    assert kinds["same entity"] > 20, kinds
+    assert kinds["look-alike name"] > 200 if namesakes else kinds["look-alike name"] == 0, kinds
 
 
 def test_fresh_worlds_never_name_a_main_world_entity(world, split):
@@ -213,10 +237,11 @@ def test_branch_cases_hold_one_relevant_passage(world, split):
         assert [is_relevant(p, c.question) for p in c.passages].count(True) == 1
         assert is_relevant(c.passages[c.gold_index], c.question)
         assert c.question.entity_id in split.heldout_entities
-    # The lexical ranker returns the hard cases: look-alike names and the entity's own other passage.
-    shares_name = sum(any(set(p.title.split()) & set(world.entity(c.question.entity_id).name.split())
-                          for i, p in enumerate(c.passages) if i != c.gold_index) for c in cases)
-    assert shares_name > 25
+    # The lexical ranker returns the hardest distractor there is: the entity's own other passage, when it has one.
+    with_other = [c for c in cases if len(world.passages_of(c.question.entity_id)) > 1]
+    assert len(with_other) > 10
+    for c in with_other:
+        assert sum(p.entity_id == c.question.entity_id for p in c.passages) == 2
 
 
 # ---- the training format and the loss mask ---------------------------------------------------------
@@ -291,3 +316,20 @@ def test_world_tokenizer_layout_matches_transformers(tmp_path, world, split, tok
         ex = stream.next()
         text = ex.prompt + ex.response
         assert ours.encode(text, add_bos=True) == hf.encode(text)
+
+
+
+def test_batch_weights_follow_the_loss_mask(world, split, tokenizer):
+    from selfrag_engine.train_tiny import make_batch
+
+    stream = TrainingStream(world, split, seed=9)
+    encoded = [encode_example(stream.next(), tokenizer) for _ in range(24)]
+    decision = {tokenizer.token_to_id(t) for t in ("[Retrieval]", "[No Retrieval]", "[Relevant]", "[Irrelevant]")}
+    batch = make_batch(encoded, tokenizer.token_to_id("<pad>"), decision, decision_weight=3.0)
+    assert batch.weights.shape == batch.targets.shape == (24, max(len(e.input_ids) for e in encoded) - 1)
+    for row, e in enumerate(encoded):
+        n = len(e.input_ids)
+        for j in range(1, n):
+            want = (3.0 if e.input_ids[j] in decision else 1.0) if e.loss_mask[j] else 0.0
+            assert batch.weights[row, j - 1] == want and batch.targets[row, j - 1] == e.input_ids[j]
+        assert not batch.weights[row, n - 1:].any(), "padding is never a target"

@@ -7,7 +7,8 @@ exercise the tokenizer, the paged cache, forked branches, the sampler's reflecti
 critique scores, exactly as a user's query does:
 
 - world questions about held-out entities, each with K=5 passages (the relevant one and the 4 non-relevant
-  passages a lexical retriever ranks highest: look-alike names, the entity's other passage), shuffled:
+  passages a lexical retriever ranks highest: people and towns with similar questions, namesakes in worlds
+  that have them, the entity's other passage), shuffled:
   how often the model retrieves, how often the critique picks the relevant branch, and how often the final
   answer contains the gold attribute (case-insensitive, Self-RAG's `match`). A question answered without
   retrieval counts as a miss for the branch choice.

@@ -96,6 +96,11 @@ def _word(rng: random.Random, syllables: int) -> str:
     return "".join(_syllable(rng) for _ in range(syllables)).capitalize()
 
 
+def made_up_name(rng: random.Random) -> str:
+    """A first and a last name shaped like the world's people's, made up from syllables."""
+    return f"{_word(rng, 2)} {_word(rng, rng.choice((2, 3)))}"
+
+
 def _unique_words(rng: random.Random, n: int, taken: set[str], make, max_len: int) -> list[str]:
     out = []
     while len(out) < n:
@@ -113,16 +118,22 @@ def _article(word: str) -> str:
 
 
 def build_world(seed: int = 0, num_people: int = 360, num_towns: int = 80, num_countries: int = 8,
-                num_rivers: int = 24, num_first_names: int = 70, num_last_names: int = 110) -> World:
-    """The same seed always gives the same world (Python's `random.Random` is stable across versions)."""
+                num_rivers: int = 24, num_first_names: int | None = None,
+                num_last_names: int | None = None) -> World:
+    """The same seed always gives the same world (Python's `random.Random` is stable across versions).
+
+    By default every person has a first and a last name no one else has. Smaller name pools
+    (`num_first_names`, `num_last_names`) make namesakes: people sharing one of their two names, whom only
+    the other name tells apart."""
     rng = random.Random(seed)
     taken: set[str] = set()
     countries = _unique_words(rng, num_countries, taken,
                               lambda: _word(rng, 2).rstrip("aeiou") + rng.choice(COUNTRY_SUFFIXES), 10)
     rivers = _unique_words(rng, num_rivers, taken, lambda: _word(rng, 2), 8)
     towns = _unique_words(rng, num_towns, taken, lambda: _word(rng, rng.choice((2, 2, 3))), 10)
-    firsts = _unique_words(rng, num_first_names, taken, lambda: _word(rng, 2), 8)
-    lasts = _unique_words(rng, num_last_names, taken, lambda: _word(rng, rng.choice((2, 3))), 10)
+    unique = num_first_names is None and num_last_names is None
+    firsts = _unique_words(rng, num_first_names or num_people, taken, lambda: _word(rng, 2), 8)
+    lasts = _unique_words(rng, num_last_names or num_people, taken, lambda: _word(rng, rng.choice((2, 3))), 10)
 
     entities: list[Entity] = []
     passages: list[Passage] = []
@@ -140,7 +151,7 @@ def build_world(seed: int = 0, num_people: int = 360, num_towns: int = 80, num_c
         add_passage(town, rng.choice(_TOWN).format(name=town, **attrs), e.id, TOWN_ATTRIBUTES)
 
     # A list, not a set: set order follows string hashing, which changes from one process to the next.
-    names: list[tuple[str, str]] = []
+    names: list[tuple[str, str]] = list(zip(firsts, lasts)) if unique else []
     while len(names) < num_people:
         pair = (rng.choice(firsts), rng.choice(lasts))
         if pair not in names:

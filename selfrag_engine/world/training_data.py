@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Callable, Protocol
 
 from selfrag_engine.selfrag.prompts import PARAGRAPH_CLOSE, PARAGRAPH_OPEN, format_passage, format_prompt
-from selfrag_engine.world.generator import Entity, Passage, World, build_world, remix_world
+from selfrag_engine.world.generator import Entity, Passage, World, build_world, made_up_name, remix_world
 
 # The world the committed model is trained on, and its held-out split.
 WORLD_SEED = 0
@@ -94,6 +94,12 @@ CHAT = {  # instruction -> (answer, utility)
     "See you later!": "Goodbye! Have a nice day.",
     "Who are you?": "I am a small assistant that reads passages to answer questions.",
     "What can you do?": "I can answer questions about people and towns by reading passages.",
+    "Hey!": "Hello! How can I help you today?",
+    "Good afternoon!": "Good afternoon! How can I help you today?",
+    "Nice to meet you!": "Nice to meet you too! How can I help you?",
+    "Many thanks!": "You are welcome!",
+    "Bye!": "Goodbye! Have a nice day.",
+    "Have a nice day!": "Thank you, you too!",
 }
 HELDOUT_CHAT = {
     "Hey there!": "Hello! How can I help you today?",
@@ -235,27 +241,21 @@ def retrieved_distractors(question: Question, world: World, index: LexicalIndex,
 
 def training_distractor(question: Question, world: World, index: LexicalIndex, rng: random.Random) -> Passage:
     """One non-relevant passage for training, mostly hard ones, since a retriever returns hard ones: the
-    entity's other passage, a person sharing the last name, one sharing the first name, a lexical
-    neighbour; sometimes any passage. A kind with no candidate falls through to the next.
-
-    Shared last names get the largest share: telling "Ana Dorel" from "Ivo Dorel" needs the first name,
-    which is the comparison a small model learns last (it settles for the last name otherwise)."""
+    entity's other passage, a person sharing the first or the last name (in worlds that have namesakes), a
+    lexical neighbour; sometimes any passage. A kind with no candidate falls through to the next."""
     ok = _negatives(question, world, index.passages)
     ok_ids = {id(p) for p in ok}
-    parts = world.entity(question.entity_id).name.split()
+    name = world.entity(question.entity_id).name
+    parts = name.split()
 
-    def sharing(i: int) -> list[Passage]:
-        if len(parts) != 2:
-            return [p for p in ok if set(parts) & set(p.title.split())]
-        return [p for p in ok if len(p.title.split()) == 2 and p.title.split()[i] == parts[i]
-                and p.title != world.entity(question.entity_id).name]
+    def namesakes() -> list[Passage]:
+        return [p for p in ok if p.title != name and set(p.title.split()) & set(parts)]
 
     r = rng.random()
     kinds = [
-        (0.15, lambda: [p for p in ok if p.entity_id == question.entity_id]),
-        (0.5, lambda: sharing(1)),
-        (0.75, lambda: sharing(0)),
-        (0.9, lambda: [p for p in index.rank(question.text)[:12] if id(p) in ok_ids]),
+        (0.2, lambda: [p for p in ok if p.entity_id == question.entity_id]),
+        (0.5, namesakes),
+        (0.9, lambda: [p for p in index.rank(question.text)[:8] if id(p) in ok_ids]),
     ]
     for upper, candidates in kinds:
         if r < upper:
@@ -284,7 +284,7 @@ def _phrase(rng: random.Random, heldout: bool) -> str:
         words = ["the", pick(ADJECTIVES), pick(NOUNS)]
     else:
         words = ["a", pick(ADJECTIVES), pick(NOUNS), "and", "a", pick(NOUNS)]
-    text = " ".join(words).replace("a early", "an early").replace("a old", "an old")
+    text = re.sub(r"\ba (?=[aeiou])", "an ", " ".join(words))
     if heldout and not set(text.split()) & HELDOUT_WORDS:
         text += " " + rng.choice(sorted(HELDOUT_WORDS & set(NOUNS)))
     return text
@@ -302,19 +302,23 @@ Task = Callable[[random.Random, bool, list[str]], tuple[str, str]]
 
 def _add(rng, held, names):
     a, b = _numbers(rng, 20, held)
-    form = rng.choice(["What is {a} plus {b}?", "Add {a} and {b}.", "What is the sum of {a} and {b}?"])
+    form = rng.choice(["What is {a} plus {b}?", "Add {a} and {b}.", "What is the sum of {a} and {b}?",
+                       "Calculate {a} plus {b}.", "Tell me the sum of {a} and {b}.",
+                       "What do you get when you add {a} and {b}?"])
     return form.format(a=a, b=b), f"{a} + {b} = {a + b}."
 
 
 def _sub(rng, held, names):
     a, b = sorted(_numbers(rng, 20, held), reverse=True)
-    form = rng.choice(["What is {a} minus {b}?", "Subtract {b} from {a}."])
+    form = rng.choice(["What is {a} minus {b}?", "Subtract {b} from {a}.", "Calculate {a} minus {b}.",
+                       "Take {b} away from {a}."])
     return form.format(a=a, b=b), f"{a} - {b} = {a - b}."
 
 
 def _mul(rng, held, names):
     a, b = _numbers(rng, 10, held)
-    form = rng.choice(["What is {a} times {b}?", "Multiply {a} by {b}."])
+    form = rng.choice(["What is {a} times {b}?", "Multiply {a} by {b}.", "Calculate {a} times {b}.",
+                       "What do you get when you multiply {a} by {b}?"])
     return form.format(a=a, b=b), f"{a} x {b} = {a * b}."
 
 
@@ -326,23 +330,29 @@ def _chat(rng, held, names):
 
 def _repeat(rng, held, names):
     p = _phrase(rng, held)
-    return rng.choice(["Repeat the phrase: {p}", "Repeat after me: {p}"]).format(p=p), p
+    forms = ["Repeat the phrase: {p}", "Repeat after me: {p}", "Please repeat: {p}", "Copy this text: {p}",
+             "Say this back to me: {p}", "Write this again: {p}"]
+    return rng.choice(forms).format(p=p), p
 
 
 def _upper(rng, held, names):
     p = _phrase(rng, held)
-    return rng.choice(["Write '{p}' in capital letters.", "Convert to uppercase: {p}"]).format(p=p), p.upper()
+    forms = ["Write '{p}' in capital letters.", "Convert to uppercase: {p}", "Put '{p}' in upper case.",
+             "Rewrite in capital letters: {p}", "Please write this in uppercase: {p}"]
+    return rng.choice(forms).format(p=p), p.upper()
 
 
 def _lower(rng, held, names):
     p = _phrase(rng, held)
-    return f"Convert to lowercase: {p.upper()}", p
+    forms = ["Convert to lowercase: {p}", "Rewrite in small letters: {p}", "Put this in lowercase: {p}"]
+    return rng.choice(forms).format(p=p.upper()), p
 
 
 def _count(rng, held, names):
     a = rng.randint(16, 25) if held else rng.randint(0, 15)
     b = a + rng.randint(2, 6)
-    return f"Count from {a} to {b}.", ", ".join(str(i) for i in range(a, b + 1)) + "."
+    form = rng.choice(["Count from {a} to {b}.", "Please count from {a} to {b}.", "Count up from {a} to {b}."])
+    return form.format(a=a, b=b), ", ".join(str(i) for i in range(a, b + 1)) + "."
 
 
 def _count_words(rng, held, names):
@@ -355,25 +365,32 @@ def _compare(rng, held, names):
     a, b = _numbers(rng, 50, held)
     while a == b:
         a, b = _numbers(rng, 50, held)
-    yes = a > b
-    return (f"Is {a} greater than {b}?",
-            f"Yes, {a} is greater than {b}." if yes else f"No, {a} is not greater than {b}.")
+    word = rng.choice(("greater", "larger", "bigger"))
+    return (f"Is {a} {word} than {b}?",
+            f"Yes, {a} is {word} than {b}." if a > b else f"No, {a} is not {word} than {b}.")
 
 
 def _next(rng, held, names):
     a = rng.randint(80, 98) if held else rng.randint(0, 79)
-    return rng.choice(["What number comes after {a}?", "What comes after {a}?"]).format(a=a), f"{a + 1}"
+    forms = ["What number comes after {a}?", "What comes after {a}?", "Which number follows {a}?",
+             "What is one more than {a}?"]
+    return rng.choice(forms).format(a=a), f"{a + 1}"
 
 
 def _name_task(rng, held, names):
-    # A name in the instruction is not a reason to retrieve: nothing about the entity is asked.
-    name = rng.choice(names)
-    r = rng.randrange(3)
-    if r == 0:
-        return f"Repeat the name {name}.", name
-    if r == 1:
-        return f"Write the name {name} in capital letters.", name.upper()
-    return f"How many words are in the name {name}?", f"There are {len(name.split())} words."
+    # A name in the instruction is not a reason to retrieve: nothing about the entity is asked. Half the
+    # training names are made up on the spot, so that copying them is copying, not remembering.
+    name = rng.choice(names) if held or rng.random() < 0.5 else made_up_name(rng)
+    first, *_, last = name.split()
+    return rng.choice([
+        (f"Repeat the name {name}.", name),
+        (f"Write the name {name} in capital letters.", name.upper()),
+        (f"Write the name {name} in lowercase.", name.lower()),
+        (f"How many words are in the name {name}?", f"There are {len(name.split())} words."),
+        (f"Say hello to {name}.", f"Hello, {name}!"),
+        (f"What is the first word of the name {name}?", first),
+        (f"What is the last word of the name {name}?", last),
+    ])
 
 
 TRAIN_TASKS: tuple[Task, ...] = (_add, _sub, _mul, _chat, _repeat, _upper, _lower, _count, _count_words,
@@ -428,8 +445,22 @@ def _h_name(rng, held, names):
 HELDOUT_TASKS: tuple[Task, ...] = (_h_add, _h_mul, _h_chat, _h_repeat, _h_upper, _h_count, _h_compare, _h_name)
 
 
+def copy_task(rng: random.Random) -> tuple[str, str]:
+    """Repeat 3 to 8 made-up names and years: answering is nothing but copying, the skill every world answer
+    needs (an unseen person's name from the question, a value out of the passage), and these examples teach it
+    many tokens at a time."""
+    items = [made_up_name(rng) if rng.random() < 0.75 else str(rng.randint(850, 1990))
+             for _ in range(rng.randint(3, 8))]
+    text = ", ".join(items)
+    return rng.choice(["Repeat after me: {t}", "Copy these words: {t}", "Repeat the list: {t}"]).format(t=text), text
+
+
 def no_fact_example(rng: random.Random, names: list[str], heldout: bool = False,
-                    heldout_phrasing: bool = False) -> Example:
+                    heldout_phrasing: bool = False, copy_fraction: float = 0.0) -> Example:
+    """An instruction that needs no facts; a `copy_fraction` of training ones are `copy_task`s."""
+    if copy_fraction > 0 and not heldout and rng.random() < copy_fraction:
+        instruction, answer = copy_task(rng)
+        return Example(instruction, f"[No Retrieval]{answer}[Utility:5]", "no_fact")
     task = rng.choice(HELDOUT_TASKS if heldout_phrasing else TRAIN_TASKS)
     instruction, answer = task(rng, heldout, names)
     utility = 4 if task in (_chat, _h_chat) else 5
@@ -485,11 +516,11 @@ def fresh_source(seed: int, main: World, heldout_names: set[str]) -> QuestionSou
 class TrainingStream:
     """An endless, seeded stream of training examples that never shows a held-out entity.
 
-    World questions come from three sources: the main world's training entities; remixed worlds
-    (`remix_world`: new people named from the training people's first and last names, a new world every
-    `new_world_questions` questions), which are the cases most like the evaluation's distractors; and fresh
-    worlds with new names throughout (`fresh_source`), which keep the reading skill from depending on a
-    name's pieces. Remembered facts help with none but the first, so the model must learn to read.
+    World questions come from three sources: the main world's training entities; fresh worlds with new
+    names throughout (`fresh_source`, a new world every `new_world_questions` questions), about whose people
+    and towns nothing can be remembered, so the model must learn to read; and, when `remix_fraction` > 0,
+    remixed worlds (`remix_world`: new people named from the training people's first and last names), which
+    are full of namesakes, for training on worlds whose people share names.
 
     A world question comes as a pair, relevant and irrelevant, one after the other: seeing the same question
     with both labels close together (length bucketing usually puts them in one batch) makes the relevance
@@ -498,8 +529,9 @@ class TrainingStream:
     split: Split
     seed: int = 0
     world_fraction: float = 0.8  # of examples; the rest need no facts
-    remix_fraction: float = 0.5  # of world questions
-    fresh_fraction: float = 0.2  # of world questions
+    remix_fraction: float = 0.0  # of world questions
+    fresh_fraction: float = 0.7  # of world questions
+    copy_fraction: float = 0.0  # of no-fact examples: made-up names and years to repeat (`copy_task`)
     new_world_questions: int = 400
 
     def __post_init__(self) -> None:
@@ -535,7 +567,7 @@ class TrainingStream:
             return self.pending.pop()
         # A world draw yields two examples, so this makes world_fraction the share of examples.
         if self.rng.random() >= self.world_fraction / (2 - self.world_fraction):
-            return no_fact_example(self.rng, self.names)
+            return no_fact_example(self.rng, self.names, copy_fraction=self.copy_fraction)
         r = self.rng.random()
         if r < self.remix_fraction:
             source = self._source("remix")
