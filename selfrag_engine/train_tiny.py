@@ -61,8 +61,8 @@ class ModelShape:
 class TrainConfig:
     seed: int = 0
     steps: int = 5000
-    # Stop after this many steps of the `steps`-step schedule (None: run it all). The committed model is such a
-    # prefix of a longer schedule: the machine it was trained on was shared, and the full run did not fit.
+    # Stop after this many steps of the `steps`-step schedule (None: run it all): the weights a longer schedule
+    # has at that step, for runs that must fit in less time than the schedule they are compared with.
     stop_after: int | None = None
     batch_size: int = 32
     # At 3e-3 the model learned the decisions but never learned to copy: trained on nothing but copy tasks
