@@ -12,7 +12,9 @@ image); its per-token time is (t(1 + n tokens) - t(1 token)) / n, so its prefill
 
 Headline metrics: decode_fp8_bs1_tokens_per_s, decode_fp8_bs1_floor_fraction (context 512),
 decode_speedup_vs_transformers (our FP8 graphed batch 1 over transformers FP16 batch 1, context 512), and
-branch5_step_cost_ratio (a decode step of K=5 forked Self-RAG branches over a single-sequence step).
+branch5_step_cost_ratio (a decode step of K=5 forked Self-RAG branches over a single-sequence step); beside
+them decode_overlap_speedup (FP8 batch 1: step time with `Engine(overlap=False)` over the default, overlapped
+stepping on CUDA).
 """
 from __future__ import annotations
 
@@ -166,16 +168,29 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for eager in modes:
             engine = make_engine(model, tokenizer, kv_budget, max_batched, eager)
             graphs = "off" if eager else "on"
+            overlap = getattr(engine, "overlap", False)
+            stepping = "overlapped" if overlap else "plain"
             for b in batches:
                 for c in contexts:
                     ms = decode_step_ms(engine, b, c, steps, warmup, seed=b * 7919 + c)
                     floor_ms = (weights + b * (c + steps / 2) * kv_tok) / (bandwidth * 1e9) * 1e3
-                    add("decode_ms_per_step", ms, "ms", dtype=label, batch=b, context=c, cuda_graphs=graphs)
+                    add("decode_ms_per_step", ms, "ms", dtype=label, batch=b, context=c, cuda_graphs=graphs,
+                        steps=stepping)
                     add("decode_tokens_per_s", b * 1e3 / ms, "tokens/s", dtype=label, batch=b, context=c,
-                        cuda_graphs=graphs)
+                        cuda_graphs=graphs, steps=stepping)
                     add("decode_floor_fraction", floor_ms / ms, "fraction", dtype=label, batch=b, context=c,
-                        cuda_graphs=graphs)
+                        cuda_graphs=graphs, steps=stepping)
                     measured[(b, c, eager)] = ms
+            if eager == modes[0] and hasattr(engine, "overlap"):
+                # The same engine with the host's step work overlapped with the device's, and without.
+                b, c = batches[0], contexts[0]
+                engine.overlap = not overlap
+                other = decode_step_ms(engine, b, c, steps, warmup, seed=b * 7919 + c)
+                engine.overlap = overlap
+                add("decode_ms_per_step", other, "ms", dtype=label, batch=b, context=c, cuda_graphs=graphs,
+                    steps="plain" if overlap else "overlapped")
+                with_, without = (measured[(b, c, eager)], other) if overlap else (other, measured[(b, c, eager)])
+                measured["overlap_speedup"] = without / with_
             if eager == modes[0]:
                 one = branch_step_ms(engine, 1, branch_prompt, branch_passage, steps, warmup, seed=1)
                 five = branch_step_ms(engine, 5, branch_prompt, branch_passage, steps, warmup, seed=1)
@@ -234,6 +249,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             ours="fp8", transformers="fp16" if dtype == torch.float16 else "fp32")
     add("branch5_step_cost_ratio", fp8["branch5_ratio"], "x", dtype="fp8", prompt=branch_prompt,
         passage=branch_passage)
+    if "overlap_speedup" in fp8:
+        add("decode_overlap_speedup", fp8["overlap_speedup"], "x", dtype="fp8", batch=b1, context=c0,
+            cuda_graphs="off" if graphed else "on")
     del fp16
 
     def plot(path: Path) -> None:

@@ -55,6 +55,15 @@ void bind_block_manager(py::module_& m) {
           },
           py::arg("seq_id"), py::arg("tokens"),
           "Grows the sequence; returns the (src, dst) block copies to perform before writing the tokens.")
+      .def("reserve_tokens", &BlockManager::reserve_tokens, py::arg("seq_id"), py::arg("num_tokens"),
+           "Room for tokens whose ids are not known yet; returns the (src, dst) block copies as append_tokens.")
+      .def(
+          "commit_reserved",
+          [](BlockManager& bm, int64_t seq, const std::vector<int32_t>& tokens) { bm.commit_reserved(seq, tokens); },
+          py::arg("seq_id"), py::arg("tokens"), "Gives the ids of the first len(tokens) reserved tokens.")
+      .def("cancel_reserved", &BlockManager::cancel_reserved, py::arg("seq_id"),
+           "Drops the reserved tokens and the blocks that held nothing else.")
+      .def("num_reserved", &BlockManager::num_reserved, py::arg("seq_id"))
       .def("fork", &BlockManager::fork, py::arg("parent"), py::arg("children"))
       .def("free", &BlockManager::free, py::arg("seq_id"), py::arg("computed_tokens") = -1,
            "Releases the blocks; full blocks stay cached for reuse unless they lie past the first "

@@ -77,7 +77,7 @@ int BlockManager::refcount(int block) const {
 
 void BlockManager::extend_hashes(Sequence& s) const {
   if (!prefix_caching_) return;
-  const size_t full = s.tokens.size() / block_size_;
+  const size_t full = (s.tokens.size() - s.reserved) / block_size_;
   for (size_t i = s.hashes.size(); i < full; ++i) {
     const uint64_t prev = i == 0 ? kChainSeed : s.hashes[i - 1];
     s.hashes.push_back(hash_block(prev, s.tokens.data() + i * block_size_, block_size_));
@@ -198,10 +198,8 @@ int BlockManager::blocks_to_append(const Sequence& s, size_t num_tokens) const {
   return blocks_for(n + num_tokens) - static_cast<int>(s.table.size()) + (copy_last ? 1 : 0);
 }
 
-std::vector<std::pair<int, int>> BlockManager::append_tokens(int64_t seq, TokenSpan tokens) {
-  Sequence& s = get(seq);
+std::vector<std::pair<int, int>> BlockManager::grow(Sequence& s, TokenSpan tokens) {
   std::vector<std::pair<int, int>> copies;
-  if (tokens.size() == 0) return copies;
   const int needed = blocks_to_append(s, tokens.size());
   if (needed > available()) throw OutOfBlocks(needed, available());
 
@@ -216,14 +214,60 @@ std::vector<std::pair<int, int>> BlockManager::append_tokens(int64_t seq, TokenS
   s.tokens.insert(s.tokens.end(), tokens.begin(), tokens.end());
   const int total = blocks_for(s.tokens.size());
   while (static_cast<int>(s.table.size()) < total) s.table.push_back(take_block());
+  return copies;
+}
+
+std::vector<std::pair<int, int>> BlockManager::append_tokens(int64_t seq, TokenSpan tokens) {
+  Sequence& s = get(seq);
+  if (tokens.size() == 0) return {};
+  if (s.reserved > 0)
+    throw std::invalid_argument("sequence " + std::to_string(seq) + " has " + std::to_string(s.reserved) +
+                                " reserved tokens: commit or cancel them before appending");
+  auto copies = grow(s, tokens);
   const size_t first_new_full = s.hashes.size();
   extend_hashes(s);
   index_full_blocks(s, first_new_full);
   return copies;
 }
 
+std::vector<std::pair<int, int>> BlockManager::reserve_tokens(int64_t seq, int n) {
+  Sequence& s = get(seq);
+  if (n < 0) throw std::invalid_argument("cannot reserve " + std::to_string(n) + " tokens");
+  if (n == 0) return {};
+  const std::vector<int32_t> placeholders(n, -1);
+  auto copies = grow(s, placeholders);
+  s.reserved += n;
+  return copies;
+}
+
+void BlockManager::commit_reserved(int64_t seq, TokenSpan tokens) {
+  Sequence& s = get(seq);
+  if (static_cast<int>(tokens.size()) > s.reserved)
+    throw std::invalid_argument("sequence " + std::to_string(seq) + " has " + std::to_string(s.reserved) +
+                                " reserved tokens, not " + std::to_string(tokens.size()));
+  std::copy(tokens.begin(), tokens.end(), s.tokens.end() - s.reserved);
+  s.reserved -= static_cast<int>(tokens.size());
+  const size_t first_new_full = s.hashes.size();
+  extend_hashes(s);
+  index_full_blocks(s, first_new_full);
+}
+
+void BlockManager::cancel_reserved(int64_t seq) {
+  Sequence& s = get(seq);
+  s.tokens.resize(s.tokens.size() - s.reserved);
+  s.reserved = 0;
+  // Blocks past the known tokens held only placeholders: never indexed, so they go straight back to the pool.
+  const size_t keep = blocks_for(s.tokens.size());
+  while (s.table.size() > keep) {
+    release(s.table.back(), false);
+    s.table.pop_back();
+  }
+}
+
 void BlockManager::fork(int64_t parent, const std::vector<int64_t>& children) {
   const Sequence& p = get(parent);
+  if (p.reserved > 0)
+    throw std::invalid_argument("sequence " + std::to_string(parent) + " has reserved tokens and cannot be forked");
   std::unordered_set<int64_t> seen;
   for (int64_t c : children) {
     if (c == parent || has(c) || !seen.insert(c).second) throw DuplicateSequence(c);
@@ -310,7 +354,9 @@ void BlockManager::check_invariants() const {
     if (static_cast<int>(s.table.size()) != blocks_for(s.tokens.size()))
       fail("sequence " + std::to_string(id) + " has " + std::to_string(s.table.size()) + " blocks for " +
            std::to_string(s.tokens.size()) + " tokens");
-    if (prefix_caching_ && s.hashes.size() != s.tokens.size() / block_size_)
+    if (s.reserved < 0 || static_cast<size_t>(s.reserved) > s.tokens.size())
+      fail("sequence " + std::to_string(id) + " has " + std::to_string(s.reserved) + " reserved tokens");
+    if (prefix_caching_ && s.hashes.size() != (s.tokens.size() - s.reserved) / block_size_)
       fail("sequence " + std::to_string(id) + " has hashes for " + std::to_string(s.hashes.size()) + " blocks");
     for (size_t i = 0; i < s.table.size(); ++i) {
       const int b = s.table[i];

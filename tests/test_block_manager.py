@@ -97,6 +97,38 @@ class BlockManagerMachine(RuleBasedStateMachine):
         self.history.append(self.seqs[seq])
         self.compute(seq, n)
 
+    @rule(i=st.integers(0, 1 << 16), tokens=st.lists(st.integers(0, 2), min_size=1, max_size=3),
+          keep=st.integers(0, 3))
+    def reserve_then_commit_or_cancel(self, i, tokens, keep):
+        """A step launched before its input tokens reach the host: slots are reserved, the device writes the
+        tokens' K/V, then the host commits the first `keep` ids and cancels the rest (a stopped sequence)."""
+        seq = self.pick(i)
+        if seq is None:
+            return
+        before, fits = snapshot(self.bm), self.bm.can_append(seq, len(tokens))
+        old_table, n = self.bm.block_table(seq), len(self.seqs[seq])
+        try:
+            copies = self.bm.reserve_tokens(seq, len(tokens))
+        except OutOfBlocksError:
+            event("reserve: out of blocks")
+            assert not fits and snapshot(self.bm) == before and self.bm.block_table(seq) == old_table
+            return
+        assert fits and self.bm.num_reserved(seq) == len(tokens) and self.bm.num_tokens(seq) == n + len(tokens)
+        for src, dst in copies:
+            self.kv[dst * BS:(dst + 1) * BS] = self.kv[src * BS:(src + 1) * BS]
+        full = self.seqs[seq] + tokens
+        for t in range(n, len(full)):  # the device knows the ids the host does not have yet
+            self.kv[self.bm.slot(seq, t)] = tuple(full[:t + 1])
+        keep = min(keep, len(tokens))
+        self.bm.commit_reserved(seq, tokens[:keep])
+        self.seqs[seq] = self.seqs[seq] + tokens[:keep]
+        self.history.append(self.seqs[seq])
+        if keep < len(tokens):
+            event("reserve: cancelled")
+            # Cancelled slots were written in blocks no one else holds: every sequence still reads its own K/V.
+            self.bm.cancel_reserved(seq)
+        assert self.bm.num_reserved(seq) == 0
+
     @rule(i=st.integers(0, 1 << 16), n=st.integers(1, 3))
     def fork(self, i, n):
         parent = self.pick(i)

@@ -176,3 +176,29 @@ def test_gpu_cascade_equals_plain_decode_for_forked_batch(dtype, monkeypatch):
         assert x.token_ids[0] == y.token_ids[0]
         assert x.token_logprobs[0] == pytest.approx(y.token_logprobs[0], abs=3e-2)
         assert sum(s == t for s, t in zip(x.token_ids, y.token_ids)) >= len(y.token_ids) - 2
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="runs the kernels in the Triton interpreter")
+def test_overlapped_steps_reorder_their_device_side_inputs_for_cascade(path, monkeypatch):
+    """A step launched ahead takes its input tokens from the previous step's sampler on the device; when the
+    cascade regroups the batch, those inputs must be regrouped with it."""
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    fast = make_engine(path, block_size=BLOCK, use_kernels=True, overlap=True)
+    ref = make_engine(path, block_size=BLOCK, use_kernels=False)
+    vocab = fast.config.vocab_size
+    prompts = [[1] + _random_ids(gen, vocab, int(torch.randint(2 * BLOCK, 4 * BLOCK, (), generator=gen)))
+               for _ in range(2)]
+    suffixes = [[_random_ids(gen, vocab, int(torch.randint(1, 12, (), generator=gen))) for _ in range(k)]
+                for k in (3, 2)]
+    lone = [1] + _random_ids(gen, vocab, 2)
+    ahead = []
+    run = fast.runner.run
+    fast.runner.run = lambda chunks, copies, all_logits=False, next_tokens=None: (
+        ahead.append(next_tokens is not None) or run(chunks, copies, all_logits, next_tokens))
+    spy = KernelSpy(monkeypatch)
+    outs, _ = run_forks(fast, prompts, suffixes, lone, new_tokens=6)
+    monkeypatch.undo()
+    ref_outs, _ = run_forks(ref, prompts, suffixes, lone, new_tokens=6)
+    assert_same_outputs(outs, ref_outs, atol=1e-4)
+    assert sum(ahead) >= 3 and spy.cascade and spy.plain == 0
+    fast.block_manager.check_invariants()

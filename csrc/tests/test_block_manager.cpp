@@ -380,6 +380,53 @@ void test_random_operations() {
 
 }  // namespace
 
+void test_reserved_tokens() {
+  // A sequence grown through reserve + commit ends as one grown by append: same tokens, cached the same way.
+  BlockManager bm(16, 4);
+  bm.allocate(1, iota_tokens(3));
+  CHECK(bm.reserve_tokens(1, 2).empty());
+  CHECK(bm.num_tokens(1) == 5 && bm.num_reserved(1) == 2 && bm.block_table(1).size() == 2);
+  CHECK(bm.slot(1, 4) == 4);
+  bm.check_invariants();
+  CHECK(throws<std::invalid_argument>([&] { bm.append_tokens(1, Tokens{9}); }, "has 2 reserved tokens"));
+  CHECK(throws<std::invalid_argument>([&] { bm.fork(1, {5}); }, "has reserved tokens"));
+  CHECK(throws<std::invalid_argument>([&] { bm.commit_reserved(1, Tokens{1, 2, 3}); }, "not 3"));
+  bm.commit_reserved(1, Tokens{3});
+  CHECK(bm.num_reserved(1) == 1);
+  bm.check_invariants();
+  bm.commit_reserved(1, Tokens{4});
+  CHECK(bm.tokens(1) == iota_tokens(5) && bm.num_reserved(1) == 0);
+  bm.check_invariants();
+  bm.free(1);
+  // The block completed by a committed token is indexed like an appended one.
+  CHECK(bm.allocate(2, iota_tokens(6)) == 4);
+  bm.free(2);
+
+  // Cancelling restores the state before the reservation, including a private copy's source refcount...
+  BlockManager cm(16, 4);
+  cm.allocate(1, iota_tokens(6));
+  cm.fork(1, {2});
+  const Snapshot before = snapshot(cm, {1, 2});
+  const Copies copies = cm.reserve_tokens(2, 3);  // copy-on-write of the shared half block, then a new block
+  CHECK(copies.size() == 1 && cm.block_table(2).size() == 3 && cm.num_reserved(2) == 3);
+  cm.check_invariants();
+  cm.cancel_reserved(2);
+  cm.check_invariants();
+  // ...except that the branch keeps its private copy of the last block (same tokens, now its own).
+  CHECK(cm.tokens(2) == before.tokens[1] && cm.block_table(2).size() == 2 && cm.num_reserved(2) == 0);
+  CHECK(cm.num_used_blocks() == before.used + 1 && cm.num_shared_blocks() == before.shared - 1);
+  // A reservation past a block boundary gives its block back.
+  BlockManager dm(4, 4);
+  dm.allocate(1, iota_tokens(4));
+  const Snapshot at = snapshot(dm, {1});
+  CHECK(dm.reserve_tokens(1, 1).empty() && dm.block_table(1).size() == 2);
+  dm.cancel_reserved(1);
+  CHECK(snapshot(dm, {1}) == at);
+  CHECK(throws<selfrag::OutOfBlocks>([&] { dm.reserve_tokens(1, 13); }, "need 4, only 3 free"));
+  CHECK(snapshot(dm, {1}) == at);
+  dm.check_invariants();
+}
+
 int main() {
   // Tests that count prefix hits assume distinct blocks hash apart; with forced collisions a block whose
   // hash is taken is simply not cached, so only the correctness tests run.
@@ -398,12 +445,13 @@ int main() {
       {"branch_memory", test_branch_memory},
       {"colliding_hashes_never_alias", test_colliding_hashes_never_alias},
       {"random_operations", test_random_operations},
+      {"reserved_tokens", test_reserved_tokens},
   };
   int passed = 0, failed = 0;
   const std::vector<std::string> need_exact_hashes{"prefix_hit", "appended_blocks_are_cached", "lru_eviction",
                                                   "free_mid_prefill_caches_only_computed_blocks",
                                                   "prefix_caching_disabled_and_skipped",
-                                                  "out_of_blocks_leaves_state_unchanged"};
+                                                  "out_of_blocks_leaves_state_unchanged", "reserved_tokens"};
   for (const auto& [name, fn] : tests) {
     if (!exact_hashes && std::find(need_exact_hashes.begin(), need_exact_hashes.end(), name) != need_exact_hashes.end())
       continue;

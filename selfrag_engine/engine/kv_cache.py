@@ -5,6 +5,7 @@ import torch
 
 from selfrag_engine.config import LlamaConfig
 from selfrag_engine.engine.attention import KVCache
+from selfrag_engine.engine.transfer import to_device
 
 
 def bytes_per_block(config: LlamaConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -45,8 +46,8 @@ def copy_blocks(caches: list[KVCache], copies: list[tuple[int, int]]) -> None:
     if not copies:
         return
     device = caches[0].k.device
-    src = torch.tensor([s for s, _ in copies], dtype=torch.long, device=device)
-    dst = torch.tensor([d for _, d in copies], dtype=torch.long, device=device)
+    src = to_device([s for s, _ in copies], torch.long, device)
+    dst = to_device([d for _, d in copies], torch.long, device)
     for cache in caches:
         cache.k.index_copy_(0, dst, cache.k.index_select(0, src))
         cache.v.index_copy_(0, dst, cache.v.index_select(0, src))

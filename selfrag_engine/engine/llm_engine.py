@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 import os
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence as Seq
 
@@ -26,6 +26,7 @@ from selfrag_engine.engine.sampler import ReflectionGroups, SamplerOutput, sampl
 from selfrag_engine.engine.sampling_params import SamplingParams
 from selfrag_engine.engine.scheduler import Chunk, Scheduler
 from selfrag_engine.engine.sequence import Sequence, Status
+from selfrag_engine.engine.transfer import copy_to_host, to_device
 from selfrag_engine.errors import CacheCapacityError, RequestError
 from selfrag_engine.tokenizer import Tokenizer
 
@@ -62,7 +63,7 @@ class Engine:
                  kv_cache_bytes: int | None = None, gpu_memory_utilization: float = 0.9,
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 4096, max_model_len: int | None = None,
                  enable_prefix_caching: bool = True, use_kernels: bool | None = None, enforce_eager: bool = False,
-                 cuda_graph_max_batch: int = 64, seed: int = 0):
+                 cuda_graph_max_batch: int = 64, overlap: bool | None = None, seed: int = 0):
         self.model = model
         self.config: LlamaConfig = model.config
         self.tokenizer = tokenizer
@@ -89,6 +90,9 @@ class Engine:
             weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
             self.runner.cascade_min_saved_bytes = weight_bytes // 2
         self.reflection_groups = _reflection_groups(tokenizer)
+        # On the CPU nothing runs asynchronously, so overlapping would only waste the steps it drops.
+        self.overlap = self.device.type == "cuda" if overlap is None else overlap
+        self._in_flight: _Launched | None = None
         self.seqs: dict[int, Sequence] = {}
         self._ids = itertools.count()
         self._seed_rng = torch.Generator().manual_seed(seed)
@@ -102,7 +106,8 @@ class Engine:
         dtype defaults to the checkpoint's on CUDA and float32 on the CPU; quantization None or "fp8".
         Engine options: block_size, num_blocks or kv_cache_bytes or gpu_memory_utilization, max_num_seqs,
         max_num_batched_tokens, max_model_len, enable_prefix_caching, use_kernels (default: on CUDA),
-        enforce_eager (no CUDA graphs), cuda_graph_max_batch (largest decode batch replayed from a graph), seed.
+        enforce_eager (no CUDA graphs), cuda_graph_max_batch (largest decode batch replayed from a graph),
+        overlap (launch each decode step before the previous one's tokens reach the host; default: on CUDA), seed.
         """
         tokenizer = Tokenizer.from_pretrained(path)
         model = load_model(path, device=device, dtype=dtype, quantization=quantization, progress=progress)
@@ -161,6 +166,7 @@ class Engine:
         last sampled token (whose K/V is not computed yet), not computed tokens.
         """
         p = self._get(parent)
+        self._cancel_in_flight(parent)
         if p.status not in (Status.RUNNING, Status.PAUSED):
             raise RequestError(f"request {parent} holds no KV cache to fork from (status {p.status.value})")
         prefix_len = len(p.token_ids) if prefix_len is None else prefix_len
@@ -198,6 +204,7 @@ class Engine:
     def release(self, seq_id: int) -> None:
         """Frees a request's KV blocks (a paused fork parent, or an unfinished request, which is aborted)."""
         seq = self._get(seq_id)
+        self._cancel_in_flight(seq_id)
         self.scheduler.remove(seq)
         if self.block_manager.has(seq_id):
             self.block_manager.free(seq_id, seq.num_computed)
@@ -223,35 +230,116 @@ class Engine:
     # ---- stepping -------------------------------------------------------------------------------
 
     def step(self) -> list[int]:
-        """Runs one model step over the scheduled batch; returns the ids of requests that finished in it."""
-        batch = self.scheduler.schedule()
-        if not batch.chunks:
-            return []
-        logits = self.runner.run(batch.chunks, batch.copies)
-        sampling = [c for c in batch.chunks if c.samples]
-        for c in batch.chunks:
-            c.seq.num_computed = c.start + c.num_tokens
-        if not sampling:
-            return []
-        out = to_host(self._sample(logits, [c.seq for c in sampling]))
-        tokens, logprobs = out.tokens.tolist(), out.logprobs.tolist()
-        finished = []
-        for i, c in enumerate(sampling):
-            if self._append_token(c.seq, out, i, tokens[i], logprobs[i]):
-                finished.append(c.seq.seq_id)
+        """Runs one model step over the scheduled batch; returns the ids of requests that finished in it.
+
+        With `overlap`, a decode step is followed at once by the next one, scheduled and launched before the
+        first one's sampled tokens reach the host (they are the next step's inputs, on the device): the host's
+        share of each step (scheduling, metadata, reading the tokens, stop checks) runs while the device
+        computes the following one. step() then returns with that next step in flight; it finishes in the next
+        call. Every sequence gets the tokens it gets without overlap; one that stops (EOS, a stop string) has
+        one more row computed and dropped."""
+        cur, self._in_flight = self._in_flight, None
+        if cur is None:
+            batch = self.scheduler.schedule()
+            if not batch.chunks:
+                return []
+            cur = self._launch(batch.chunks, batch.copies)
+            if cur is None:
+                return []
+        if self.overlap:
+            self._in_flight = self._launch_ahead(cur)
+        finished = self._finish(cur, self._in_flight)
+        if self._in_flight is not None and len(self._in_flight.dropped) == len(self._in_flight.seqs):
+            self._in_flight = None
         return finished
 
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]):
+    def _launch(self, chunks: list[Chunk], copies: list[tuple[int, int]],
+                next_tokens: torch.Tensor | None = None) -> _Launched | None:
+        """Queues the model step and the sampling of its rows (None if no row samples); the host copies of the
+        result are queued too, not waited for."""
+        logits = self.runner.run(chunks, copies, next_tokens=next_tokens)
+        ahead = next_tokens is not None
+        if not ahead:
+            for c in chunks:
+                c.seq.num_computed = c.start + c.num_tokens
+            chunks = [c for c in chunks if c.samples]
+            if not chunks:
+                return None
+        seqs = [c.seq for c in chunks]
+        out = self._sample(logits, seqs, ahead)
+        host, ready = copy_to_host(out)
+        return _Launched(seqs, [c.start for c in chunks], host, ready, ahead, out.tokens)
+
+    def _launch_ahead(self, cur: _Launched) -> _Launched | None:
+        """The decode step after `cur`, launched before cur's tokens are on the host; None when it cannot be
+        (see Scheduler.schedule_ahead), or when some sequence reaches its length limit with cur's token."""
+        rows = [i for i, s in enumerate(cur.seqs) if s.seq_id not in cur.dropped]
+        seqs = [cur.seqs[i] for i in rows]
+        if not seqs or any(s.num_output_tokens + 1 >= s.params.max_tokens or len(s.token_ids) + 1 >= self.max_model_len
+                           for s in seqs):
+            return None
+        batch = self.scheduler.schedule_ahead(seqs)
+        if batch is None:
+            return None
+        tokens = cur.tokens
+        if len(rows) < len(cur.seqs):
+            tokens = tokens[to_device(rows, torch.long, tokens.device)]
+        try:
+            return self._launch(batch.chunks, batch.copies, next_tokens=tokens)
+        except BaseException:
+            for s in seqs:
+                self.block_manager.cancel_reserved(s.seq_id)
+            raise
+
+    def _finish(self, cur: _Launched, nxt: _Launched | None) -> list[int]:
+        """Appends cur's sampled tokens once they are on the host; returns the requests that finished. A
+        sequence that finished drops its row of `nxt`, the step launched after cur."""
+        if cur.ready is not None:
+            cur.ready.synchronize()
+        out = cur.host
+        tokens, logprobs = out.tokens.tolist(), out.logprobs.tolist()
+        in_next = set() if nxt is None else {s.seq_id for s in nxt.seqs}
+        finished = []
+        for i, seq in enumerate(cur.seqs):
+            if seq.seq_id in cur.dropped:
+                continue
+            if cur.ahead:
+                # The step computed the K/V of the token it was launched without; the cache learns its id now.
+                self.block_manager.commit_reserved(seq.seq_id, [seq.token_ids[cur.starts[i]]])
+                seq.num_computed = cur.starts[i] + 1
+            if self._append_token(seq, out, i, tokens[i], logprobs[i]):
+                finished.append(seq.seq_id)
+                if seq.seq_id in in_next:
+                    nxt.dropped.add(seq.seq_id)
+                    if self.block_manager.has(seq.seq_id):  # paused: keeps its blocks, not nxt's slot
+                        self.block_manager.cancel_reserved(seq.seq_id)
+        return finished
+
+    def _cancel_in_flight(self, seq_id: int) -> None:
+        """If the step launched ahead computes a row of `seq_id`, drops that step, leaving every sequence as a
+        plain step() leaves it, so the request can be forked or released as between plain steps. The step's
+        device work is wasted; its slots were reserved in private blocks (Scheduler.schedule_ahead), so its
+        late K/V writes touch no other sequence."""
+        nxt = self._in_flight
+        if nxt is None or seq_id in nxt.dropped or all(s.seq_id != seq_id for s in nxt.seqs):
+            return
+        self._in_flight = None
+        for seq in nxt.seqs:
+            if seq.seq_id not in nxt.dropped and self.block_manager.has(seq.seq_id):
+                self.block_manager.cancel_reserved(seq.seq_id)
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence], ahead: bool = False):
+        """ahead: the rows' previous tokens are not appended yet, so each samples the token after the next."""
         dev = logits.device
         params = [s.params for s in seqs]
         top_n = max((p.logprobs or 0) for p in params)
         want_groups = self.reflection_groups is not None and any(p.reflection for p in params)
         return sample(
             logits,
-            temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32, device=dev),
-            top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=dev),
-            top_k=torch.tensor([p.top_k for p in params], dtype=torch.int32, device=dev),
-            seeds=torch.tensor([step_seed(s.seed, s.num_output_tokens) for s in seqs], dtype=torch.int64, device=dev),
+            temperature=to_device([p.temperature for p in params], torch.float32, dev),
+            top_p=to_device([p.top_p for p in params], torch.float32, dev),
+            top_k=to_device([p.top_k for p in params], torch.int32, dev),
+            seeds=to_device([step_seed(s.seed, s.num_output_tokens + ahead) for s in seqs], torch.int64, dev),
             groups=self.reflection_groups if want_groups else None,
             top_n=top_n,
         )
@@ -386,15 +474,16 @@ class Engine:
                 "used": bm.num_used_blocks(), "shared": bm.num_shared_blocks(), "cached": bm.num_cached_blocks()}
 
 
-def to_host(out: SamplerOutput) -> SamplerOutput:
-    """The sampler's output on the host after one synchronization, instead of one per row and field: the
-    copies are queued together (into pinned memory) and the stream is waited on once."""
-    if out.tokens.device.type != "cuda":
-        return out
-    moved = {f.name: None if getattr(out, f.name) is None else getattr(out, f.name).to("cpu", non_blocking=True)
-             for f in fields(out)}
-    torch.cuda.current_stream(out.tokens.device).synchronize()
-    return SamplerOutput(**moved)
+@dataclass
+class _Launched:
+    """A model step whose sampled tokens may still be on their way to the host."""
+    seqs: list[Sequence]  # the sampling rows, in order
+    starts: list[int]  # the position each row computes
+    host: SamplerOutput  # the sampler's output on the host, complete once `ready` has been waited on
+    ready: torch.cuda.Event | None  # None when the output was computed on the CPU
+    ahead: bool  # scheduled before its input tokens were on the host: its slots are reserved, not committed
+    tokens: torch.Tensor  # the sampled tokens on the model's device: the inputs of a step launched after it
+    dropped: set[int] = field(default_factory=set)  # sequences that finished before this step did
 
 
 def _capture_decode_graphs(engine: Engine, max_batch: int) -> DecodeGraphs | None:

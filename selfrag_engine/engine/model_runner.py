@@ -24,6 +24,7 @@ from selfrag_engine.engine.attention import AttentionMetadata, CascadeMetadata, 
 from selfrag_engine.engine.kv_cache import copy_blocks
 from selfrag_engine.engine.prefix_groups import PrefixGroups, shared_prefix_groups
 from selfrag_engine.engine.scheduler import Chunk
+from selfrag_engine.engine.transfer import to_device
 
 # Shared blocks below which the plain split-K decode is as good. A cascade saves (rows - 1) * prefix_blocks
 # block reads per kv head, but writes every row's output as float32 partials and merges them in a second
@@ -50,8 +51,8 @@ def cascade_metadata(groups: PrefixGroups, context_lens: list[int], block_size: 
     """Cascade fields of a decode batch already laid out in `groups`' order (context_lens in batch order)."""
     prefix_tokens = np.repeat(groups.prefix_blocks.astype(np.int64) * block_size, groups.group_sizes)
     return CascadeMetadata(
-        group_start=torch.from_numpy(groups.group_start).to(device),
-        prefix_blocks=torch.from_numpy(groups.prefix_blocks).to(device),
+        group_start=to_device(groups.group_start, torch.int32, device),
+        prefix_blocks=to_device(groups.prefix_blocks, torch.int32, device),
         max_group_size=groups.max_group_size,
         max_suffix_len=int((np.asarray(context_lens, dtype=np.int64) - prefix_tokens).max()),
     )
@@ -66,9 +67,9 @@ def decode_metadata(block_tables: np.ndarray, context_lens: list[int], slot_mapp
     batch = len(context_lens)
     return AttentionMetadata(
         cu_seqlens_q=torch.arange(batch + 1, dtype=torch.int32, device=device),
-        context_lens=torch.tensor(context_lens, dtype=torch.int32, device=device),
-        block_tables=torch.from_numpy(np.ascontiguousarray(block_tables)).to(device),
-        slot_mapping=torch.from_numpy(slot_mapping).to(device),
+        context_lens=to_device(context_lens, torch.int32, device),
+        block_tables=to_device(block_tables, torch.int32, device),
+        slot_mapping=to_device(slot_mapping, torch.int64, device),
         max_q_len=1,
         max_context_len=max(context_lens),
         q_lens_host=[1] * batch,
@@ -91,13 +92,15 @@ class ModelRunner:
         self.cascade_min_saved_bytes = 0  # with graphs: the least saved prefix bytes worth an eager cascade step
         self.kv_bytes_per_token = sum(2 * c.k[0, 0].numel() * c.k.element_size() for c in kv_caches)
 
-    def prepare(self, chunks: list[Chunk]) -> StepInputs:
-        if chunks and all(c.num_tokens == 1 for c in chunks):
-            return self.prepare_decode(chunks)
+    def prepare(self, chunks: list[Chunk], next_tokens: torch.Tensor | None = None) -> StepInputs:
+        if next_tokens is not None or (chunks and all(c.num_tokens == 1 for c in chunks)):
+            return self.prepare_decode(chunks, next_tokens)
         return self.prepare_mixed(chunks)
 
-    def prepare_decode(self, chunks: list[Chunk]) -> StepInputs:
-        """One new token per chunk; with the kernels, rows sharing a prefix are laid out group by group."""
+    def prepare_decode(self, chunks: list[Chunk], next_tokens: torch.Tensor | None = None) -> StepInputs:
+        """One new token per chunk; with the kernels, rows sharing a prefix are laid out group by group.
+        next_tokens (int64 [len(chunks)], on the device): the chunks' input tokens, when the host does not have
+        them yet (a step scheduled ahead); otherwise they are read from the sequences."""
         seq_ids = [c.seq.seq_id for c in chunks]
         tables = self.bm.block_tables(seq_ids, -1)
         context_lens = [c.start + 1 for c in chunks]
@@ -130,9 +133,15 @@ class ModelRunner:
             for row, i in enumerate(order):
                 chunk_rows[i] = range(row, row + 1)
         dev = self.device
+        if next_tokens is None:
+            input_ids = to_device([c.seq.token_ids[c.start] for c in chunks], torch.int64, dev)
+        else:
+            input_ids = next_tokens.to(torch.int64)
+            if order is not None:
+                input_ids = input_ids[to_device(order, torch.long, input_ids.device)]
         return StepInputs(
-            input_ids=torch.tensor([c.seq.token_ids[c.start] for c in chunks], dtype=torch.int64, device=dev),
-            positions=torch.tensor(starts, dtype=torch.int64, device=dev),
+            input_ids=input_ids,
+            positions=to_device(starts, torch.int64, dev),
             meta=meta, chunk_rows=chunk_rows, reordered=order is not None,
         )
 
@@ -152,37 +161,40 @@ class ModelRunner:
         tables = self.bm.block_tables(seq_ids, -1)
         dev = self.device
         meta = AttentionMetadata(
-            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
-            context_lens=torch.tensor(context_lens, dtype=torch.int32, device=dev),
-            block_tables=torch.from_numpy(tables).to(dev),
-            slot_mapping=torch.from_numpy(slots).to(dev),
+            cu_seqlens_q=to_device(cu, torch.int32, dev),
+            context_lens=to_device(context_lens, torch.int32, dev),
+            block_tables=to_device(tables, torch.int32, dev),
+            slot_mapping=to_device(slots, torch.int64, dev),
             max_q_len=max(q_lens),
             max_context_len=max(context_lens),
             q_lens_host=q_lens,
             context_lens_host=context_lens,
             use_kernels=self.use_kernels,
         )
-        return StepInputs(torch.tensor(input_ids, dtype=torch.int64, device=dev),
-                          torch.tensor(positions, dtype=torch.int64, device=dev), meta,
+        return StepInputs(to_device(input_ids, torch.int64, dev), to_device(positions, torch.int64, dev), meta,
                           [range(a, b) for a, b in zip(cu, cu[1:])])
 
     @torch.inference_mode()
-    def run(self, chunks: list[Chunk], copies: list[tuple[int, int]], all_logits: bool = False) -> torch.Tensor:
+    def run(self, chunks: list[Chunk], copies: list[tuple[int, int]], all_logits: bool = False,
+            next_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Computes the chunks' K/V; returns float32 logits [num sampling chunks, vocab] (their last rows, in
-        chunk order), or for every token of the chunks in order when `all_logits`."""
+        chunk order), or for every token of the chunks in order when `all_logits`. With next_tokens (a decode
+        step scheduled ahead, see prepare_decode) every chunk samples."""
         copy_blocks(self.kv_caches, copies)
-        inputs = self.prepare(chunks)
+        inputs = self.prepare(chunks, next_tokens)
         meta = inputs.meta
         if all_logits:
             rows = [r for rs in inputs.chunk_rows for r in rs]
+        elif next_tokens is not None:
+            rows = [rs[-1] for rs in inputs.chunk_rows]
         else:
             rows = [rs[-1] for rs, c in zip(inputs.chunk_rows, chunks) if c.samples]
         if (self.graphs is not None and meta.is_decode and meta.cascade is None
                 and self.graphs.fits(len(chunks), meta.block_tables.shape[1])):
             logits = self.graphs.run(inputs.input_ids, inputs.positions, meta)
             # Indexing copies the rows out of the graph's output buffer, which the next replay overwrites.
-            return logits[torch.tensor(rows, dtype=torch.long, device=logits.device)]
+            return logits[to_device(rows, torch.long, logits.device)]
         hidden = self.model(inputs.input_ids, inputs.positions, meta, self.kv_caches)
         if not all_logits or inputs.reordered:
-            hidden = hidden[torch.tensor(rows, dtype=torch.long, device=hidden.device)]
+            hidden = hidden[to_device(rows, torch.long, hidden.device)]
         return self.model.compute_logits(hidden)

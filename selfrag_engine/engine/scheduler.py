@@ -74,6 +74,25 @@ class Scheduler:
         self.waiting.appendleft(victim)
         batch.preempted.append(victim)
 
+    def schedule_ahead(self, seqs: list[Sequence]) -> Batch | None:
+        """The decode step after the one in flight, scheduled before that step's sampled tokens reach the host:
+        one token per sequence in `seqs`' order, in a slot reserved in the block manager; the engine gives the
+        token ids once it has them. None when the step must wait to be scheduled normally: a request is waiting,
+        a running sequence is not in `seqs` (it is mid-prompt), or the pool may run short (preempting needs
+        the tokens)."""
+        if self.waiting or len(seqs) > self.max_num_batched_tokens:
+            return None
+        if len(seqs) != len(self.running) or {s.seq_id for s in seqs} != {s.seq_id for s in self.running}:
+            return None
+        # One token needs at most one block per sequence: a new block, or a private copy of a shared one.
+        if self.bm.num_free_blocks() < len(seqs):
+            return None
+        batch = Batch()
+        for seq in seqs:
+            batch.copies.extend(self.bm.reserve_tokens(seq.seq_id, 1))
+            batch.chunks.append(Chunk(seq, len(seq.token_ids), 1))
+        return batch
+
     def schedule(self) -> Batch:
         batch = Batch()
         budget = self.max_num_batched_tokens

@@ -76,6 +76,20 @@ class BlockManager {
   // the new tokens: a partially filled last block that is shared with another sequence is copied first.
   std::vector<std::pair<int, int>> append_tokens(int64_t seq, TokenSpan tokens);
 
+  // Room for `n` tokens whose ids are not known yet: a decode step launched while the step before it, which
+  // samples its input token, still runs on the device. Slots and copies as for append_tokens; the reserved
+  // tokens are neither hashed nor indexed until commit_reserved gives their ids. While a sequence holds
+  // reserved tokens, append_tokens and fork refuse it.
+  std::vector<std::pair<int, int>> reserve_tokens(int64_t seq, int n);
+
+  // Gives the ids of the first tokens.size() reserved tokens, which may complete (and index) blocks.
+  void commit_reserved(int64_t seq, TokenSpan tokens);
+
+  // Drops every reserved token, releasing the blocks that held nothing else.
+  void cancel_reserved(int64_t seq);
+
+  int num_reserved(int64_t seq) const { return get(seq).reserved; }
+
   // Each child starts as an exact copy of `parent`, sharing all of its blocks.
   void fork(int64_t parent, const std::vector<int64_t>& children);
 
@@ -127,7 +141,8 @@ class BlockManager {
   struct Sequence {
     std::vector<int32_t> tokens;
     std::vector<int32_t> table;
-    std::vector<uint64_t> hashes;  // chained hash of each full block
+    std::vector<uint64_t> hashes;  // chained hash of each full block of known tokens
+    int reserved = 0;              // trailing tokens whose ids are not known yet (placeholders in `tokens`)
   };
 
   const Sequence& get(int64_t seq) const;
@@ -135,6 +150,7 @@ class BlockManager {
   int blocks_for(size_t num_tokens) const;
   int available() const { return num_free_blocks(); }
   int blocks_to_append(const Sequence& s, size_t num_tokens) const;
+  std::vector<std::pair<int, int>> grow(Sequence& s, TokenSpan tokens);
   void extend_hashes(Sequence& s) const;
   int lookup(uint64_t hash, const int32_t* tokens, int prev) const;
   int take_block();
