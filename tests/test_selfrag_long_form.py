@@ -14,9 +14,9 @@ from selfrag_engine.selfrag.scoring import ScoringConfig
 from tests.selfrag_fixtures import RecordingRetriever, passages, probs_at, question, steered_engine, used_blocks
 
 
-@pytest.fixture(scope="module")
-def engine():
-    return steered_engine()
+@pytest.fixture(scope="module", params=[False, True], ids=["plain", "overlap"])
+def engine(request):
+    return steered_engine(overlap=request.param)
 
 
 def _clean(engine):

@@ -11,9 +11,10 @@ from tests.helpers import tiny_checkpoint
 PASSAGES = [Passage(f"Entity {i}", f"Entity {i} was born in Town {i * 3} in {1800 + 17 * i}.") for i in range(5)]
 
 
-@pytest.fixture(scope="module")
-def engine():
-    return Engine.from_pretrained(tiny_checkpoint(seed=31, num_key_value_heads=2), progress=False)
+@pytest.fixture(scope="module", params=[False, True], ids=["plain", "overlap"])
+def engine(request):
+    return Engine.from_pretrained(tiny_checkpoint(seed=31, num_key_value_heads=2), progress=False,
+                                  overlap=request.param)
 
 
 def test_forked_branches_equal_naive_full_prompts(engine):
