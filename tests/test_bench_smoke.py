@@ -56,3 +56,24 @@ def test_fp8_accuracy_bench_smoke(tmp_path):
     # e4m3 rounds each weight by up to 2^-4: the logits move by a few percent, never by as much as themselves.
     assert 1e-4 < values["fp8_logits_rel_err"] < 0.3
     assert 0.0 <= values["fp8_greedy_agreement"] <= 1.0
+
+
+def test_gpu_session_script_packs_results_and_logs(tmp_path):
+    """bench/gpu_session.sh, as a lent GPU machine runs it, here in smoke mode on one cheap stage."""
+    import os
+    import subprocess
+    import sys
+    import tarfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHON=sys.executable, SMOKE="1", OUT=str(tmp_path))
+    run = subprocess.run(["bash", "bench/gpu_session.sh", "scheduler", "nonsense"], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1, run.stdout + run.stderr  # the unknown stage fails the call, the rest still runs
+    assert "== scheduler      rc=0" in run.stdout and "unknown stage nonsense" in run.stdout
+    with tarfile.open(tmp_path / "gpu-session.tar.gz") as tar:
+        names = tar.getnames()
+    stems = {n for n in names if n.startswith("bench/results/scheduler-cpu-")}
+    assert {Path(n).suffix for n in stems} == {".json", ".md", ".png"}, names
+    assert {"logs/scheduler.log", "logs/versions.log"} <= set(names)
