@@ -28,7 +28,7 @@ def tiny_checkpoint(**kwargs) -> Path:
 def hf_model(path: Path, dtype: torch.dtype = torch.float32):
     from transformers import LlamaForCausalLM
 
-    return LlamaForCausalLM.from_pretrained(path, torch_dtype=dtype, attn_implementation="eager").eval()
+    return LlamaForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="eager").eval()
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
