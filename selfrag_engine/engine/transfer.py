@@ -3,8 +3,8 @@
 A plain `torch.tensor(values, device="cuda")` or `.to("cuda")` synchronizes the stream: the host waits until
 every queued kernel has run. With a decode step launched ahead (Engine(overlap=True)) that would wait for the
 step in flight, so the host could no longer prepare the next step while the device computes. Host-to-device
-copies here are queued instead (CUDA stages pageable memory before the call returns, so the source may be
-freed at once); device-to-host copies are queued into pinned memory with an event to wait on.
+copies here are queued instead, from pinned memory; device-to-host copies are queued into pinned memory with an
+event to wait on.
 """
 from __future__ import annotations
 
@@ -20,7 +20,11 @@ def to_device(values: list | np.ndarray, dtype: torch.dtype, device: torch.devic
     """values (a list of numbers or a numpy array) as a tensor of `dtype` on `device`, without a sync."""
     host = torch.from_numpy(np.ascontiguousarray(values)) if isinstance(values, np.ndarray) else \
         torch.tensor(values, dtype=dtype)
-    return host.to(device=device, dtype=dtype, non_blocking=True)
+    if torch.device(device).type != "cuda":
+        return host.to(device=device, dtype=dtype)
+    # From pinned memory the copy is a plain DMA queued on the stream; torch's pinned-memory cache keeps the
+    # buffer until the copy has run.
+    return host.to(dtype).pin_memory().to(device, non_blocking=True)
 
 
 def copy_to_host(out: SamplerOutput) -> tuple[SamplerOutput, torch.cuda.Event | None]:
