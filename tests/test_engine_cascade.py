@@ -56,6 +56,16 @@ def _random_ids(gen: torch.Generator, vocab: int, n: int) -> list[int]:
     return torch.randint(3, vocab, (n,), generator=gen).tolist()
 
 
+def two_families(gen: torch.Generator, vocab: int) -> tuple[list[list[int]], list[list[list[int]]], list[int]]:
+    """Two prompts of 2 to 4 full blocks (and a partial one), so both families of branches reach the cascade
+    threshold, with 3 and 2 suffixes; and an unrelated prompt that stays within its first block."""
+    prompts = [[1] + _random_ids(gen, vocab, int(torch.randint(2 * BLOCK, 4 * BLOCK, (), generator=gen)))
+               for _ in range(2)]
+    suffixes = [[_random_ids(gen, vocab, int(torch.randint(1, 12, (), generator=gen))) for _ in range(k)]
+                for k in (3, 2)]
+    return prompts, suffixes, [1] + _random_ids(gen, vocab, 2)
+
+
 def run_forks(engine: Engine, prompts: list[list[int]], suffixes: list[list[list[int]]], lone: list[int],
               new_tokens: int):
     """Prefills each prompt once, forks its suffixes off it and decodes them all in one batch together with an
@@ -91,13 +101,7 @@ def test_forked_branches_take_cascade_and_match_reference(path, monkeypatch):
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
     fast = make_engine(path, block_size=BLOCK, use_kernels=True)
     ref = make_engine(path, block_size=BLOCK, use_kernels=False)
-    vocab = fast.config.vocab_size
-    # Prompts of 2 to 4 full blocks (and a partial one), so both families reach the cascade threshold.
-    prompts = [[1] + _random_ids(gen, vocab, int(torch.randint(2 * BLOCK, 4 * BLOCK, (), generator=gen)))
-               for _ in range(2)]
-    suffixes = [[_random_ids(gen, vocab, int(torch.randint(1, 12, (), generator=gen))) for _ in range(k)]
-                for k in (3, 2)]
-    lone = [1] + _random_ids(gen, vocab, 2)  # stays within its first block: nothing written to share
+    prompts, suffixes, lone = two_families(gen, fast.config.vocab_size)
     spy = KernelSpy(monkeypatch)
     outs, parent_tables = run_forks(fast, prompts, suffixes, lone, new_tokens=5)
     monkeypatch.undo()
@@ -185,12 +189,7 @@ def test_overlapped_steps_reorder_their_device_side_inputs_for_cascade(path, mon
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
     fast = make_engine(path, block_size=BLOCK, use_kernels=True, overlap=True)
     ref = make_engine(path, block_size=BLOCK, use_kernels=False)
-    vocab = fast.config.vocab_size
-    prompts = [[1] + _random_ids(gen, vocab, int(torch.randint(2 * BLOCK, 4 * BLOCK, (), generator=gen)))
-               for _ in range(2)]
-    suffixes = [[_random_ids(gen, vocab, int(torch.randint(1, 12, (), generator=gen))) for _ in range(k)]
-                for k in (3, 2)]
-    lone = [1] + _random_ids(gen, vocab, 2)
+    prompts, suffixes, lone = two_families(gen, fast.config.vocab_size)
     ahead = []
     run = fast.runner.run
     fast.runner.run = lambda chunks, copies, all_logits=False, next_tokens=None: (
