@@ -18,7 +18,8 @@ import torch
 
 from selfrag_engine.world.assets import default_corpus_path, default_model_dir
 from selfrag_engine.world.evaluate import (
-    _passages, answer_all, instruction_cases, score_instructions, score_world, world_and_split, world_cases,
+    _passages, answer_all, instruction_cases, phrasing_breakdown, score_instructions, score_world, world_and_split,
+    world_cases,
 )
 
 MODEL = default_model_dir()
@@ -71,6 +72,12 @@ def test_world_questions_retrieve_pick_the_relevant_branch_and_answer(rag, world
     assert retrieval >= WORLD_RETRIEVAL_BOUND, failures
     assert branch >= BRANCH_BOUND, failures
     assert match >= MATCH_BOUND, failures
+    # The card's split by wording adds up to the whole, and the sample holds both wordings.
+    parts = phrasing_breakdown(cases, answers)
+    assert set(parts) == {"trained", "held_out"}
+    assert sum(p["questions"] for p in parts.values()) == len(cases)
+    for key, whole in (("retrieval_rate", retrieval), ("branch_choice", branch), ("answer_match", match)):
+        assert sum(p[key] * p["questions"] for p in parts.values()) / len(cases) == pytest.approx(whole, abs=1e-3)
     # The branch texts are answers, not the passage echoed back or reflection tokens left in.
     for ans in answers[:8]:
         assert ans.answer and "[" not in ans.answer and "<paragraph>" not in ans.answer

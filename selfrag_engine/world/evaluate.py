@@ -48,6 +48,9 @@ class Evaluation:
     # Per distractor kind (see `distractor_kind`): how many distractors of that kind the cases held, and the
     # fraction of them the chosen branch was (a wrong pick), so the card can say which kind fools the model.
     distractors: dict[str, dict[str, float]] = field(default_factory=dict)
+    # The world measures again for questions worded as in training ("trained") and in wordings training never
+    # used ("held_out"): {wording: {"questions", "retrieval_rate", "branch_choice", "answer_match"}}.
+    by_phrasing: dict[str, dict[str, float]] = field(default_factory=dict)
     failures: list[dict] = field(default_factory=list)  # a few misses, to read
 
     def summary(self) -> dict:
@@ -96,6 +99,18 @@ def distractor_kind(world: World, question_entity: str, passage_entity: str) -> 
         if asked[0] == other[0]:
             return "same_first"
     return "other"
+
+
+def phrasing_breakdown(cases: Sequence[BranchCase], answers: Sequence[Answer]) -> dict[str, dict[str, float]]:
+    """The world measures of `score_world` for the cases worded as in training and for held-out wordings."""
+    out = {}
+    for name, held in (("trained", False), ("held_out", True)):
+        rows = [i for i, c in enumerate(cases) if c.question.heldout_phrasing == held]
+        if rows:
+            ret, chosen, matched, _ = score_world([cases[i] for i in rows], [answers[i] for i in rows])
+            out[name] = {"questions": len(rows), "retrieval_rate": round(ret, 4), "branch_choice": round(chosen, 4),
+                         "answer_match": round(matched, 4)}
+    return out
 
 
 def distractor_breakdown(world: World, cases: Sequence[BranchCase],
@@ -157,11 +172,12 @@ def evaluate(rag: SelfRAG, world: World, split: Split, num_world: int | None = N
     answers = answer_all(rag, [c.question.text for c in cases], [_passages(c.passages) for c in cases], batch_size)
     ret_w, chosen, matched, fail_w = score_world(cases, answers)
     kinds = distractor_breakdown(world, cases, answers)
+    by_phrasing = phrasing_breakdown(cases, answers)
     instr = instruction_cases(world, split, num_instructions, seed)
     answers = answer_all(rag, [ex.instruction for ex, _ in instr], [ps for _, ps in instr], batch_size)
     ret_i, exact, fail_i = score_instructions([ex for ex, _ in instr], answers)
     return Evaluation(len(cases), round(ret_w, 4), round(chosen, 4), round(matched, 4), len(instr), round(ret_i, 4),
-                      round(exact, 4), round(time.perf_counter() - start, 1), kinds, fail_w + fail_i)
+                      round(exact, 4), round(time.perf_counter() - start, 1), kinds, by_phrasing, fail_w + fail_i)
 
 
 def load_selfrag(path: Path, max_new_tokens: int = 48) -> SelfRAG:
