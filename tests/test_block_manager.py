@@ -72,27 +72,33 @@ class BlockManagerMachine(RuleBasedStateMachine):
         self.history.append(prompt)
         self.compute(seq, cached)
 
-    @rule(i=st.integers(0, 1 << 16), tokens=token_lists)
-    def append(self, i, tokens):
-        seq = self.pick(i)
-        if seq is None:
-            return
-        before, fits = snapshot(self.bm), self.bm.can_append(seq, len(tokens))
+    def grow(self, seq: int, num_tokens: int, what: str, call) -> bool:
+        """Runs `call` (append_tokens or reserve_tokens of num_tokens on seq) and performs the copies it reports;
+        False if the pool was short, which must leave the manager untouched and agree with can_append."""
+        before, fits = snapshot(self.bm), self.bm.can_append(seq, num_tokens)
         old_table, n = self.bm.block_table(seq), len(self.seqs[seq])
         try:
-            copies = self.bm.append_tokens(seq, tokens)
+            copies = call()
         except OutOfBlocksError:
-            event("append: out of blocks")
+            event(f"{what}: out of blocks")
             assert not fits, "can_append promised room"
             assert snapshot(self.bm) == before and self.bm.block_table(seq) == old_table
-            return
+            return False
         assert fits, "can_append said no, yet it fit"
         if copies:
-            event("append: copy-on-write")
-        if copies:  # only ever the half-filled last block, swapped for its copy in the table
+            event(f"{what}: copy-on-write")
+            # Only ever the half-filled last block, swapped for its copy in the table.
             assert copies == [(old_table[-1], self.bm.block_table(seq)[len(old_table) - 1])] and n % BS
         for src, dst in copies:
             self.kv[dst * BS:(dst + 1) * BS] = self.kv[src * BS:(src + 1) * BS]
+        return True
+
+    @rule(i=st.integers(0, 1 << 16), tokens=token_lists)
+    def append(self, i, tokens):
+        seq = self.pick(i)
+        if seq is None or not self.grow(seq, len(tokens), "append", lambda: self.bm.append_tokens(seq, tokens)):
+            return
+        n = len(self.seqs[seq])
         self.seqs[seq] = self.seqs[seq] + tokens
         self.history.append(self.seqs[seq])
         self.compute(seq, n)
@@ -103,19 +109,10 @@ class BlockManagerMachine(RuleBasedStateMachine):
         """A step launched before its input tokens reach the host: slots are reserved, the device writes the
         tokens' K/V, then the host commits the first `keep` ids and cancels the rest (a stopped sequence)."""
         seq = self.pick(i)
-        if seq is None:
+        if seq is None or not self.grow(seq, len(tokens), "reserve", lambda: self.bm.reserve_tokens(seq, len(tokens))):
             return
-        before, fits = snapshot(self.bm), self.bm.can_append(seq, len(tokens))
-        old_table, n = self.bm.block_table(seq), len(self.seqs[seq])
-        try:
-            copies = self.bm.reserve_tokens(seq, len(tokens))
-        except OutOfBlocksError:
-            event("reserve: out of blocks")
-            assert not fits and snapshot(self.bm) == before and self.bm.block_table(seq) == old_table
-            return
-        assert fits and self.bm.num_reserved(seq) == len(tokens) and self.bm.num_tokens(seq) == n + len(tokens)
-        for src, dst in copies:
-            self.kv[dst * BS:(dst + 1) * BS] = self.kv[src * BS:(src + 1) * BS]
+        n = len(self.seqs[seq])
+        assert self.bm.num_reserved(seq) == len(tokens) and self.bm.num_tokens(seq) == n + len(tokens)
         full = self.seqs[seq] + tokens
         for t in range(n, len(full)):  # the device knows the ids the host does not have yet
             self.kv[self.bm.slot(seq, t)] = tuple(full[:t + 1])
