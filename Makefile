@@ -20,7 +20,7 @@ $(VENV)/.installed: $(VENV)/.deps setup.py pyproject.toml $(CSRC)
 install: $(VENV)/.installed
 
 demo: install
-	$(PY) -m selfrag_engine.demo
+	$(PY) -m selfrag_engine.entrypoints.demo
 
 test: install
 	$(PY) -m pytest -q -ra tests

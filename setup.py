@@ -1,12 +1,10 @@
-"""Builds the C++ extension `selfrag_engine._C` from csrc/ (host C++ with pybind11; no CUDA needed).
-
-CUDA sources (csrc/**/*.cu) are not linked into this extension; tests/test_csrc.py compiles each of
-them with nvcc for sm_80 and sm_90a so that CUDA compile errors are caught on machines without a GPU.
-"""
+"""Packaging: the Python package `selfrag_engine`, the top-level `kernels/` folder installed as its
+`selfrag_engine.kernels` subpackage, and the C++ extension `selfrag_engine._C` built from csrc/ (host C++
+with pybind11; no CUDA sources)."""
 import glob
 
 from pybind11.setup_helpers import Pybind11Extension, build_ext
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ext = Pybind11Extension(
     "selfrag_engine._C",
@@ -16,4 +14,9 @@ ext = Pybind11Extension(
     extra_compile_args=["-O2"],
 )
 
-setup(ext_modules=[ext], cmdclass={"build_ext": build_ext})
+setup(
+    packages=find_packages(include=["selfrag_engine", "selfrag_engine.*"]) + ["selfrag_engine.kernels"],
+    package_dir={"selfrag_engine.kernels": "kernels"},
+    ext_modules=[ext],
+    cmdclass={"build_ext": build_ext},
+)

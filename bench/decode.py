@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             gc.collect()
 
     # Quantizes the same weights in place: the FP16 copy is given up here.
-    from selfrag_engine.quantization import replace_linears_with_fp8
+    from selfrag_engine.layers.fp8_linear import replace_linears_with_fp8
     replace_linears_with_fp8(model, quantize_existing=True)
     gc.collect()
     if device.startswith("cuda"):

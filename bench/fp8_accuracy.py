@@ -34,7 +34,7 @@ def default_prompts(engine: Engine, n: int) -> list[str]:
     """Instruction prompts of the Self-RAG format, with entity names from the embedded corpus if there is one."""
     names = ["Ada Lovelace", "Nubes Gedri", "Keistei"]
     try:
-        from selfrag_engine.world.assets import default_corpus_path
+        from selfrag_engine.tiny.assets import default_corpus_path
         import json
 
         with open(default_corpus_path(), encoding="utf-8") as f:
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         path = Path(tempfile.mkdtemp()) / "tiny"
         write_tiny_checkpoint(path, seed=0)
     else:
-        from selfrag_engine.world.assets import default_model_dir
+        from selfrag_engine.tiny.assets import default_model_dir
 
         path = default_model_dir()
     # The reference runs in the dtype the FP8 model's activations use: fp16 on CUDA, float32 on the CPU.

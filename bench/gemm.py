@@ -78,7 +78,7 @@ def _copies(n: int, k: int, device: str, smoke: bool) -> int:
 
 def bench_decode(shapes, ms_list, device, smoke, results, iters):
     from selfrag_engine.kernels.fp8_linear import fp8_linear, gemv_config
-    from selfrag_engine.quantization import quantize_fp8_per_channel
+    from selfrag_engine.layers.fp8_linear import quantize_fp8_per_channel
 
     from bench.common import copy_bandwidth_gbps
 
@@ -144,7 +144,7 @@ def bench_decode(shapes, ms_list, device, smoke, results, iters):
 
 def bench_prefill(shapes, m, device, smoke, results, iters):
     from selfrag_engine.kernels.fp8_linear import fp8_linear, fp8_linear_w8a8
-    from selfrag_engine.quantization import quantize_fp8_per_channel
+    from selfrag_engine.layers.fp8_linear import quantize_fp8_per_channel
 
     from bench.common import time_fn
 
@@ -194,8 +194,8 @@ def llama2_7b_fp8_bytes(device: str, allocate: bool) -> tuple[float, float | Non
     """(weight GB, allocated GB or None) of a Llama-2-7B-shaped model (Self-RAG's 32016-token vocabulary)
     with FP8 decoder linears and fp16 embedding, norms and lm_head."""
     from selfrag_engine.config import LlamaConfig
-    from selfrag_engine.model import Llama
-    from selfrag_engine.quantization import Fp8Linear, quantize_fp8_per_channel, replace_linears_with_fp8
+    from selfrag_engine.models.llama import Llama
+    from selfrag_engine.layers.fp8_linear import Fp8Linear, quantize_fp8_per_channel, replace_linears_with_fp8
 
     cfg = LlamaConfig(vocab_size=32016, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                       num_attention_heads=32, num_key_value_heads=32, torch_dtype=torch.float16)

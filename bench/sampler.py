@@ -27,7 +27,7 @@ if not torch.cuda.is_available():
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import time_fn, write_results  # noqa: E402
-from selfrag_engine.engine.sampler import ReflectionGroups, sample  # noqa: E402
+from selfrag_engine.layers.sampler import ReflectionGroups, sample  # noqa: E402
 
 # Self-RAG's reflection tokens (ids of the published tokenizer), as the engine groups them.
 SELFRAG_GROUPS = {"retrieval": [32000, 32001, 32002], "relevance": [32003, 32004],

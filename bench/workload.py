@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from selfrag_engine.config import LlamaConfig
-from selfrag_engine.model import Llama
+from selfrag_engine.models.llama import Llama
 from selfrag_engine.testing import tiny_config, write_tokenizer
 from selfrag_engine.tokenizer import Tokenizer
 
@@ -41,7 +41,7 @@ def random_llama(cfg: dict, device: str, dtype: torch.dtype, seed: int = 0, fp8:
                 p.copy_(0.02 * torch.randn(p.shape, generator=gen, device=device, dtype=torch.float32))
     model.init_rope()
     if fp8:
-        from selfrag_engine.quantization import replace_linears_with_fp8
+        from selfrag_engine.layers.fp8_linear import replace_linears_with_fp8
         replace_linears_with_fp8(model, quantize_existing=True)
     return model.eval().requires_grad_(False)
 

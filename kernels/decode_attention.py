@@ -23,11 +23,10 @@ kernel then combines the prefix and suffix partials by log-sum-exp.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+from selfrag_engine.kernels import INTERPRET
 
 __all__ = ["paged_decode_attention", "cascade_decode_attention", "default_num_splits"]
 
@@ -237,12 +236,8 @@ def _cascade_kernel(
             total_splits, GROUP, ROWS_S, BLOCK_G, BLOCK_SIZE, BLOCK_N, HEAD_DIM, DOT_PREC)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _target_programs(device: torch.device) -> int:
-    if device.type == "cuda" and not _interpreting():
+    if device.type == "cuda" and not INTERPRET:
         # Two waves' worth of programs hides the tail of the slowest split.
         return 2 * torch.cuda.get_device_properties(device).multi_processor_count
     # The interpreter runs programs one by one: splitting only adds work there.
@@ -259,7 +254,7 @@ def default_num_splits(batch: int, num_kv_heads: int, max_context_len: int, devi
 
 
 def _block_n(head_dim: int, block_size: int) -> int:
-    if _interpreting():
+    if INTERPRET:
         return max(16, block_size)
     return max(64 if head_dim <= 128 else 32, block_size)
 

@@ -18,11 +18,10 @@ bytes and decoded with integer ops (`_e4m3_bits_to_f16`), which is exact.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+from selfrag_engine.kernels import INTERPRET
 
 __all__ = ["FP8_DTYPE", "FP8_MAX", "GEMV_MAX_M", "fp8_linear", "fp8_linear_w8a8", "gemv_config",
            "quantize_activations_per_token", "w8a8_supported"]
@@ -32,7 +31,6 @@ FP8_MAX = 448.0
 # Up to this many rows of x, W is streamed once by the GEMV kernel; above it, the tiled GEMM wins.
 GEMV_MAX_M = 16
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _X_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -123,7 +121,7 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride_wn, 
 
 
 def _gemm_configs():
-    if _INTERPRET:
+    if INTERPRET:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4, "SWAP_AB": False},
                               num_warps=4, num_stages=1)]
     # fp16 GEMM tiles that do well on A100/H100. BLOCK_K stays at 64 because the fp8 -> fp16 conversion
@@ -207,13 +205,13 @@ _fp8_gemm_kernel = triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N"
 
 
 def _needs_w_bits(device: torch.device) -> bool:
-    if _INTERPRET or device.type != "cuda":
+    if INTERPRET or device.type != "cuda":
         return False
     return torch.cuda.get_device_capability(device) < (8, 9)
 
 
 def _num_sms(device: torch.device) -> int:
-    if _INTERPRET or device.type != "cuda":
+    if INTERPRET or device.type != "cuda":
         return 4
     return torch.cuda.get_device_properties(device).multi_processor_count
 
@@ -221,7 +219,7 @@ def _num_sms(device: torch.device) -> int:
 def gemv_config(m: int, n: int, k: int, device: torch.device) -> dict:
     """Launch parameters of the GEMV kernel (a heuristic, not autotuned, so the first call inside a CUDA
     graph capture does not benchmark)."""
-    if _INTERPRET:
+    if INTERPRET:
         use_dot = m > 1
         return {"BLOCK_M": 16 if use_dot else 1, "BLOCK_N": 16 if use_dot else 8, "BLOCK_K": 64,
                 "USE_DOT": use_dot, "num_warps": 4, "num_stages": 1}
@@ -346,7 +344,7 @@ def quantize_activations_per_token(x2: torch.Tensor) -> tuple[torch.Tensor, torc
 
 def w8a8_supported(device: torch.device, n: int, k: int) -> bool:
     """Whether `fp8_linear_w8a8` can run: FP8 tensor cores (sm_89+) and K, N multiples of 16."""
-    return (device.type == "cuda" and not _INTERPRET and k % 16 == 0 and n % 16 == 0
+    return (device.type == "cuda" and not INTERPRET and k % 16 == 0 and n % 16 == 0
             and torch.cuda.get_device_capability(device) >= (8, 9))
 
 

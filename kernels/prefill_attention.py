@@ -17,11 +17,10 @@ the second product, as flash attention does.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+from selfrag_engine.kernels import INTERPRET
 
 __all__ = ["prefill_attention"]
 
@@ -115,12 +114,8 @@ def _prefill_kernel(
                  out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _launch_config(max_q_len: int, head_dim: int, block_size: int, dtype: torch.dtype) -> dict:
-    if _interpreting():
+    if INTERPRET:
         # The interpreter's cost is per program instruction, not per element: small tiles, few wasted rows.
         block_m = 16
         block_n = max(16, block_size)

@@ -8,7 +8,7 @@ Shapes and dtypes
   seeds             [B]     int64; one seed is one draw (callers mix the step into it)
   group_token_ids   [G]     int32, the reflection groups concatenated
   group_offsets     [n+1]   int32, group i is group_token_ids[offsets[i]:offsets[i+1]]
-  returns SamplerOutput: tokens [B] int64, logprobs [B] fp32, lse [B] fp32, group_logprobs / group_probs
+  returns SampleTensors: tokens [B] int64, logprobs [B] fp32, lse [B] fp32, group_logprobs / group_probs
   [B, G] fp32, topn_ids [B, n] int64 / topn_logprobs [B, n] fp32 (descending, ties to the lower id)
 
 Every log-probability, the log-sum-exp and the group values are of the raw logits at temperature 1: the
@@ -40,13 +40,13 @@ Rows need at least one finite logit; NaN logits are not supported.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["SamplerOutput", "fused_sample", "check_sample_args", "MAX_TOP_N"]
+__all__ = ["SampleTensors", "fused_sample", "check_sample_args", "MAX_TOP_N"]
 
 MAX_TOP_N = 20
 _BLOCK_V = 2048    # tile of the streaming passes (log-sum-exp, draw)
@@ -55,8 +55,8 @@ _NPIV = 16         # pivots per search pass, the bracket's upper end included
 _MAX_ITERS = 48    # guard for pathological float spacing; a typical search ends in a handful of passes
 
 
-@dataclass
-class SamplerOutput:
+class SampleTensors(NamedTuple):
+    """What `fused_sample` returns (the optional fields are None when not asked for)."""
     tokens: torch.Tensor                        # [B] int64
     logprobs: torch.Tensor                      # [B] fp32, of the chosen tokens (temperature 1)
     lse: torch.Tensor                           # [B] fp32, log-sum-exp of the raw row
@@ -341,7 +341,7 @@ def check_sample_args(logits: torch.Tensor, temperature: torch.Tensor, top_p: to
 
 def fused_sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
                  seeds: torch.Tensor, groups: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 top_n: int = 0, *, block_v: int = _BLOCK_V, block_s: int = _BLOCK_S) -> SamplerOutput:
+                 top_n: int = 0, *, block_v: int = _BLOCK_V, block_s: int = _BLOCK_S) -> SampleTensors:
     """Samples one token per row and scores it, the reflection groups and the top-n in the same pass.
 
     groups: (group_token_ids [G] int32, group_offsets [n_groups + 1] int32) on the logits' device, or None.
@@ -379,21 +379,23 @@ def fused_sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.T
     tokens = torch.empty(batch, dtype=torch.int64, device=dev)
     logprobs = torch.empty(batch, dtype=torch.float32, device=dev)
     lse = torch.empty(batch, dtype=torch.float32, device=dev)
-    out = SamplerOutput(tokens, logprobs, lse)
     n_gtok = n_groups = 0
     gpad = ngpad = 0
     glp = gp = tokens  # placeholders, never touched when GPAD == 0
     if groups is not None:
         n_gtok, n_groups = gids.numel(), goff.numel() - 1
         gpad, ngpad = max(2, triton.next_power_of_2(n_gtok)), max(2, triton.next_power_of_2(n_groups))
-        out.group_logprobs = glp = torch.empty(batch, n_gtok, dtype=torch.float32, device=dev)
-        out.group_probs = gp = torch.empty(batch, n_gtok, dtype=torch.float32, device=dev)
+        glp = torch.empty(batch, n_gtok, dtype=torch.float32, device=dev)
+        gp = torch.empty(batch, n_gtok, dtype=torch.float32, device=dev)
     else:
         gids = goff = top_k
     tn_ids = tn_lp = tokens
     if top_n > 0:
-        out.topn_ids = tn_ids = torch.empty(batch, top_n, dtype=torch.int64, device=dev)
-        out.topn_logprobs = tn_lp = torch.empty(batch, top_n, dtype=torch.float32, device=dev)
+        tn_ids = torch.empty(batch, top_n, dtype=torch.int64, device=dev)
+        tn_lp = torch.empty(batch, top_n, dtype=torch.float32, device=dev)
+    out = SampleTensors(tokens, logprobs, lse, glp if groups is not None else None,
+                        gp if groups is not None else None, tn_ids if top_n > 0 else None,
+                        tn_lp if top_n > 0 else None)
     if batch == 0:
         return out
     _fused_sample_kernel[(batch,)](

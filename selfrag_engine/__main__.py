@@ -1,5 +1,5 @@
 import sys
 
-from selfrag_engine.cli import main
+from selfrag_engine.entrypoints.cli import main
 
 sys.exit(main())

@@ -17,15 +17,7 @@ import sentencepiece as spm
 import torch
 from safetensors.torch import save_file
 
-# In the published order: ids vocab_pieces .. vocab_pieces + 15.
-SELFRAG_ADDED_TOKENS = (
-    "[No Retrieval]", "[Retrieval]", "[Continue to Use Evidence]", "[Irrelevant]", "[Relevant]",
-    "<paragraph>", "</paragraph>", "[Utility:1]", "[Utility:2]", "[Utility:3]", "[Utility:4]", "[Utility:5]",
-    "[Fully supported]", "[Partially supported]", "[No support / Contradictory]", "<pad>",
-)
-PAD_TOKEN = "<pad>"
-# Self-RAG registered all added tokens but the pad token as additional special tokens.
-ADDITIONAL_SPECIAL_TOKENS = tuple(t for t in SELFRAG_ADDED_TOKENS if t != PAD_TOKEN)
+from selfrag_engine.vocab import ADDED_TOKENS, ADDITIONAL_SPECIAL_TOKENS, PAD_TOKEN
 
 # <unk>, <s>, </s> and the 256 byte-fallback pieces.
 _RESERVED_PIECES = 3 + 256
@@ -137,7 +129,7 @@ def write_tokenizer(path: str | Path, *, vocab_pieces: int = 320, seed: int = 0,
     proto = train_sentencepiece(vocab_pieces, seed, pad_to)
     (path / "tokenizer.model").write_bytes(proto)
     num_pieces = spm.SentencePieceProcessor(model_proto=proto).get_piece_size()
-    added = {tok: num_pieces + i for i, tok in enumerate(SELFRAG_ADDED_TOKENS)}
+    added = {tok: num_pieces + i for i, tok in enumerate(ADDED_TOKENS)}
 
     decoder = {"0": _added_token_entry("<unk>"), "1": _added_token_entry("<s>"), "2": _added_token_entry("</s>")}
     decoder.update({str(i): _added_token_entry(tok) for tok, i in added.items()})
@@ -153,7 +145,7 @@ def write_tokenizer(path: str | Path, *, vocab_pieces: int = 320, seed: int = 0,
     _write_json(path / "tokenizer_config.json", config)
     _write_json(path / "special_tokens_map.json", special_map)
     _write_json(path / "added_tokens.json", added)
-    return num_pieces + len(SELFRAG_ADDED_TOKENS)
+    return num_pieces + len(ADDED_TOKENS)
 
 
 def _write_json(file: Path, obj: dict) -> None:

@@ -26,7 +26,7 @@ from typing import Iterable, Sequence
 
 import sentencepiece as spm
 
-from selfrag_engine.selfrag.prompts import GROUPS, PARAGRAPH_CLOSE, PARAGRAPH_OPEN
+from selfrag_engine.vocab import GROUPS, PARAGRAPH_CLOSE, PARAGRAPH_OPEN
 
 SPIECE_UNDERLINE = "▁"
 # A serialized NormalizerSpec {add_dummy_prefix: false} as ModelProto field 3. Protobuf merges repeated
@@ -62,7 +62,7 @@ class AddedToken:
 
 @dataclass(frozen=True)
 class ReflectionTokenIds:
-    """Ids of the Self-RAG reflection tokens; each group in the order of `selfrag.prompts.GROUPS`."""
+    """Ids of the Self-RAG reflection tokens; each group in the order of `vocab.GROUPS`."""
     retrieval: tuple[int, int, int]  # [Retrieval], [No Retrieval], [Continue to Use Evidence]
     relevance: tuple[int, int]  # [Relevant], [Irrelevant]
     grounding: tuple[int, int, int]  # [Fully supported], [Partially supported], [No support / Contradictory]

@@ -6,7 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from selfrag_engine.checkpoint import convert_bin_to_safetensors, load_model
+from selfrag_engine.weights.convert import convert_bin_to_safetensors
+from selfrag_engine.weights.loader import load_model
 from selfrag_engine.config import LlamaConfig
 from selfrag_engine.errors import CheckpointError
 from tests.helpers import hf_model, rel_err, tiny_checkpoint
@@ -47,7 +48,7 @@ def test_convert_bin_shards_to_safetensors(tmp_path):
 
 
 def test_convert_cli(tmp_path):
-    from selfrag_engine.cli import main
+    from selfrag_engine.entrypoints.cli import main
     src = tiny_checkpoint(seed=12, weight_format="bin")
     assert main(["convert", str(src), str(tmp_path / "out"), "--quiet"]) == 0
     assert (tmp_path / "out" / "model.safetensors").is_file()

@@ -1,6 +1,5 @@
 """The engine's request API: batching, sampling options, stop conditions, forks, and bad requests."""
 import pytest
-import torch
 
 from selfrag_engine import CacheCapacityError, Engine, RequestError, SamplingParams
 from tests.helpers import tiny_checkpoint

@@ -165,8 +165,8 @@ def test_overlap_defaults_to_cuda_only(path):
 
 def test_selfrag_answers_are_unchanged_by_overlap():
     from selfrag_engine.selfrag.short_form import SelfRAG
-    from selfrag_engine.world.assets import default_model_dir
-    from selfrag_engine.world.evaluate import _passages, world_and_split, world_cases
+    from selfrag_engine.tiny.assets import default_model_dir
+    from selfrag_engine.tiny.evaluate import _passages, world_and_split, world_cases
 
     model = default_model_dir()
     if not (model / "model.safetensors").is_file():

@@ -17,15 +17,11 @@ from safetensors.torch import save_file
 from torch import nn
 
 from selfrag_engine.errors import CheckpointError
+from selfrag_engine.backend import choose_backend
 from selfrag_engine.kernels.fp8_linear import FP8_DTYPE, fp8_linear, fp8_linear_w8a8
-from selfrag_engine.quantization import (
-    Fp8Linear,
-    fp8_quantization_config,
-    parse_quantization_config,
-    quantize_checkpoint,
-    quantize_fp8_per_channel,
-    replace_linears_with_fp8,
-)
+from selfrag_engine.layers.fp8_linear import Fp8Linear, quantize_fp8_per_channel, replace_linears_with_fp8
+from selfrag_engine.weights.quant_config import fp8_quantization_config, parse_quantization_config
+from selfrag_engine.weights.quantize import quantize_checkpoint
 
 gpu = pytest.mark.gpu
 # Kernel tests run compiled where a GPU is present (the interpreter is only set up without one).
@@ -223,7 +219,7 @@ def test_quantize_saturation_never_nan():
 
 
 def test_quantize_chunked_is_identical(monkeypatch):
-    import selfrag_engine.quantization as qmod
+    import selfrag_engine.layers.fp8_linear as qmod
 
     w = torch.randn(50, 33, generator=_gen(6))
     q1, s1 = quantize_fp8_per_channel(w)
@@ -560,7 +556,7 @@ def test_quantize_checkpoint_errors(tmp_path):
 def test_fp8_checkpoint_loads_like_quantize_on_load(tmp_path):
     """The engine's loader, both ways: quantizing an fp16 checkpoint while loading and loading the rewritten
     one give the same bytes and the same logits, within FP8 error of the unquantized model."""
-    from selfrag_engine.checkpoint import load_model
+    from selfrag_engine.weights.loader import load_model
 
     src, dst = tmp_path / "src", tmp_path / "dst"
     _write_tiny_hf(src, seed=3)
@@ -678,6 +674,7 @@ def test_gpu_quantize_and_module():
     qg, sg = quantize_fp8_per_channel(w.cuda())
     assert torch.equal(qc.view(torch.uint8), qg.cpu().view(torch.uint8)) and torch.equal(sc, sg.cpu())
     lin = Fp8Linear(777, 1000, device="cuda")
+    lin.backend = choose_backend("cuda")
     lin.load_checkpoint_tensor("weight", w)  # a CPU tensor: moved to the GPU, then quantized there
     assert lin.weight.is_cuda and torch.equal(lin.weight.cpu().view(torch.uint8), qc.view(torch.uint8))
     x = torch.randn(3, 5, 777, device="cuda", dtype=torch.float16)

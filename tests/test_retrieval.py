@@ -11,7 +11,7 @@ import string
 import numpy as np
 import pytest
 
-from selfrag_engine.cli import main
+from selfrag_engine.entrypoints.cli import main
 from selfrag_engine.errors import RequestError
 from selfrag_engine.retrieval.encoders import HashingEncoder, get_encoder
 from selfrag_engine.retrieval.passages import CorpusError, Passage, read_passages

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from selfrag_engine.engine.sampler import MAX_TOP_N, ReflectionGroups, sample, sample_torch
+from selfrag_engine.layers.sampler import MAX_TOP_N, ReflectionGroups, sample, sample_torch
 from selfrag_engine.kernels.sampling import fused_sample
 
 CUDA = torch.cuda.is_available()

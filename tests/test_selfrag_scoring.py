@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from selfrag_engine.engine.sampler import ReflectionGroups
+from selfrag_engine.layers.sampler import ReflectionGroups
 from selfrag_engine.errors import RequestError
 from selfrag_engine.selfrag.critique import Decoded, Reader, critique
 from selfrag_engine.selfrag.prompts import format_passage, format_prompt, postprocess

@@ -7,7 +7,7 @@ import string
 
 import pytest
 
-from selfrag_engine.cli import main
+from selfrag_engine.entrypoints.cli import main
 from selfrag_engine.selfrag.evaluate import (arc_accuracy, match, metrics_path, pubhealth_accuracy,
                                              reference_match, str_em)
 from selfrag_engine.selfrag.tasks import (PRESETS, DatasetError, arc_letter, get_preset, load_records,

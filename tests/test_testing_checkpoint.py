@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from selfrag_engine import testing
-from selfrag_engine.testing import (SELFRAG_ADDED_TOKENS, random_state_dict, tiny_config, train_sentencepiece,
+from selfrag_engine.vocab import ADDED_TOKENS as SELFRAG_ADDED_TOKENS
+from selfrag_engine.testing import (random_state_dict, tiny_config, train_sentencepiece,
                                     write_tiny_checkpoint, write_tokenizer)
 from selfrag_engine.tokenizer import Tokenizer
 

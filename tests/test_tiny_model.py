@@ -16,8 +16,8 @@ import json
 import pytest
 import torch
 
-from selfrag_engine.world.assets import default_corpus_path, default_model_dir
-from selfrag_engine.world.evaluate import (
+from selfrag_engine.tiny.assets import default_corpus_path, default_model_dir
+from selfrag_engine.tiny.evaluate import (
     _passages, answer_all, instruction_cases, phrasing_breakdown, score_instructions, score_world, world_and_split,
     world_cases,
 )

@@ -12,7 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from selfrag_engine.selfrag.prompts import GROUPS, PARAGRAPH_CLOSE, PARAGRAPH_OPEN
-from selfrag_engine.testing import (ADDITIONAL_SPECIAL_TOKENS, SELFRAG_ADDED_TOKENS, train_sentencepiece,
+from selfrag_engine.vocab import ADDED_TOKENS as SELFRAG_ADDED_TOKENS, ADDITIONAL_SPECIAL_TOKENS
+from selfrag_engine.testing import (train_sentencepiece,
                                     write_tokenizer)
 from selfrag_engine.tokenizer import Tokenizer, TokenizerError, UnknownTokenError
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from selfrag_engine.world import build_world
-from selfrag_engine.world.generator import remix_world
-from selfrag_engine.world.training_data import (
+from selfrag_engine.tiny import build_world
+from selfrag_engine.tiny.world import remix_world
+from selfrag_engine.tiny.training_data import (
     HELDOUT_TASKS, HELDOUT_WORDS, IRRELEVANT_ANSWER, PERSON_QUESTIONS, TOWN_QUESTIONS, TRAIN_TASKS,
     LexicalIndex, TrainingStream, _heldout_pair, branch_cases, encode_example, fresh_source, heldout_instructions,
     heldout_questions, is_relevant, questions_for, retrieved_distractors, split_world, training_distractor,
@@ -37,7 +37,7 @@ def split(world):
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory, world, split):
     from selfrag_engine.tokenizer import Tokenizer
-    from selfrag_engine.train_tiny import tokenizer_sentences, write_world_tokenizer
+    from selfrag_engine.tiny.train import tokenizer_sentences, write_world_tokenizer
 
     path = tmp_path_factory.mktemp("world-tokenizer")
     write_world_tokenizer(path, tokenizer_sentences(TrainingStream(world, split, seed=1), 1500), 600)
@@ -56,7 +56,7 @@ def _digest(world) -> str:
 def test_world_is_deterministic_across_processes(world):
     # A fresh interpreter with another hash seed: nothing may depend on set or dict-of-str iteration order.
     code = ("import sys; sys.path.insert(0, %r); from tests.test_world import _digest; "
-            "from selfrag_engine.world import build_world; print(_digest(build_world(0)))"
+            "from selfrag_engine.tiny import build_world; print(_digest(build_world(0)))"
             % str(Path(__file__).resolve().parent.parent))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={"PYTHONHASHSEED": "12345", "PATH": ""}).stdout.strip()
@@ -305,8 +305,8 @@ def test_loss_mask_covers_exactly_the_models_part(world, split, tokenizer):
 
 def test_world_tokenizer_layout_matches_transformers(tmp_path, world, split, tokenizer):
     transformers = pytest.importorskip("transformers")
-    from selfrag_engine.testing import SELFRAG_ADDED_TOKENS
-    from selfrag_engine.train_tiny import tokenizer_sentences, write_world_tokenizer
+    from selfrag_engine.vocab import ADDED_TOKENS as SELFRAG_ADDED_TOKENS
+    from selfrag_engine.tiny.train import tokenizer_sentences, write_world_tokenizer
 
     vocab = write_world_tokenizer(tmp_path, tokenizer_sentences(TrainingStream(world, split, seed=1), 1500), 600)
     ours = type(tokenizer).from_pretrained(tmp_path)
@@ -322,7 +322,7 @@ def test_world_tokenizer_layout_matches_transformers(tmp_path, world, split, tok
 
 
 def test_batch_weights_follow_the_loss_mask(world, split, tokenizer):
-    from selfrag_engine.train_tiny import make_batch
+    from selfrag_engine.tiny.train import make_batch
 
     stream = TrainingStream(world, split, seed=9)
     encoded = [encode_example(stream.next(), tokenizer) for _ in range(24)]
@@ -339,7 +339,7 @@ def test_batch_weights_follow_the_loss_mask(world, split, tokenizer):
 
 def test_training_is_deterministic_from_its_seed_and_lowers_the_loss(world, split, tokenizer):
     from selfrag_engine.config import LlamaConfig
-    from selfrag_engine.train_tiny import ModelShape, TrainConfig, hf_config, new_model, new_stream, train
+    from selfrag_engine.tiny.train import ModelShape, TrainConfig, hf_config, new_model, new_stream, train
 
     shape = ModelShape(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
     config = LlamaConfig.from_dict(hf_config(shape, tokenizer.vocab_size))

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from selfrag_engine.engine.attention import AttentionMetadata, KVCache
+from selfrag_engine.layers.attention import AttentionMetadata, KVCache
 
 
 def batch_size_ladder(max_batch: int) -> list[int]:
@@ -56,8 +56,7 @@ class DecodeGraphs:
         return AttentionMetadata(
             cu_seqlens_q=self.cu_seqlens[:batch + 1], context_lens=self.context_lens[:batch],
             block_tables=self.block_tables[:batch], slot_mapping=self.slot_mapping[:batch], max_q_len=1,
-            max_context_len=self.max_model_len, q_lens_host=[1] * batch, context_lens_host=[0] * batch,
-            use_kernels=True)
+            max_context_len=self.max_model_len, q_lens_host=[1] * batch, context_lens_host=[0] * batch)
 
     def _forward(self, batch: int) -> torch.Tensor:
         hidden = self.model(self.input_ids[:batch], self.positions[:batch], self._meta(batch), self.kv_caches)

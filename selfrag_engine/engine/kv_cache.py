@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 
 from selfrag_engine.config import LlamaConfig
-from selfrag_engine.engine.attention import KVCache
 from selfrag_engine.engine.transfer import to_device
+from selfrag_engine.layers.attention import KVCache
 
 
 def bytes_per_block(config: LlamaConfig, block_size: int, dtype: torch.dtype) -> int:

@@ -7,28 +7,29 @@ Self-RAG algorithms do to branch K passages off one cached prompt.
 from __future__ import annotations
 
 import itertools
-import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence as Seq
+from typing import Iterable
+from typing import Sequence as Seq
 
 import torch
 from tqdm.auto import tqdm
 
-from selfrag_engine.checkpoint import load_model
+from selfrag_engine.backend import TRITON, choose_backend
 from selfrag_engine.config import LlamaConfig
 from selfrag_engine.engine.block_manager import BlockManager
 from selfrag_engine.engine.cuda_graph import DecodeGraphs
 from selfrag_engine.engine.kv_cache import allocate_kv_caches, num_blocks_for_budget
 from selfrag_engine.engine.model_runner import ModelRunner
-from selfrag_engine.engine.sampler import ReflectionGroups, SamplerOutput, sample
 from selfrag_engine.engine.sampling_params import SamplingParams
 from selfrag_engine.engine.scheduler import Chunk, Scheduler
 from selfrag_engine.engine.sequence import Sequence, Status
 from selfrag_engine.engine.transfer import copy_to_host, to_device
 from selfrag_engine.errors import CacheCapacityError, RequestError
+from selfrag_engine.layers.sampler import ReflectionGroups, SamplerOutput, sample
 from selfrag_engine.tokenizer import Tokenizer
+from selfrag_engine.weights.loader import load_model
 
 _MASK64 = (1 << 64) - 1
 
@@ -80,12 +81,11 @@ class Engine:
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.kv_caches = allocate_kv_caches(self.config, num_blocks, block_size, self.dtype, self.device)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
-        if use_kernels and self.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError("use_kernels needs a CUDA device, or TRITON_INTERPRET=1 to run the kernels on the CPU "
-                             "(the CPU path is otherwise the torch reference)")
-        self.use_kernels = self.device.type == "cuda" if use_kernels is None else use_kernels
-        self.runner = ModelRunner(model, self.kv_caches, self.block_manager, self.device, self.use_kernels)
-        if self.device.type == "cuda" and self.use_kernels and not enforce_eager:
+        # The one backend decision: every layer of the model, the runner and the sampler ask it.
+        self.backend = choose_backend(self.device, use_kernels)
+        model.set_backend(self.backend)
+        self.runner = ModelRunner(model, self.kv_caches, self.block_manager, self.device, self.backend)
+        if self.backend == TRITON and not enforce_eager:
             self.runner.graphs = _capture_decode_graphs(self, min(max_num_seqs, cuda_graph_max_batch))
             weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
             self.runner.cascade_min_saved_bytes = weight_bytes // 2
@@ -342,6 +342,7 @@ class Engine:
             seeds=to_device([step_seed(s.seed, s.num_output_tokens + ahead) for s in seqs], torch.int64, dev),
             groups=self.reflection_groups if want_groups else None,
             top_n=top_n,
+            backend=self.backend,
         )
 
     def _append_token(self, seq: Sequence, out: SamplerOutput, row: int, token: int, lp: float) -> bool:

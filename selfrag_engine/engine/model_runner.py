@@ -20,11 +20,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from selfrag_engine.engine.attention import AttentionMetadata, CascadeMetadata, KVCache
+from selfrag_engine.backend import TORCH, Backend
 from selfrag_engine.engine.kv_cache import copy_blocks
 from selfrag_engine.engine.prefix_groups import PrefixGroups, shared_prefix_groups
 from selfrag_engine.engine.scheduler import Chunk
 from selfrag_engine.engine.transfer import to_device
+from selfrag_engine.layers.attention import AttentionMetadata, CascadeMetadata, KVCache
 
 # Shared blocks below which the plain split-K decode is as good. A cascade saves (rows - 1) * prefix_blocks
 # block reads per kv head, but writes every row's output as float32 partials and merges them in a second
@@ -59,8 +60,7 @@ def cascade_metadata(groups: PrefixGroups, context_lens: list[int], block_size: 
 
 
 def decode_metadata(block_tables: np.ndarray, context_lens: list[int], slot_mapping: np.ndarray,
-                    device: torch.device, use_kernels: bool,
-                    cascade: CascadeMetadata | None = None) -> AttentionMetadata:
+                    device: torch.device, cascade: CascadeMetadata | None = None) -> AttentionMetadata:
     """Attention metadata of a decode step (one new token per row), every argument in batch order:
     block_tables int32 [B, max_blocks] padded with -1, context_lens including the new token, slot_mapping
     int64 [B] where each new token's K/V goes."""
@@ -74,16 +74,15 @@ def decode_metadata(block_tables: np.ndarray, context_lens: list[int], slot_mapp
         max_context_len=max(context_lens),
         q_lens_host=[1] * batch,
         context_lens_host=list(context_lens),
-        use_kernels=use_kernels,
         cascade=cascade,
     )
 
 
 class ModelRunner:
     def __init__(self, model, kv_caches: list[KVCache], block_manager, device: torch.device,
-                 use_kernels: bool = False, min_shared_prefix_blocks: int = MIN_SHARED_PREFIX_BLOCKS):
+                 backend: Backend = TORCH, min_shared_prefix_blocks: int = MIN_SHARED_PREFIX_BLOCKS):
         self.model = model
-        self.use_kernels = use_kernels
+        self.backend = backend
         self.kv_caches = kv_caches
         self.bm = block_manager
         self.device = device
@@ -106,7 +105,7 @@ class ModelRunner:
         context_lens = [c.start + 1 for c in chunks]
         order: list[int] | None = None
         groups = None
-        if self.use_kernels and len(chunks) > 1:
+        if self.backend.kernels and len(chunks) > 1:
             groups = shared_prefix_groups(tables, context_lens, self.bm.block_size(), self.min_shared_prefix_blocks)
             if groups.shares and self.graphs is not None and self.graphs.fits(len(chunks), tables.shape[1]):
                 saved = groups.saved_blocks * self.bm.block_size() * self.kv_bytes_per_token
@@ -125,7 +124,7 @@ class ModelRunner:
         slots = self.bm.slot_mapping(seq_ids, [1] * len(chunks), starts)
         cascade = None if groups is None else cascade_metadata(groups, context_lens, self.bm.block_size(),
                                                                self.device)
-        meta = decode_metadata(tables, context_lens, slots, self.device, self.use_kernels, cascade)
+        meta = decode_metadata(tables, context_lens, slots, self.device, cascade)
         if order is None:
             chunk_rows = [range(i, i + 1) for i in range(len(chunks))]
         else:
@@ -169,7 +168,6 @@ class ModelRunner:
             max_context_len=max(context_lens),
             q_lens_host=q_lens,
             context_lens_host=context_lens,
-            use_kernels=self.use_kernels,
         )
         return StepInputs(to_device(input_ids, torch.int64, dev), to_device(positions, torch.int64, dev), meta,
                           [range(a, b) for a, b in zip(cu, cu[1:])])

@@ -13,7 +13,7 @@ from dataclasses import fields
 import numpy as np
 import torch
 
-from selfrag_engine.engine.sampler import SamplerOutput
+from selfrag_engine.layers.sampler import SamplerOutput
 
 
 def to_device(values: list | np.ndarray, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -27,7 +27,12 @@ import numpy as np
 
 from selfrag_engine.errors import RequestError
 from selfrag_engine.retrieval.encoders import Encoder, get_encoder
-from selfrag_engine.retrieval.passages import CorpusError, Passage, read_passages, write_passages_jsonl
+from selfrag_engine.retrieval.passages import (
+    CorpusError,
+    Passage,
+    read_passages,
+    write_passages_jsonl,
+)
 from selfrag_engine.retrieval.shards import iter_embedding_shards
 
 __all__ = ["FORMAT_VERSION", "Hit", "Retriever", "faiss_gpu_available"]

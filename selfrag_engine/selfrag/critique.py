@@ -18,11 +18,18 @@ from typing import Callable
 import torch
 
 from selfrag_engine.engine.llm_engine import RequestOutput
-from selfrag_engine.engine.sampler import ReflectionGroups
 from selfrag_engine.engine.sampling_params import MAX_TOP_LOGPROBS
+from selfrag_engine.layers.sampler import ReflectionGroups
 from selfrag_engine.selfrag.prompts import GROUPS
-from selfrag_engine.selfrag.scoring import (ScoringConfig, final_score, grounding_score, relevance_score,
-                                            sequence_score, truncated_values, utility_score)
+from selfrag_engine.selfrag.scoring import (
+    ScoringConfig,
+    final_score,
+    grounding_score,
+    relevance_score,
+    sequence_score,
+    truncated_values,
+    utility_score,
+)
 
 
 @dataclass

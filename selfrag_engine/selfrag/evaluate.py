@@ -20,9 +20,23 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from selfrag_engine.errors import RequestError
-from selfrag_engine.selfrag.tasks import (MODE_ALIASES, MODES, PASSAGE_FIELDS, PRESETS, DatasetError, Example,
-                                          Preset, arc_letter, get_preset, normalize_answer, normalize_mode,
-                                          postprocess_prediction, pubhealth_gold, pubhealth_label, read_examples)
+from selfrag_engine.selfrag.tasks import (
+    MODE_ALIASES,
+    MODES,
+    PASSAGE_FIELDS,
+    PRESETS,
+    DatasetError,
+    Example,
+    Preset,
+    arc_letter,
+    get_preset,
+    normalize_answer,
+    normalize_mode,
+    postprocess_prediction,
+    pubhealth_gold,
+    pubhealth_label,
+    read_examples,
+)
 
 COMPAT = ("paper", "released")
 

@@ -48,10 +48,21 @@ from selfrag_engine.engine.llm_engine import Engine
 from selfrag_engine.engine.sampling_params import SamplingParams
 from selfrag_engine.errors import RequestError
 from selfrag_engine.retrieval.passages import Passage
-from selfrag_engine.selfrag.critique import Critique, Decoded, Reader, critique, top_k_for
+from selfrag_engine.selfrag.critique import (
+    Critique,
+    Decoded,
+    Reader,
+    critique,
+    top_k_for,
+)
 from selfrag_engine.selfrag.owned import Owned
 from selfrag_engine.selfrag.prompts import format_passage, format_prompt, postprocess
-from selfrag_engine.selfrag.scoring import ScoringConfig, normalize_compat, retrieval_gate, segment_gate
+from selfrag_engine.selfrag.scoring import (
+    ScoringConfig,
+    normalize_compat,
+    retrieval_gate,
+    segment_gate,
+)
 from selfrag_engine.selfrag.short_form import MODES
 
 RETRIEVALS = ("static", "per_segment")

@@ -3,14 +3,9 @@ from __future__ import annotations
 
 import re
 
-# Reflection tokens by group, in the order the scores read them.
-GROUPS: dict[str, tuple[str, ...]] = {
-    "retrieval": ("[Retrieval]", "[No Retrieval]", "[Continue to Use Evidence]"),
-    "relevance": ("[Relevant]", "[Irrelevant]"),
-    "grounding": ("[Fully supported]", "[Partially supported]", "[No support / Contradictory]"),
-    "utility": ("[Utility:1]", "[Utility:2]", "[Utility:3]", "[Utility:4]", "[Utility:5]"),
-}
-PARAGRAPH_OPEN, PARAGRAPH_CLOSE = "<paragraph>", "</paragraph>"
+from selfrag_engine.vocab import GROUPS, PARAGRAPH_CLOSE, PARAGRAPH_OPEN
+
+__all__ = ["GROUPS", "PARAGRAPH_CLOSE", "PARAGRAPH_OPEN", "format_passage", "format_prompt", "postprocess"]
 
 # What post-processing removes: every control token except [Continue to Use Evidence], and </s>.
 _STRIPPED = [t for g in GROUPS.values() for t in g if t != "[Continue to Use Evidence]"]

@@ -22,10 +22,20 @@ from selfrag_engine.engine.llm_engine import Engine, RequestOutput
 from selfrag_engine.engine.sampling_params import SamplingParams
 from selfrag_engine.errors import RequestError
 from selfrag_engine.retrieval.passages import Passage
-from selfrag_engine.selfrag.critique import Decoded, Reader, critique as read_critique, top_k_for
+from selfrag_engine.selfrag.critique import Decoded, Reader, top_k_for
+from selfrag_engine.selfrag.critique import critique as read_critique
 from selfrag_engine.selfrag.owned import Owned
-from selfrag_engine.selfrag.prompts import GROUPS, format_passage, format_prompt, postprocess
-from selfrag_engine.selfrag.scoring import ScoringConfig, normalize_compat, retrieval_gate
+from selfrag_engine.selfrag.prompts import (
+    GROUPS,
+    format_passage,
+    format_prompt,
+    postprocess,
+)
+from selfrag_engine.selfrag.scoring import (
+    ScoringConfig,
+    normalize_compat,
+    retrieval_gate,
+)
 
 __all__ = ["Answer", "Branch", "MODES", "Passage", "SelfRAG", "critique", "group_probs"]
 

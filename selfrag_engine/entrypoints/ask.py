@@ -7,8 +7,8 @@ import json
 import sys
 from typing import Any
 
+from selfrag_engine.entrypoints.index import snippet
 from selfrag_engine.errors import RequestError
-from selfrag_engine.retrieval.commands import snippet
 from selfrag_engine.selfrag.tasks import MODES
 
 COMPAT = ("paper", "released")

@@ -1,7 +1,7 @@
 """Next-token sampling with Self-RAG reflection-token scoring, in one pass over each row of logits.
 
-`sample` runs the fused Triton kernel (selfrag_engine.kernels.sampling) for CUDA logits and `sample_torch`,
-a float32 torch implementation, elsewhere. Both have the semantics below; only the random draws differ
+`sample` runs the fused Triton kernel (selfrag_engine.kernels.sampling) when its backend runs kernels and
+`sample_torch`, a float32 torch implementation, otherwise. Both have the semantics below; only the random draws differ
 between them (greedy results are identical).
 
 - temperature 0 is greedy: argmax, ties to the lowest id (torch.argmax).
@@ -22,9 +22,22 @@ from typing import Mapping, Sequence
 
 import torch
 
-from selfrag_engine.kernels.sampling import MAX_TOP_N, SamplerOutput, check_sample_args, fused_sample
+from selfrag_engine.backend import TORCH, Backend, as_backend
+from selfrag_engine.kernels.sampling import MAX_TOP_N, check_sample_args, fused_sample
 
 __all__ = ["ReflectionGroups", "SamplerOutput", "sample", "sample_torch", "MAX_TOP_N"]
+
+
+@dataclass
+class SamplerOutput:
+    """One sampled token per row and its scores; the optional fields are None when not asked for."""
+    tokens: torch.Tensor                        # [B] int64
+    logprobs: torch.Tensor                      # [B] fp32, of the chosen tokens (temperature 1)
+    lse: torch.Tensor                           # [B] fp32, log-sum-exp of the raw row
+    group_logprobs: torch.Tensor | None = None  # [B, G] fp32, full-vocabulary log-probabilities
+    group_probs: torch.Tensor | None = None     # [B, G] fp32, normalized within each group
+    topn_ids: torch.Tensor | None = None        # [B, n] int64
+    topn_logprobs: torch.Tensor | None = None   # [B, n] fp32
 
 
 @dataclass(frozen=True)
@@ -106,24 +119,20 @@ def _check_groups(groups: ReflectionGroups | None, vocab: int) -> None:
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
            seeds: torch.Tensor, groups: ReflectionGroups | None = None, top_n: int = 0,
-           backend: str | None = None) -> SamplerOutput:
+           backend: Backend | str = TORCH) -> SamplerOutput:
     """Samples one token per row of logits [B, V] (fp16 / bf16 / fp32) and scores it.
 
     temperature [B] f32, top_p [B] f32, top_k [B] int32, seeds [B] int64, all on the logits' device.
-    backend: None picks "triton" for CUDA logits and "torch" otherwise; "triton" on a CPU needs
-    TRITON_INTERPRET=1.
+    backend: the engine's (or its name, "torch" or "triton"); the kernel on a CPU needs TRITON_INTERPRET=1.
     """
-    if backend is None:
-        backend = "triton" if logits.is_cuda else "torch"
-    if backend not in ("triton", "torch"):
-        raise ValueError(f"backend must be 'triton', 'torch' or None, got {backend!r}")
+    backend = as_backend(backend)
     check_sample_args(logits, temperature, top_p, top_k, seeds, top_n)
     _check_groups(groups, logits.shape[1])
-    if backend == "torch":
+    if not backend.kernels:
         return sample_torch(logits, temperature, top_p, top_k, seeds, groups, top_n)
     dev = logits.device
     pair = (groups.token_ids(dev), groups.offsets(dev)) if groups is not None else None
-    return fused_sample(logits, temperature, top_p, top_k, seeds, pair, top_n)
+    return SamplerOutput(*fused_sample(logits, temperature, top_p, top_k, seeds, pair, top_n))
 
 
 def sample_torch(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,

@@ -3,8 +3,8 @@
 Module and parameter names mirror Hugging Face's `LlamaForCausalLM`, so checkpoint tensors load by name.
 Tokens of a batch are flattened: `input_ids` and `positions` are [T] over all sequences, and the
 `AttentionMetadata` says which tokens belong to which sequence and where their K/V live in the pool.
-On CUDA each step of a layer can run as a Triton kernel (`use_kernels`); the torch code here is the
-reference and the CPU path.
+Each layer asks its `backend` (set once for the whole model by `set_backend`) whether to run a Triton kernel;
+the torch code here is the reference and the CPU path.
 """
 from __future__ import annotations
 
@@ -12,8 +12,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from selfrag_engine.backend import TORCH, Backend
 from selfrag_engine.config import LlamaConfig
-from selfrag_engine.engine.attention import AttentionMetadata, KVCache, paged_attention, store_kv
+from selfrag_engine.kernels.rmsnorm import rms_norm
+from selfrag_engine.kernels.rotary_kv import rotary_and_store_kv
+from selfrag_engine.layers.attention import (
+    AttentionMetadata,
+    KVCache,
+    paged_attention,
+    store_kv,
+)
 
 
 def rope_tables(config: LlamaConfig, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,15 +42,16 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class RMSNorm(nn.Module):
+    backend: Backend = TORCH
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, use_kernel: bool = False):
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """Normalizes x, or x + residual when a residual is given, returning (out, x + residual) then."""
-        if use_kernel:
-            from selfrag_engine.kernels.rmsnorm import rms_norm
+        if self.backend.kernels:
             return rms_norm(x, self.weight, self.eps, residual)
         if residual is not None:
             x = x + residual
@@ -55,6 +64,8 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
+    backend: Backend = TORCH
+
     def __init__(self, config: LlamaConfig):
         super().__init__()
         self.num_heads = config.num_attention_heads
@@ -74,14 +85,13 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        if meta.use_kernels:
-            from selfrag_engine.kernels.rotary_kv import rotary_and_store_kv
+        if self.backend.kernels:
             rotary_and_store_kv(q, k, v, positions, rope[0], rope[1], kv.k, kv.v, meta.slot_mapping)
         else:
             cos, sin = rope[0][positions], rope[1][positions]
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
             store_kv(k, v, kv, meta.slot_mapping)
-        o = paged_attention(q, kv, meta, self.scale)
+        o = paged_attention(q, kv, meta, self.scale, self.backend)
         return self.o_proj(o.reshape(t, self.num_heads * self.head_dim))
 
     def forward_dense(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -116,14 +126,13 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x, residual, positions, rope, meta: AttentionMetadata, kv: KVCache):
-        fused = meta.use_kernels
         if residual is None:
             residual = x
-            h = self.input_layernorm(x, use_kernel=fused)
+            h = self.input_layernorm(x)
         else:
-            h, residual = self.input_layernorm(x, residual, use_kernel=fused)
+            h, residual = self.input_layernorm(x, residual)
         h = self.self_attn(h, positions, rope, meta, kv)
-        h, residual = self.post_attention_layernorm(h, residual, use_kernel=fused)
+        h, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(h), residual
 
     def forward_dense(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -153,6 +162,12 @@ class Llama(nn.Module):
         self.register_buffer("rope_sin", torch.empty(config.max_position_embeddings, config.head_dim // 2),
                              persistent=False)
 
+    def set_backend(self, backend: Backend) -> None:
+        """Every layer that can run a kernel (norms, attention, FP8 linears) asks this backend from now on."""
+        for module in self.modules():
+            if hasattr(type(module), "backend"):
+                module.backend = backend
+
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -168,7 +183,7 @@ class Llama(nn.Module):
         x, residual = self.model.embed_tokens(input_ids), None
         for layer, kv in zip(self.model.layers, kv_caches):
             x, residual = layer(x, residual, positions, rope, meta, kv)
-        x, _ = self.model.norm(x, residual, use_kernel=meta.use_kernels)
+        x, _ = self.model.norm(x, residual)
         return x
 
     def forward_dense(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,14 @@ from dataclasses import dataclass
 
 import torch
 
+from selfrag_engine.backend import Backend
+from selfrag_engine.kernels.decode_attention import (
+    cascade_decode_attention,
+    default_num_splits,
+    paged_decode_attention,
+)
+from selfrag_engine.kernels.prefill_attention import prefill_attention
+
 
 @dataclass
 class KVCache:
@@ -51,8 +59,6 @@ class AttentionMetadata:
     # Host copies: the reference path loops over sequences and must not synchronize per step.
     q_lens_host: list[int]
     context_lens_host: list[int]
-    # Run the Triton kernels (CUDA) instead of the torch reference.
-    use_kernels: bool = False
     # Decode only: read each group's shared prefix once (cascade decode). The kernels' choice; the torch
     # reference ignores it, since the result is the same attention.
     cascade: CascadeMetadata | None = None
@@ -132,11 +138,11 @@ def _decode_torch(q: torch.Tensor, cache: KVCache, meta: AttentionMetadata, scal
     return o[:, :, 0, :]
 
 
-def paged_attention(q: torch.Tensor, cache: KVCache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    if not meta.use_kernels:
+def paged_attention(q: torch.Tensor, cache: KVCache, meta: AttentionMetadata, scale: float,
+                    backend: Backend) -> torch.Tensor:
+    if not backend.kernels:
         return paged_attention_torch(q, cache, meta, scale)
     if meta.is_decode and meta.cascade is not None:
-        from selfrag_engine.kernels.decode_attention import cascade_decode_attention, default_num_splits
         c = meta.cascade
         # The suffix programs cover each row's own keys; split them only when some row has many.
         suffix_splits = default_num_splits(q.shape[0], cache.k.shape[2], c.max_suffix_len, q.device)
@@ -144,9 +150,7 @@ def paged_attention(q: torch.Tensor, cache: KVCache, meta: AttentionMetadata, sc
                                         c.prefix_blocks, scale, max_group_size=c.max_group_size,
                                         max_context_len=meta.max_context_len, suffix_splits=suffix_splits)
     if meta.is_decode:
-        from selfrag_engine.kernels.decode_attention import paged_decode_attention
         return paged_decode_attention(q, cache.k, cache.v, meta.block_tables, meta.context_lens, scale,
                                       max_context_len=meta.max_context_len)
-    from selfrag_engine.kernels.prefill_attention import prefill_attention
     return prefill_attention(q, cache.k, cache.v, meta.block_tables, meta.cu_seqlens_q, meta.context_lens, scale,
                              meta.max_q_len)

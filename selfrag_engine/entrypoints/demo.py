@@ -11,12 +11,12 @@ import argparse
 import time
 from pathlib import Path
 
-from selfrag_engine.ask import format_answer
 from selfrag_engine.engine.llm_engine import Engine
+from selfrag_engine.entrypoints.ask import format_answer
 from selfrag_engine.retrieval.encoders import get_encoder
 from selfrag_engine.retrieval.retriever import Retriever
 from selfrag_engine.selfrag.short_form import SelfRAG
-from selfrag_engine.world.assets import default_model_dir, read_corpus, read_examples
+from selfrag_engine.tiny.assets import default_model_dir, read_corpus, read_examples
 
 
 def main(argv: list[str] | None = None) -> None:

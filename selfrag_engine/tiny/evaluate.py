@@ -1,6 +1,6 @@
 """Held-out behaviour of a checkpoint trained on the world, measured through the engine and short-form Self-RAG.
 
-    python -m selfrag_engine.world.evaluate [DIR] [--world-questions N] [--instructions N]
+    python -m selfrag_engine.tiny.evaluate [DIR] [--world-questions N] [--instructions N]
 
 Everything goes through `Engine.from_pretrained` and `SelfRAG.answer_batch(mode="adaptive")`, so the numbers
 exercise the tokenizer, the paged cache, forked branches, the sampler's reflection probabilities and the
@@ -27,12 +27,21 @@ from pathlib import Path
 from typing import Sequence
 
 from selfrag_engine.selfrag.short_form import Answer, Passage, SelfRAG
-from selfrag_engine.world.assets import default_checkpoint_dir, read_corpus
-from selfrag_engine.world.generator import World, build_world
-from selfrag_engine.world.training_data import (
-    HELDOUT_FRACTION, SPLIT_SEED, WORLD_SEED, BranchCase, Example, LexicalIndex, Split, branch_cases,
-    heldout_instructions, heldout_questions, split_world,
+from selfrag_engine.tiny.assets import default_checkpoint_dir, read_corpus
+from selfrag_engine.tiny.training_data import (
+    HELDOUT_FRACTION,
+    SPLIT_SEED,
+    WORLD_SEED,
+    BranchCase,
+    Example,
+    LexicalIndex,
+    Split,
+    branch_cases,
+    heldout_instructions,
+    heldout_questions,
+    split_world,
 )
+from selfrag_engine.tiny.world import World, build_world
 
 
 @dataclass

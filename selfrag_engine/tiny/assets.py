@@ -14,7 +14,11 @@ from pathlib import Path
 from typing import Iterable
 
 from selfrag_engine.errors import CheckpointError
-from selfrag_engine.retrieval.passages import Passage, read_passages, write_passages_jsonl
+from selfrag_engine.retrieval.passages import (
+    Passage,
+    read_passages,
+    write_passages_jsonl,
+)
 
 CORPUS_FILE = "corpus.jsonl"
 EXAMPLES_FILE = "examples.json"

@@ -29,7 +29,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from selfrag_engine.checkpoint import convert_bin_to_safetensors
+    from selfrag_engine.weights.convert import convert_bin_to_safetensors
 
     convert_bin_to_safetensors(args.src, args.dst, progress=not args.quiet)
     print(f"wrote safetensors checkpoint to {args.dst}")
@@ -37,7 +37,7 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _quantize(args: argparse.Namespace) -> int:
-    from selfrag_engine.quantization import quantize_checkpoint
+    from selfrag_engine.weights.quantize import quantize_checkpoint
 
     quantize_checkpoint(args.src, args.dst, progress=not args.quiet)
     print(f"wrote FP8 checkpoint to {args.dst}")
@@ -81,9 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     from selfrag_engine.selfrag.evaluate import register as register_eval
     register_eval(sub)
-    from selfrag_engine.retrieval.commands import register as register_index
+    from selfrag_engine.entrypoints.index import register as register_index
     register_index(sub)
-    from selfrag_engine.ask import register as register_ask
+    from selfrag_engine.entrypoints.ask import register as register_ask
     register_ask(sub)
     return parser
 

@@ -1,11 +1,11 @@
 """Trains the tiny Self-RAG model on the synthetic world, on the CPU, and measures it on held-out data.
 
-    python -m selfrag_engine.train_tiny --out DIR [--steps 5000] [--seed 0] [--snapshot-every N]
+    python -m selfrag_engine.tiny.train --out DIR [--steps 5000] [--seed 0] [--snapshot-every N]
 
 Writes a Hugging Face checkpoint directory (config.json, model.safetensors, generation_config.json, the
 SentencePiece tokenizer with the 16 Self-RAG tokens), corpus.jsonl (the world's passages), examples.json
 (held-out questions and instructions for demos) and training.json (the run's settings, its statistics and
-the held-out evaluation of `selfrag_engine.world.evaluate`, which reads the written checkpoint through the
+the held-out evaluation of `selfrag_engine.tiny.evaluate`, which reads the written checkpoint through the
 engine). A run is fixed by its seed and step count (which also sets the learning-rate schedule): the same
 command gives the same weights with the same thread count (2) on the same kind of CPU.
 """
@@ -26,16 +26,27 @@ import torch
 import torch.nn.functional as F
 
 from selfrag_engine.config import LlamaConfig
-from selfrag_engine.model import Llama
-from selfrag_engine.testing import ADDITIONAL_SPECIAL_TOKENS, PAD_TOKEN, SELFRAG_ADDED_TOKENS
+from selfrag_engine.models.llama import Llama
 from selfrag_engine.retrieval.passages import Passage
-from selfrag_engine.world.assets import EXAMPLES_FILE, write_corpus
-from selfrag_engine.world.evaluate import expected_answer, load_selfrag, evaluate, world_and_split
-from selfrag_engine.world.generator import World
-from selfrag_engine.world.training_data import (
-    Encoded, Split, TrainingStream, branch_cases, encode_example, heldout_instructions, irrelevant_example,
+from selfrag_engine.tiny.assets import EXAMPLES_FILE, write_corpus
+from selfrag_engine.tiny.evaluate import (
+    evaluate,
+    expected_answer,
+    load_selfrag,
+    world_and_split,
+)
+from selfrag_engine.tiny.training_data import (
+    Encoded,
+    Split,
+    TrainingStream,
+    branch_cases,
+    encode_example,
+    heldout_instructions,
+    irrelevant_example,
     relevant_example,
 )
+from selfrag_engine.tiny.world import World
+from selfrag_engine.vocab import ADDED_TOKENS, ADDITIONAL_SPECIAL_TOKENS, PAD_TOKEN
 
 
 def log(message: str) -> None:
@@ -114,7 +125,7 @@ def tokenizer_sentences(stream: TrainingStream, num_examples: int) -> list[str]:
         texts.append(ex.prompt + ex.response)
     out = []
     for text in texts:
-        for tok in SELFRAG_ADDED_TOKENS:
+        for tok in ADDED_TOKENS:
             text = text.replace(tok, "\n")
         out += [line for line in text.split("\n") if line]
     return out
@@ -139,7 +150,7 @@ def write_world_tokenizer(path: Path, sentences: list[str], vocab_pieces: int, m
         minloglevel=2)
     (path / "tokenizer.model").write_bytes(model.getvalue())
     num_pieces = spm.SentencePieceProcessor(model_proto=model.getvalue()).get_piece_size()
-    added = {tok: num_pieces + i for i, tok in enumerate(SELFRAG_ADDED_TOKENS)}
+    added = {tok: num_pieces + i for i, tok in enumerate(ADDED_TOKENS)}
 
     def entry(content: str) -> dict:
         return {"content": content, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
@@ -158,7 +169,7 @@ def write_world_tokenizer(path: Path, sentences: list[str], vocab_pieces: int, m
     for name, obj in (("tokenizer_config.json", config), ("special_tokens_map.json", special_map),
                       ("added_tokens.json", added)):
         (path / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    return num_pieces + len(SELFRAG_ADDED_TOKENS)
+    return num_pieces + len(ADDED_TOKENS)
 
 
 def load_tokenizer(path: Path):
@@ -432,7 +443,7 @@ def main(argv: list[str] | None = None) -> None:
 
     result = evaluate(load_selfrag(out), world, split, args.eval_questions, args.eval_instructions)
     log(json.dumps(result.summary(), indent=2))
-    record = {"command": "python -m selfrag_engine.train_tiny " + " ".join(sys.argv[1:] if argv is None else argv),
+    record = {"command": "python -m selfrag_engine.tiny.train " + " ".join(sys.argv[1:] if argv is None else argv),
               "threads": torch.get_num_threads(), "train_config": asdict(cfg), "model_shape": asdict(shape),
               "num_parameters": num_params, "vocab_size": vocab_size, "training": stats,
               "heldout": result.summary(), "heldout_failures": result.failures}

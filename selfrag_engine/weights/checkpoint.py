@@ -8,21 +8,19 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from selfrag_engine.errors import CheckpointError
 
 # Saved by older transformers releases (Llama-2 era checkpoints) and recomputed here.
-_IGNORED = re.compile(r".*\.rotary_emb\.inv_freq$")
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+IGNORED_TENSORS = re.compile(r".*\.rotary_emb\.inv_freq$")
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @dataclass(frozen=True)
@@ -117,7 +115,7 @@ def load_weights(model: torch.nn.Module, path: str | Path, *, prequantized: bool
     bar = tqdm(total=count_tensors(weights), desc="loading weights", unit="tensor", disable=not progress)
     for name, tensor in iter_tensors(weights):
         bar.update(1)
-        if _IGNORED.match(name) or (tied and name == "lm_head.weight"):
+        if IGNORED_TENSORS.match(name) or (tied and name == "lm_head.weight"):
             continue
         if name not in expected:
             raise CheckpointError(f"unexpected tensor '{name}' in checkpoint '{path}' (not part of the model)")
@@ -131,7 +129,7 @@ def load_weights(model: torch.nn.Module, path: str | Path, *, prequantized: bool
             if tuple(tensor.shape) != tuple(target.shape):
                 raise CheckpointError(f"tensor '{name}' has shape {tuple(tensor.shape)}, "
                                       f"the model expects {tuple(target.shape)}")
-            if tensor.dtype not in _FLOAT_DTYPES:
+            if tensor.dtype not in FLOAT_DTYPES:
                 raise CheckpointError(f"tensor '{name}' has dtype {tensor.dtype}, expected a floating "
                                       f"point dtype (float32, float16 or bfloat16)")
             with torch.no_grad():
@@ -142,94 +140,3 @@ def load_weights(model: torch.nn.Module, path: str | Path, *, prequantized: bool
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise CheckpointError(f"checkpoint '{path}' is missing {len(missing)} tensor(s): {shown}")
-
-
-def convert_bin_to_safetensors(src: str | Path, dst: str | Path, *, progress: bool = True) -> Path:
-    """Writes the `pytorch_model*.bin` weights of `src` as safetensors shards (same split) into `dst`,
-    with the other files of the directory copied. Returns `dst`."""
-    src, dst = Path(src), Path(dst)
-    weights = find_weight_files(src)
-    if weights.format != "bin":
-        raise CheckpointError(f"'{src}' has no pytorch_model*.bin weights to convert")
-    dst.mkdir(parents=True, exist_ok=True)
-    for file in src.iterdir():
-        if file.is_file() and not file.name.startswith("pytorch_model"):
-            shutil.copy2(file, dst / file.name)
-    n = len(weights.files)
-    weight_map: dict[str, str] = {}
-    total_size = 0
-    for i, file in enumerate(tqdm(weights.files, desc="converting", unit="shard", disable=not progress)):
-        out_name = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-        state = {name: t.contiguous() for name, t in iter_tensors(WeightFiles("bin", [file]))
-                 if not _IGNORED.match(name)}
-        # safetensors refuses tensors that share memory (tied weights saved twice by torch.save).
-        seen: dict[int, str] = {}
-        for name in list(state):
-            ptr = state[name].data_ptr()
-            if ptr in seen:
-                state[name] = state[name].clone()
-            seen[ptr] = name
-        save_file(state, str(dst / out_name), metadata={"format": "pt"})
-        for name, t in state.items():
-            weight_map[name] = out_name
-            total_size += t.numel() * t.element_size()
-        del state
-    if n > 1:
-        index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
-        (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    return dst
-
-
-
-def resolve_dtype(dtype: torch.dtype | str | None, config_dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """The activation dtype: as asked, else the checkpoint's on CUDA and float32 on the CPU."""
-    if isinstance(dtype, str):
-        names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
-                 "fp16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-        if dtype not in names:
-            raise ValueError(f"unknown dtype '{dtype}' (use float32, float16 or bfloat16)")
-        dtype = names[dtype]
-    if dtype is None:
-        dtype = config_dtype if device.type == "cuda" else torch.float32
-    if dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"dtype {dtype} is not supported (use float32, float16 or bfloat16)")
-    return dtype
-
-
-def load_model(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | str | None = None,
-               quantization: str | None = None, progress: bool = True):
-    """Builds the Llama of the checkpoint at `path` directly on `device` and loads its weights.
-
-    quantization: None (weights in `dtype`), or "fp8" (decoder linears quantized to e4m3 per output channel
-    while loading). A checkpoint whose config.json has a `quantization_config` loads as that scheme.
-    """
-    from selfrag_engine.config import LlamaConfig
-    from selfrag_engine.model import Llama
-
-    device = torch.device(device)
-    config = LlamaConfig.from_pretrained(path)
-    dtype = resolve_dtype(dtype, config.torch_dtype, device)
-    prequantized = None
-    if config.quantization_config is not None:
-        from selfrag_engine.quantization import parse_quantization_config
-        try:
-            prequantized = parse_quantization_config(config.quantization_config)
-        except ValueError as e:
-            raise CheckpointError(f"'{Path(path) / 'config.json'}': {e}") from e
-    if quantization not in (None, "fp8"):
-        raise ValueError(f"unknown quantization '{quantization}' (supported: None, 'fp8')")
-    if prequantized is not None and quantization not in (None, prequantized):
-        raise ValueError(f"checkpoint is pre-quantized as '{prequantized}', cannot load it as '{quantization}'")
-    scheme = prequantized or quantization
-
-    with torch.device("meta"):
-        model = Llama(config)
-    model.to(dtype)
-    if scheme == "fp8":
-        from selfrag_engine.quantization import replace_linears_with_fp8
-        replace_linears_with_fp8(model)
-    model.to_empty(device=device)
-    model.tie_weights()  # after to_empty, which would otherwise give the two modules separate storage
-    load_weights(model, path, prequantized=prequantized is not None, progress=progress)
-    model.init_rope()
-    return model.eval().requires_grad_(False)

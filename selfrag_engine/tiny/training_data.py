@@ -26,8 +26,20 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
-from selfrag_engine.selfrag.prompts import PARAGRAPH_CLOSE, PARAGRAPH_OPEN, format_passage, format_prompt
-from selfrag_engine.world.generator import Entity, Passage, World, build_world, made_up_name, remix_world
+from selfrag_engine.selfrag.prompts import (
+    PARAGRAPH_CLOSE,
+    PARAGRAPH_OPEN,
+    format_passage,
+    format_prompt,
+)
+from selfrag_engine.tiny.world import (
+    Entity,
+    Passage,
+    World,
+    build_world,
+    made_up_name,
+    remix_world,
+)
 
 # The world the committed model is trained on, and its held-out split.
 WORLD_SEED = 0
