@@ -11,12 +11,9 @@ from dataclasses import dataclass
 import torch
 
 from selfrag_engine.backend import Backend
-from selfrag_engine.kernels.decode_attention import (
-    cascade_decode_attention,
-    default_num_splits,
-    paged_decode_attention,
-)
-from selfrag_engine.kernels.prefill_attention import prefill_attention
+
+# Called through their modules, so a test can wrap a kernel where attention dispatches to it.
+from selfrag_engine.kernels import decode_attention, prefill_attention
 
 
 @dataclass
@@ -145,12 +142,12 @@ def paged_attention(q: torch.Tensor, cache: KVCache, meta: AttentionMetadata, sc
     if meta.is_decode and meta.cascade is not None:
         c = meta.cascade
         # The suffix programs cover each row's own keys; split them only when some row has many.
-        suffix_splits = default_num_splits(q.shape[0], cache.k.shape[2], c.max_suffix_len, q.device)
-        return cascade_decode_attention(q, cache.k, cache.v, meta.block_tables, meta.context_lens, c.group_start,
-                                        c.prefix_blocks, scale, max_group_size=c.max_group_size,
-                                        max_context_len=meta.max_context_len, suffix_splits=suffix_splits)
+        suffix_splits = decode_attention.default_num_splits(q.shape[0], cache.k.shape[2], c.max_suffix_len, q.device)
+        return decode_attention.cascade_decode_attention(
+            q, cache.k, cache.v, meta.block_tables, meta.context_lens, c.group_start, c.prefix_blocks, scale,
+            max_group_size=c.max_group_size, max_context_len=meta.max_context_len, suffix_splits=suffix_splits)
     if meta.is_decode:
-        return paged_decode_attention(q, cache.k, cache.v, meta.block_tables, meta.context_lens, scale,
-                                      max_context_len=meta.max_context_len)
-    return prefill_attention(q, cache.k, cache.v, meta.block_tables, meta.cu_seqlens_q, meta.context_lens, scale,
-                             meta.max_q_len)
+        return decode_attention.paged_decode_attention(q, cache.k, cache.v, meta.block_tables, meta.context_lens,
+                                                       scale, max_context_len=meta.max_context_len)
+    return prefill_attention.prefill_attention(q, cache.k, cache.v, meta.block_tables, meta.cu_seqlens_q,
+                                               meta.context_lens, scale, meta.max_q_len)
