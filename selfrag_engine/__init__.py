@@ -17,6 +17,8 @@ _EXPORTS = {
     "CheckpointError": "selfrag_engine.errors",
     "RequestError": "selfrag_engine.errors",
     "CacheCapacityError": "selfrag_engine.errors",
+    "TokenizerError": "selfrag_engine.errors",
+    "SelfragEngineError": "selfrag_engine.errors",
 }
 
 __all__ = list(_EXPORTS)

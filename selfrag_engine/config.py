@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,48 +56,76 @@ class LlamaConfig:
             if cfg.get(key, False):
                 raise CheckpointError(f"{source}: {key}=true is not supported (Llama-2 has no biases)")
 
-        heads = int(need("num_attention_heads"))
-        kv_heads = int(cfg.get("num_key_value_heads") or heads)
-        hidden = int(need("hidden_size"))
+        def integer(key: str, value: object) -> int:
+            # A string or a float is refused rather than coerced: a config that says "64" or 64.5 was not
+            # written by transformers, and guessing what it meant hides the mistake. bool is an int in Python.
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise CheckpointError(f"{source}: {key} must be a positive integer, got {value!r}")
+            return value
+
+        def positive_float(key: str, value: object) -> float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < math.inf:
+                raise CheckpointError(f"{source}: {key} must be a positive finite number, got {value!r}")
+            return float(value)
+
+        def token_id(key: str, value: object) -> int | None:
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise CheckpointError(f"{source}: {key} must be a token id (an integer >= 0) or null, "
+                                      f"got {value!r}")
+            return value
+
+        heads = integer("num_attention_heads", need("num_attention_heads"))
+        kv = cfg.get("num_key_value_heads")
+        kv_heads = heads if kv is None else integer("num_key_value_heads", kv)
+        hidden = integer("hidden_size", need("hidden_size"))
         if hidden % heads != 0:
             raise CheckpointError(f"{source}: hidden_size {hidden} is not divisible by num_attention_heads {heads}")
         if heads % kv_heads != 0:
             raise CheckpointError(f"{source}: num_attention_heads {heads} is not a multiple of "
                                   f"num_key_value_heads {kv_heads}")
-        if "head_dim" in cfg and cfg["head_dim"] not in (None, hidden // heads):
-            raise CheckpointError(f"{source}: head_dim {cfg['head_dim']} != hidden_size / num_attention_heads")
+        if "head_dim" in cfg and cfg["head_dim"] is not None and (
+                isinstance(cfg["head_dim"], bool) or cfg["head_dim"] != hidden // heads):
+            raise CheckpointError(f"{source}: head_dim {cfg['head_dim']!r} != hidden_size / num_attention_heads "
+                                  f"({hidden // heads})")
 
         factor = 1.0
         scaling = cfg.get("rope_scaling")
+        if scaling is not None and not isinstance(scaling, dict):
+            raise CheckpointError(f"{source}: rope_scaling must be an object or null, got {scaling!r}")
         if scaling:
             kind = scaling.get("rope_type", scaling.get("type"))
             if kind not in ("linear", "default"):
                 raise CheckpointError(f"{source}: rope_scaling type '{kind}' is not supported (only 'linear')")
             if kind == "linear":
-                factor = float(scaling["factor"])
+                factor = positive_float("rope_scaling.factor", scaling.get("factor"))
+
+        tie = cfg.get("tie_word_embeddings", False)
+        if not isinstance(tie, bool):
+            raise CheckpointError(f"{source}: tie_word_embeddings must be true or false, got {tie!r}")
 
         dtype_name = cfg.get("torch_dtype") or cfg.get("dtype") or "float16"
-        if dtype_name not in _DTYPES:
-            raise CheckpointError(f"{source}: torch_dtype '{dtype_name}' is not supported")
+        if not isinstance(dtype_name, str) or dtype_name not in _DTYPES:
+            raise CheckpointError(f"{source}: torch_dtype {dtype_name!r} is not supported "
+                                  f"(float32, float16 or bfloat16)")
 
         eos = cfg.get("eos_token_id", 2)
         if isinstance(eos, list):
             eos = eos[0] if eos else None
         return cls(
-            vocab_size=int(need("vocab_size")),
+            vocab_size=integer("vocab_size", need("vocab_size")),
             hidden_size=hidden,
-            intermediate_size=int(need("intermediate_size")),
-            num_hidden_layers=int(need("num_hidden_layers")),
+            intermediate_size=integer("intermediate_size", need("intermediate_size")),
+            num_hidden_layers=integer("num_hidden_layers", need("num_hidden_layers")),
             num_attention_heads=heads,
             num_key_value_heads=kv_heads,
-            max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
-            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
-            rope_theta=float(cfg.get("rope_theta", 10000.0)),
+            max_position_embeddings=integer("max_position_embeddings", cfg.get("max_position_embeddings", 4096)),
+            rms_norm_eps=positive_float("rms_norm_eps", cfg.get("rms_norm_eps", 1e-5)),
+            rope_theta=positive_float("rope_theta", cfg.get("rope_theta", 10000.0)),
             rope_scaling_factor=factor,
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            tie_word_embeddings=tie,
             torch_dtype=_DTYPES[dtype_name],
-            bos_token_id=cfg.get("bos_token_id", 1),
-            eos_token_id=eos,
+            bos_token_id=token_id("bos_token_id", cfg.get("bos_token_id", 1)),
+            eos_token_id=token_id("eos_token_id", eos),
             quantization_config=cfg.get("quantization_config"),
         )
 
@@ -115,3 +144,4 @@ class LlamaConfig:
         if not isinstance(cfg, dict):
             raise CheckpointError(f"'{file}' does not hold a JSON object")
         return cls.from_dict(cfg, source=str(file))
+

@@ -26,9 +26,11 @@ from typing import Iterable, Sequence
 
 import sentencepiece as spm
 
+from selfrag_engine.errors import RequestError, TokenizerError
 from selfrag_engine.vocab import GROUPS, PARAGRAPH_CLOSE, PARAGRAPH_OPEN
 
 SPIECE_UNDERLINE = "▁"
+_SURROGATE = re.compile("[\ud800-\udfff]")
 # A serialized NormalizerSpec {add_dummy_prefix: false} as ModelProto field 3. Protobuf merges repeated
 # occurrences of a message field, so appending it to a model turns the dummy prefix off, which is what
 # transformers does (via protobuf's MergeFrom) for a non-legacy Llama tokenizer.
@@ -38,10 +40,6 @@ _NO_DUMMY_PREFIX = b"\x1a\x02\x18\x00"
 _SPECIAL_ATTRS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 # LlamaTokenizer's defaults when the files do not name a special token.
 _SPECIAL_DEFAULTS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
-
-
-class TokenizerError(ValueError):
-    """A tokenizer file is missing or malformed, or the files contradict each other."""
 
 
 class UnknownTokenError(KeyError):
@@ -279,6 +277,11 @@ class Tokenizer:
 
     def tokenize(self, text: str) -> list[str]:
         """Token strings: added tokens and SentencePiece pieces, without bos/eos."""
+        surrogate = _SURROGATE.search(text)
+        if surrogate is not None:
+            # A lone surrogate has no UTF-8 form, so SentencePiece cannot take the text at all.
+            raise RequestError(f"the text has a lone surrogate {surrogate.group()!r} at character "
+                               f"{surrogate.start()}: not valid Unicode text")
         if not self.legacy and text:
             text = text.replace(SPIECE_UNDERLINE, " ")
             if self.add_prefix_space:

@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from selfrag_engine.errors import CacheCapacityError, CheckpointError, RequestError
+from selfrag_engine.errors import SelfragEngineError
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -92,8 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (CheckpointError, RequestError, CacheCapacityError) as e:
-        print(f"selfrag-engine: error: {e}", file=sys.stderr)
+    except SelfragEngineError as e:
+        # The user's input is at fault and the message says how: one line, exit 2 as argparse does for a
+        # bad argument; anything else is a bug and keeps its traceback.
+        print(f"selfrag-engine: error: {' '.join(str(e).splitlines())}", file=sys.stderr)
         return 2
 
 

@@ -111,10 +111,30 @@ def read_passages(path: str | Path) -> list[Passage]:
     else:
         raise CorpusError(f"{path}: unknown passages format {suffix or '(no extension)'!r}; "
                           "expected .tsv (id, text, title), .jsonl or .json")
-    passages = list(rows)
+    try:
+        passages = list(rows)
+    except UnicodeDecodeError as e:
+        offset, line = _first_invalid_utf8(path)
+        raise CorpusError(f"{path}: not UTF-8 text: invalid byte {e.object[e.start:e.start + 1]!r} at byte "
+                          f"offset {offset} (line {line}); passages files are read as UTF-8") from None
     if not passages:
         raise CorpusError(f"{path}: no passages")
     return passages
+
+
+def _first_invalid_utf8(path: Path) -> tuple[int, int]:
+    """(byte offset, line number) of the first byte that is not UTF-8. The text reader's error counts from
+    the start of its buffer, not of the file; a line at a time is exact, since no UTF-8 sequence spans a
+    newline."""
+    offset, number = 0, 0
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return offset + e.start, number
+            offset += len(raw)
+    return offset, number
 
 
 def write_passages_jsonl(passages: Iterable[Passage], path: str | Path) -> None:

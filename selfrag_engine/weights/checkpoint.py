@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath, PureWindowsPath
 from typing import Iterator
 
 import torch
@@ -40,7 +40,9 @@ def find_weight_files(path: str | Path) -> WeightFiles:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise CheckpointError(f"'{index}' is not a valid shard index (needs a 'weight_map'): {e}") from e
-            files = [path / name for name in sorted(set(weight_map.values()))]
+            if not isinstance(weight_map, dict) or not all(isinstance(n, str) for n in weight_map.values()):
+                raise CheckpointError(f"'{index}': 'weight_map' must map tensor names to file names")
+            files = [_inside(path, name, index) for name in sorted(set(weight_map.values()))]
             missing = [str(f) for f in files if not f.is_file()]
             if missing:
                 raise CheckpointError(f"'{index}' lists shard files that are missing: {', '.join(missing)}")
@@ -49,6 +51,19 @@ def find_weight_files(path: str | Path) -> WeightFiles:
             return WeightFiles(fmt, [path / single])
     raise CheckpointError(f"no weights in '{path}': expected model.safetensors, a sharded "
                           "model-*.safetensors with model.safetensors.index.json, or pytorch_model*.bin")
+
+
+def _inside(root: Path, name: str, index: Path) -> Path:
+    """The shard `name` of an index, which must name a file inside the checkpoint directory: an index that
+    points elsewhere (`../x`, an absolute path) would make loading read a file nobody chose. The test is on
+    the name, not the resolved file, because the Hugging Face cache links each file of a snapshot to a blob
+    outside its directory."""
+    parts = PurePath(name).parts
+    if not name or PurePath(name).is_absolute() or PureWindowsPath(name).drive or ".." in parts \
+            or "\\" in name:
+        raise CheckpointError(f"'{index}' names shard file '{name}', which is outside the checkpoint directory "
+                              f"'{root}'")
+    return root / name
 
 
 def iter_tensors(weights: WeightFiles) -> Iterator[tuple[str, torch.Tensor]]:
@@ -83,6 +98,24 @@ def count_tensors(weights: WeightFiles) -> int | None:
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"cannot read '{file}' (unreadable or truncated safetensors file): {e}") from e
     return total
+
+
+def check_finite(name: str, tensor: torch.Tensor, path: str | Path) -> None:
+    """CheckpointError if a weight holds NaN or inf (a corrupt or badly converted file), which would otherwise
+    load and make the model emit token 0 forever. min and max propagate NaN, and aminmax is one pass at
+    memory speed, cheap beside reading the file."""
+    if tensor.numel() == 0:
+        return
+    if tensor.dtype == torch.float8_e4m3fn:
+        # e4m3fn has no inf; its NaN is every exponent and mantissa bit set.
+        bad = bool(((tensor.view(torch.uint8) & 0x7F) == 0x7F).any())
+    elif tensor.dtype.is_floating_point:
+        low, high = torch.aminmax(tensor)
+        bad = not (bool(low.isfinite()) and bool(high.isfinite()))
+    else:
+        return
+    if bad:
+        raise CheckpointError(f"tensor '{name}' in checkpoint '{path}' holds NaN or infinite values")
 
 
 def _expected(model: torch.nn.Module, prequantized: bool) -> dict[str, tuple[torch.nn.Module, str]]:
@@ -121,6 +154,7 @@ def load_weights(model: torch.nn.Module, path: str | Path, *, prequantized: bool
             raise CheckpointError(f"unexpected tensor '{name}' in checkpoint '{path}' (not part of the model)")
         if name in loaded:
             raise CheckpointError(f"tensor '{name}' appears twice in checkpoint '{path}'")
+        check_finite(name, tensor, path)
         module, attr = expected[name]
         if hasattr(module, "load_checkpoint_tensor"):
             module.load_checkpoint_tensor(attr, tensor)

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 from selfrag_engine.config import LlamaConfig
-from selfrag_engine.errors import CheckpointError
+from selfrag_engine.errors import CheckpointError, RequestError
 from selfrag_engine.layers.fp8_linear import replace_linears_with_fp8
 from selfrag_engine.models.llama import Llama
 from selfrag_engine.weights.checkpoint import FLOAT_DTYPES, load_weights
@@ -19,12 +19,12 @@ def resolve_dtype(dtype: torch.dtype | str | None, config_dtype: torch.dtype, de
         names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
                  "fp16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
         if dtype not in names:
-            raise ValueError(f"unknown dtype '{dtype}' (use float32, float16 or bfloat16)")
+            raise RequestError(f"unknown dtype '{dtype}' (use float32, float16 or bfloat16)")
         dtype = names[dtype]
     if dtype is None:
         dtype = config_dtype if device.type == "cuda" else torch.float32
     if dtype not in FLOAT_DTYPES:
-        raise ValueError(f"dtype {dtype} is not supported (use float32, float16 or bfloat16)")
+        raise RequestError(f"dtype {dtype} is not supported (use float32, float16 or bfloat16)")
     return dtype
 
 
@@ -45,9 +45,9 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", dtype: torc
         except ValueError as e:
             raise CheckpointError(f"'{Path(path) / 'config.json'}': {e}") from e
     if quantization not in (None, "fp8"):
-        raise ValueError(f"unknown quantization '{quantization}' (supported: None, 'fp8')")
+        raise RequestError(f"unknown quantization '{quantization}' (supported: None, 'fp8')")
     if prequantized is not None and quantization not in (None, prequantized):
-        raise ValueError(f"checkpoint is pre-quantized as '{prequantized}', cannot load it as '{quantization}'")
+        raise RequestError(f"checkpoint is pre-quantized as '{prequantized}', cannot load it as '{quantization}'")
     scheme = prequantized or quantization
 
     with torch.device("meta"):

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from selfrag_engine.errors import CheckpointError
 from selfrag_engine.layers.fp8_linear import quantize_fp8_per_channel
 from selfrag_engine.weights.checkpoint import count_tensors, find_weight_files
+from selfrag_engine.weights.files import save_safetensors
 from selfrag_engine.weights.quant_config import fp8_quantization_config
 
 DECODER_LINEAR = re.compile(r"^model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)\.weight$")
@@ -37,18 +37,24 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, shard_size_bytes: int 
     cfg_path = src / "config.json"
     if not cfg_path.is_file():
         raise CheckpointError(f"'{cfg_path}' is missing: not a Hugging Face checkpoint directory")
-    config = json.loads(cfg_path.read_text())
+    try:
+        config = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"'{cfg_path}' is not valid JSON: {e}") from e
+    if not isinstance(config, dict):
+        raise CheckpointError(f"'{cfg_path}' does not hold a JSON object")
     if config.get("quantization_config") is not None:
-        raise ValueError(f"'{src}' is already quantized (config.json has a quantization_config)")
+        raise CheckpointError(f"'{src}' is already quantized (config.json has a quantization_config)")
     weights = find_weight_files(src)
     if weights.format != "safetensors":
         raise CheckpointError(f"'{src}' holds pytorch_model*.bin weights; run `selfrag-engine convert` first")
     if dst.exists() and dst.resolve() == src.resolve():
-        raise ValueError("dst must differ from src")
+        raise CheckpointError(f"the destination '{dst}' is the source checkpoint itself; "
+                              "choose a new directory")
     dst.mkdir(parents=True, exist_ok=True)
     stale = sorted(p.name for p in dst.glob("model*.safetensors*"))
     if stale:
-        raise ValueError(f"'{dst}' already holds weight files ({', '.join(stale)}); choose an empty directory")
+        raise CheckpointError(f"'{dst}' already holds weight files ({', '.join(stale)}); choose an empty directory")
 
     device = torch.device(device)
     shards: list[list[str]] = []
@@ -62,7 +68,7 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, shard_size_bytes: int 
         if not shard:
             return
         path = dst / f"model-{len(tmp_names):05d}.tmp.safetensors"
-        save_file(shard, str(path), metadata={"format": "pt"})
+        save_safetensors(shard, path)
         tmp_names.append(path)
         shards.append(list(shard))
         shard, shard_bytes = {}, 0
