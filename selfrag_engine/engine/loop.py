@@ -1,0 +1,566 @@
+"""One thread that owns an engine's stepping, so that many users share each model step.
+
+Requests come from any thread or coroutine (`EngineLoop.submit`) and get a `RequestHandle`: a future of the
+final `RequestOutput`, a stream of token deltas (sync or async), and `cancel()`. Code that drives requests
+itself, as the Self-RAG algorithms do (add a prompt, fork K branches, wait, score), runs on a worker thread
+against a `SharedEngine`: an Engine-shaped view whose every call is carried out by the loop thread between
+steps, and whose `run` waits while the loop steps everything that is live. The rows of all users' requests,
+branches and tree nodes therefore meet in the same model steps, and only the loop thread ever touches the
+engine.
+
+Limits: at most `max_pending` requests and programs admitted at once (`QueueFullError` beyond), a per-request
+deadline (the request is aborted and its handle fails with `DeadlineExceeded`), and cancellation, which frees
+every KV block of the request, or of a program's requests, at the next step.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable, Iterable, Iterator, Sequence, TypeVar
+
+import torch
+
+from selfrag_engine.engine.llm_engine import Engine, RequestOutput
+from selfrag_engine.engine.sampling_params import SamplingParams
+from selfrag_engine.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    QueueFullError,
+    RequestError,
+    SchedulingError,
+)
+
+T = TypeVar("T")
+
+
+@dataclass
+class Delta:
+    """New output of a streamed request since the previous delta."""
+    token_ids: list[int]
+    text: str  # the text added (the whole text so far minus what earlier deltas carried)
+    finish_reason: str | None = None  # set on the last delta
+
+
+class RequestHandle:
+    """A request submitted to the loop: wait for it (`result`, `await handle`), stream it (`deltas`,
+    `async for delta in handle`) or `cancel` it. Thread-safe."""
+
+    def __init__(self, loop: "EngineLoop", deadline: float | None):
+        self._loop = loop
+        self.request_id: int | None = None
+        self.deadline = deadline
+        self.future: Future[RequestOutput] = Future()
+        self.accepted: Future[int] = Future()  # the request id once the engine took the request
+        self._events: list[Delta] = []
+        self._cond = threading.Condition()
+        self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+        self._sent_tokens = 0
+        self._sent_text = ""
+        self.cancelled = False
+
+    # -- consumer side ----------------------------------------------------------------------------------
+
+    def result(self, timeout: float | None = None) -> RequestOutput:
+        return self.future.result(timeout)
+
+    def __await__(self):
+        return asyncio.wrap_future(self.future).__await__()
+
+    def cancel(self) -> None:
+        """Aborts the request; its blocks are freed at the next step. A finished request stays finished."""
+        if not self.future.done():
+            self.cancelled = True
+            self._loop._post(lambda: self._loop._abort(self, Cancelled("request cancelled")))
+
+    def deltas(self, timeout: float | None = None) -> Iterator[Delta]:
+        """The request's deltas as they come; raises the request's error, if it fails."""
+        i = 0
+        while True:
+            with self._cond:
+                while i >= len(self._events) and not self.future.done():
+                    if not self._cond.wait(timeout):
+                        raise TimeoutError("no output within the timeout")
+                batch, i = self._events[i:], len(self._events)
+                done = self.future.done()
+            yield from batch
+            if done and i >= len(self._events):
+                self.future.result()  # raises the failure, if any
+                return
+
+    async def __aiter__(self) -> AsyncIterator[Delta]:
+        loop = asyncio.get_running_loop()
+        event = asyncio.Event()
+        with self._cond:
+            self._async_waiters.append((loop, event))
+        i = 0
+        try:
+            while True:
+                with self._cond:
+                    batch, i = self._events[i:], len(self._events)
+                    done = self.future.done()
+                    if not batch and not done:
+                        event.clear()
+                for d in batch:
+                    yield d
+                if done and not batch:
+                    self.future.result()
+                    return
+                if not batch:
+                    await event.wait()
+        finally:
+            with self._cond:
+                self._async_waiters.remove((loop, event))
+
+    # -- loop side ----------------------------------------------------------------------------------------
+
+    def _push(self, delta: Delta) -> None:
+        with self._cond:
+            self._events.append(delta)
+            self._cond.notify_all()
+            waiters = list(self._async_waiters)
+        for loop, event in waiters:
+            loop.call_soon_threadsafe(event.set)
+
+    def _finish(self, out: RequestOutput | None, error: BaseException | None) -> None:
+        if not self.accepted.done():
+            if error is not None:
+                self.accepted.set_exception(error)
+            else:
+                self.accepted.set_result(self.request_id)
+        with self._cond:
+            if self.future.done():
+                return
+            if error is not None:
+                self.future.set_exception(error)
+            else:
+                self.future.set_result(out)
+            self._cond.notify_all()
+            waiters = list(self._async_waiters)
+        for loop, event in waiters:
+            loop.call_soon_threadsafe(event.set)
+
+
+@dataclass
+class _Program:
+    """A worker-thread program's requests, so that cancelling it frees them all."""
+    ids: set[int] = field(default_factory=set)
+    cancelled: bool = False
+    deadline: float | None = None
+    error: BaseException | None = None  # a failed model step that held some of its requests
+
+
+class EngineLoop:
+    """Owns `engine` from a background thread. `submit` / `call` / `run_program` from any thread.
+
+    max_pending: requests (via submit) plus programs (via run_program) admitted at once.
+    program_workers: threads that run programs; a program waiting on the loop holds one.
+    """
+
+    def __init__(self, engine: Engine, *, max_pending: int = 256, program_workers: int = 64,
+                 idle_wait_s: float = 0.05):
+        if max_pending < 1:
+            raise RequestError(f"max_pending must be at least 1, got {max_pending}")
+        self.engine = engine
+        self.max_pending = max_pending
+        self._idle_wait_s = idle_wait_s
+        self._ops: list[Callable[[], None]] = []
+        self._ops_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stepped = threading.Condition()
+        self._steps = 0
+        self._handles: dict[int, RequestHandle] = {}
+        # When each request finished: (step, place among that step's finished), for programs waiting on any.
+        self._finished_at: dict[int, tuple[int, int]] = {}
+        self._program_states: dict[int, _Program] = {}
+        self._pending = 0  # admitted requests and programs not yet finished
+        self._pending_lock = threading.Lock()
+        self._stop = False
+        self._error: BaseException | None = None
+        self._workers = ThreadPoolExecutor(max_workers=program_workers, thread_name_prefix="selfrag-program")
+        self.stats = LoopStats()
+        self._thread = threading.Thread(target=self._main, name="selfrag-engine-loop", daemon=True)
+        self._thread.start()
+
+    # -- admission -----------------------------------------------------------------------------------------
+
+    def _admit(self) -> None:
+        with self._pending_lock:
+            if self._pending >= self.max_pending:
+                self.stats.rejected += 1
+                raise QueueFullError(f"{self._pending} requests are in flight, the most this server admits "
+                                     f"({self.max_pending}); retry later")
+            self._pending += 1
+
+    def _release_slot(self) -> None:
+        with self._pending_lock:
+            self._pending -= 1
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    # -- requests ------------------------------------------------------------------------------------------
+
+    def submit(self, prompt: str | Sequence[int], params: SamplingParams | None = None, *,
+               timeout_s: float | None = None) -> RequestHandle:
+        """Queues a prompt; returns at once. Bad prompts and params fail the handle with RequestError."""
+        self._check_running()
+        self._admit()
+        handle = RequestHandle(self, None if timeout_s is None else time.monotonic() + timeout_s)
+        handle.future.add_done_callback(lambda _: self._release_slot())
+        params = params or SamplingParams()
+
+        def add() -> None:
+            if handle.cancelled:
+                handle._finish(None, Cancelled("request cancelled"))
+                return
+            try:
+                rid = self.engine.add_request(prompt, params)
+            except Exception as e:  # noqa: BLE001 - the submitter gets the named error
+                handle._finish(None, e)
+                return
+            handle.request_id = rid
+            handle.accepted.set_result(rid)
+            self._handles[rid] = handle
+            self.stats.submitted += 1
+
+        self._post(add)
+        return handle
+
+    def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> Future[T]:
+        """Runs fn(*args, **kwargs) on the loop thread between two steps."""
+        self._check_running()
+        fut: Future[T] = Future()
+
+        def op() -> None:
+            if not fut.set_running_or_notify_cancel():
+                return
+            try:
+                fut.set_result(fn(*args, **kwargs))
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
+                fut.set_exception(e)
+
+        self._post(op)
+        return fut
+
+    def run_program(self, program: Callable[["SharedEngine"], T], *, timeout_s: float | None = None
+                    ) -> "ProgramHandle[T]":
+        """Runs program(shared_engine) on a worker thread; its engine calls are carried out by the loop."""
+        self._check_running()
+        self._admit()
+        state = _Program(deadline=None if timeout_s is None else time.monotonic() + timeout_s)
+        shared = SharedEngine(self, state)
+        self._program_states[id(state)] = state
+
+        def body() -> T:
+            try:
+                return program(shared)
+            finally:
+                shared._release_all()
+                self._program_states.pop(id(state), None)
+                self._release_slot()
+
+        return ProgramHandle(self, state, self._workers.submit(body))
+
+    # -- the loop --------------------------------------------------------------------------------------------
+
+    def _post(self, op: Callable[[], None]) -> None:
+        with self._ops_lock:
+            self._ops.append(op)
+        self._wake.set()
+
+    def _check_running(self) -> None:
+        if self._stop:
+            raise RuntimeError("the engine loop is closed")
+        if self._error is not None:
+            raise RuntimeError(f"the engine loop failed: {self._error!r}") from self._error
+
+    def _main(self) -> None:
+        while not self._stop:
+            with self._ops_lock:
+                ops, self._ops = self._ops, []
+            self._wake.clear()
+            for op in ops:
+                op()
+            self._expire()
+            if self.engine.has_work():
+                t0 = time.perf_counter()
+                try:
+                    finished = self.engine.step()
+                except Exception as e:  # noqa: BLE001 - every waiter learns of it; the loop goes on
+                    self._fail_all(e)
+                    finished = []
+                self.stats.step_seconds += time.perf_counter() - t0
+                self.stats.steps += 1
+                for order, rid in enumerate(finished):
+                    self._finished_at[rid] = (self._steps, order)
+                self._publish(finished)
+                with self._stepped:
+                    self._steps += 1
+                    self._stepped.notify_all()
+            else:
+                with self._stepped:
+                    self._stepped.notify_all()  # programs waiting for progress re-check their state
+                self._wake.wait(self._idle_wait_s)
+
+    def _publish(self, finished: Iterable[int]) -> None:
+        """Pushes each streamed request's new tokens; completes the finished ones."""
+        done = set(finished)
+        for rid, handle in list(self._handles.items()):
+            if not self.engine.is_done(rid) and handle._sent_tokens == self.engine.num_output_tokens(rid):
+                continue
+            out = self.engine.output(rid)
+            new_ids = out.token_ids[handle._sent_tokens:]
+            text = out.text
+            # Text is whole-sequence decoding; a delta carries what was added since the last one.
+            added = text[len(handle._sent_text):] if text.startswith(handle._sent_text) else text
+            is_done = rid in done or self.engine.is_done(rid)
+            if new_ids or is_done:
+                handle._sent_tokens = len(out.token_ids)
+                handle._sent_text = text
+                self.stats.generated_tokens += len(new_ids)
+                handle._push(Delta(list(new_ids), added, out.finish_reason if is_done else None))
+            if is_done:
+                del self._handles[rid]
+                self._finished_at.pop(rid, None)
+                self.engine.forget(rid)
+                handle._finish(out, None)
+
+    def _forget(self, request_id: int) -> None:
+        self._finished_at.pop(request_id, None)
+        self.engine.forget(request_id)
+
+    def _abort(self, handle: RequestHandle, error: BaseException) -> None:
+        rid = handle.request_id
+        if rid is not None and self._handles.pop(rid, None) is not None:
+            self.engine.forget(rid)
+        handle._finish(None, error)
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for handle in list(self._handles.values()):
+            if handle.deadline is not None and now > handle.deadline:
+                self.stats.expired += 1
+                self._abort(handle, DeadlineExceeded(f"request {handle.request_id} passed its deadline"))
+
+    def _fail_all(self, error: BaseException) -> None:
+        """A step raised: every streamed request fails with the error and is freed, and every program fails
+        at its next engine call with its requests freed, so that a step that keeps raising cannot spin."""
+        for handle in list(self._handles.values()):
+            self._abort(handle, error)
+        for state in list(self._program_states.values()):
+            state.error = error
+            _release(self.engine, list(state.ids))
+        with self._stepped:
+            self._stepped.notify_all()
+
+    def wait_step(self, after: int, timeout: float | None = None) -> int:
+        """Blocks until the loop has run a step past `after` (or found nothing to step); returns the count."""
+        with self._stepped:
+            self._stepped.wait_for(lambda: self._steps > after or self._stop, timeout)
+            return self._steps
+
+    @property
+    def steps(self) -> int:
+        return self._steps
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stops the loop; requests still in flight fail with Cancelled and are freed."""
+        if self._stop:
+            return
+
+        def shutdown() -> None:
+            for handle in list(self._handles.values()):
+                self._abort(handle, Cancelled("the engine loop closed"))
+            self._stop = True
+
+        self._post(shutdown)
+        self._thread.join(timeout)
+        self._stop = True
+        self._workers.shutdown(wait=False, cancel_futures=True)
+
+    def __enter__(self) -> "EngineLoop":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@dataclass
+class LoopStats:
+    submitted: int = 0
+    rejected: int = 0
+    expired: int = 0
+    steps: int = 0
+    step_seconds: float = 0.0
+    generated_tokens: int = 0
+
+
+class ProgramHandle(Future):
+    """The future of a program's result; `cancel()` also stops the program at its next engine call and frees
+    every KV block its requests hold."""
+
+    def __init__(self, loop: EngineLoop, program: _Program, inner: Future):
+        super().__init__()
+        self._loop = loop
+        self._program = program
+        self._inner = inner
+        inner.add_done_callback(self._copy)
+
+    def _copy(self, inner: Future) -> None:
+        if self.done():
+            return
+        if inner.cancelled():
+            super().cancel()
+            self.set_running_or_notify_cancel()
+        elif inner.exception() is not None:
+            self.set_exception(inner.exception())
+        else:
+            self.set_result(inner.result())
+
+    def cancel(self) -> bool:
+        if self.done():
+            return False
+        self._program.cancelled = True
+        ids = list(self._program.ids)
+        self._loop._post(lambda: _release(self._loop.engine, ids))
+        with self._loop._stepped:
+            self._loop._stepped.notify_all()
+        return True
+
+    def __await__(self):
+        return asyncio.wrap_future(self).__await__()
+
+
+def _release(engine: Engine, ids: Iterable[int]) -> None:
+    for rid in ids:
+        if engine.has_request(rid) and not engine.is_done(rid):
+            engine.release(rid)
+
+
+class SharedEngine:
+    """An Engine-shaped view of an EngineLoop for a program on a worker thread: the attributes the
+    algorithms read (tokenizer, config, max_model_len, reflection_groups) are the engine's own, immutable
+    after construction; every method runs on the loop thread. `run` waits while the loop steps all users'
+    requests together."""
+
+    def __init__(self, loop: EngineLoop, state: _Program):
+        self._loop = loop
+        self._state = state
+        engine = loop.engine
+        self.tokenizer = engine.tokenizer
+        self.config = engine.config
+        self.max_model_len = engine.max_model_len
+        self.reflection_groups = engine.reflection_groups
+
+    def _check(self) -> None:
+        if self._state.error is not None:
+            raise RuntimeError(f"a model step failed: {self._state.error}") from self._state.error
+        if self._state.cancelled:
+            raise Cancelled("the query was cancelled")
+        if self._state.deadline is not None and time.monotonic() > self._state.deadline:
+            self._state.cancelled = True
+            raise DeadlineExceeded("the query passed its deadline")
+
+    def _do(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return self._loop.call(fn, *args, **kwargs).result()
+
+    def add_request(self, prompt, params: SamplingParams | None = None, keep_cache: bool = False) -> int:
+        self._check()
+        rid = self._do(self._loop.engine.add_request, prompt, params, keep_cache=keep_cache)
+        self._state.ids.add(rid)
+        return rid
+
+    def fork(self, parent: int, suffixes, params, prefix_len: int | None = None, keep_cache: bool = False
+             ) -> list[int]:
+        self._check()
+        kids = self._do(self._loop.engine.fork, parent, suffixes, params, prefix_len=prefix_len,
+                        keep_cache=keep_cache)
+        self._state.ids.update(kids)
+        return kids
+
+    def release(self, request_id: int) -> None:
+        self._do(self._loop.engine.release, request_id)
+
+    def forget(self, request_id: int) -> None:
+        self._do(self._loop._forget, request_id)
+        self._state.ids.discard(request_id)
+
+    def is_done(self, request_id: int) -> bool:
+        return self._do(self._loop.engine.is_done, request_id)
+
+    def output(self, request_id: int) -> RequestOutput:
+        return self._do(self._loop.engine.output, request_id)
+
+    def has_work(self) -> bool:
+        return self._do(self._loop.engine.has_work)
+
+    def score(self, token_ids) -> torch.Tensor:
+        self._check()
+        return self._do(self._loop.engine.score, token_ids)
+
+    def step(self) -> list[int]:
+        """Waits for the loop's next step (the loop, not the program, steps); returns nothing finished:
+        a program re-reads its requests' state after it."""
+        self._check()
+        self._loop.wait_step(self._loop.steps, timeout=1.0)
+        return []
+
+    def run_until_any(self, request_ids: Iterable[int]) -> list[int]:
+        """As Engine.run_until_any: the listed requests done when called, in list order; else, once some
+        finish, those in the order they finished."""
+        ids = list(request_ids)
+        loop = self._loop
+        while True:
+            self._check()
+            seen = loop.steps
+            done, work = self._do(lambda: ([i for i in ids if loop.engine.is_done(i)], loop.engine.has_work()))
+            if done or not ids:
+                if not done:
+                    return []
+                waited = getattr(self, "_waited", False)
+                self._waited = False
+                if not waited:
+                    return done
+                order = self._do(lambda: {i: loop._finished_at.get(i, (0, 0)) for i in done})
+                return sorted(done, key=lambda i: order[i])
+            if not work:
+                raise SchedulingError(f"requests {ids} cannot make progress: nothing is scheduled")
+            self._waited = True
+            loop.wait_step(seen, timeout=1.0)
+
+    def run(self, request_ids: Iterable[int], progress: bool = False) -> list[RequestOutput]:
+        ids = list(request_ids)
+        while True:
+            self._check()
+            seen = self._loop.steps
+            done, work = self._do(_progress, self._loop.engine, ids)
+            if done:
+                return [self.output(i) for i in ids]
+            if not work:
+                raise SchedulingError(f"requests {ids} cannot make progress: nothing is scheduled")
+            self._loop.wait_step(seen, timeout=1.0)
+
+    def _release_all(self) -> None:
+        """At the program's end (normal or not), every request it still holds is forgotten."""
+        ids = list(self._state.ids)
+        self._state.ids.clear()
+        if ids:
+            try:
+                self._do(_forget_all, self._loop.engine, ids)
+            except RuntimeError:
+                pass  # the loop is closed: nothing holds the blocks any more
+
+
+def _progress(engine: Engine, ids: Sequence[int]) -> tuple[bool, bool]:
+    """(all listed requests done, the engine has work), read together between two steps."""
+    return all(engine.is_done(i) for i in ids), engine.has_work()
+
+
+def _forget_all(engine: Engine, ids: Iterable[int]) -> None:
+    for rid in ids:
+        if engine.has_request(rid):
+            engine.forget(rid)

@@ -1,0 +1,538 @@
+"""An OpenAI-compatible HTTP server over one shared engine loop, and Self-RAG as an endpoint.
+
+    selfrag-engine serve --model DIR [--index DIR] [--host 127.0.0.1] [--port 8000]
+
+`build_app(loop, ...)` returns the ASGI app (FastAPI), to mount in another app or to run with any ASGI server.
+
+- `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions` as OpenAI's (and vLLM's) API: max_tokens,
+  temperature, top_p, seed, stop, n, logprobs / top_logprobs, stream (server-sent events), usage. Defaults are
+  vLLM's: max_tokens 16 for completions (the rest of the context for chat), temperature 1, special tokens
+  skipped. A text prompt is encoded as the Python API encodes it (BOS, then the text). The chat template is
+  Self-RAG's instruction format: the last user message is the instruction, earlier messages go before it.
+- `POST /v1/selfrag`: a Self-RAG answer with its branches and scores; the same through chat completions with an
+  extra body field `selfrag: {...}` (the last user message is the question).
+- `GET /health`, `GET /metrics` (Prometheus text).
+Bad bodies get HTTP 400 with an OpenAI-style error object naming the field; over the admission bound, 429 with
+Retry-After.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, ConfigDict, Field
+
+from selfrag_engine.engine.llm_engine import Engine
+from selfrag_engine.engine.loop import EngineLoop, RequestHandle
+from selfrag_engine.engine.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
+from selfrag_engine.errors import (
+    CacheCapacityError,
+    Cancelled,
+    DeadlineExceeded,
+    QueueFullError,
+    RequestError,
+    SelfragEngineError,
+)
+from selfrag_engine.retrieval.passages import Passage
+from selfrag_engine.selfrag.evaluate import long_form_trace, short_form_trace
+from selfrag_engine.selfrag.long_form import LongFormSelfRAG
+from selfrag_engine.selfrag.prompts import format_prompt
+from selfrag_engine.selfrag.scoring import ScoringConfig
+from selfrag_engine.selfrag.short_form import SelfRAG
+
+# -- request bodies -------------------------------------------------------------------------------------------
+
+class _Body(BaseModel):
+    # Fields OpenAI defines that this server does not use (user, frequency_penalty at 0, ...) are accepted.
+    model_config = ConfigDict(extra="allow")
+
+
+class CompletionBody(_Body):
+    model: str | None = None
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(16, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=100.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(-1, ge=-1)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    n: int = Field(1, ge=1, le=64)
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    echo: bool = False
+    stream: bool = False
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    timeout: float | None = Field(None, gt=0)
+
+
+class Message(_Body):
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str
+
+
+class SelfRAGOptions(_Body):
+    question: str | None = None
+    passages: list[dict[str, str]] | None = None
+    form: Literal["short", "long"] = "short"
+    mode: Literal["adaptive", "always", "never"] = "adaptive"
+    ndocs: int = Field(5, ge=1, le=64)
+    compat: Literal["paper", "released"] = "paper"
+    threshold: float | None = 0.2
+    w_rel: float | None = None
+    w_sup: float | None = None
+    w_use: float | None = None
+    use_seqscore: bool | None = None
+    max_tokens: int = Field(100, ge=1)
+    beam_width: int | None = Field(None, ge=1)
+    max_depth: int | None = Field(None, ge=1)
+    stream: bool = False
+    timeout: float | None = Field(None, gt=0)
+
+
+class ChatBody(_Body):
+    model: str | None = None
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=100.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(-1, ge=-1)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int = Field(1, ge=1, le=64)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    stream: bool = False
+    skip_special_tokens: bool = True
+    timeout: float | None = Field(None, gt=0)
+    selfrag: SelfRAGOptions | None = None
+
+
+# -- errors -------------------------------------------------------------------------------------------------
+
+def _error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
+           headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}},
+                        status_code=status, headers=headers)
+
+
+def _error_response(e: BaseException) -> JSONResponse:
+    if isinstance(e, QueueFullError):
+        return _error(429, str(e), kind="rate_limit_exceeded", headers={"Retry-After": "1"})
+    if isinstance(e, DeadlineExceeded):
+        return _error(408, str(e), kind="timeout")
+    if isinstance(e, Cancelled):
+        return _error(499, str(e), kind="cancelled")
+    if isinstance(e, (RequestError, CacheCapacityError, SelfragEngineError)):
+        return _error(400, str(e))
+    return _error(500, f"{type(e).__name__}: {e}", kind="server_error")
+
+
+# -- the app ----------------------------------------------------------------------------------------------
+
+class _Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.queue_depth = Gauge("selfrag_requests_in_flight", "requests and queries admitted, not finished",
+                                 registry=r)
+        self.running_rows = Gauge("selfrag_running_rows", "sequences the scheduler runs", registry=r)
+        self.kv_used = Gauge("selfrag_kv_blocks_used", "KV cache blocks in use", registry=r)
+        self.kv_free = Gauge("selfrag_kv_blocks_free", "KV cache blocks free", registry=r)
+        self.tokens = Counter("selfrag_generated_tokens", "tokens generated (rate() gives tokens/s)", registry=r)
+        self.requests = Counter("selfrag_requests", "HTTP requests by endpoint and status",
+                                ["endpoint", "status"], registry=r)
+        self.ttft = Histogram("selfrag_time_to_first_token_seconds", "time to the first streamed token",
+                              registry=r, buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
+        self.latency = Histogram("selfrag_request_latency_seconds", "end-to-end latency by endpoint",
+                                 ["endpoint"], registry=r,
+                                 buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120))
+
+
+def build_app(loop: EngineLoop, model_name: str, retriever: Any = None) -> FastAPI:
+    """The server's ASGI app over `loop` (which it does not close)."""
+    app = FastAPI(title="selfrag-engine", version="0.1.0")
+    metrics = _Metrics()
+    engine = loop.engine
+    tok = engine.tokenizer
+    app.state.loop = loop
+    app.state.metrics = metrics
+
+    @app.exception_handler(RequestValidationError)
+    async def _bad_body(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        loc = [p for p in first.get("loc", ()) if p != "body"]
+        # The top-level field: a union's member names or a list index below it say less than the field.
+        param = loc[0] if loc and isinstance(loc[0], str) else None
+        where = ".".join(str(p) for p in loc) or "body"
+        return _error(400, f"{where}: {first.get('msg', 'invalid request body')}", param)
+
+    @app.exception_handler(SelfragEngineError)
+    async def _named(request: Request, exc: SelfragEngineError) -> JSONResponse:
+        return _error_response(exc)
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics_text() -> PlainTextResponse:
+        stats = await _on_loop(loop, _engine_stats, engine)
+        metrics.queue_depth.set(loop.pending)
+        metrics.running_rows.set(stats["running"])
+        metrics.kv_used.set(stats["used"])
+        metrics.kv_free.set(stats["free"])
+        return PlainTextResponse(generate_latest(metrics.registry).decode(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": int(time.time()),
+                                            "owned_by": "selfrag-engine",
+                                            "max_model_len": engine.max_model_len}]}
+
+    def _check_model(name: str | None) -> None:
+        if name is not None and name != model_name:
+            raise RequestError(f"model '{name}' is not served here (this server serves '{model_name}')")
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionBody, request: Request):
+        start = time.perf_counter()
+        _check_model(body.model)
+        if body.echo:
+            raise RequestError("echo is not supported")
+        prompts = _prompts(body.prompt)
+        params = _params(body, body.max_tokens, body.logprobs)
+        handles = await _admitted(_submit(loop, prompts, params, body.n, body.timeout))
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        if body.stream:
+            return _stream(request, handles, metrics, start, "completions", lambda i, d: {
+                "id": rid, "object": "text_completion", "created": created, "model": model_name,
+                "choices": [{"index": i, "text": d.text, "logprobs": None, "finish_reason": d.finish_reason}]})
+        outs = await _gather(handles)
+        metrics.tokens.inc(sum(len(o.token_ids) for o in outs))
+        choices = [{"index": i, "text": o.text, "finish_reason": o.finish_reason,
+                    "logprobs": _completion_logprobs(tok, o) if body.logprobs is not None else None}
+                   for i, o in enumerate(outs)]
+        metrics.latency.labels("completions").observe(time.perf_counter() - start)
+        return {"id": rid, "object": "text_completion", "created": created, "model": model_name,
+                "choices": choices, "usage": _usage(outs, len(prompts), body.n)}
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatBody, request: Request):
+        start = time.perf_counter()
+        _check_model(body.model)
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        if body.selfrag is not None:
+            opts = body.selfrag
+            question = opts.question or _last_user(body.messages)
+            result = await _selfrag(loop, retriever, question, opts)
+            metrics.latency.labels("selfrag").observe(time.perf_counter() - start)
+            return {"id": rid, "object": "chat.completion", "created": created, "model": model_name,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": result["answer"]},
+                                 "logprobs": None, "finish_reason": "stop"}],
+                    "usage": result["usage"], "selfrag": result}
+        prompt = _chat_prompt(body.messages)
+        top = body.top_logprobs if body.logprobs else None
+        if body.logprobs and top is None:
+            top = 0
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        if max_tokens is None:
+            max_tokens = max(1, engine.max_model_len - len(tok.encode(prompt, add_bos=True)))
+        params = _params(body, max_tokens, top)
+        handles = await _admitted(_submit(loop, [prompt], params, body.n, body.timeout))
+        if body.stream:
+            return _stream(request, handles, metrics, start, "chat", lambda i, d: {
+                "id": rid, "object": "chat.completion.chunk", "created": created, "model": model_name,
+                "choices": [{"index": i, "delta": ({"role": "assistant", "content": d.text} if d.first
+                                                   else {"content": d.text}),
+                             "logprobs": None, "finish_reason": d.finish_reason}]})
+        outs = await _gather(handles)
+        metrics.tokens.inc(sum(len(o.token_ids) for o in outs))
+        choices = [{"index": i, "message": {"role": "assistant", "content": o.text},
+                    "logprobs": _chat_logprobs(tok, o, top) if body.logprobs else None,
+                    "finish_reason": o.finish_reason} for i, o in enumerate(outs)]
+        metrics.latency.labels("chat").observe(time.perf_counter() - start)
+        return {"id": rid, "object": "chat.completion", "created": created, "model": model_name,
+                "choices": choices, "usage": _usage(outs, 1, body.n)}
+
+    @app.post("/v1/selfrag")
+    async def selfrag(body: SelfRAGOptions):
+        start = time.perf_counter()
+        if not body.question or not body.question.strip():
+            raise RequestError("question: a non-empty question is required")
+        if body.stream:
+            raise RequestError("stream: streaming Self-RAG answers is not supported yet")
+        result = await _selfrag(loop, retriever, body.question, body)
+        metrics.latency.labels("selfrag").observe(time.perf_counter() - start)
+        return result
+
+    @app.middleware("http")
+    async def _count(request: Request, call_next):
+        response = await call_next(request)
+        metrics.requests.labels(request.url.path, str(response.status_code)).inc()
+        return response
+
+    app.state.count_tokens = metrics.tokens
+    return app
+
+
+# -- helpers ------------------------------------------------------------------------------------------------
+
+async def _on_loop(loop: EngineLoop, fn, *args):
+    return await asyncio.wrap_future(loop.call(fn, *args))
+
+
+def _engine_stats(engine) -> dict[str, int]:
+    stats = engine.cache_stats()
+    return {"used": stats["used"], "free": stats["free"], "running": engine.num_running()}
+
+
+def _prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise RequestError("prompt: an empty list is not a prompt")
+    if all(isinstance(p, int) for p in prompt):
+        return [list(prompt)]
+    return list(prompt)
+
+
+def _params(body: CompletionBody | ChatBody, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
+    return SamplingParams(
+        max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+        top_k=max(body.top_k, 0), seed=body.seed, stop=stop,
+        stop_token_ids=list(getattr(body, "stop_token_ids", None) or []),
+        ignore_eos=bool(getattr(body, "ignore_eos", False)), logprobs=logprobs,
+        skip_special_tokens=body.skip_special_tokens,
+        include_stop_str_in_output=bool(getattr(body, "include_stop_str_in_output", False)))
+
+
+def _submit(loop: EngineLoop, prompts: list, params: SamplingParams, n: int,
+            timeout: float | None) -> list[RequestHandle]:
+    """n choices per prompt (choice i of a seeded request draws with seed + i, so choices differ)."""
+    handles: list[RequestHandle] = []
+    try:
+        for prompt in prompts:
+            for i in range(n):
+                p = params
+                if params.seed is not None and i > 0:
+                    p = SamplingParams(**{**params.__dict__, "seed": params.seed + i})
+                handles.append(loop.submit(prompt, p, timeout_s=timeout))
+    except BaseException:
+        for h in handles:
+            h.cancel()
+        raise
+    return handles
+
+
+async def _admitted(handles: list[RequestHandle]) -> list[RequestHandle]:
+    """Waits until the engine took every request (or refused one: a bad prompt is a 400, before any stream)."""
+    try:
+        await asyncio.gather(*(asyncio.wrap_future(h.accepted) for h in handles))
+    except BaseException:
+        for h in handles:
+            h.cancel()
+        raise
+    return handles
+
+
+async def _gather(handles: list[RequestHandle]):
+    try:
+        return list(await asyncio.gather(*(asyncio.wrap_future(h.future) for h in handles)))
+    except BaseException:
+        for h in handles:
+            h.cancel()
+        raise
+
+
+class _Chunk:
+    def __init__(self, text: str, finish_reason: str | None, first: bool):
+        self.text, self.finish_reason, self.first = text, finish_reason, first
+
+
+def _stream(request: Request, handles: list[RequestHandle], metrics: _Metrics, start: float, endpoint: str,
+            event) -> StreamingResponse:
+    """Server-sent events of every choice's deltas, in arrival order, then [DONE]. A client that goes away
+    cancels its requests, which frees their blocks at the next step."""
+    async def gen():
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int, h: RequestHandle) -> None:
+            try:
+                async for d in h:
+                    await queue.put((i, d, None))
+            except BaseException as e:  # noqa: BLE001 - reported in the stream
+                await queue.put((i, None, e))
+            await queue.put((i, None, StopAsyncIteration()))
+
+        tasks = [asyncio.create_task(pump(i, h)) for i, h in enumerate(handles)]
+        open_choices = len(handles)
+        first_seen: set[int] = set()
+        try:
+            while open_choices:
+                i, d, err = await queue.get()
+                if isinstance(err, StopAsyncIteration):
+                    open_choices -= 1
+                    continue
+                if err is not None:
+                    body = json.loads(_error_response(err).body)
+                    yield f"data: {json.dumps(body)}\n\n"
+                    continue
+                if i not in first_seen and d.token_ids:
+                    metrics.ttft.observe(time.perf_counter() - start)
+                metrics.tokens.inc(len(d.token_ids))
+                chunk = _Chunk(d.text, d.finish_reason, i not in first_seen)
+                first_seen.add(i)
+                yield f"data: {json.dumps(event(i, chunk), ensure_ascii=False)}\n\n"
+            yield "data: [DONE]\n\n"
+            metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
+        finally:
+            for h in handles:
+                h.cancel()
+            for t in tasks:
+                t.cancel()
+
+    return StreamingResponse(gen(), media_type="text/event-stream")
+
+
+def _usage(outs, num_prompts: int, n: int) -> dict[str, int]:
+    prompt_tokens = sum(len(o.prompt_token_ids) for o in outs[::n]) if outs else 0
+    completion = sum(len(o.token_ids) for o in outs)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+            "total_tokens": prompt_tokens + completion}
+
+
+def _token_str(tok, token_id: int) -> str:
+    return tok.decode([token_id], skip_special_tokens=False)
+
+
+def _completion_logprobs(tok, out) -> dict[str, Any]:
+    tokens = [_token_str(tok, t) for t in out.token_ids]
+    offsets, pos = [], 0
+    for s in tokens:
+        offsets.append(pos)
+        pos += len(s)
+    top = None
+    if out.logprobs is not None:
+        top = [{_token_str(tok, t): lp for t, lp in step.items()} for step in out.logprobs]
+    return {"tokens": tokens, "token_logprobs": list(out.token_logprobs), "top_logprobs": top,
+            "text_offset": offsets}
+
+
+def _chat_logprobs(tok, out, top: int | None) -> dict[str, Any]:
+    content = []
+    for step, (t, lp) in enumerate(zip(out.token_ids, out.token_logprobs)):
+        s = _token_str(tok, t)
+        entry = {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8")), "top_logprobs": []}
+        if top and out.logprobs is not None:
+            ranked = sorted(out.logprobs[step].items(), key=lambda kv: -kv[1])[:top]
+            entry["top_logprobs"] = [{"token": _token_str(tok, i), "logprob": v,
+                                      "bytes": list(_token_str(tok, i).encode("utf-8"))} for i, v in ranked]
+        content.append(entry)
+    return {"content": content}
+
+
+def _last_user(messages: list[Message]) -> str:
+    for m in reversed(messages):
+        if m.role == "user":
+            return m.content
+    raise RequestError("messages: no user message to answer")
+
+
+def _chat_prompt(messages: list[Message]) -> str:
+    """Self-RAG's instruction format: earlier messages, then the last user message, as the instruction."""
+    question = _last_user(messages)
+    last = max(i for i, m in enumerate(messages) if m.role == "user")
+    context = [f"{m.role}: {m.content}" for m in messages[:last]]
+    return format_prompt("\n".join(context + [question]) if context else question)
+
+
+def _scoring(opts: SelfRAGOptions, form: str) -> ScoringConfig:
+    knobs = {k: getattr(opts, k) for k in ("w_rel", "w_sup", "w_use", "use_seqscore") if getattr(opts, k) is not None}
+    knobs["threshold"] = opts.threshold
+    return (ScoringConfig.paper(**knobs) if opts.compat == "paper"
+            else ScoringConfig.released(form=form, **knobs))
+
+
+async def _selfrag(loop: EngineLoop, retriever: Any, question: str, opts: SelfRAGOptions) -> dict[str, Any]:
+    if not question.strip():
+        raise RequestError("question: the question is empty")
+    passages = None
+    if opts.passages is not None:
+        passages = []
+        for i, p in enumerate(opts.passages):
+            if "text" not in p:
+                raise RequestError(f"passages.{i}: a passage needs a 'text' (and may have a 'title')")
+            passages.append(Passage(title=p.get("title", ""), text=p["text"], id=p.get("id")))
+    if passages is None and retriever is None and opts.mode != "never":
+        raise RequestError("passages: give passages, or start the server with --index, or use mode 'never'")
+
+    def program(engine):
+        if opts.form == "short":
+            rag = SelfRAG(engine, retriever=retriever, scoring=_scoring(opts, "short"), ndocs=opts.ndocs,
+                          max_new_tokens=opts.max_tokens, mode=opts.mode, compat=opts.compat)
+            ans = rag.answer(question, passages)
+            trace = short_form_trace(ans)
+            branches = [{"passage": {"title": b.passage.title, "text": b.passage.text}, "text": b.text,
+                         "relevance": b.relevance, "grounding": b.grounding, "utility": b.utility,
+                         "final": b.final} for b in ans.branches]
+            return {"answer": ans.answer, "retrieved": ans.retrieved,
+                    "retrieval_probability": ans.retrieval_probability, "branches": branches, "best": ans.best,
+                    "citations": None, "trace": trace,
+                    "usage": {"completion_tokens": ans.num_generated_tokens}}
+        kwargs = {k: getattr(opts, k) for k in ("beam_width", "max_depth") if getattr(opts, k) is not None}
+        rag = LongFormSelfRAG(engine, retriever=retriever, scoring=_scoring(opts, "long"), ndocs=opts.ndocs,
+                              max_new_tokens=opts.max_tokens, mode=opts.mode, compat=opts.compat, **kwargs)
+        ans = rag.answer(question, passages)
+        citations = [None if c is None else {"title": c.title, "text": c.text} for c in ans.citations]
+        return {"answer": ans.answer, "retrieved": ans.retrieved, "retrieval_probability": None,
+                "branches": [], "best": None, "citations": citations, "trace": long_form_trace(ans),
+                "usage": {"completion_tokens": ans.num_generated_tokens}}
+
+    handle = loop.run_program(program, timeout_s=opts.timeout)
+    try:
+        return await asyncio.wrap_future(handle)
+    except asyncio.CancelledError:
+        handle.cancel()
+        raise
+
+
+def serve(args) -> int:
+    """`selfrag-engine serve`: loads the model, starts the loop and runs uvicorn until interrupted."""
+    retriever = None
+    if args.index is not None:
+        # faiss is the `retrieval` extra.
+        from selfrag_engine.retrieval.retriever import Retriever
+
+        retriever = Retriever.load(args.index)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    engine = Engine.from_pretrained(args.model, device=device, dtype=args.dtype,
+                                    quantization=args.quantization, progress=not args.quiet,
+                                    **({"num_blocks": args.num_blocks} if args.num_blocks else {}))
+    name = args.served_model_name or Path(args.model).resolve().name
+    with EngineLoop(engine, max_pending=args.max_pending) as loop:
+        app = build_app(loop, name, retriever)
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info")
+    return 0

@@ -1,0 +1,230 @@
+"""`selfrag-engine serve` as a subprocess on 127.0.0.1 over the embedded tiny model, asked by the official
+`openai` client (completions, chat, streaming, logprobs, n, the Self-RAG extra body) and by raw HTTP for bad
+bodies; then a bounded load of concurrent mixed clients, some of which hang up mid-stream."""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+openai = pytest.importorskip("openai", reason="the openai client is a test dependency of the server")
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi", reason="fastapi and uvicorn are the serve extra")
+
+from selfrag_engine import Engine, SamplingParams  # noqa: E402
+from selfrag_engine.retrieval.passages import Passage  # noqa: E402
+from selfrag_engine.selfrag.prompts import format_prompt  # noqa: E402
+from selfrag_engine.selfrag.short_form import SelfRAG  # noqa: E402
+from selfrag_engine.tiny.assets import default_model_dir, read_corpus, read_examples  # noqa: E402
+
+MODEL = default_model_dir()
+NAME = "tiny-selfrag"
+pytestmark = pytest.mark.skipif(not (MODEL / "model.safetensors").is_file(), reason="tiny_selfrag not present")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    port = _free_port()
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "selfrag_engine", "serve", "--model", str(MODEL), "--port",
+                             str(port), "--served-model-name", NAME, "--device", "cpu", "--quiet",
+                             "--max-pending", "96"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            out = proc.stdout.read() if proc.poll() is not None else ""
+            proc.kill()
+            pytest.fail(f"the server did not come up: {out}")
+        time.sleep(0.2)
+    yield base
+    proc.terminate()
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return Engine.from_pretrained(MODEL, progress=False)
+
+
+def _cases(n: int) -> list[tuple[str, list[Passage]]]:
+    """Questions of the committed examples, each with three corpus passages that share words with it."""
+    corpus = read_corpus()
+    out = []
+    for ex in read_examples()["questions"][:n]:
+        words = set(re.findall(r"\w+", ex["question"].lower()))
+        ranked = sorted(corpus, key=lambda p: -len(words & set(re.findall(r"\w+", (p.title + " " + p.text).lower()))))
+        out.append((ex["question"], ranked[:3]))
+    return out
+
+
+def _used_blocks(base: str) -> float:
+    text = httpx.get(f"{base}/metrics", timeout=10).text
+    return float(re.search(r"^selfrag_kv_blocks_used (\S+)$", text, re.M).group(1))
+
+
+def test_models(client):
+    assert [m.id for m in client.models.list().data] == [NAME]
+
+
+def test_completion_equals_the_python_api(client, engine):
+    prompt = format_prompt("What is the capital of the moon?")
+    params = SamplingParams(max_tokens=12, temperature=0.0, logprobs=2)
+    expected = engine.generate(prompt, params)[0]
+    got = client.completions.create(model=NAME, prompt=prompt, max_tokens=12, temperature=0, logprobs=2)
+    choice = got.choices[0]
+    assert choice.text == expected.text
+    assert choice.finish_reason == expected.finish_reason
+    assert choice.logprobs.token_logprobs == pytest.approx(expected.token_logprobs, abs=1e-5)
+    assert got.usage.completion_tokens == len(expected.token_ids)
+    assert got.usage.prompt_tokens == len(expected.prompt_token_ids)
+
+
+def test_completion_n_and_seed(client, engine):
+    prompt = format_prompt("Name a color.")
+    got = client.completions.create(model=NAME, prompt=prompt, max_tokens=8, temperature=1.0, seed=7, n=2)
+    expected = [engine.generate(prompt, SamplingParams(max_tokens=8, temperature=1.0, seed=7 + i))[0].text
+                for i in range(2)]
+    assert [c.text for c in sorted(got.choices, key=lambda c: c.index)] == expected
+
+
+def test_chat_and_its_stream(client, engine):
+    question = read_examples()["instructions"][0]["instruction"]
+    expected = engine.generate(format_prompt(question), SamplingParams(max_tokens=20, temperature=0.0))[0]
+    messages = [{"role": "user", "content": question}]
+    got = client.chat.completions.create(model=NAME, messages=messages, max_tokens=20, temperature=0)
+    assert got.choices[0].message.content == expected.text
+    stream = client.chat.completions.create(model=NAME, messages=messages, max_tokens=20, temperature=0,
+                                            stream=True)
+    parts, reasons = [], []
+    for chunk in stream:
+        parts.append(chunk.choices[0].delta.content or "")
+        reasons.append(chunk.choices[0].finish_reason)
+    assert "".join(parts) == expected.text
+    assert reasons[-1] == expected.finish_reason
+
+
+def test_chat_logprobs(client, engine):
+    prompt = format_prompt("Say hello.")
+    expected = engine.generate(prompt, SamplingParams(max_tokens=6, temperature=0.0, logprobs=3))[0]
+    got = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Say hello."}],
+                                         max_tokens=6, temperature=0, logprobs=True, top_logprobs=3)
+    content = got.choices[0].logprobs.content
+    assert [c.logprob for c in content] == pytest.approx(expected.token_logprobs, abs=1e-5)
+    assert all(len(c.top_logprobs) == 3 for c in content)
+
+
+def test_selfrag_through_chat_extra_body_and_endpoint(client, server, engine):
+    question, docs = _cases(1)[0]
+    expected = SelfRAG(engine, max_new_tokens=30).answer(question, docs)
+    body = {"passages": [{"title": p.title, "text": p.text} for p in docs], "max_tokens": 30}
+    got = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": question}],
+                                         extra_body={"selfrag": body})
+    assert got.choices[0].message.content == expected.answer
+    raw = httpx.post(f"{server}/v1/selfrag", json={"question": question, **body}, timeout=120).json()
+    assert raw["answer"] == expected.answer
+    assert raw["retrieved"] == expected.retrieved
+    assert [b["text"] for b in raw["branches"]] == [b.text for b in expected.branches]
+    assert raw["best"] == expected.best
+    assert raw["retrieval_probability"] == pytest.approx(expected.retrieval_probability, abs=1e-6)
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"model": NAME}, "prompt"),
+    ({"model": NAME, "prompt": "hi", "temperature": "hot"}, "temperature"),
+    ({"model": NAME, "prompt": "hi", "max_tokens": 0}, "max_tokens"),
+    ({"model": NAME, "prompt": "hi", "logprobs": 99}, "logprobs"),
+    ({"model": NAME, "prompt": "hi", "n": 0}, "n"),
+    ({"model": "other", "prompt": "hi"}, None),
+    ({"model": NAME, "prompt": [10 ** 9]}, None),
+])
+def test_bad_completion_bodies_get_400_naming_the_field(server, body, param):
+    r = httpx.post(f"{server}/v1/completions", json=body, timeout=30)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["type"] == "invalid_request_error" and err["message"]
+    if param is not None:
+        assert err["param"] == param
+
+
+def test_malformed_json_and_bad_chat_bodies(server):
+    r = httpx.post(f"{server}/v1/completions", content=b"{not json", timeout=30,
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "error" in r.json()
+    r = httpx.post(f"{server}/v1/chat/completions", json={"model": NAME, "messages": []}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    r = httpx.post(f"{server}/v1/selfrag", json={"question": "Who?", "mode": "sometimes"}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "mode"
+    r = httpx.post(f"{server}/v1/selfrag", json={"question": "Who?"}, timeout=30)
+    assert r.status_code == 400 and "passages" in r.json()["error"]["message"]
+
+
+def test_concurrent_mixed_clients(server, engine):
+    """64 clients at once: completions, streamed chats, Self-RAG queries and clients that hang up mid-stream.
+    No 5xx, every answer equal to the same request served alone, no block held after the drain."""
+    cases = _cases(6)
+    rag = SelfRAG(engine, max_new_tokens=24)
+    expected_rag = {q: rag.answer(q, docs).answer for q, docs in cases}
+    prompts = [format_prompt(f"Count to {i}.") for i in range(8)]
+    expected_cmpl = {p: engine.generate(p, SamplingParams(max_tokens=16, temperature=0.0))[0].text for p in prompts}
+
+    def job(i: int):
+        kind = i % 4
+        with httpx.Client(base_url=server, timeout=180) as http:
+            if kind == 0:
+                p = prompts[i % len(prompts)]
+                r = http.post("/v1/completions", json={"prompt": p, "max_tokens": 16, "temperature": 0})
+                return r.status_code, r.json()["choices"][0]["text"] == expected_cmpl[p]
+            if kind == 1:
+                q, docs = cases[i % len(cases)]
+                r = http.post("/v1/selfrag", json={"question": q, "max_tokens": 24, "passages": [
+                    {"title": d.title, "text": d.text} for d in docs]})
+                return r.status_code, r.json()["answer"] == expected_rag[q]
+            p = prompts[i % len(prompts)]
+            body = {"prompt": p, "max_tokens": 16 if kind == 2 else 400, "temperature": 0, "stream": True}
+            with http.stream("POST", "/v1/completions", json=body) as r:
+                text = []
+                for line in r.iter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    text.append(json.loads(line[6:])["choices"][0]["text"])
+                    if kind == 3 and len(text) >= 2:
+                        return r.status_code, True  # hangs up mid-stream
+                return r.status_code, "".join(text) == expected_cmpl[p]
+
+    with cf.ThreadPoolExecutor(64) as pool:
+        results = list(pool.map(job, range(64)))
+    assert all(status < 500 for status, _ in results), results
+    assert all(status == 200 and ok for status, ok in results), results
+    deadline = time.monotonic() + 30
+    while _used_blocks(server) != 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _used_blocks(server) == 0
