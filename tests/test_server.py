@@ -228,3 +228,26 @@ def test_concurrent_mixed_clients(server, engine):
     while _used_blocks(server) != 0 and time.monotonic() < deadline:
         time.sleep(0.2)
     assert _used_blocks(server) == 0
+
+
+def test_a_client_that_hangs_up_frees_its_request(server):
+    """A non-streaming request whose client goes away before the answer is cancelled, not decoded to the end."""
+    body = {"prompt": format_prompt("Tell a very long story."), "max_tokens": 450, "temperature": 0,
+            "ignore_eos": True}
+    before = _generated(server)
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(f"{server}/v1/completions", json=body, timeout=0.5)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        text = httpx.get(f"{server}/metrics", timeout=10).text
+        in_flight = float(re.search(r"^selfrag_requests_in_flight (\S+)$", text, re.M).group(1))
+        if in_flight == 0 and _used_blocks(server) == 0:
+            break
+        time.sleep(0.1)
+    assert in_flight == 0 and _used_blocks(server) == 0
+    assert _generated(server) - before < 450  # it was cut short, not decoded to the end and dropped
+
+
+def _generated(base: str) -> float:
+    text = httpx.get(f"{base}/metrics", timeout=10).text
+    return float(re.search(r"^selfrag_generated_tokens_total (\S+)$", text, re.M).group(1))

@@ -329,10 +329,6 @@ class EngineLoop:
                 self.engine.forget(rid)
                 handle._finish(out, None)
 
-    def _forget(self, request_id: int) -> None:
-        self._finished_at.pop(request_id, None)
-        self.engine.forget(request_id)
-
     def _abort(self, handle: RequestHandle, error: BaseException) -> None:
         rid = handle.request_id
         if rid is not None and self._handles.pop(rid, None) is not None:
@@ -483,11 +479,12 @@ class SharedEngine:
         return kids
 
     def release(self, request_id: int) -> None:
-        self._do(self._loop.engine.release, request_id)
+        # Not waited for: the loop runs operations in order, so every later call sees it done.
+        self._loop._post(lambda: _release(self._loop.engine, [request_id]))
 
     def forget(self, request_id: int) -> None:
-        self._do(self._loop._forget, request_id)
         self._state.ids.discard(request_id)
+        self._loop._post(lambda: _forget_all(self._loop.engine, [request_id], self._loop))
 
     def is_done(self, request_id: int) -> bool:
         return self._do(self._loop.engine.is_done, request_id)
@@ -537,9 +534,9 @@ class SharedEngine:
         while True:
             self._check()
             seen = self._loop.steps
-            done, work = self._do(_progress, self._loop.engine, ids)
-            if done:
-                return [self.output(i) for i in ids]
+            outputs, work = self._do(_progress, self._loop.engine, ids)
+            if outputs is not None:
+                return outputs
             if not work:
                 raise SchedulingError(f"requests {ids} cannot make progress: nothing is scheduled")
             self._loop.wait_step(seen, timeout=1.0)
@@ -550,17 +547,22 @@ class SharedEngine:
         self._state.ids.clear()
         if ids:
             try:
-                self._do(_forget_all, self._loop.engine, ids)
+                self._do(_forget_all, self._loop.engine, ids, self._loop)
             except RuntimeError:
                 pass  # the loop is closed: nothing holds the blocks any more
 
 
-def _progress(engine: Engine, ids: Sequence[int]) -> tuple[bool, bool]:
-    """(all listed requests done, the engine has work), read together between two steps."""
-    return all(engine.is_done(i) for i in ids), engine.has_work()
+def _progress(engine: Engine, ids: Sequence[int]) -> tuple[list[RequestOutput] | None, bool]:
+    """(the listed requests' outputs once all are done, else None; whether the engine has work), read
+    together between two steps."""
+    if all(engine.is_done(i) for i in ids):
+        return [engine.output(i) for i in ids], True
+    return None, engine.has_work()
 
 
-def _forget_all(engine: Engine, ids: Iterable[int]) -> None:
+def _forget_all(engine: Engine, ids: Iterable[int], loop: "EngineLoop | None" = None) -> None:
     for rid in ids:
+        if loop is not None:
+            loop._finished_at.pop(rid, None)
         if engine.has_request(rid):
             engine.forget(rid)

@@ -158,7 +158,9 @@ class _Metrics:
         self.running_rows = Gauge("selfrag_running_rows", "sequences the scheduler runs", registry=r)
         self.kv_used = Gauge("selfrag_kv_blocks_used", "KV cache blocks in use", registry=r)
         self.kv_free = Gauge("selfrag_kv_blocks_free", "KV cache blocks free", registry=r)
-        self.tokens = Counter("selfrag_generated_tokens", "tokens generated (rate() gives tokens/s)", registry=r)
+        self.tokens = Counter("selfrag_generated_tokens", "tokens generated for requests (rate() gives tokens/s)",
+                              registry=r)
+        self.tokens_seen = 0
         self.requests = Counter("selfrag_requests", "HTTP requests by endpoint and status",
                                 ["endpoint", "status"], registry=r)
         self.ttft = Histogram("selfrag_time_to_first_token_seconds", "time to the first streamed token",
@@ -201,6 +203,10 @@ def build_app(loop: EngineLoop, model_name: str, retriever: Any = None) -> FastA
         metrics.running_rows.set(stats["running"])
         metrics.kv_used.set(stats["used"])
         metrics.kv_free.set(stats["free"])
+        # Tokens of every request the loop streamed or answered, cancelled ones included up to their cut.
+        seen = loop.stats.generated_tokens
+        metrics.tokens.inc(seen - metrics.tokens_seen)
+        metrics.tokens_seen = seen
         return PlainTextResponse(generate_latest(metrics.registry).decode(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
@@ -228,8 +234,7 @@ def build_app(loop: EngineLoop, model_name: str, retriever: Any = None) -> FastA
             return _stream(request, handles, metrics, start, "completions", lambda i, d: {
                 "id": rid, "object": "text_completion", "created": created, "model": model_name,
                 "choices": [{"index": i, "text": d.text, "logprobs": None, "finish_reason": d.finish_reason}]})
-        outs = await _gather(handles)
-        metrics.tokens.inc(sum(len(o.token_ids) for o in outs))
+        outs = await _gather(request, handles)
         choices = [{"index": i, "text": o.text, "finish_reason": o.finish_reason,
                     "logprobs": _completion_logprobs(tok, o) if body.logprobs is not None else None}
                    for i, o in enumerate(outs)]
@@ -246,7 +251,7 @@ def build_app(loop: EngineLoop, model_name: str, retriever: Any = None) -> FastA
         if body.selfrag is not None:
             opts = body.selfrag
             question = opts.question or _last_user(body.messages)
-            result = await _selfrag(loop, retriever, question, opts)
+            result = await _selfrag(request, loop, retriever, question, opts)
             metrics.latency.labels("selfrag").observe(time.perf_counter() - start)
             return {"id": rid, "object": "chat.completion", "created": created, "model": model_name,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": result["answer"]},
@@ -267,8 +272,7 @@ def build_app(loop: EngineLoop, model_name: str, retriever: Any = None) -> FastA
                 "choices": [{"index": i, "delta": ({"role": "assistant", "content": d.text} if d.first
                                                    else {"content": d.text}),
                              "logprobs": None, "finish_reason": d.finish_reason}]})
-        outs = await _gather(handles)
-        metrics.tokens.inc(sum(len(o.token_ids) for o in outs))
+        outs = await _gather(request, handles)
         choices = [{"index": i, "message": {"role": "assistant", "content": o.text},
                     "logprobs": _chat_logprobs(tok, o, top) if body.logprobs else None,
                     "finish_reason": o.finish_reason} for i, o in enumerate(outs)]
@@ -277,27 +281,46 @@ def build_app(loop: EngineLoop, model_name: str, retriever: Any = None) -> FastA
                 "choices": choices, "usage": _usage(outs, 1, body.n)}
 
     @app.post("/v1/selfrag")
-    async def selfrag(body: SelfRAGOptions):
+    async def selfrag(body: SelfRAGOptions, request: Request):
         start = time.perf_counter()
         if not body.question or not body.question.strip():
             raise RequestError("question: a non-empty question is required")
         if body.stream:
             raise RequestError("stream: streaming Self-RAG answers is not supported yet")
-        result = await _selfrag(loop, retriever, body.question, body)
+        result = await _selfrag(request, loop, retriever, body.question, body)
         metrics.latency.labels("selfrag").observe(time.perf_counter() - start)
         return result
 
-    @app.middleware("http")
-    async def _count(request: Request, call_next):
-        response = await call_next(request)
-        metrics.requests.labels(request.url.path, str(response.status_code)).inc()
-        return response
-
+    app.add_middleware(_CountRequests, counter=metrics.requests)
     app.state.count_tokens = metrics.tokens
     return app
 
 
 # -- helpers ------------------------------------------------------------------------------------------------
+
+class _CountRequests:
+    """Counts responses by path and status. A plain ASGI middleware: Starlette's BaseHTTPMiddleware would hide
+    a client's disconnect from the endpoints, which cancel their work on it."""
+
+    def __init__(self, app, counter: Counter):
+        self.app = app
+        self.counter = counter
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = {"code": 500}
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counting_send)
+        finally:
+            self.counter.labels(scope["path"], str(status["code"])).inc()
+
 
 async def _on_loop(loop: EngineLoop, fn, *args):
     return await asyncio.wrap_future(loop.call(fn, *args))
@@ -358,12 +381,28 @@ async def _admitted(handles: list[RequestHandle]) -> list[RequestHandle]:
     return handles
 
 
-async def _gather(handles: list[RequestHandle]):
-    try:
-        return list(await asyncio.gather(*(asyncio.wrap_future(h.future) for h in handles)))
-    except BaseException:
+async def _unless_gone(request: Request, future: asyncio.Future, cancel) -> Any:
+    """Awaits `future`, calling `cancel()` (which frees the work's blocks) if the client hangs up first."""
+    while True:
+        done, _ = await asyncio.wait({future}, timeout=0.25)
+        if done:
+            return future.result()
+        if await request.is_disconnected():
+            cancel()
+            future.cancel()
+            raise asyncio.CancelledError("the client went away")
+
+
+async def _gather(request: Request, handles: list[RequestHandle]):
+    def cancel() -> None:
         for h in handles:
             h.cancel()
+
+    try:
+        joined = asyncio.ensure_future(asyncio.gather(*(asyncio.wrap_future(h.future) for h in handles)))
+        return list(await _unless_gone(request, joined, cancel))
+    except BaseException:
+        cancel()
         raise
 
 
@@ -402,7 +441,6 @@ def _stream(request: Request, handles: list[RequestHandle], metrics: _Metrics, s
                     continue
                 if i not in first_seen and d.token_ids:
                     metrics.ttft.observe(time.perf_counter() - start)
-                metrics.tokens.inc(len(d.token_ids))
                 chunk = _Chunk(d.text, d.finish_reason, i not in first_seen)
                 first_seen.add(i)
                 yield f"data: {json.dumps(event(i, chunk), ensure_ascii=False)}\n\n"
@@ -476,7 +514,8 @@ def _scoring(opts: SelfRAGOptions, form: str) -> ScoringConfig:
             else ScoringConfig.released(form=form, **knobs))
 
 
-async def _selfrag(loop: EngineLoop, retriever: Any, question: str, opts: SelfRAGOptions) -> dict[str, Any]:
+async def _selfrag(request: Request, loop: EngineLoop, retriever: Any, question: str,
+                   opts: SelfRAGOptions) -> dict[str, Any]:
     if not question.strip():
         raise RequestError("question: the question is empty")
     passages = None
@@ -513,7 +552,7 @@ async def _selfrag(loop: EngineLoop, retriever: Any, question: str, opts: SelfRA
 
     handle = loop.run_program(program, timeout_s=opts.timeout)
     try:
-        return await asyncio.wrap_future(handle)
+        return await _unless_gone(request, asyncio.wrap_future(handle), handle.cancel)
     except asyncio.CancelledError:
         handle.cancel()
         raise
