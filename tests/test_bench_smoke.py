@@ -77,3 +77,22 @@ def test_gpu_session_script_packs_results_and_logs(tmp_path):
     stems = {n for n in names if n.startswith("bench/results/scheduler-cpu-")}
     assert {Path(n).suffix for n in stems} == {".json", ".md", ".png"}, names
     assert {"logs/scheduler.log", "logs/versions.log"} <= set(names)
+
+
+def test_launches_bench_smoke(tmp_path):
+    import os
+
+    import pytest
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("counts the kernels the Triton interpreter runs")
+    from bench.launches import main
+    assert main(["--smoke", "--out", str(tmp_path)]) == 0
+    doc = _load(tmp_path, "launches")
+    headline = {r["config"]["weights"]: r["value"] for r in doc["results"]
+                if r["metric"] == "decode_launches_per_layer"}
+    assert set(headline) == {"fp8", "float32"}
+    for weights, total in headline.items():
+        parts = [r["value"] for r in doc["results"]
+                 if r["metric"] == "decode_layer_launches_by_kernel" and r["config"]["weights"] == weights]
+        assert total == sum(parts) and total >= 5

@@ -5,7 +5,8 @@
 - `Fp8Linear`: buffers `weight` (float8_e4m3fn [out, in]) and `weight_scale` (float32 [out]); the Triton
   kernel when the backend runs kernels, a torch reference otherwise. It loads its own checkpoint tensors
   (quantizing a high-precision weight on its device, or copying a pre-quantized one) through the protocol that
-  `selfrag_engine.weights.checkpoint.load_weights` calls: `expected_checkpoint_attrs` / `load_checkpoint_tensor`.
+  `selfrag_engine.weights.checkpoint.load_weights` calls: `expected_checkpoint_attrs` / `load_checkpoint_tensor`;
+  `load_checkpoint_rows` loads one checkpoint tensor into a row range of a fused linear (layers/fused_linear.py).
 - `replace_linears_with_fp8(model)`: swaps the bias-free linears (lm_head stays unless asked) without
   allocating any high-precision weight, so it runs on a meta-device model before `to_empty`.
 """
@@ -101,7 +102,9 @@ class Fp8Linear(nn.Module):
         self.w8a8_prefill = w8a8_prefill
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=FP8_DTYPE, device=device))
         self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32, device=device))
-        self._scale_from: str | None = None  # "quantized" | "checkpoint": which load set weight_scale
+        # Which load set the scales of each row range, keyed by its first row ("quantized" | "checkpoint"): a
+        # fused linear loads several checkpoint tensors, each into its own rows.
+        self._scale_from: dict[int, str] = {}
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, weight=e4m3, per-channel scale"
@@ -139,57 +142,63 @@ class Fp8Linear(nn.Module):
         """Takes `weight` (float16/bfloat16/float32: quantized here on this module's device; float8_e4m3fn:
         copied) or `weight_scale` (a per-tensor scalar, shape [] or [1], or per-channel [out] / [out, 1],
         any float dtype; stored as float32 [out])."""
+        self.load_checkpoint_rows(attr, tensor, 0, self.out_features, self._label(attr))
+
+    def load_checkpoint_rows(self, attr: str, tensor: torch.Tensor, start: int, stop: int, label: str) -> None:
+        """As `load_checkpoint_tensor`, into output rows [start, stop) only: one checkpoint tensor of a fused
+        linear (q of q|k|v). A per-tensor scale becomes per-channel over those rows, so shards quantized
+        with different per-tensor scales concatenate. `label` names the checkpoint tensor in errors."""
         if attr == "weight":
-            self._load_weight(tensor)
+            self._load_weight(tensor, start, stop, label)
         elif attr == "weight_scale":
-            self._load_scale(tensor)
+            self._load_scale(tensor, start, stop, label)
         else:
-            raise CheckpointError(f"unexpected tensor {self._label(attr)}: an FP8 linear takes only "
+            raise CheckpointError(f"unexpected tensor {label}: an FP8 linear takes only "
                                   f"'weight' and 'weight_scale'")
 
-    def _load_weight(self, tensor: torch.Tensor) -> None:
-        expected = (self.out_features, self.in_features)
+    def _load_weight(self, tensor: torch.Tensor, start: int, stop: int, label: str) -> None:
+        expected = (stop - start, self.in_features)
         if tuple(tensor.shape) != expected:
-            raise CheckpointError(f"tensor {self._label('weight')} has shape {tuple(tensor.shape)}, "
-                                  f"expected {expected}")
+            raise CheckpointError(f"tensor {label} has shape {tuple(tensor.shape)}, expected {expected}")
         with torch.no_grad():
             if tensor.dtype == FP8_DTYPE:
-                self.weight.copy_(tensor)
+                self.weight[start:stop].copy_(tensor)
             elif tensor.dtype in _HIGH_PRECISION:
-                if self._scale_from == "checkpoint":
-                    raise CheckpointError(f"tensor {self._label('weight')} is {tensor.dtype} but the checkpoint "
+                if self._scale_from.get(start) == "checkpoint":
+                    raise CheckpointError(f"tensor {label} is {tensor.dtype} but the checkpoint "
                                           f"also has its weight_scale: expected a float8_e4m3fn weight")
                 try:
-                    _quantize_into(tensor.to(self.weight.device), self.weight, self.weight_scale)
+                    _quantize_into(tensor.to(self.weight.device), self.weight[start:stop],
+                                   self.weight_scale[start:stop])
                 except ValueError as e:
-                    raise CheckpointError(f"tensor {self._label('weight')}: {e}") from e
-                self._scale_from = "quantized"
+                    raise CheckpointError(f"tensor {label}: {e}") from e
+                self._scale_from[start] = "quantized"
             else:
-                raise CheckpointError(f"tensor {self._label('weight')} has dtype {tensor.dtype}, expected "
+                raise CheckpointError(f"tensor {label} has dtype {tensor.dtype}, expected "
                                       f"float8_e4m3fn (pre-quantized) or float16/bfloat16/float32")
 
-    def _load_scale(self, tensor: torch.Tensor) -> None:
-        n = self.out_features
+    def _load_scale(self, tensor: torch.Tensor, start: int, stop: int, label: str) -> None:
+        n = stop - start
         if not tensor.is_floating_point() or tensor.dtype.itemsize == 1:
-            raise CheckpointError(f"tensor {self._label('weight_scale')} has dtype {tensor.dtype}, expected "
+            raise CheckpointError(f"tensor {label} has dtype {tensor.dtype}, expected "
                                   f"float32, float16 or bfloat16")
         if tuple(tensor.shape) in ((), (1,)):
             scale = tensor.reshape(1).expand(n)
         elif tuple(tensor.shape) in ((n,), (n, 1)):
             scale = tensor.reshape(n)
         else:
-            raise CheckpointError(f"tensor {self._label('weight_scale')} has shape {tuple(tensor.shape)}, expected "
+            raise CheckpointError(f"tensor {label} has shape {tuple(tensor.shape)}, expected "
                                   f"a per-tensor scale [] or [1], or per-channel [{n}] or [{n}, 1] (block-wise "
                                   f"scales are not supported)")
-        if self._scale_from == "quantized":
-            raise CheckpointError(f"tensor {self._label('weight_scale')} comes with a high-precision weight; "
+        if self._scale_from.get(start) == "quantized":
+            raise CheckpointError(f"tensor {label} comes with a high-precision weight; "
                                   f"expected a float8_e4m3fn weight beside it")
         scale = scale.float()
         if not bool(torch.isfinite(scale).all()):
-            raise CheckpointError(f"tensor {self._label('weight_scale')} has non-finite values")
+            raise CheckpointError(f"tensor {label} has non-finite values")
         with torch.no_grad():
-            self.weight_scale.copy_(scale)
-        self._scale_from = "checkpoint"
+            self.weight_scale[start:stop].copy_(scale)
+        self._scale_from[start] = "checkpoint"
 
 
 def _skipped(name: str, skip: Iterable[str]) -> bool:

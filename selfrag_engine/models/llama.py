@@ -1,6 +1,8 @@
 """The Llama-2 forward pass over a paged KV cache, in plain torch.
 
-Module and parameter names mirror Hugging Face's `LlamaForCausalLM`, so checkpoint tensors load by name.
+Module names mirror Hugging Face's `LlamaForCausalLM`, except that each layer holds q|k|v in one `qkv_proj` and
+gate|up in one `gate_up_proj` (one GEMV each per decode step); checkpoints, `state_dict()` and
+`load_state_dict()` still use the Hugging Face names (see layers/fused_linear.py).
 Tokens of a batch are flattened: `input_ids` and `positions` are [T] over all sequences, and the
 `AttentionMetadata` says which tokens belong to which sequence and where their K/V live in the pool.
 Each layer asks its `backend` (set once for the whole model by `set_backend`) whether to run a Triton kernel;
@@ -14,6 +16,7 @@ from torch import nn
 
 from selfrag_engine.backend import TORCH, Backend
 from selfrag_engine.config import LlamaConfig
+from selfrag_engine.kernels.activation import silu_and_mul
 from selfrag_engine.kernels.rmsnorm import rms_norm
 from selfrag_engine.kernels.rotary_kv import rotary_and_store_kv
 from selfrag_engine.layers.attention import (
@@ -22,6 +25,7 @@ from selfrag_engine.layers.attention import (
     paged_attention,
     store_kv,
 )
+from selfrag_engine.layers.fused_linear import Shard, ShardedLinears
 
 
 def rope_tables(config: LlamaConfig, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,7 +67,7 @@ class RMSNorm(nn.Module):
         return out if residual is None else (out, residual)
 
 
-class Attention(nn.Module):
+class Attention(ShardedLinears):
     backend: Backend = TORCH
 
     def __init__(self, config: LlamaConfig):
@@ -72,19 +76,22 @@ class Attention(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         self.scale = self.head_dim ** -0.5
-        h, d = config.hidden_size, self.head_dim
-        self.q_proj = nn.Linear(h, self.num_heads * d, bias=False)
-        self.k_proj = nn.Linear(h, self.num_kv_heads * d, bias=False)
-        self.v_proj = nn.Linear(h, self.num_kv_heads * d, bias=False)
-        self.o_proj = nn.Linear(self.num_heads * d, h, bias=False)
+        h, q, kv = config.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.qkv_sizes = (q, kv, kv)
+        self.qkv_proj = nn.Linear(h, q + 2 * kv, bias=False)
+        self.o_proj = nn.Linear(q, h, bias=False)
+        self.set_shards({"q_proj": Shard("qkv_proj", 0, q), "k_proj": Shard("qkv_proj", q, q + kv),
+                         "v_proj": Shard("qkv_proj", q + kv, q + 2 * kv), "o_proj": Shard("o_proj", 0, h)})
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 meta: AttentionMetadata, kv: KVCache) -> torch.Tensor:
         """x [T, hidden]; rope: the full cos/sin tables [max_positions, head_dim // 2]."""
         t = x.shape[0]
-        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        # Strided views of the one GEMV's output; the kernels take any strides.
+        q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
         if self.backend.kernels:
             rotary_and_store_kv(q, k, v, positions, rope[0], rope[1], kv.k, kv.v, meta.slot_mapping)
         else:
@@ -97,24 +104,36 @@ class Attention(nn.Module):
     def forward_dense(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Causal attention over whole sequences x [B, L, hidden] without a cache (training, analysis)."""
         b, l, _ = x.shape
-        q = apply_rotary(self.q_proj(x).view(b, l, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rotary(self.k_proj(x).view(b, l, self.num_kv_heads, self.head_dim), cos, sin)
-        v = self.v_proj(x).view(b, l, self.num_kv_heads, self.head_dim)
+        q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
+        q = apply_rotary(q.reshape(b, l, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rotary(k.reshape(b, l, self.num_kv_heads, self.head_dim), cos, sin)
+        v = v.reshape(b, l, self.num_kv_heads, self.head_dim)
         o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                            is_causal=True, scale=self.scale,
                                            enable_gqa=self.num_heads != self.num_kv_heads)
         return self.o_proj(o.transpose(1, 2).reshape(b, l, self.num_heads * self.head_dim))
 
 
-class MLP(nn.Module):
+class MLP(ShardedLinears):
+    backend: Backend = TORCH
+
     def __init__(self, config: LlamaConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        h, i = config.hidden_size, config.intermediate_size
+        self.gate_up_proj = nn.Linear(h, 2 * i, bias=False)
+        self.down_proj = nn.Linear(i, h, bias=False)
+        self.set_shards({"gate_proj": Shard("gate_up_proj", 0, i), "up_proj": Shard("gate_up_proj", i, 2 * i),
+                         "down_proj": Shard("down_proj", 0, h)})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate_up = self.gate_up_proj(x)
+        # The kernel has no backward: training through forward_dense takes the torch ops.
+        if self.backend.kernels and not gate_up.requires_grad:
+            h = silu_and_mul(gate_up.reshape(-1, gate_up.shape[-1])).view(*gate_up.shape[:-1], -1)
+        else:
+            gate, up = gate_up.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        return self.down_proj(h)
 
 
 class DecoderLayer(nn.Module):
@@ -161,9 +180,13 @@ class Llama(nn.Module):
                              persistent=False)
         self.register_buffer("rope_sin", torch.empty(config.max_position_embeddings, config.head_dim // 2),
                              persistent=False)
+        for name, module in self.named_modules():
+            if isinstance(module, ShardedLinears):
+                module.name = name
 
     def set_backend(self, backend: Backend) -> None:
-        """Every layer that can run a kernel (norms, attention, FP8 linears) asks this backend from now on."""
+        """Every layer that can run a kernel (norms, attention, the MLP's activation, FP8 linears) asks this
+        backend from now on."""
         for module in self.modules():
             if hasattr(type(module), "backend"):
                 module.backend = backend

@@ -1,8 +1,9 @@
 """Reading Hugging Face Llama checkpoints: safetensors (single or sharded) and `pytorch_model*.bin`.
 
 Tensors are read one at a time and moved straight to the target device, so a 13 GB model never has a full
-CPU copy. A module may own how its tensors load (an FP8 linear quantizes a high-precision weight on its
-device) by defining `expected_checkpoint_attrs(prequantized)` and `load_checkpoint_tensor(attr, tensor)`.
+CPU copy. A module may own how its tensors and its children's load (an FP8 linear quantizes a high-precision
+weight on its device; a fused q|k|v linear's parent maps q_proj, k_proj and v_proj into its rows) by defining
+`expected_checkpoint_attrs(prequantized)` and `load_checkpoint_tensor(attr, tensor)`.
 """
 from __future__ import annotations
 
@@ -121,10 +122,15 @@ def check_finite(name: str, tensor: torch.Tensor, path: str | Path) -> None:
 def _expected(model: torch.nn.Module, prequantized: bool) -> dict[str, tuple[torch.nn.Module, str]]:
     """Checkpoint name -> (owning module, attribute) for every tensor the model must receive."""
     expected: dict[str, tuple[torch.nn.Module, str]] = {}
+    owned: tuple[str, ...] = ()  # prefixes of modules that load their whole subtree
     for mod_name, module in model.named_modules():
         prefix = f"{mod_name}." if mod_name else ""
+        if owned and prefix.startswith(owned):
+            continue
         if hasattr(module, "expected_checkpoint_attrs"):
+            # Its children's tensors are its own to map (a fused q|k|v linear takes q_proj, k_proj, v_proj).
             attrs = module.expected_checkpoint_attrs(prequantized)
+            owned += (prefix,)
         else:
             attrs = [n for n, _ in module.named_parameters(recurse=False)]
             attrs += [n for n, _ in module.named_buffers(recurse=False) if n not in module._non_persistent_buffers_set]
