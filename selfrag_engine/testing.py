@@ -12,6 +12,7 @@ import io
 import json
 import random
 from pathlib import Path
+from typing import Any, Iterable
 
 import sentencepiece as spm
 import torch
@@ -19,10 +20,14 @@ from safetensors.torch import save_file
 
 from selfrag_engine.vocab import ADDED_TOKENS, ADDITIONAL_SPECIAL_TOKENS, PAD_TOKEN
 
+__all__ = ["WORDS", "random_state_dict", "sentencepiece_model", "tiny_config", "train_sentencepiece",
+           "write_tiny_checkpoint", "write_tokenizer", "write_tokenizer_files", "write_weights"]
+
 # <unk>, <s>, </s> and the 256 byte-fallback pieces.
 _RESERVED_PIECES = 3 + 256
 
-_WORDS = (
+# The common words of the generated corpus (the benchmarks build their filler text from them too).
+WORDS = (
     "the of and to in is was for on that with as by at from his her it an were are which this be or has had "
     "first new one their after who also two its but been they not more time city year world state music film "
     "team school history river house water people language family paper model answer question evidence "
@@ -31,7 +36,14 @@ _WORDS = (
 _RARE = ("café", "naïve", "日本", "東京", "über", "Zürich", "façade", "😀", "🚀", "—", "…", "“quoted”", "½", "ß")
 _PUNCT = ".,.,.,;:!?()'\"-/%&#"  # '.' and ',' weighted up
 
-_sp_cache: dict[tuple[int, int], bytes] = {}
+# The trainer options every SentencePiece model of the project shares: Llama-2's (see `sentencepiece_model`).
+_LLAMA_SP_OPTIONS: dict[str, Any] = dict(
+    model_type="bpe", byte_fallback=True, split_digits=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+    unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>", normalization_rule_name="identity",
+    remove_extra_whitespaces=False, add_dummy_prefix=True, num_threads=1, shuffle_input_sentence=False,
+    input_sentence_size=0, minloglevel=2)
+
+_sp_cache: dict[tuple[int, int | None], bytes] = {}
 
 
 def _corpus(seed: int, num_lines: int = 1500) -> list[str]:
@@ -44,7 +56,7 @@ def _corpus(seed: int, num_lines: int = 1500) -> list[str]:
         for _ in range(rng.randint(3, 14)):
             r = rng.random()
             if r < 0.76:
-                w = rng.choice(_WORDS)
+                w = rng.choice(WORDS)
                 words.append(w.capitalize() if rng.random() < 0.04 else w)
             elif r < 0.88:
                 words.append(str(rng.randint(0, 10 ** rng.randint(1, 5))))
@@ -77,10 +89,21 @@ def _character_coverage(lines: list[str], max_chars: int) -> float:
     return max(0.98, (below + at) / 2)
 
 
+def sentencepiece_model(sentences: Iterable[str], vocab_size: int, *, seed: int = 0, **options: Any) -> bytes:
+    """A serialized SentencePiece BPE model trained on `sentences` with Llama-2's options (byte fallback,
+    <unk>/<s>/</s> = 0/1/2, no pad, digits split, identity normalization, dummy prefix, spaces kept);
+    `options` adds or overrides trainer options. Deterministic: one thread, no sampling or shuffling of the
+    input, the trainer's generator seeded with `seed`."""
+    model = io.BytesIO()
+    spm.set_random_generator_seed(seed)
+    spm.SentencePieceTrainer.train(**{**_LLAMA_SP_OPTIONS, "sentence_iterator": iter(sentences),
+                                      "model_writer": model, "vocab_size": vocab_size, **options})
+    return model.getvalue()
+
+
 def train_sentencepiece(vocab_pieces: int = 320, seed: int = 0, pad_to: int | None = None) -> bytes:
-    """A serialized Llama-2-style SentencePiece BPE model (byte fallback, <unk>/<s>/</s> = 0/1/2, no pad,
-    digits split, identity normalization, dummy prefix, spaces kept) trained on a corpus generated from `seed`.
-    Deterministic: one thread, no sampling or shuffling of the input. Cached per (vocab_pieces, seed, pad_to).
+    """A serialized Llama-2-style SentencePiece BPE model (see `sentencepiece_model`) trained on a corpus
+    generated from `seed`. Cached per (vocab_pieces, seed, pad_to).
 
     pad_to: grow the model to exactly this many pieces with unused symbols `<extra_i>` (ids 3..), so that a
     model with Llama-2's full vocabulary of 32000 pieces gets a tokenizer of the same size in a second."""
@@ -96,22 +119,15 @@ def train_sentencepiece(vocab_pieces: int = 320, seed: int = 0, pad_to: int | No
         if pad_to < base:
             raise ValueError(f"pad_to={pad_to} is below the {base} pieces the model has without padding")
         extra = [f"<extra_{i}>" for i in range(pad_to - base)]
-    model = io.BytesIO()
-    spm.set_random_generator_seed(seed)
     try:
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_pieces + len(extra),
-            model_type="bpe", user_defined_symbols=extra,
-            byte_fallback=True, split_digits=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-            unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>",
-            normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=True,
-            character_coverage=_character_coverage(lines, max(1, free * 2 // 3)), hard_vocab_limit=False,
-            num_threads=1, shuffle_input_sentence=False, input_sentence_size=0, minloglevel=2)
+        proto = sentencepiece_model(
+            lines, vocab_pieces + len(extra), seed=seed, user_defined_symbols=extra,
+            character_coverage=_character_coverage(lines, max(1, free * 2 // 3)), hard_vocab_limit=False)
     except RuntimeError as e:
         raise ValueError(f"cannot train a SentencePiece model of {vocab_pieces} pieces ({_RESERVED_PIECES} are "
                          f"reserved for <unk>, <s>, </s> and the byte fallback; about 310 is the least): {e}") from e
-    _sp_cache[key] = model.getvalue()
-    return _sp_cache[key]
+    _sp_cache[key] = proto
+    return proto
 
 
 def _added_token_entry(content: str) -> dict:
@@ -119,14 +135,14 @@ def _added_token_entry(content: str) -> dict:
             "special": True}
 
 
-def write_tokenizer(path: str | Path, *, vocab_pieces: int = 320, seed: int = 0, legacy: bool = True,
-                    model_max_length: int = 2048, pad_to: int | None = None) -> int:
-    """Writes `tokenizer.model`, `tokenizer_config.json`, `special_tokens_map.json` and `added_tokens.json` as
-    the published Self-RAG checkpoint has them: the 16 Self-RAG tokens get the ids right after the
-    SentencePiece pieces. Returns the full vocabulary size (pieces + 16)."""
+def write_tokenizer_files(path: str | Path, proto: bytes, *, legacy: bool = True,
+                          model_max_length: int = 2048) -> int:
+    """Writes `tokenizer.model` (the serialized SentencePiece model `proto`), `tokenizer_config.json`,
+    `special_tokens_map.json` and `added_tokens.json` as the published Self-RAG checkpoint has them: the 16
+    Self-RAG tokens get the ids right after the SentencePiece pieces. Returns the full vocabulary size
+    (pieces + 16)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    proto = train_sentencepiece(vocab_pieces, seed, pad_to)
     (path / "tokenizer.model").write_bytes(proto)
     num_pieces = spm.SentencePieceProcessor(model_proto=proto).get_piece_size()
     added = {tok: num_pieces + i for i, tok in enumerate(ADDED_TOKENS)}
@@ -146,6 +162,14 @@ def write_tokenizer(path: str | Path, *, vocab_pieces: int = 320, seed: int = 0,
     _write_json(path / "special_tokens_map.json", special_map)
     _write_json(path / "added_tokens.json", added)
     return num_pieces + len(ADDED_TOKENS)
+
+
+def write_tokenizer(path: str | Path, *, vocab_pieces: int = 320, seed: int = 0, legacy: bool = True,
+                    model_max_length: int = 2048, pad_to: int | None = None) -> int:
+    """The tokenizer files (`write_tokenizer_files`) of a SentencePiece model trained on the corpus generated
+    from `seed` (`train_sentencepiece`). Returns the full vocabulary size (pieces + 16)."""
+    return write_tokenizer_files(path, train_sentencepiece(vocab_pieces, seed, pad_to), legacy=legacy,
+                                 model_max_length=model_max_length)
 
 
 def _write_json(file: Path, obj: dict) -> None:

@@ -7,14 +7,18 @@ import json
 import sys
 from typing import Any
 
+from selfrag_engine.engine.llm_engine import Engine
 from selfrag_engine.entrypoints.index import snippet
 from selfrag_engine.errors import RequestError
-from selfrag_engine.selfrag.tasks import MODES
+from selfrag_engine.retrieval.passages import read_passages
+from selfrag_engine.retrieval.retriever import Retriever
+from selfrag_engine.selfrag.decisions import MODES
+from selfrag_engine.selfrag.evaluate import short_form_trace
+from selfrag_engine.selfrag.scoring import COMPATS, ScoringConfig
+from selfrag_engine.selfrag.short_form import Answer, SelfRAG
 
-COMPAT = ("paper", "released")
 
-
-def format_answer(ans: Any, mode: str, threshold: float | None) -> str:
+def format_answer(ans: Answer, mode: str, threshold: float | None) -> str:
     """The answer, the retrieval decision and a table of the branches (`*` marks the chosen one)."""
     lines = [f"Answer: {ans.answer}"]
     p = ans.retrieval_probability
@@ -40,10 +44,8 @@ def format_answer(ans: Any, mode: str, threshold: float | None) -> str:
     return "\n".join(lines)
 
 
-def answer_trace(ans: Any, mode: str, threshold: float | None) -> dict[str, Any]:
+def answer_trace(ans: Answer, mode: str, threshold: float | None) -> dict[str, Any]:
     """Everything `--json` prints: the short-form trace plus the question, decision and passages."""
-    from selfrag_engine.selfrag.evaluate import short_form_trace
-
     trace = short_form_trace(ans)
     for i, (entry, branch) in enumerate(zip(trace["branches"], ans.branches)):
         entry["passage_text"] = branch.passage.text
@@ -64,15 +66,9 @@ def _ask(args: argparse.Namespace) -> int:
     # Cheap checks first: a bad index or passages file fails before the model is loaded.
     retriever, passages = None, None
     if args.index is not None:
-        from selfrag_engine.retrieval.retriever import Retriever
         retriever = Retriever.load(args.index, encoder=args.encoder, device=args.encoder_device)
     elif args.passages is not None:
-        from selfrag_engine.retrieval.passages import read_passages
         passages = read_passages(args.passages)[:args.ndocs]
-
-    from selfrag_engine.engine.llm_engine import Engine
-    from selfrag_engine.selfrag.scoring import ScoringConfig
-    from selfrag_engine.selfrag.short_form import SelfRAG
 
     overrides = {"threshold": args.threshold, "use_seqscore": args.use_seqscore}
     scoring = (ScoringConfig.paper(**overrides) if args.compat == "paper"
@@ -104,7 +100,7 @@ def register(subparsers: Any) -> None:
     a.add_argument("--threshold", type=float, default=0.2, help="retrieve when p(retrieve) exceeds it (adaptive)")
     a.add_argument("--max-new-tokens", type=int, default=100)
     a.add_argument("--use-seqscore", action="store_true", help="add exp(mean token log-probability) to the score")
-    a.add_argument("--compat", default="paper", choices=list(COMPAT),
+    a.add_argument("--compat", default="paper", choices=list(COMPATS),
                    help="paper: the paper's rules; released: the reference script's behaviour")
     a.add_argument("--encoder", default=None, help="query encoder spec (default: the index's own)")
     a.add_argument("--encoder-device", default=None, help="query encoder device (default: cuda when available)")

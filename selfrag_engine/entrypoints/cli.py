@@ -5,13 +5,17 @@ import argparse
 import json
 import sys
 
+from selfrag_engine.engine.llm_engine import Engine
+from selfrag_engine.engine.sampling_params import SamplingParams
+from selfrag_engine.entrypoints.ask import register as register_ask
+from selfrag_engine.entrypoints.eval import register as register_eval
+from selfrag_engine.entrypoints.index import register as register_index
 from selfrag_engine.errors import SelfragEngineError
+from selfrag_engine.weights.convert import convert_bin_to_safetensors
+from selfrag_engine.weights.quantize import quantize_checkpoint
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from selfrag_engine.engine.llm_engine import Engine
-    from selfrag_engine.engine.sampling_params import SamplingParams
-
     engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype,
                                     quantization=args.quantization, progress=not args.quiet)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
@@ -29,16 +33,12 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from selfrag_engine.weights.convert import convert_bin_to_safetensors
-
     convert_bin_to_safetensors(args.src, args.dst, progress=not args.quiet)
     print(f"wrote safetensors checkpoint to {args.dst}")
     return 0
 
 
 def _quantize(args: argparse.Namespace) -> int:
-    from selfrag_engine.weights.quantize import quantize_checkpoint
-
     quantize_checkpoint(args.src, args.dst, progress=not args.quiet)
     print(f"wrote FP8 checkpoint to {args.dst}")
     return 0
@@ -79,11 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--quiet", action="store_true")
     q.set_defaults(func=_quantize)
 
-    from selfrag_engine.selfrag.evaluate import register as register_eval
     register_eval(sub)
-    from selfrag_engine.entrypoints.index import register as register_index
     register_index(sub)
-    from selfrag_engine.entrypoints.ask import register as register_ask
     register_ask(sub)
     return parser
 

@@ -6,6 +6,9 @@ import json
 from typing import Any
 
 from selfrag_engine.errors import RequestError
+from selfrag_engine.retrieval.encoders import get_encoder
+from selfrag_engine.retrieval.passages import read_passages
+from selfrag_engine.retrieval.retriever import DEFAULT_TRAIN_SIZE, Retriever
 
 NO_ENCODER = "none"
 
@@ -16,7 +19,7 @@ def snippet(text: str, width: int) -> str:
     return flat if len(flat) <= width else flat[:max(width - 1, 0)] + "…"
 
 
-def _apply_nprobe(retriever: Any, nprobe: int | None) -> None:
+def _apply_nprobe(retriever: Retriever, nprobe: int | None) -> None:
     if nprobe is not None:
         if nprobe < 1:
             raise RequestError(f"--nprobe must be at least 1, got {nprobe}")
@@ -24,10 +27,6 @@ def _apply_nprobe(retriever: Any, nprobe: int | None) -> None:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from selfrag_engine.retrieval.encoders import get_encoder
-    from selfrag_engine.retrieval.passages import read_passages
-    from selfrag_engine.retrieval.retriever import DEFAULT_TRAIN_SIZE, Retriever
-
     if args.encoder == NO_ENCODER and not args.embeddings:
         raise RequestError(f"--encoder {NO_ENCODER} needs --embeddings: without an encoder nothing can embed "
                            "the passages")
@@ -49,8 +48,6 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _search(args: argparse.Namespace) -> int:
-    from selfrag_engine.retrieval.retriever import Retriever
-
     retriever = Retriever.load(args.index, encoder=args.encoder, device=args.device)
     _apply_nprobe(retriever, args.nprobe)
     results = retriever.search_batch_with_scores(args.queries, args.k)

@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any, Protocol, Sequence, runtime_checkable
 
 import numpy as np
+import torch
+from tqdm.auto import tqdm
 
 from selfrag_engine.errors import RequestError
 from selfrag_engine.retrieval.passages import Passage, embedding_text
@@ -75,8 +77,6 @@ def _check_batch(texts: Sequence[str], batch_size: int) -> None:
 
 
 def _batches(n: int, batch_size: int, progress: bool, what: str):
-    from tqdm.auto import tqdm
-
     starts = range(0, n, batch_size)
     return tqdm(starts, desc=what, unit="batch", disable=not progress or n <= batch_size, leave=False)
 
@@ -118,8 +118,6 @@ class HashingEncoder(_SymmetricEncoder):
 
 
 def _default_device() -> str:
-    import torch
-
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -142,8 +140,6 @@ class _MeanPooledTransformer:
         self.dim = int(self.model.config.hidden_size)
 
     def encode(self, texts: Sequence[str], batch_size: int, progress: bool) -> np.ndarray:
-        import torch
-
         _check_batch(texts, batch_size)
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         with torch.inference_mode():

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from selfrag_engine.errors import RequestError
 from selfrag_engine.retrieval.encoders import Encoder, get_encoder
@@ -112,7 +113,6 @@ class _IndexBuilder:
         self.dim, self.factory, self.train_size = int(dim), factory, train_size
         self.pending: list[np.ndarray] = []
         self.num_pending = 0
-        from tqdm.auto import tqdm
         self.bar = tqdm(desc="indexing", unit="vec", disable=not progress, leave=False)
 
     def add(self, emb: np.ndarray) -> None:

@@ -1,5 +1,5 @@
-"""Evaluation of Self-RAG on the paper's tasks: metrics, the batch runner, the predictions files and the
-`selfrag-engine eval` command.
+"""Evaluation of Self-RAG on the paper's tasks: metrics, the batch runner and the predictions files (the
+`selfrag-engine eval` command is `selfrag_engine.entrypoints.eval`).
 
 Metrics follow the reference scripts: `match` is 1 when any gold string occurs in the prediction (case and
 spacing as written, as the reference compares them); `accuracy` compares the normalized closed-set answer
@@ -9,37 +9,31 @@ prediction). Every value lies in [0, 1]; a report averages them over the rows th
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import inspect
 import json
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from selfrag_engine.engine.llm_engine import Engine
 from selfrag_engine.errors import RequestError
+from selfrag_engine.selfrag.long_form import LongFormSelfRAG
+from selfrag_engine.selfrag.scoring import COMPATS, ScoringConfig
+from selfrag_engine.selfrag.short_form import SelfRAG
 from selfrag_engine.selfrag.tasks import (
-    MODE_ALIASES,
-    MODES,
     PASSAGE_FIELDS,
-    PRESETS,
     DatasetError,
     Example,
     Preset,
     arc_letter,
-    get_preset,
     normalize_answer,
     normalize_mode,
     postprocess_prediction,
     pubhealth_gold,
     pubhealth_label,
-    read_examples,
 )
-
-COMPAT = ("paper", "released")
-
 
 # ---- metrics ----------------------------------------------------------------------------------------
 
@@ -262,12 +256,10 @@ def format_table(report: Report) -> str:
 # ---- building the runner ----------------------------------------------------------------------------
 
 
-def scoring_for(preset: Preset, threshold: float, compat: str):
+def scoring_for(preset: Preset, threshold: float, compat: str) -> ScoringConfig:
     """The flavour's preset (ScoringConfig.paper / .released) with the task's threshold. The README commands
     all add the sequence score (the released long form ignores it); the released short-form script uses its
     --w_use default (1.0)."""
-    from selfrag_engine.selfrag.scoring import ScoringConfig
-
     if compat == "released":
         weights = {"w_use": preset.w_use_released} if preset.form == "short" else {}
         return ScoringConfig.released(form=preset.form, threshold=threshold, use_seqscore=preset.use_seqscore,
@@ -284,12 +276,13 @@ def _with_compat(cls: type, kwargs: dict[str, Any], compat: str) -> dict[str, An
     return kwargs
 
 
-def build_runner(engine: Any, preset: Preset, *, ndocs: int | None = None, mode: str | None = None,
+def build_runner(engine: Engine, preset: Preset, *, ndocs: int | None = None, mode: str | None = None,
                  threshold: float | None = None, max_new_tokens: int | None = None, compat: str = "paper",
-                 beam_width: int | None = None, max_depth: int | None = None, retriever: Any = None) -> Any:
+                 beam_width: int | None = None, max_depth: int | None = None,
+                 retriever: Any = None) -> SelfRAG | LongFormSelfRAG:
     """A SelfRAG (short form) or LongFormSelfRAG (long form) with the preset's settings, overridable."""
-    if compat not in COMPAT:
-        raise RequestError(f"compat must be one of {COMPAT}, got {compat!r}")
+    if compat not in COMPATS:
+        raise RequestError(f"compat must be one of {COMPATS}, got {compat!r}")
     for name, value in (("ndocs", ndocs), ("max_new_tokens", max_new_tokens), ("beam_width", beam_width),
                         ("max_depth", max_depth)):
         if value is not None and value < 1:
@@ -300,78 +293,7 @@ def build_runner(engine: Any, preset: Preset, *, ndocs: int | None = None, mode:
                               "max_new_tokens": max_new_tokens or preset.max_new_tokens, "mode": mode,
                               "compat": compat}
     if preset.form == "short":
-        from selfrag_engine.selfrag.short_form import SelfRAG
-
         return SelfRAG(engine, **kwargs)
-    from selfrag_engine.selfrag.long_form import LongFormSelfRAG
-
     kwargs.update(beam_width=beam_width or preset.beam_width, max_depth=max_depth or preset.max_depth,
                   retrieval="static")
     return LongFormSelfRAG(engine, **kwargs)
-
-
-def load_retriever(index: str) -> Any:
-    try:
-        from selfrag_engine.retrieval.retriever import Retriever
-    except ImportError as e:
-        raise RequestError(f"--index needs selfrag_engine.retrieval.retriever, which is not available: {e}") from None
-    return Retriever.load(index)
-
-
-# ---- command line -----------------------------------------------------------------------------------
-
-
-def _run(args: argparse.Namespace) -> int:
-    from selfrag_engine.engine.llm_engine import Engine
-
-    preset = get_preset(args.task)
-    for name in ("batch_size", "limit"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise RequestError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    examples = read_examples(args.input, preset, args.limit)
-    retriever = load_retriever(args.index) if args.index else None
-    engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype,
-                                    quantization=args.quantization, progress=not args.quiet)
-    runner = build_runner(engine, preset, ndocs=args.ndocs, mode=args.mode, threshold=args.threshold,
-                          max_new_tokens=args.max_new_tokens, compat=args.compat, beam_width=args.beam_width,
-                          max_depth=args.max_depth, retriever=retriever if preset.form == "long" else None)
-
-    def progress(done: int, total: int) -> None:
-        if not args.quiet:
-            print(f"{done}/{total} answered", file=sys.stderr, flush=True)
-
-    report = evaluate(runner, examples, preset, args.batch_size, retriever=retriever, progress=progress)
-    output = Path(args.output) if args.output else Path(f"{Path(args.input).stem}.{preset.name}.preds.jsonl")
-    write_predictions(report, output)
-    metrics_file = write_metrics(report, metrics_path(output), input=str(args.input), model=str(args.model),
-                                 predictions=str(output), device=args.device)
-    print(format_table(report))
-    print(f"predictions: {output}\nmetrics: {metrics_file}")
-    return 0
-
-
-def register(subparsers: Any) -> None:
-    """Adds `eval` to the `selfrag-engine` command line."""
-    e = subparsers.add_parser("eval", help="answer a Self-RAG task's eval file and report its metrics")
-    e.add_argument("--task", required=True, choices=list(PRESETS))
-    e.add_argument("--input", required=True, help="the task's eval file (JSONL, or JSON list), with 'ctxs'")
-    e.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
-    e.add_argument("--output", default=None, help="predictions JSONL (default: <input stem>.<task>.preds.jsonl); "
-                                                  "the metrics go to <output stem>.metrics.json")
-    e.add_argument("--limit", type=int, default=None, help="only the first N rows")
-    e.add_argument("--batch-size", type=int, default=8, help="questions answered together")
-    e.add_argument("--ndocs", type=int, default=None, help="passages per question (default: the task's)")
-    e.add_argument("--mode", default=None, choices=list(MODES) + list(MODE_ALIASES))
-    e.add_argument("--threshold", type=float, default=None, help="retrieval threshold (default: the task's)")
-    e.add_argument("--max-new-tokens", type=int, default=None)
-    e.add_argument("--beam-width", type=int, default=None, help="long form only")
-    e.add_argument("--max-depth", type=int, default=None, help="long form only")
-    e.add_argument("--compat", default="paper", choices=list(COMPAT),
-                   help="paper: the paper's rules; released: the reference scripts' behaviour")
-    e.add_argument("--index", default=None, help="retrieve from this index instead of the rows' passages")
-    e.add_argument("--device", default="cpu")
-    e.add_argument("--dtype", default=None)
-    e.add_argument("--quantization", default=None, choices=[None, "fp8"])
-    e.add_argument("--quiet", action="store_true")
-    e.set_defaults(func=_run)

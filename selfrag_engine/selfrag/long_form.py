@@ -44,7 +44,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from selfrag_engine.engine.llm_engine import Engine
+from selfrag_engine.engine.llm_engine import Engine, RequestOutput
 from selfrag_engine.engine.sampling_params import SamplingParams
 from selfrag_engine.errors import RequestError
 from selfrag_engine.retrieval.passages import Passage
@@ -55,15 +55,20 @@ from selfrag_engine.selfrag.critique import (
     critique,
     top_k_for,
 )
+from selfrag_engine.selfrag.decisions import (
+    check_mode,
+    decide_retrieval,
+    gate_value,
+    passage_suffixes,
+    unfit_passage,
+)
 from selfrag_engine.selfrag.owned import Owned
-from selfrag_engine.selfrag.prompts import format_passage, format_prompt, postprocess
+from selfrag_engine.selfrag.prompts import format_prompt, postprocess
 from selfrag_engine.selfrag.scoring import (
     ScoringConfig,
     normalize_compat,
-    retrieval_gate,
     segment_gate,
 )
-from selfrag_engine.selfrag.short_form import MODES
 
 RETRIEVALS = ("static", "per_segment")
 # The released script decodes this many tokens to look for "[Retrieval]" before deciding.
@@ -161,8 +166,7 @@ class LongFormSelfRAG:
                  retrieval: str = "static", compat: str = "paper", quirks: ScriptQuirks | None = None):
         if engine.reflection_groups is None:
             raise ValueError("the engine's tokenizer has no Self-RAG reflection tokens")
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        check_mode(mode)
         if retrieval not in RETRIEVALS:
             raise ValueError(f"retrieval must be one of {RETRIEVALS}, got {retrieval!r}")
         for name, value in (("ndocs", ndocs), ("max_new_tokens", max_new_tokens), ("beam_width", beam_width),
@@ -210,19 +214,6 @@ class LongFormSelfRAG:
         eos = self.engine.tokenizer.eos_id
         kept = [t for t in token_ids if t not in self.control_ids and t != eos]
         return postprocess(self.engine.tokenizer.decode(kept, skip_special_tokens=True))
-
-    def _suffixes(self, docs: Sequence[Passage]) -> list[list[int]]:
-        tok = self.engine.tokenizer
-        return [tok.encode(format_passage(d.title, d.text), add_bos=False) for d in docs]
-
-    def _fits(self, prefix_len: int, suffixes: Sequence[Sequence[int]]) -> bool:
-        return all(prefix_len + len(s) < self.engine.max_model_len for s in suffixes)
-
-    def _too_long(self, prefix_len: int, suffixes: Sequence[Sequence[int]], docs: Sequence[Passage]) -> RequestError:
-        i = next(i for i, s in enumerate(suffixes) if prefix_len + len(s) >= self.engine.max_model_len)
-        return RequestError(f"passage {i} ({docs[i].title!r}, {len(suffixes[i])} tokens) leaves no room to generate "
-                            f"after the {prefix_len}-token prompt within the model's context of "
-                            f"{self.engine.max_model_len} tokens")
 
     def _given_docs(self, tree: _Tree, given: Sequence[Passage] | None) -> list[Passage] | None:
         if given is not None:
@@ -321,20 +312,9 @@ class LongFormSelfRAG:
             for n in tree.beam:
                 self._close(owned, n)
 
-    def _root_retrieves(self, tree: _Tree, head) -> bool:
-        if self.mode != "adaptive":
-            return self.mode == "always"
-        cfg = self.scoring
-        d = Decoded.from_output(head)
-        if cfg.gate == "logprob":
-            lp = Reader(cfg).full_logprobs(d, 0, "retrieval")
-            tree.gate = retrieval_gate(lp["[Retrieval]"], lp["[No Retrieval]"], "logprob")
-        else:
-            p = Reader(ScoringConfig()).group(d, 0, "retrieval")
-            tree.gate = retrieval_gate(p["[Retrieval]"], p["[No Retrieval]"], "prob")
-        if cfg.threshold is None:
-            return head.token_ids[0] == self.ret
-        return tree.gate > cfg.threshold
+    def _root_retrieves(self, tree: _Tree, head: RequestOutput) -> bool:
+        retrieve, tree.gate = decide_retrieval(Decoded.from_output(head), self.mode, self.scoring, self.ret)
+        return retrieve
 
     def _expand(self, owned: Owned, tree: _Tree, given: Sequence[Passage] | None, depth: int,
                 children: dict[int, _Node]) -> list[_Node] | None:
@@ -344,11 +324,12 @@ class LongFormSelfRAG:
             if node.ended != "retrieval" or node.request is None:
                 continue
             docs = self._docs_for(tree, node, given)
-            suffixes = self._suffixes(docs)
+            suffixes = passage_suffixes(self.engine.tokenizer, docs)
             prefix_len = len(node.decoded.context_ids) + len(node.decoded.token_ids) - 1
-            if not self._fits(prefix_len, suffixes):
+            unfit = unfit_passage(prefix_len, suffixes, docs, self.engine.max_model_len)
+            if unfit is not None:
                 if node.parent is None:
-                    raise self._too_long(prefix_len, suffixes, docs)
+                    raise unfit
                 node.ended = "context"  # deeper in the tree: the node ends here, its text kept
                 self._close(owned, node)
                 continue
@@ -511,8 +492,7 @@ class LongFormSelfRAG:
             text = self._pred(tokens).split("\n\n")[0]
             if "[Retrieval]" not in text or self.scoring.threshold is None:
                 continue
-            p = Reader(ScoringConfig()).group(Decoded.from_output(head), 0, "retrieval")
-            tree.gate = retrieval_gate(p["[Retrieval]"], p["[No Retrieval]"], "prob")
+            tree.gate = gate_value(Decoded.from_output(head), "prob")
 
     def _released_depth(self, owned: Owned, trees: list[_Tree], depth: int) -> None:
         """One depth of the script's tree: every expanding node's K children decoded in one batch (a parent
@@ -534,9 +514,10 @@ class LongFormSelfRAG:
         owned.run(fresh)
         groups: list[tuple[_Tree, _Node, list[int]]] = []
         for tree, node, ids, parent in expanding:
-            suffixes = self._suffixes(tree.docs)
-            if not self._fits(len(ids), suffixes):
-                raise self._too_long(len(ids), suffixes, tree.docs)
+            suffixes = passage_suffixes(tok, tree.docs)
+            unfit = unfit_passage(len(ids), suffixes, tree.docs, self.engine.max_model_len)
+            if unfit is not None:
+                raise unfit
             rids = owned.fork(parent, suffixes, self._params(self.max_new_tokens), prefix_len=len(ids))
             groups.append((tree, node, rids))
         for _, node, _, parent in expanding:

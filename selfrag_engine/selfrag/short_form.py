@@ -24,22 +24,17 @@ from selfrag_engine.errors import RequestError
 from selfrag_engine.retrieval.passages import Passage
 from selfrag_engine.selfrag.critique import Decoded, Reader, top_k_for
 from selfrag_engine.selfrag.critique import critique as read_critique
+from selfrag_engine.selfrag.decisions import (
+    check_mode,
+    decide_retrieval,
+    passage_suffixes,
+    unfit_passage,
+)
 from selfrag_engine.selfrag.owned import Owned
-from selfrag_engine.selfrag.prompts import (
-    GROUPS,
-    format_passage,
-    format_prompt,
-    postprocess,
-)
-from selfrag_engine.selfrag.scoring import (
-    ScoringConfig,
-    normalize_compat,
-    retrieval_gate,
-)
+from selfrag_engine.selfrag.prompts import GROUPS, format_prompt, postprocess
+from selfrag_engine.selfrag.scoring import ScoringConfig, normalize_compat
 
-__all__ = ["Answer", "Branch", "MODES", "Passage", "SelfRAG", "critique", "group_probs"]
-
-MODES = ("adaptive", "always", "never")
+__all__ = ["Answer", "Branch", "Passage", "SelfRAG", "critique", "group_probs"]
 
 
 @dataclass
@@ -85,16 +80,6 @@ def critique(out: RequestOutput, ids: dict[str, tuple[int, ...]], cfg: ScoringCo
     return c.relevance, c.grounding, c.utility, c.seq_score, c.final, c.probs
 
 
-def check_passages_fit(engine: Engine, prefix_len: int, suffixes: Sequence[Sequence[int]],
-                       docs: Sequence[Passage]) -> None:
-    """A passage that leaves no room to generate is an error naming it; the instruction is never cut."""
-    for i, (suffix, doc) in enumerate(zip(suffixes, docs)):
-        if prefix_len + len(suffix) >= engine.max_model_len:
-            raise RequestError(f"passage {i} ({doc.title!r}, {len(suffix)} tokens) leaves no room to generate after "
-                               f"the {prefix_len}-token prompt within the model's context of "
-                               f"{engine.max_model_len} tokens")
-
-
 @dataclass
 class _Plan:
     """One question's state between the batched rounds."""
@@ -116,8 +101,7 @@ class SelfRAG:
                  ndocs: int = 5, max_new_tokens: int = 100, mode: str = "adaptive", compat: str = "paper"):
         if engine.reflection_groups is None:
             raise ValueError("the engine's tokenizer has no Self-RAG reflection tokens")
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        check_mode(mode)
         for name, value in (("ndocs", ndocs), ("max_new_tokens", max_new_tokens)):
             if not isinstance(value, int) or value < 1:
                 raise RequestError(f"{name} must be a positive integer, got {value!r}")
@@ -152,8 +136,7 @@ class SelfRAG:
         """Answers several questions together: their prompts prefill in one batch, then every question's
         branches (or no-retrieval continuation) decode in one batch."""
         mode = mode or self.mode
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        check_mode(mode)
         ndocs = ndocs or self.ndocs
         if passages is not None and len(passages) != len(questions):
             raise RequestError(f"{len(questions)} questions but {len(passages)} passage lists")
@@ -182,8 +165,10 @@ class SelfRAG:
                         given = self.retriever.search(plan.question, ndocs)
                     docs = list(given)[:ndocs]
                 if docs:
-                    suffixes = [tok.encode(format_passage(d.title, d.text), add_bos=False) for d in docs]
-                    check_passages_fit(engine, len(plan.prompt), suffixes, docs)
+                    suffixes = passage_suffixes(tok, docs)
+                    unfit = unfit_passage(len(plan.prompt), suffixes, docs, engine.max_model_len)
+                    if unfit is not None:
+                        raise unfit
                 else:
                     suffixes = [[self.ids["retrieval"][1]]]  # continue after [No Retrieval]
                 plan.docs = docs
@@ -218,19 +203,9 @@ class SelfRAG:
             owned.drop(kid)
 
     def _decide(self, plan: _Plan, mode: str) -> bool:
-        if mode != "adaptive":
-            return mode == "always"
-        head = plan.head_out
-        cfg = self.scoring
-        if cfg.gate == "logprob":
-            lp = head.reflection_logprobs[0][head.reflection_groups.span("retrieval")].tolist()
-            plan.gate = retrieval_gate(lp[0], lp[1], "logprob")
-        else:
-            p = group_probs(head, 0)["retrieval"]
-            plan.gate = retrieval_gate(p["[Retrieval]"], p["[No Retrieval]"], "prob")
-        if cfg.threshold is None:  # paper flavour: the model's own first token decides
-            return head.token_ids[0] == self.ids["retrieval"][0]
-        return plan.gate > cfg.threshold
+        retrieve, plan.gate = decide_retrieval(Decoded.from_output(plan.head_out), mode, self.scoring,
+                                               self.ids["retrieval"][0])
+        return retrieve
 
     def _assemble(self, plan: _Plan, outs: list[RequestOutput], reader: Reader, closed_set: bool,
                   start: float) -> Answer:

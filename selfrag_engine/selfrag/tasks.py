@@ -16,12 +16,11 @@ import re
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 from selfrag_engine.errors import RequestError
-
-if TYPE_CHECKING:
-    from selfrag_engine.selfrag.short_form import Passage
+from selfrag_engine.retrieval.passages import Passage
+from selfrag_engine.selfrag.decisions import MODES
 
 # Task instructions of the reference scripts (the instruction the model sees precedes the row's text).
 PUBHEALTH_INSTRUCTION = "Is the following statement correct or not? Say true if it's correct; otherwise say false."
@@ -30,7 +29,6 @@ ASQA_INSTRUCTION = ("Answer the following question. The question may be ambiguou
                     "answers, and in that case, you have to provide a long-form answer including all correct "
                     "answers.")
 
-MODES = ("adaptive", "always", "never")
 # The reference scripts' names for the retrieval modes.
 MODE_ALIASES = {"adaptive_retrieval": "adaptive", "always_retrieve": "always", "no_retrieval": "never",
                 "default": "adaptive"}
@@ -202,8 +200,6 @@ def _passages(row: dict, where: str) -> list[Passage] | None:
         return None
     if not isinstance(ctxs, list):
         raise DatasetError(f"{where}: '{name}' must be a list of passages, got {type(ctxs).__name__}")
-    # Imported here: the short-form module loads the engine (torch), which reading a file does not need.
-    from selfrag_engine.selfrag.short_form import Passage
     passages = []
     for i, c in enumerate(ctxs):
         if not isinstance(c, dict) or not isinstance(c.get("text"), str):

@@ -4,6 +4,6 @@ The tiny default model (`selfrag_engine/data/tiny_selfrag`) is trained on this w
 a factual question by copying from a retrieved passage: which is what makes retrieval and the critique
 tokens matter in a demo that has no 7B model.
 """
-from selfrag_engine.tiny.world import Entity, Passage, World, build_world
+from selfrag_engine.tiny.world import Entity, World, WorldPassage, build_world
 
-__all__ = ["Entity", "Passage", "World", "build_world"]
+__all__ = ["Entity", "World", "WorldPassage", "build_world"]

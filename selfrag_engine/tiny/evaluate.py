@@ -26,7 +26,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from selfrag_engine.selfrag.short_form import Answer, Passage, SelfRAG
+import torch
+
+from selfrag_engine.engine.llm_engine import Engine
+from selfrag_engine.retrieval.passages import Passage
+from selfrag_engine.selfrag.short_form import Answer, SelfRAG
 from selfrag_engine.tiny.assets import default_checkpoint_dir, read_corpus
 from selfrag_engine.tiny.training_data import (
     HELDOUT_FRACTION,
@@ -72,7 +76,8 @@ def world_and_split() -> tuple[World, Split]:
     return world, split_world(world, HELDOUT_FRACTION, SPLIT_SEED)
 
 
-def _passages(ps) -> list[Passage]:
+def _passages(ps: Sequence[Passage]) -> list[Passage]:
+    # What a retriever would return: title, text and id, without the world's record of what a passage states.
     return [Passage(p.title, p.text, p.id) for p in ps]
 
 
@@ -190,8 +195,6 @@ def evaluate(rag: SelfRAG, world: World, split: Split, num_world: int | None = N
 
 
 def load_selfrag(path: Path, max_new_tokens: int = 48) -> SelfRAG:
-    from selfrag_engine.engine.llm_engine import Engine
-
     return SelfRAG(Engine.from_pretrained(path, device="cpu", progress=False), max_new_tokens=max_new_tokens)
 
 
@@ -211,9 +214,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
-
-    import torch
-
     torch.set_num_threads(args.threads)
     path = args.checkpoint or default_checkpoint_dir()
     world, split = world_and_split()

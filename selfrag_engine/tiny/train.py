@@ -12,7 +12,6 @@ command gives the same weights with the same thread count (2) on the same kind o
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
 import random
@@ -24,10 +23,11 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 
 from selfrag_engine.config import LlamaConfig
 from selfrag_engine.models.llama import Llama
-from selfrag_engine.retrieval.passages import Passage
+from selfrag_engine.testing import sentencepiece_model, write_tokenizer_files
 from selfrag_engine.tiny.assets import EXAMPLES_FILE, write_corpus
 from selfrag_engine.tiny.evaluate import (
     evaluate,
@@ -46,7 +46,8 @@ from selfrag_engine.tiny.training_data import (
     relevant_example,
 )
 from selfrag_engine.tiny.world import World
-from selfrag_engine.vocab import ADDED_TOKENS, ADDITIONAL_SPECIAL_TOKENS, PAD_TOKEN
+from selfrag_engine.tokenizer import Tokenizer
+from selfrag_engine.vocab import ADDED_TOKENS
 
 
 def log(message: str) -> None:
@@ -132,49 +133,15 @@ def tokenizer_sentences(stream: TrainingStream, num_examples: int) -> list[str]:
 
 
 def write_world_tokenizer(path: Path, sentences: list[str], vocab_pieces: int, model_max_length: int = 512) -> int:
-    """Trains a SentencePiece BPE model with the options of `testing.train_sentencepiece` (Llama-2's: byte
-    fallback, <unk>/<s>/</s> = 0/1/2, digits split, identity normalization, dummy prefix) on the sentences, and
-    writes the HF tokenizer files in the layout of `testing.write_tokenizer`, the 16 Self-RAG tokens right
-    after the pieces. Deterministic for given sentences. Returns the full vocabulary size (pieces + 16)."""
-    import sentencepiece as spm
-
-    path.mkdir(parents=True, exist_ok=True)
-    model = io.BytesIO()
-    spm.set_random_generator_seed(0)
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(sentences), model_writer=model, vocab_size=vocab_pieces, model_type="bpe",
-        byte_fallback=True, split_digits=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-        unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>",
-        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=True,
-        character_coverage=1.0, num_threads=1, shuffle_input_sentence=False, input_sentence_size=0,
-        minloglevel=2)
-    (path / "tokenizer.model").write_bytes(model.getvalue())
-    num_pieces = spm.SentencePieceProcessor(model_proto=model.getvalue()).get_piece_size()
-    added = {tok: num_pieces + i for i, tok in enumerate(ADDED_TOKENS)}
-
-    def entry(content: str) -> dict:
-        return {"content": content, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
-                "special": True}
-
-    decoder = {"0": entry("<unk>"), "1": entry("<s>"), "2": entry("</s>")}
-    decoder.update({str(i): entry(tok) for tok, i in added.items()})
-    special_map = {"additional_special_tokens": list(ADDITIONAL_SPECIAL_TOKENS), "bos_token": "<s>",
-                   "eos_token": "</s>", "pad_token": PAD_TOKEN, "unk_token": "<unk>"}
-    config = {
-        "add_bos_token": True, "add_eos_token": False, "added_tokens_decoder": decoder, **special_map,
-        "clean_up_tokenization_spaces": False, "legacy": True, "model_max_length": model_max_length,
-        "padding_side": "right", "sp_model_kwargs": {}, "spaces_between_special_tokens": False,
-        "tokenizer_class": "LlamaTokenizer", "use_default_system_prompt": False,
-    }
-    for name, obj in (("tokenizer_config.json", config), ("special_tokens_map.json", special_map),
-                      ("added_tokens.json", added)):
-        (path / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    return num_pieces + len(ADDED_TOKENS)
+    """Trains a SentencePiece BPE model with Llama-2's options (`testing.sentencepiece_model`) on the
+    sentences, every character kept as a piece, and writes the HF tokenizer files
+    (`testing.write_tokenizer_files`), the 16 Self-RAG tokens right after the pieces. Deterministic for given
+    sentences. Returns the full vocabulary size (pieces + 16)."""
+    proto = sentencepiece_model(sentences, vocab_pieces, seed=0, character_coverage=1.0)
+    return write_tokenizer_files(path, proto, model_max_length=model_max_length)
 
 
-def load_tokenizer(path: Path):
-    from selfrag_engine.tokenizer import Tokenizer
-
+def load_tokenizer(path: Path) -> Tokenizer:
     return Tokenizer.from_pretrained(path)
 
 
@@ -354,8 +321,6 @@ def train(model: Llama, tokenizer, stream: TrainingStream, cfg: TrainConfig, pro
 def save_checkpoint(model: Llama, out: Path, config: dict, weights_dir: Path | None = None) -> None:
     """Writes the weights (fp32) and config into `out`, or only the weights into `weights_dir` (a snapshot).
     Tied embeddings are written once, as `model.embed_tokens.weight`, as transformers writes them."""
-    from safetensors.torch import save_file
-
     tied = config.get("tie_word_embeddings", False)
     state = {k: v.detach().contiguous().float() for k, v in model.state_dict().items()
              if not k.startswith("rope_") and not (tied and k == "lm_head.weight")}
@@ -436,7 +401,7 @@ def main(argv: list[str] | None = None) -> None:
 
     stats = train(model, tokenizer, stream, cfg, make_probe(world, split, tokenizer), snapshot)
     save_checkpoint(model, out, config)
-    write_corpus(out, [Passage(p.title, p.text, p.id) for p in world.passages])
+    write_corpus(out, world.passages)
     write_examples(world, split, out)
     stats["wall_seconds_with_tokenizer_and_saving"] = round(time.perf_counter() - wall, 1)
     log(f"trained in {stats['seconds']} s; evaluating the written checkpoint through the engine")

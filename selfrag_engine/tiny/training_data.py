@@ -34,8 +34,8 @@ from selfrag_engine.selfrag.prompts import (
 )
 from selfrag_engine.tiny.world import (
     Entity,
-    Passage,
     World,
+    WorldPassage,
     build_world,
     made_up_name,
     remix_world,
@@ -201,12 +201,12 @@ def questions_for(entity: Entity, heldout_phrasings: bool) -> list[Question]:
     return out
 
 
-def is_relevant(passage: Passage, question: Question) -> bool:
+def is_relevant(passage: WorldPassage, question: Question) -> bool:
     """A passage is relevant when it states the asked attribute of the asked entity."""
     return passage.entity_id == question.entity_id and question.attribute in passage.states
 
 
-def is_ambiguous(passage: Passage, question: Question, world: World) -> bool:
+def is_ambiguous(passage: WorldPassage, question: Question, world: World) -> bool:
     """A passage about another entity that mentions the asked one (a person born in the asked town) may
     state the asked fact in passing: neither label is right, so such passages are never used as negatives."""
     return passage.entity_id != question.entity_id and world.entity(question.entity_id).name in passage.text
@@ -223,35 +223,35 @@ def _words(text: str) -> list[str]:
 
 @dataclass
 class LexicalIndex:
-    passages: list[Passage]
+    passages: list[WorldPassage]
     idf: dict[str, float]
     bags: list[Counter]
 
     @classmethod
-    def build(cls, passages: list[Passage]) -> "LexicalIndex":
+    def build(cls, passages: list[WorldPassage]) -> "LexicalIndex":
         bags = [Counter(_words(p.title + " " + p.text)) for p in passages]
         df = Counter(w for bag in bags for w in bag)
         n = len(passages)
         return cls(passages, {w: math.log(1 + n / c) for w, c in df.items()}, bags)
 
-    def rank(self, query: str) -> list[Passage]:
+    def rank(self, query: str) -> list[WorldPassage]:
         q = set(_words(query))
         scores = [sum(self.idf.get(w, 0.0) for w in q if w in bag) for bag in self.bags]
         order = sorted(range(len(self.passages)), key=lambda i: (-scores[i], i))
         return [self.passages[i] for i in order]
 
 
-def _negatives(question: Question, world: World, pool: list[Passage]) -> list[Passage]:
+def _negatives(question: Question, world: World, pool: list[WorldPassage]) -> list[WorldPassage]:
     return [p for p in pool if not is_relevant(p, question) and not is_ambiguous(p, question, world)]
 
 
-def retrieved_distractors(question: Question, world: World, index: LexicalIndex, k: int) -> list[Passage]:
+def retrieved_distractors(question: Question, world: World, index: LexicalIndex, k: int) -> list[WorldPassage]:
     """The k non-relevant passages a lexical retriever ranks highest for the question (evaluation)."""
     allowed = {id(p) for p in _negatives(question, world, index.passages)}
     return [p for p in index.rank(question.text) if id(p) in allowed][:k]
 
 
-def training_distractor(question: Question, world: World, index: LexicalIndex, rng: random.Random) -> Passage:
+def training_distractor(question: Question, world: World, index: LexicalIndex, rng: random.Random) -> WorldPassage:
     """One non-relevant passage for training, mostly hard ones, since a retriever returns hard ones: the
     entity's other passage, a person sharing the first or the last name (in worlds that have namesakes), a
     lexical neighbour; sometimes any passage. A kind with no candidate falls through to the next."""
@@ -260,7 +260,7 @@ def training_distractor(question: Question, world: World, index: LexicalIndex, r
     name = world.entity(question.entity_id).name
     parts = name.split()
 
-    def namesakes() -> list[Passage]:
+    def namesakes() -> list[WorldPassage]:
         return [p for p in ok if p.title != name and set(p.title.split()) & set(parts)]
 
     r = rng.random()
@@ -482,12 +482,12 @@ def no_fact_example(rng: random.Random, names: list[str], heldout: bool = False,
 # ---- world examples -------------------------------------------------------------------------------
 
 
-def relevant_example(question: Question, passage: Passage) -> Example:
+def relevant_example(question: Question, passage: WorldPassage) -> Example:
     return Example(question.text, f"{format_passage(passage.title, passage.text)}[Relevant]{question.answer}"
                                   "[Fully supported][Utility:5]", "relevant", question.gold)
 
 
-def irrelevant_example(question: Question, passage: Passage) -> Example:
+def irrelevant_example(question: Question, passage: WorldPassage) -> Example:
     return Example(question.text, f"{format_passage(passage.title, passage.text)}[Irrelevant]{IRRELEVANT_ANSWER}"
                                   "[Utility:1]", "irrelevant", question.gold)
 
@@ -599,7 +599,7 @@ class TrainingStream:
 @dataclass
 class BranchCase:
     question: Question
-    passages: list[Passage]  # K passages, shuffled
+    passages: list[WorldPassage]  # K passages, shuffled
     gold_index: int
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
+from selfrag_engine.retrieval.passages import Passage
+
 ONSETS = ("b", "d", "f", "g", "h", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z",
           "br", "dr", "gr", "kr", "st", "tr", "th", "sh", "vr")
 VOWELS = ("a", "e", "i", "o", "u", "a", "e", "i", "o", "ai", "ei", "ou")
@@ -51,20 +53,19 @@ class Entity:
     pronoun: str = "it"
 
 
-@dataclass
-class Passage:
-    id: str
-    title: str
-    text: str
+@dataclass(frozen=True)
+class WorldPassage(Passage):
+    """A passage of the world, with what decides its relevance: the entity it is about and the attributes of
+    that entity its text states."""
     entity_id: str = ""
-    states: tuple[str, ...] = ()  # the attributes of entity_id that the text states
+    states: tuple[str, ...] = ()
 
 
 @dataclass
 class World:
     seed: int
     entities: list[Entity]
-    passages: list[Passage]
+    passages: list[WorldPassage]
     towns: list[str] = field(default_factory=list)
     countries: list[str] = field(default_factory=list)
     rivers: list[str] = field(default_factory=list)
@@ -72,10 +73,10 @@ class World:
     def entity(self, entity_id: str) -> Entity:
         return self._by_id()[entity_id]
 
-    def passages_of(self, entity_id: str) -> list[Passage]:
+    def passages_of(self, entity_id: str) -> list[WorldPassage]:
         return [p for p in self.passages if p.entity_id == entity_id]
 
-    def passage_stating(self, entity_id: str, attribute: str) -> Passage:
+    def passage_stating(self, entity_id: str, attribute: str) -> WorldPassage:
         for p in self.passages_of(entity_id):
             if attribute in p.states:
                 return p
@@ -136,10 +137,10 @@ def build_world(seed: int = 0, num_people: int = 360, num_towns: int = 80, num_c
     lasts = _unique_words(rng, num_last_names or num_people, taken, lambda: _word(rng, rng.choice((2, 3))), 10)
 
     entities: list[Entity] = []
-    passages: list[Passage] = []
+    passages: list[WorldPassage] = []
 
     def add_passage(title: str, text: str, entity_id: str, states: tuple[str, ...]) -> None:
-        passages.append(Passage(str(len(passages) + 1), title, text, entity_id, states))
+        passages.append(WorldPassage(title, text, str(len(passages) + 1), entity_id, states))
 
     town_country: dict[str, str] = {}
     for i, town in enumerate(towns):
@@ -161,7 +162,7 @@ def build_world(seed: int = 0, num_people: int = 360, num_towns: int = 80, num_c
 
 
 def _add_people(rng: random.Random, names: list[tuple[str, str]], towns: list[str], town_country: dict[str, str],
-                entities: list[Entity], passages: list[Passage], id_prefix: str = "person") -> None:
+                entities: list[Entity], passages: list[WorldPassage], id_prefix: str = "person") -> None:
     """People with the given (first, last) names, born in `towns`, appended with their passages."""
     for i, (first, last) in enumerate(names):
         name = f"{first} {last}"
@@ -174,8 +175,8 @@ def _add_people(rng: random.Random, names: list[tuple[str, str]], towns: list[st
         entities.append(e)
         text = rng.choice(_PERSON_MAIN).format(name=name, Pron=pronoun.capitalize(),
                                                a_occupation=_article(occupation), **attrs)
-        passages.append(Passage(str(len(passages) + 1), name, text, e.id,
-                                ("birthplace", "birth_year", "occupation", "country")))
+        passages.append(WorldPassage(name, text, str(len(passages) + 1), e.id,
+                                     ("birthplace", "birth_year", "occupation", "country")))
         # Some people have a second passage under the same title that names a different town: the hard
         # distractor that teaches relevance to depend on the attribute asked, not only on the name.
         if rng.random() < 0.4:
@@ -184,7 +185,7 @@ def _add_people(rng: random.Random, names: list[tuple[str, str]], towns: list[st
             move = {"move_year": int(attrs["birth_year"]) + rng.randint(18, 45), "years": rng.randint(2, 30)}
             text = rng.choice(_PERSON_MOVE).format(name=name, Pron=pronoun.capitalize(), residence=residence,
                                                    **move)
-            passages.append(Passage(str(len(passages) + 1), name, text, e.id, ("residence",)))
+            passages.append(WorldPassage(name, text, str(len(passages) + 1), e.id, ("residence",)))
 
 
 def remix_world(main: World, seed: int, entity_ids: list[str], num_people: int = 240) -> World:
@@ -207,7 +208,7 @@ def remix_world(main: World, seed: int, entity_ids: list[str], num_people: int =
             taken.add(f"{pair[0]} {pair[1]}")
             names.append(pair)
     entities: list[Entity] = []
-    passages: list[Passage] = []
+    passages: list[WorldPassage] = []
     _add_people(rng, names, [t.name for t in towns], {t.name: t.attributes["country"] for t in towns},
                 entities, passages, id_prefix="remix")
     return World(seed, entities, passages, [t.name for t in towns], list(main.countries), list(main.rivers))
