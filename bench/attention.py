@@ -19,21 +19,20 @@ bench.common.copy_bandwidth_gbps (bytes read + written per second); decode moves
 """
 from __future__ import annotations
 
-import argparse
 import math
-import os
 import sys
 from pathlib import Path
 
 import torch
 
-if not torch.cuda.is_available():
-    # Read when the kernels are decorated, so it must be set before they are imported.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import copy_bandwidth_gbps, time_fn, write_results  # noqa: E402
+from bench.common import (bench_parser, copy_bandwidth_gbps, cuda_if_available, interpret_kernels,  # noqa: E402
+                          parse_bench_args, pyplot, save_figure, time_fn, write_results)
+
+if not torch.cuda.is_available():
+    interpret_kernels()
+
 from selfrag_engine.kernels.decode_attention import (cascade_decode_attention, default_num_splits,  # noqa: E402
                                                       paged_decode_attention)
 from selfrag_engine.kernels.prefill_attention import prefill_attention  # noqa: E402
@@ -227,12 +226,7 @@ def bench_cascade(cfg, device, timing) -> list[dict]:
 
 def plot(results: list[dict]):
     def draw(path: Path) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+        fig, axes = pyplot().subplots(1, 3, figsize=(16, 4.5))
         rows = lambda name: [r for r in results if r["metric"] == name]  # noqa: E731
         ax = axes[0]
         for name, label in (("prefill_attn_ms", "ours (paged)"), ("sdpa_ms", "torch SDPA")):
@@ -257,9 +251,7 @@ def plot(results: list[dict]):
         ax.set_xticks(list(xs), labels)
         ax.set(xlabel="groups x branches", ylabel="ms", title="shared-prefix decode")
         ax.legend()
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
+        save_figure(fig, path)
 
     return draw
 
@@ -275,14 +267,9 @@ SMOKE = dict(heads=2, kv_heads=2, head_dim=64, dtype=torch.float32,
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes (runs on the CPU interpreter)")
-    parser.add_argument("--out", type=Path, default=None, help="results directory (default bench/results)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args(argv)
+    parser = bench_parser(__doc__, "tiny shapes (runs on the CPU interpreter)")
+    args = parse_bench_args(parser, argv, cuda_if_available, needs_cuda=True)
     cfg = SMOKE if args.smoke else FULL
-    if not args.smoke and not args.device.startswith("cuda"):
-        parser.error("the full benchmark needs a CUDA device; use --smoke on a CPU")
     torch.manual_seed(0)
     timing = dict(warmup=1, iters=1) if args.smoke else dict(warmup=5, iters=30)
     copy_gbps = copy_bandwidth_gbps(args.device, nbytes=1 << 20 if args.smoke else 1 << 30)
@@ -297,7 +284,6 @@ def main(argv: list[str] | None = None) -> Path:
     for r in results:
         if r["metric"] in ("prefill_attn_speedup_vs_sdpa", "decode_attn_bw_fraction", "cascade_speedup_k5"):
             print(f"{r['metric']}: {r['value']:.3f} {r['unit']}")
-    print(f"wrote {path}")
     return path
 
 

@@ -18,35 +18,32 @@ stepping on CUDA).
 """
 from __future__ import annotations
 
-import argparse
 import gc
-import inspect
 import random
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import copy_bandwidth_gbps, write_results  # noqa: E402
+from bench.common import (bench_parser, copy_bandwidth_gbps, cpu_for_smoke, if_importable,  # noqa: E402
+                          parse_bench_args, pyplot, record, save_figure, timed_ms, write_results)
 from bench.workload import (LLAMA2_7B, SMOKE, bench_tokenizer, hf_sharing_weights, kv_bytes_per_token,  # noqa: E402
                             random_llama, weight_bytes_per_token)
 from selfrag_engine.engine.llm_engine import Engine  # noqa: E402
 from selfrag_engine.engine.sampling_params import SamplingParams  # noqa: E402
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+def make_engine(model, tokenizer, kv_bytes: int, max_batched: int, eager: bool, overlap: bool | None = None) -> Engine:
+    return Engine(model, tokenizer, kv_cache_bytes=kv_bytes, max_num_batched_tokens=max_batched,
+                  enable_prefix_caching=False, enforce_eager=eager, overlap=overlap)
 
 
-def make_engine(model, tokenizer, kv_bytes: int, max_batched: int, eager: bool) -> Engine:
-    kwargs = dict(kv_cache_bytes=kv_bytes, max_num_batched_tokens=max_batched, enable_prefix_caching=False)
-    if "enforce_eager" in inspect.signature(Engine.__init__).parameters:
-        kwargs["enforce_eager"] = eager
-    return Engine(model, tokenizer, **kwargs)
+def steps_ms(engine: Engine, steps: int) -> float:
+    """Milliseconds per `Engine.step()` over `steps` steps, the device synchronized around them."""
+    ms, _ = timed_ms(lambda: [engine.step() for _ in range(steps)], str(engine.device))
+    return ms / steps
 
 
 def _random_ids(rng: random.Random, n: int, vocab: int) -> list[int]:
@@ -63,12 +60,7 @@ def decode_step_ms(engine: Engine, batch: int, context: int, steps: int, warmup:
         engine.step()  # every prompt prefills in this one step (max_num_batched_tokens covers them)
         for _ in range(warmup):
             engine.step()
-        _sync(str(engine.device))
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            engine.step()
-        _sync(str(engine.device))
-        return (time.perf_counter() - t0) * 1e3 / steps
+        return steps_ms(engine, steps)
     finally:
         for i in ids:
             engine.forget(i)
@@ -91,12 +83,7 @@ def branch_step_ms(engine: Engine, k: int, prompt_len: int, passage_len: int, st
         engine.step()  # the passages prefill together
         for _ in range(warmup):
             engine.step()
-        _sync(str(engine.device))
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            engine.step()
-        _sync(str(engine.device))
-        return (time.perf_counter() - t0) * 1e3 / steps
+        return steps_ms(engine, steps)
     finally:
         for i in kids + [parent]:
             engine.forget(i)
@@ -109,14 +96,13 @@ def hf_decode_ms(hf, batch: int, context: int, steps: int, device: str, seed: in
     ids[:, 0] = 1
     mask = torch.ones_like(ids)
 
-    def run(n: int) -> float:
-        _sync(device)
-        t0 = time.perf_counter()
+    def generate(n: int) -> None:
         with torch.inference_mode():
             hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
                         cache_implementation="static", pad_token_id=0, eos_token_id=None)
-        _sync(device)
-        return time.perf_counter() - t0
+
+    def run(n: int) -> float:
+        return timed_ms(lambda: generate(n), device)[0] / 1e3
 
     run(steps + 1)  # warm-up (and compilation)
     t_one = min(run(1) for _ in range(2))
@@ -125,19 +111,16 @@ def hf_decode_ms(hf, batch: int, context: int, steps: int, device: str, seed: in
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU: exercises the code paths")
-    ap.add_argument("--device", default=None)
+    ap = bench_parser(__doc__, "tiny model on the CPU: exercises the code paths")
     ap.add_argument("--batches", default=None, help="comma-separated batch sizes (default 1,5,16)")
     ap.add_argument("--contexts", default=None, help="comma-separated prompt lengths (default 512,2048)")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--no-hf", action="store_true", help="skip transformers")
     ap.add_argument("--hf-compile", action="store_true", help="torch.compile transformers' forward")
-    ap.add_argument("--out", default=None, help="results directory (default bench/results)")
-    args = ap.parse_args(argv)
+    args = parse_bench_args(ap, argv, cpu_for_smoke)
 
     smoke = args.smoke
-    device = args.device or ("cpu" if smoke or not torch.cuda.is_available() else "cuda")
+    device = args.device
     cfg = SMOKE if smoke else LLAMA2_7B
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     batches = [int(b) for b in (args.batches or ("1,2" if smoke else "1,5,16")).split(",")]
@@ -156,9 +139,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     max_batched = max(4096, max(batches) * max(contexts))
 
     def add(metric: str, value: float, unit: str, **config) -> None:
-        results.append({"metric": metric, "value": value, "unit": unit, "config": config})
-        shown = ", ".join(f"{k}={v}" for k, v in config.items())
-        print(f"{metric:36s} {value:12.4g} {unit:10s} {shown}", flush=True)
+        record(results, metric, value, unit, **config)
 
     def sweep(model, label: str) -> dict:
         weights = weight_bytes_per_token(model)
@@ -168,7 +149,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for eager in modes:
             engine = make_engine(model, tokenizer, kv_budget, max_batched, eager)
             graphs = "off" if eager else "on"
-            overlap = getattr(engine, "overlap", False)
+            overlap = engine.overlap
             stepping = "overlapped" if overlap else "plain"
             for b in batches:
                 for c in contexts:
@@ -181,12 +162,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     add("decode_floor_fraction", floor_ms / ms, "fraction", dtype=label, batch=b, context=c,
                         cuda_graphs=graphs, steps=stepping)
                     measured[(b, c, eager)] = ms
-            if eager == modes[0] and hasattr(engine, "overlap"):
-                # The same engine with the host's step work overlapped with the device's, and without.
+            if eager == modes[0]:
+                # The same settings with the host's step work overlapped with the device's, and without.
                 b, c = batches[0], contexts[0]
-                engine.overlap = not overlap
-                other = decode_step_ms(engine, b, c, steps, warmup, seed=b * 7919 + c)
-                engine.overlap = overlap
+                flipped = make_engine(model, tokenizer, kv_budget, max_batched, eager, overlap=not overlap)
+                other = decode_step_ms(flipped, b, c, steps, warmup, seed=b * 7919 + c)
+                del flipped
+                gc.collect()
                 add("decode_ms_per_step", other, "ms", dtype=label, batch=b, context=c, cuda_graphs=graphs,
                     steps="plain" if overlap else "overlapped")
                 with_, without = (measured[(b, c, eager)], other) if overlap else (other, measured[(b, c, eager)])
@@ -207,11 +189,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     fp16 = sweep(model, "fp16" if dtype == torch.float16 else "fp32")
     hf_ms = {}
     if not args.no_hf:
-        try:
-            hf = hf_sharing_weights(model, cfg)
-        except ImportError as e:
-            print(f"transformers is not available ({e}); skipping it", flush=True)
-            hf = None
+        hf = if_importable(lambda: hf_sharing_weights(model, cfg), "transformers")
         if hf is not None:
             compiled = False
             if args.hf_compile:
@@ -255,10 +233,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     del fp16
 
     def plot(path: Path) -> None:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+        plt = pyplot()
         rows = [r for r in results if r["metric"] in ("decode_tokens_per_s", "hf_decode_tokens_per_s")]
         labels = [f"{'hf' if r['metric'].startswith('hf') else r['config'].get('dtype')}"
                   f"{'' if r['metric'].startswith('hf') else '/g-' + r['config']['cuda_graphs']}"
@@ -268,12 +243,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         ax.set_xticks(range(len(rows)), labels, rotation=90, fontsize=6)
         ax.set_ylabel("tokens/s")
         ax.set_title("decode throughput")
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
+        save_figure(fig, path)
 
-    path = write_results("decode", device, results, Path(args.out) if args.out else None, plot)
-    print(f"wrote {path}")
+    write_results("decode", device, results, args.out, plot)
     return results
 
 

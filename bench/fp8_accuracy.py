@@ -12,7 +12,7 @@ fp8_greedy_agreement = fraction of those positions where both models' argmax agr
 """
 from __future__ import annotations
 
-import argparse
+import json
 import sys
 import tempfile
 from pathlib import Path
@@ -21,8 +21,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import write_results  # noqa: E402
-from selfrag_engine import Engine, SamplingParams  # noqa: E402
+from bench.common import (bench_parser, cuda_if_available, parse_bench_args, pyplot, save_figure,  # noqa: E402
+                          write_results)
+from selfrag_engine.engine.llm_engine import Engine  # noqa: E402
+from selfrag_engine.engine.sampling_params import SamplingParams  # noqa: E402
+from selfrag_engine.testing import write_tiny_checkpoint  # noqa: E402
+from selfrag_engine.tiny.assets import default_corpus_path, default_model_dir  # noqa: E402
 
 PROMPTS = [
     "Where was {name} born?", "What is the occupation of {name}?", "In what year was {name} born?",
@@ -34,12 +38,9 @@ def default_prompts(engine: Engine, n: int) -> list[str]:
     """Instruction prompts of the Self-RAG format, with entity names from the embedded corpus if there is one."""
     names = ["Ada Lovelace", "Nubes Gedri", "Keistei"]
     try:
-        from selfrag_engine.tiny.assets import default_corpus_path
-        import json
-
         with open(default_corpus_path(), encoding="utf-8") as f:
             names = [json.loads(line)["title"] for _, line in zip(range(200), f)][::17] or names
-    except (ImportError, OSError, KeyError):
+    except (OSError, KeyError):
         pass
     out = []
     for i in range(n):
@@ -69,44 +70,30 @@ def measure(ref: Engine, fp8: Engine, prompts: list[str], max_tokens: int) -> tu
 
 def plot(per_position: list[float], rel: float):
     def draw(path: Path) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6, 3.5))
+        fig, ax = pyplot().subplots(figsize=(6, 3.5))
         ax.hist(per_position, bins=30, color="tab:blue")
         ax.axvline(rel, color="tab:red", label=f"over all positions: {rel:.4f}")
         ax.set_xlabel("relative logits error of one position, FP8 vs unquantized")
         ax.set_ylabel("positions")
         ax.legend()
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
+        save_figure(fig, path)
     return draw
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = bench_parser(__doc__, "a random tiny checkpoint, few prompts")
     ap.add_argument("--model", default=None, help="checkpoint directory (default: the embedded tiny model)")
-    ap.add_argument("--smoke", action="store_true", help="a random tiny checkpoint, few prompts")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--prompts", type=int, default=None)
     ap.add_argument("--max-tokens", type=int, default=None)
-    ap.add_argument("--out", type=Path, default=None, help="results directory (default bench/results)")
-    args = ap.parse_args(argv)
+    args = parse_bench_args(ap, argv, cuda_if_available)
     n_prompts = args.prompts or (3 if args.smoke else 24)
     max_tokens = args.max_tokens or (8 if args.smoke else 48)
     if args.model:
         path = Path(args.model)
     elif args.smoke:
-        from selfrag_engine.testing import write_tiny_checkpoint
-
         path = Path(tempfile.mkdtemp()) / "tiny"
         write_tiny_checkpoint(path, seed=0)
     else:
-        from selfrag_engine.tiny.assets import default_model_dir
-
         path = default_model_dir()
     # The reference runs in the dtype the FP8 model's activations use: fp16 on CUDA, float32 on the CPU.
     dtype = torch.float16 if args.device.startswith("cuda") else torch.float32

@@ -16,15 +16,16 @@ fp8_prefill_gemm_time_ratio_vs_cublas_fp16 (ours / cuBLAS, worst shape), fp8_7b_
 """
 from __future__ import annotations
 
-import argparse
 import math
-import os
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import (bench_parser, cuda_if_available, interpret_kernels, parse_bench_args,  # noqa: E402
+                          pyplot, save_figure, time_fn, write_results)
 
 SHAPES_7B = {"qkvo": (4096, 4096), "gate_up": (11008, 4096), "down": (4096, 11008), "lm_head": (32016, 4096)}
 SHAPES_SMOKE = {"qkvo": (48, 64), "gate_up": (96, 64), "down": (64, 96), "lm_head": (160, 64)}
@@ -43,8 +44,6 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _per_call_ms(calls, device: str, iters: int) -> float:
     """Milliseconds per call of `calls` (each a zero-argument callable), run back to back."""
-    from bench.common import time_fn
-
     def run_all():
         for c in calls:
             c()
@@ -146,8 +145,6 @@ def bench_prefill(shapes, m, device, smoke, results, iters):
     from selfrag_engine.kernels.fp8_linear import fp8_linear, fp8_linear_w8a8
     from selfrag_engine.layers.fp8_linear import quantize_fp8_per_channel
 
-    from bench.common import time_fn
-
     dtype = torch.float16
     ratios = []
     for label, (n, k) in shapes.items():
@@ -229,12 +226,7 @@ def llama2_7b_fp8_bytes(device: str, allocate: bool) -> tuple[float, float | Non
 
 def _plot(rows, ratios):
     def plot(path):
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+        fig, axes = pyplot().subplots(1, 3, figsize=(16, 4.5))
         labels = sorted({r["shape"] for r in rows}, key=[r["shape"] for r in rows].index)
         m1 = {r["shape"]: r for r in rows if r["m"] == 1}
         xs = range(len(labels))
@@ -259,26 +251,18 @@ def _plot(rows, ratios):
         axes[2].axhline(1.0, color="k", lw=0.8)
         axes[2].set_ylabel("FP8 GEMM time / cuBLAS fp16 time")
         axes[2].set_title("prefill")
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
+        save_figure(fig, path, dpi=110)
 
     return plot
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (Triton interpreter)")
-    parser.add_argument("--out", type=Path, default=None, help="results directory (default bench/results)")
-    parser.add_argument("--device", default=None)
-    args = parser.parse_args(argv)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    parser = bench_parser(__doc__, "tiny shapes on the CPU (Triton interpreter)")
+    args = parse_bench_args(parser, argv, cuda_if_available, needs_cuda=True)
+    device = args.device
     if device == "cpu":
-        if not args.smoke:
-            parser.error("the benchmark needs a CUDA device; use --smoke for the CPU interpreter run")
-        # Read when the kernels are decorated, so before their module is first imported.
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-    from bench.common import write_results
+        # The kernel modules are imported inside the benchmarks, after this.
+        interpret_kernels()
 
     torch.manual_seed(0)
     smoke = args.smoke
@@ -297,8 +281,7 @@ def main(argv=None) -> int:
         results.append({"metric": "fp8_7b_allocated_gb", "value": allocated, "unit": "GB (1e9 bytes)",
                         "config": {"source": "torch.cuda.memory_allocated delta"}})
     print(f"Llama-2-7B FP8 weights: {gb:.3f} GB" + (f" ({allocated:.3f} GB allocated)" if allocated else ""))
-    path = write_results("gemm", device, results, out_dir=args.out, plot=_plot(rows, ratios))
-    print(f"wrote {path}")
+    write_results("gemm", device, results, out_dir=args.out, plot=_plot(rows, ratios))
     return 0
 
 

@@ -13,20 +13,19 @@ sampler_fused_ms_b{N} and sampler_torch_ms_b{N} for every batch size.
 """
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 from pathlib import Path
 
 import torch
 
-if not torch.cuda.is_available():
-    # Read when the kernels are decorated, so it must be set before they are imported.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import time_fn, write_results  # noqa: E402
+from bench.common import (bench_parser, cuda_if_available, interpret_kernels, parse_bench_args,  # noqa: E402
+                          pyplot, save_figure, time_fn, write_results)
+
+if not torch.cuda.is_available():
+    interpret_kernels()
+
 from selfrag_engine.layers.sampler import ReflectionGroups, sample  # noqa: E402
 
 # Self-RAG's reflection tokens (ids of the published tokenizer), as the engine groups them.
@@ -90,16 +89,11 @@ def bench(cfg: dict, device: str) -> list[dict]:
 
 def plot(results: list[dict]):
     def draw(path: Path) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
         def series(prefix):
             pts = [r for r in results if r["metric"].startswith(prefix)]
             return [r["config"]["batch"] for r in pts], [r["value"] for r in pts]
 
-        fig, ax = plt.subplots(figsize=(7, 4.5))
+        fig, ax = pyplot().subplots(figsize=(7, 4.5))
         for prefix, label in (("sampler_fused_ms_b", "fused Triton sampler"),
                               ("sampler_torch_ms_b", "torch softmax + sort top-p")):
             xs, ys = series(prefix)
@@ -114,21 +108,14 @@ def plot(results: list[dict]):
         lines = ax.get_legend_handles_labels()
         lines2 = ax2.get_legend_handles_labels()
         ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="upper left")
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
+        save_figure(fig, path)
 
     return draw
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes (runs on the CPU interpreter)")
-    parser.add_argument("--out", type=Path, default=None, help="results directory (default bench/results)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args(argv)
-    if not args.smoke and not args.device.startswith("cuda"):
-        parser.error("the full benchmark needs a CUDA device; use --smoke on a CPU")
+    parser = bench_parser(__doc__, "tiny shapes (runs on the CPU interpreter)")
+    args = parse_bench_args(parser, argv, cuda_if_available, needs_cuda=True)
     cfg = SMOKE if args.smoke else FULL
     results = bench(cfg, args.device)
     if args.smoke:
@@ -138,7 +125,6 @@ def main(argv: list[str] | None = None) -> Path:
     for r in results:
         if r["metric"].startswith("sampler_speedup_b"):
             print(f"{r['metric']}: {r['value']:.2f}x")
-    print(f"wrote {path}")
     return path
 
 

@@ -8,14 +8,13 @@ The model call and sampling are excluded: this is the per-token overhead the GPU
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import write_results  # noqa: E402
+from bench.common import bench_parser, parse_bench_args, pyplot, save_figure, write_results  # noqa: E402
 from selfrag_engine.engine.block_manager import BlockManager  # noqa: E402
 from selfrag_engine.engine.model_runner import ModelRunner  # noqa: E402
 from selfrag_engine.engine.sampling_params import SamplingParams  # noqa: E402
@@ -60,11 +59,9 @@ def step_cost_us(num_seqs: int, prompt_len: int, steps: int, device: str) -> tup
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--smoke", action="store_true", help="tiny run for CI")
-    parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--device", default="cpu", help="where the step tensors are built")
-    args = parser.parse_args(argv)
+    parser = bench_parser(__doc__, "tiny run for CI", device_help="where the step tensors are built (default cpu)")
+    # The host's share of a step is what is measured, so the tensors are built on the CPU unless asked.
+    args = parse_bench_args(parser, argv, default_device=lambda smoke: "cpu")
     sizes = [1, 8] if args.smoke else [1, 8, 64, 256]
     steps = 5 if args.smoke else 64
     prompt_len = 40 if args.smoke else 200
@@ -84,10 +81,7 @@ def main(argv: list[str] | None = None) -> None:
               f"per token {(sched_us + prep_us) / n:8.2f} us")
 
     def plot(png: Path) -> None:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(figsize=(5, 3.5))
+        fig, ax = pyplot().subplots(figsize=(5, 3.5))
         ax.plot([r[0] for r in rows], [r[1] for r in rows], "o-", label="schedule")
         ax.plot([r[0] for r in rows], [r[2] for r in rows], "s-", label="prepare inputs")
         ax.set_xscale("log", base=2)
@@ -95,11 +89,9 @@ def main(argv: list[str] | None = None) -> None:
         ax.set_xlabel("running sequences")
         ax.set_ylabel("us per decode step")
         ax.legend()
-        fig.tight_layout()
-        fig.savefig(png, dpi=120)
+        save_figure(fig, png)
 
-    path = write_results("scheduler", args.device, results, out_dir=args.out, plot=plot)
-    print(f"wrote {path}")
+    write_results("scheduler", args.device, results, out_dir=args.out, plot=plot)
 
 
 if __name__ == "__main__":
