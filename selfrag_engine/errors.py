@@ -24,3 +24,26 @@ class RequestError(SelfragEngineError, ValueError):
 class CacheCapacityError(SelfragEngineError, RuntimeError):
     """A request can never fit in the KV cache pool, however many other sequences are preempted."""
 
+
+class EngineConfigError(SelfragEngineError, ValueError):
+    """An engine option is out of its range (a batch limit of zero, a block size below one)."""
+
+
+class SchedulingError(SelfragEngineError, RuntimeError):
+    """Requests that cannot make progress: nothing the engine can schedule would ever finish them."""
+
+
+class DeviceError(SelfragEngineError, RuntimeError):
+    """The device asked for is not available on this machine."""
+
+
+class QueueFullError(SelfragEngineError, RuntimeError):
+    """The engine loop admits no more requests now (its bound on requests in flight is reached); retry later."""
+
+
+class DeadlineExceeded(SelfragEngineError, RuntimeError):
+    """A request or query did not finish before its deadline; it was aborted and its cache freed."""
+
+
+class Cancelled(SelfragEngineError, RuntimeError):
+    """A request or query was cancelled (by its caller, a disconnected client, or the loop closing)."""
