@@ -1,5 +1,5 @@
-"""Host-side cost of one decode step outside the model: scheduling (block manager appends) plus building the
-step's input tensors and attention metadata, for 1, 8, 64 and 256 running sequences.
+"""Host-side cost of one decode step outside the model: scheduling (block manager appends, block tables and
+slot mappings) plus building the step's input tensors and attention metadata, for 1, 8, 64 and 256 running sequences.
 
     python bench/scheduler.py            # writes bench/results/scheduler-cpu-<date>.{json,md,png}
     python bench/scheduler.py --smoke --out /tmp/x
@@ -28,7 +28,7 @@ def step_cost_us(num_seqs: int, prompt_len: int, steps: int, device: str) -> tup
     per_seq_blocks = (prompt_len + steps + 2) // block_size + 2
     bm = BlockManager(num_seqs * per_seq_blocks + 8, block_size, True)
     sched = Scheduler(bm, max_num_seqs=num_seqs, max_num_batched_tokens=max(8192, num_seqs * prompt_len))
-    runner = ModelRunner(model=None, kv_caches=[], block_manager=bm, device=device)
+    runner = ModelRunner(model=None, kv_caches=[], block_size=block_size, device=device)
     params = SamplingParams(max_tokens=steps + 1)
     seqs = []
     for i in range(num_seqs):
@@ -45,7 +45,7 @@ def step_cost_us(num_seqs: int, prompt_len: int, steps: int, device: str) -> tup
         t0 = time.perf_counter()
         batch = sched.schedule()
         t1 = time.perf_counter()
-        runner.prepare(batch.chunks)
+        runner.prepare(batch)
         t2 = time.perf_counter()
         assert len(batch.chunks) == num_seqs and batch.num_tokens == num_seqs
         for c in batch.chunks:

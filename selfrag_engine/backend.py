@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from selfrag_engine.errors import DeviceError
 from selfrag_engine.kernels import INTERPRET
 
 
@@ -31,6 +32,17 @@ TORCH = Backend("torch")
 TRITON = Backend("triton")
 TRITON_INTERPRETED = Backend("triton-interpreted")
 BACKENDS = {b.name: b for b in (TORCH, TRITON, TRITON_INTERPRETED)}
+
+
+def device_of(device: torch.device | str) -> torch.device:
+    """The device asked for, refused with a DeviceError when it is unknown or not on this machine."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise DeviceError(f"unknown device {device!r}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError(f"device {device!r} asked for, but CUDA is not available on this machine")
+    return dev
 
 
 def choose_backend(device: torch.device | str, use_kernels: bool | None = None) -> Backend:

@@ -82,7 +82,7 @@ def test_static_buffers_and_padding_rows_match_eager_decode():
         calls = []
         if replayed:
             graphs = DecodeGraphs(engine.model, engine.kv_caches, 6, engine.max_model_len,
-                                  engine.block_manager.block_size(), engine.device)
+                                  engine.block_size, engine.device)
             for size in graphs.sizes:
                 graphs.logits[size] = torch.full((size, engine.config.vocab_size), float("nan"))
                 graphs.graphs[size] = _EagerReplay(graphs, size)

@@ -72,7 +72,7 @@ def run_forks(engine: Engine, prompts: list[list[int]], suffixes: list[list[list
     unrelated request `lone`. Returns the outputs (branches in order, then lone) and each parent's block table."""
     parents = [engine.add_request(p, _greedy(1), keep_cache=True) for p in prompts]
     engine.run(parents)
-    parent_tables = [list(engine.block_manager.block_table(p)) for p in parents]
+    parent_tables = [list(engine.scheduler.block_manager.block_table(p)) for p in parents]
     kids = []
     for parent, prompt, sfx in zip(parents, prompts, suffixes):
         kids += engine.fork(parent, sfx, _greedy(new_tokens, logprobs=2), prefix_len=len(prompt))
@@ -192,12 +192,12 @@ def test_overlapped_steps_reorder_their_device_side_inputs_for_cascade(path, mon
     prompts, suffixes, lone = two_families(gen, fast.config.vocab_size)
     ahead = []
     run = fast.runner.run
-    fast.runner.run = lambda chunks, copies, all_logits=False, next_tokens=None: (
-        ahead.append(next_tokens is not None) or run(chunks, copies, all_logits, next_tokens))
+    fast.runner.run = lambda batch, next_tokens=None: (
+        ahead.append(next_tokens is not None) or run(batch, next_tokens))
     spy = KernelSpy(monkeypatch)
     outs, _ = run_forks(fast, prompts, suffixes, lone, new_tokens=6)
     monkeypatch.undo()
     ref_outs, _ = run_forks(ref, prompts, suffixes, lone, new_tokens=6)
     assert_same_outputs(outs, ref_outs, atol=1e-4)
     assert sum(ahead) >= 3 and spy.cascade and spy.plain == 0
-    fast.block_manager.check_invariants()
+    fast.scheduler.block_manager.check_invariants()

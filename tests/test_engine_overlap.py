@@ -77,7 +77,7 @@ def test_overlapped_steps_give_every_request_what_plain_steps_give(path):
     assert plain.ahead_steps == 0 and over.ahead_steps > 20
     assert any(o.finish_reason == "stop" for o in b) and any(o.finish_reason == "length" for o in b)
     for engine in (plain, over):
-        engine.block_manager.check_invariants()
+        engine.scheduler.block_manager.check_invariants()
         assert engine.cache_stats()["used"] == 0
     # Blocks completed by tokens that were committed after their step ran are cached as plain steps cache them.
     assert over.cache_stats()["cached"] == plain.cache_stats()["cached"]
@@ -109,7 +109,7 @@ def test_forks_and_releases_while_a_step_is_in_flight(path):
         engine.release(parent)
         res = engine.run(kids + [other])
         outs.append(res + [engine.output(parent)])
-        engine.block_manager.check_invariants()
+        engine.scheduler.block_manager.check_invariants()
         assert engine.cache_stats()["used"] == 0
         if overlap:
             assert engine.ahead_steps > 10
@@ -135,15 +135,15 @@ def test_paused_branches_keep_only_their_computed_tokens(path):
             assert engine.ahead_steps > 5
         for p in parents:
             seq = engine.seqs[p]
-            assert engine.block_manager.num_tokens(p) == seq.num_computed == len(seq.token_ids) - 1
-            assert engine.block_manager.num_reserved(p) == 0
+            assert engine.scheduler.block_manager.num_tokens(p) == seq.num_computed == len(seq.token_ids) - 1
+            assert engine.scheduler.block_manager.num_reserved(p) == 0
         kids = [k for p in parents for k in engine.fork(p, [[9, 9], [11]], SamplingParams(max_tokens=8,
                                                                                         temperature=0.0),
                                                            prefix_len=len(engine.seqs[p].token_ids) - 1)]
         for p in parents:
             engine.release(p)
         outs.append(engine.run(kids))
-        engine.block_manager.check_invariants()
+        engine.scheduler.block_manager.check_invariants()
         assert engine.cache_stats()["used"] == 0
     assert_same(outs[0], outs[1])
 
@@ -155,7 +155,7 @@ def test_tight_pool_falls_back_to_plain_steps_and_preempts(path):
     longest = max(len(p) for p in prompts) + 40
     tight = make_engine(path, True, num_blocks=-(-longest // 8) + 2, block_size=8)
     assert_same(roomy.generate(prompts, params), tight.generate(prompts, params))
-    tight.block_manager.check_invariants()
+    tight.scheduler.block_manager.check_invariants()
     assert tight.cache_stats()["used"] == 0 and tight.ahead_steps > 0
 
 
@@ -180,7 +180,7 @@ def test_selfrag_answers_are_unchanged_by_overlap():
         engine = make_engine(model, overlap)
         answers.append(SelfRAG(engine, max_new_tokens=40).answer_batch(questions, passages))
         assert engine.cache_stats()["used"] == 0
-        engine.block_manager.check_invariants()
+        engine.scheduler.block_manager.check_invariants()
         if overlap:
             assert engine.ahead_steps > 5
     for x, y in zip(*answers):

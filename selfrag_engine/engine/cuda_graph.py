@@ -17,6 +17,8 @@ Static buffers, for the largest captured batch Bmax and M = ceil(max_model_len /
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from selfrag_engine.layers.attention import AttentionMetadata, KVCache
@@ -100,3 +102,15 @@ class DecodeGraphs:
         self.block_tables[:batch, :tables.shape[1]].copy_(tables)
         self.graphs[size].replay()
         return self.logits[size][:batch]
+
+
+def capture_decode_graphs(model, kv_caches: list[KVCache], max_batch: int, max_model_len: int, block_size: int,
+                          device: torch.device) -> DecodeGraphs | None:
+    """Captured decode graphs, or None (eager decode, with a warning) when capture fails on this setup."""
+    graphs = DecodeGraphs(model, kv_caches, max_batch, max_model_len, block_size, device)
+    try:
+        graphs.capture()
+    except RuntimeError as e:
+        warnings.warn(f"CUDA graph capture of the decode step failed, decoding eagerly: {e}", RuntimeWarning)
+        return None
+    return graphs

@@ -21,9 +21,10 @@ import numpy as np
 import torch
 
 from selfrag_engine.backend import TORCH, Backend
+from selfrag_engine.engine.cuda_graph import capture_decode_graphs
 from selfrag_engine.engine.kv_cache import copy_blocks
 from selfrag_engine.engine.prefix_groups import PrefixGroups, shared_prefix_groups
-from selfrag_engine.engine.scheduler import Chunk
+from selfrag_engine.engine.scheduler import Batch
 from selfrag_engine.engine.transfer import to_device
 from selfrag_engine.layers.attention import AttentionMetadata, CascadeMetadata, KVCache
 
@@ -79,36 +80,45 @@ def decode_metadata(block_tables: np.ndarray, context_lens: list[int], slot_mapp
 
 
 class ModelRunner:
-    def __init__(self, model, kv_caches: list[KVCache], block_manager, device: torch.device,
+    """Runs scheduled batches; the block tables and slots come with the batch (the scheduler owns the pool)."""
+
+    def __init__(self, model, kv_caches: list[KVCache], block_size: int, device: torch.device,
                  backend: Backend = TORCH, min_shared_prefix_blocks: int = MIN_SHARED_PREFIX_BLOCKS):
         self.model = model
         self.backend = backend
         self.kv_caches = kv_caches
-        self.bm = block_manager
+        self.block_size = block_size
         self.device = device
         self.min_shared_prefix_blocks = min_shared_prefix_blocks
-        self.graphs = None  # DecodeGraphs, set by the engine when it captured them
+        self.graphs = None  # DecodeGraphs, once captured
         self.cascade_min_saved_bytes = 0  # with graphs: the least saved prefix bytes worth an eager cascade step
         self.kv_bytes_per_token = sum(2 * c.k[0, 0].numel() * c.k.element_size() for c in kv_caches)
 
-    def prepare(self, chunks: list[Chunk], next_tokens: torch.Tensor | None = None) -> StepInputs:
-        if next_tokens is not None or (chunks and all(c.num_tokens == 1 for c in chunks)):
-            return self.prepare_decode(chunks, next_tokens)
-        return self.prepare_mixed(chunks)
+    def capture_graphs(self, max_batch: int, max_model_len: int) -> None:
+        """Decode steps replay CUDA graphs from now on (unless capture fails here, with a warning)."""
+        self.graphs = capture_decode_graphs(self.model, self.kv_caches, max_batch, max_model_len, self.block_size,
+                                            self.device)
+        weight_bytes = sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
+        self.cascade_min_saved_bytes = weight_bytes // 2
 
-    def prepare_decode(self, chunks: list[Chunk], next_tokens: torch.Tensor | None = None) -> StepInputs:
+    def prepare(self, batch: Batch, next_tokens: torch.Tensor | None = None) -> StepInputs:
+        if next_tokens is not None or (batch.chunks and all(c.num_tokens == 1 for c in batch.chunks)):
+            return self.prepare_decode(batch, next_tokens)
+        return self.prepare_mixed(batch)
+
+    def prepare_decode(self, batch: Batch, next_tokens: torch.Tensor | None = None) -> StepInputs:
         """One new token per chunk; with the kernels, rows sharing a prefix are laid out group by group.
         next_tokens (int64 [len(chunks)], on the device): the chunks' input tokens, when the host does not have
         them yet (a step scheduled ahead); otherwise they are read from the sequences."""
-        seq_ids = [c.seq.seq_id for c in chunks]
-        tables = self.bm.block_tables(seq_ids, -1)
+        chunks = batch.chunks
+        tables, slots = batch.block_tables, batch.slot_mapping
         context_lens = [c.start + 1 for c in chunks]
         order: list[int] | None = None
         groups = None
         if self.backend.kernels and len(chunks) > 1:
-            groups = shared_prefix_groups(tables, context_lens, self.bm.block_size(), self.min_shared_prefix_blocks)
+            groups = shared_prefix_groups(tables, context_lens, self.block_size, self.min_shared_prefix_blocks)
             if groups.shares and self.graphs is not None and self.graphs.fits(len(chunks), tables.shape[1]):
-                saved = groups.saved_blocks * self.bm.block_size() * self.kv_bytes_per_token
+                saved = groups.saved_blocks * self.block_size * self.kv_bytes_per_token
                 if saved < self.cascade_min_saved_bytes:
                     groups = None  # the graph replay is worth more than the prefix reads saved
             if groups is not None and groups.shares:
@@ -117,13 +127,11 @@ class ModelRunner:
                 groups = None
         if order is not None:
             chunks = [chunks[i] for i in order]
-            seq_ids = [seq_ids[i] for i in order]
             context_lens = [context_lens[i] for i in order]
             tables = tables[order]
+            slots = slots[order]
         starts = [c.start for c in chunks]
-        slots = self.bm.slot_mapping(seq_ids, [1] * len(chunks), starts)
-        cascade = None if groups is None else cascade_metadata(groups, context_lens, self.bm.block_size(),
-                                                               self.device)
+        cascade = None if groups is None else cascade_metadata(groups, context_lens, self.block_size, self.device)
         meta = decode_metadata(tables, context_lens, slots, self.device, cascade)
         if order is None:
             chunk_rows = [range(i, i + 1) for i in range(len(chunks))]
@@ -144,9 +152,9 @@ class ModelRunner:
             meta=meta, chunk_rows=chunk_rows, reordered=order is not None,
         )
 
-    def prepare_mixed(self, chunks: list[Chunk]) -> StepInputs:
+    def prepare_mixed(self, batch: Batch) -> StepInputs:
         """Prompt chunks (and decode rows batched with them), in the chunks' order."""
-        seq_ids = [c.seq.seq_id for c in chunks]
+        chunks = batch.chunks
         q_lens = [c.num_tokens for c in chunks]
         context_lens = [c.start + c.num_tokens for c in chunks]
         input_ids: list[int] = []
@@ -156,14 +164,12 @@ class ModelRunner:
             input_ids.extend(c.seq.token_ids[c.start:end])
             positions.extend(range(c.start, end))
             cu.append(cu[-1] + c.num_tokens)
-        slots = self.bm.slot_mapping(seq_ids, q_lens, [c.start for c in chunks])
-        tables = self.bm.block_tables(seq_ids, -1)
         dev = self.device
         meta = AttentionMetadata(
             cu_seqlens_q=to_device(cu, torch.int32, dev),
             context_lens=to_device(context_lens, torch.int32, dev),
-            block_tables=to_device(tables, torch.int32, dev),
-            slot_mapping=to_device(slots, torch.int64, dev),
+            block_tables=to_device(batch.block_tables, torch.int32, dev),
+            slot_mapping=to_device(batch.slot_mapping, torch.int64, dev),
             max_q_len=max(q_lens),
             max_context_len=max(context_lens),
             q_lens_host=q_lens,
@@ -173,26 +179,26 @@ class ModelRunner:
                           [range(a, b) for a, b in zip(cu, cu[1:])])
 
     @torch.inference_mode()
-    def run(self, chunks: list[Chunk], copies: list[tuple[int, int]], all_logits: bool = False,
-            next_tokens: torch.Tensor | None = None) -> torch.Tensor:
-        """Computes the chunks' K/V; returns float32 logits [num sampling chunks, vocab] (their last rows, in
-        chunk order), or for every token of the chunks in order when `all_logits`. With next_tokens (a decode
-        step scheduled ahead, see prepare_decode) every chunk samples."""
-        copy_blocks(self.kv_caches, copies)
-        inputs = self.prepare(chunks, next_tokens)
+    def run(self, batch: Batch, next_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Computes the chunks' K/V; returns float32 logits, in chunk order: every row of a scored sequence's
+        chunk, the last row of each other chunk that samples. With next_tokens (a decode step scheduled ahead,
+        see prepare_decode) every chunk samples."""
+        chunks = batch.chunks
+        copy_blocks(self.kv_caches, batch.copies)
+        inputs = self.prepare(batch, next_tokens)
         meta = inputs.meta
-        if all_logits:
-            rows = [r for rs in inputs.chunk_rows for r in rs]
-        elif next_tokens is not None:
-            rows = [rs[-1] for rs in inputs.chunk_rows]
-        else:
-            rows = [rs[-1] for rs, c in zip(inputs.chunk_rows, chunks) if c.samples]
+        rows: list[int] = []
+        for rs, c in zip(inputs.chunk_rows, chunks):
+            if c.seq.scores:
+                rows.extend(rs)
+            elif next_tokens is not None or c.samples:
+                rows.append(rs[-1])
         if (self.graphs is not None and meta.is_decode and meta.cascade is None
                 and self.graphs.fits(len(chunks), meta.block_tables.shape[1])):
             logits = self.graphs.run(inputs.input_ids, inputs.positions, meta)
             # Indexing copies the rows out of the graph's output buffer, which the next replay overwrites.
             return logits[to_device(rows, torch.long, logits.device)]
         hidden = self.model(inputs.input_ids, inputs.positions, meta, self.kv_caches)
-        if not all_logits or inputs.reordered:
+        if inputs.reordered or len(rows) != hidden.shape[0]:  # otherwise rows is every row, in order
             hidden = hidden[to_device(rows, torch.long, hidden.device)]
         return self.model.compute_logits(hidden)

@@ -18,7 +18,7 @@ class Status(Enum):
 
 @dataclass
 class Sequence:
-    seq_id: int
+    request_id: int
     token_ids: list[int]
     num_prompt_tokens: int
     params: SamplingParams
@@ -34,6 +34,8 @@ class Sequence:
     reflection: list[torch.Tensor] = field(default_factory=list)  # per step: group-normalized probs [G]
     reflection_logprobs: list[torch.Tensor] = field(default_factory=list)  # per step: full-vocab logprobs [G]
     text: str = ""
+    scores: bool = False  # a scored prompt (Engine.score): every position's logits are kept, nothing is sampled
+    logits: dict[int, torch.Tensor] = field(default_factory=dict)  # scored: chunk start -> float32 [n, vocab]
 
     @property
     def output_token_ids(self) -> list[int]:

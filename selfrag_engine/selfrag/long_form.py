@@ -357,15 +357,10 @@ class LongFormSelfRAG:
     def _drive(self, owned: Owned, pending: dict[int, _Node]) -> None:
         """Decodes the segments of `pending` (request -> node) together, stepping the engine; a segment that
         stops at a retrieval token it does not retrieve on continues in a request forked off its cache."""
-        engine = self.engine
         pending = dict(pending)
         while pending:
-            if not engine.scheduler.has_work():
-                raise RuntimeError(f"requests {sorted(pending)} are not scheduled")
-            for rid in engine.step():
-                node = pending.pop(rid, None)
-                if node is None:
-                    continue
+            for rid in self.engine.run_until_any(pending):
+                node = pending.pop(rid)
                 new = self._segment_finished(owned, rid, node)
                 if new is not None:
                     pending[new] = node
