@@ -82,7 +82,28 @@ def build_parser() -> argparse.ArgumentParser:
     register_eval(sub)
     register_index(sub)
     register_ask(sub)
+
+    s = sub.add_parser("serve", help="serve the OpenAI-compatible API and /v1/selfrag over HTTP")
+    s.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
+    s.add_argument("--index", default=None, help="retrieval index directory (`selfrag-engine index build`)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--served-model-name", default=None, help="the model id clients name (default: the directory)")
+    s.add_argument("--device", default=None, help="cuda or cpu (default: cuda when there is one)")
+    s.add_argument("--dtype", default=None)
+    s.add_argument("--quantization", default=None, choices=["fp8"])
+    s.add_argument("--num-blocks", type=int, default=None, help="KV cache blocks (default: from the memory budget)")
+    s.add_argument("--max-pending", type=int, default=256, help="requests and queries in flight before 429")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=_serve)
     return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    # FastAPI and uvicorn are the `serve` extra: only this command needs them.
+    from selfrag_engine.entrypoints.server import serve
+
+    return serve(args)
 
 
 def main(argv: list[str] | None = None) -> int:
