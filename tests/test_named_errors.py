@@ -304,3 +304,19 @@ def test_written_files_have_the_umask_mode(tmp_path):
     for f in (conv / "model.safetensors", quant / "model.safetensors"):
         assert stat.S_IMODE(f.stat().st_mode) == 0o640, f
     assert stat.S_IMODE(conv.stat().st_mode) == 0o750
+
+
+def test_readme_generate_example_passes_a_real_prompt():
+    """The README's shell line, run by bash up to the prompt argument, hands over the prompt format itself
+    (newlines, not backslash-n)."""
+    import re
+    import subprocess
+    from pathlib import Path
+
+    from selfrag_engine.selfrag.prompts import format_prompt
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    (line,) = [ln for ln in readme.splitlines() if ln.startswith("selfrag-engine generate --model DIR ")]
+    args = re.sub(r"^selfrag-engine generate --model DIR ", "", line).rsplit(" --max-tokens", 1)[0]
+    shown = subprocess.run(["bash", "-c", f"printf '%s' {args}"], capture_output=True, text=True, check=True)
+    assert shown.stdout == format_prompt("Who wrote Hamlet?")

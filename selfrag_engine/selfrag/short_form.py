@@ -100,7 +100,8 @@ class SelfRAG:
     def __init__(self, engine: Engine, retriever=None, scoring: ScoringConfig | None = None,
                  ndocs: int = 5, max_new_tokens: int = 100, mode: str = "adaptive", compat: str = "paper"):
         if engine.reflection_groups is None:
-            raise ValueError("the engine's tokenizer has no Self-RAG reflection tokens")
+            raise RequestError("the engine's tokenizer has no Self-RAG reflection tokens ([Retrieval], "
+                               "[Relevant], [Utility:5], ...): load a Self-RAG checkpoint")
         check_mode(mode)
         for name, value in (("ndocs", ndocs), ("max_new_tokens", max_new_tokens)):
             if not isinstance(value, int) or value < 1:
@@ -120,6 +121,11 @@ class SelfRAG:
     def _text(self, token_ids: Sequence[int]) -> str:
         kept = [t for t in token_ids if t not in self.control_ids and t != self.engine.tokenizer.eos_id]
         return postprocess(self.engine.tokenizer.decode(kept, skip_special_tokens=True))
+
+    def _script_text(self, token_ids: Sequence[int], context_ids: Sequence[int]) -> str:
+        """What the released script holds for a generation: vLLM's text, special tokens left out and the
+        first word's leading space kept (it post-processes only some of these strings)."""
+        return self.engine.tokenizer.decode_continuation(token_ids, context_ids)
 
     def _params(self, max_tokens: int) -> SamplingParams:
         top = top_k_for(self.scoring, self.engine.config.vocab_size)
@@ -161,7 +167,9 @@ class SelfRAG:
                     given = passages[i] if passages is not None else None
                     if given is None:
                         if self.retriever is None:
-                            raise ValueError("retrieval was chosen but neither passages nor a retriever were given")
+                            raise RequestError(f"retrieval was chosen for question {i} but neither passages nor "
+                                               "a retriever were given (pass passages, a retriever, or "
+                                               "mode='never')")
                         given = self.retriever.search(plan.question, ndocs)
                     docs = list(given)[:ndocs]
                 if docs:
@@ -211,24 +219,31 @@ class SelfRAG:
                   start: float) -> Answer:
         n_tokens = sum(len(o.token_ids) for o in outs)
         draft = None
+        released = self.compat == "released"
         if plan.draft is not None:
             n_tokens += len(plan.draft.token_ids)
-            draft = self._text(plan.draft.token_ids)
+            draft = self._script_text(plan.draft.token_ids, plan.prompt)
         elapsed = time.perf_counter() - start
         if not plan.docs:
-            return Answer(plan.question, self._text(outs[0].token_ids), False, plan.gate, [], None, n_tokens,
-                          elapsed, draft)
+            # The script post-processes the answer it returns without retrieval.
+            text = (postprocess(self._script_text(outs[0].token_ids, outs[0].prompt_token_ids)) if released
+                    else self._text(outs[0].token_ids))
+            return Answer(plan.question, text, False, plan.gate, [], None, n_tokens, elapsed, draft)
         branches = []
         for doc, out in zip(plan.docs, outs):
             c = read_critique(Decoded.from_output(out), reader, self.ids)
-            branches.append(Branch(doc, self._text(out.token_ids), out.token_ids, c.relevance, c.grounding,
-                                   c.utility, c.seq_score, c.final, c.probs))
+            text = self._script_text(out.token_ids, out.prompt_token_ids) if released else self._text(out.token_ids)
+            branches.append(Branch(doc, text, out.token_ids, c.relevance, c.grounding, c.utility, c.seq_score,
+                                   c.final, c.probs))
         if closed_set:
+            # Final scores summed per answer string; the script post-processes each branch's text for it.
+            key = postprocess if released else (lambda text: text)
             totals: dict[str, float] = {}
             for b in branches:
-                totals[b.text] = totals.get(b.text, 0.0) + b.final
+                totals[key(b.text)] = totals.get(key(b.text), 0.0) + b.final
             best_text = max(totals, key=totals.get)
-            best = next(i for i, b in enumerate(branches) if b.text == best_text)
-        else:
-            best = max(range(len(branches)), key=lambda i: branches[i].final)
+            best = next(i for i, b in enumerate(branches) if key(b.text) == best_text)
+            return Answer(plan.question, best_text, True, plan.gate, branches, best, n_tokens, elapsed, draft)
+        best = max(range(len(branches)), key=lambda i: branches[i].final)
+        # Open tasks: the script returns the best branch's text as vLLM gave it.
         return Answer(plan.question, branches[best].text, True, plan.gate, branches, best, n_tokens, elapsed, draft)

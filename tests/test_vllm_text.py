@@ -1,0 +1,158 @@
+"""`Tokenizer.decode_continuation` gives the text vLLM 0.2.6 hands the reference scripts: checked against
+vLLM's incremental detokenizer written out below as vLLM has it (`detokenize_incrementally`), running over
+transformers' own pieces (the slow LlamaTokenizer) and transformers' own fast decoder (LlamaConverter's, run
+by the tokenizers library), on random generated ids and on the strings SELFRAG_REFERENCE.md quotes."""
+import random
+
+import pytest
+import transformers
+from transformers.convert_slow_tokenizer import LlamaConverter
+
+from selfrag_engine.selfrag.prompts import format_prompt
+from selfrag_engine.tokenizer import Tokenizer
+from tests.helpers import tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def toks():
+    path = tiny_checkpoint(seed=13)
+    return Tokenizer.from_pretrained(path), transformers.LlamaTokenizer.from_pretrained(path, legacy=True)
+
+
+def _vllm_text(hf, prompt_ids: list[int], ids: list[int], skip_special_tokens: bool) -> str:
+    """vLLM 0.2.6's LLMEngine._decode_sequence over each generated token: detokenize_incrementally with a
+    fast tokenizer (convert_tokens_to_string is the backend decoder's decode), its output concatenated."""
+    decoder = LlamaConverter.decoder(None, "▁", True)
+    special = set(hf.all_special_ids)
+    all_ids = list(prompt_ids)
+    tokens = None
+    prefix_offset = read_offset = 0
+    out = ""
+    for new_token_id in ids:
+        all_ids.append(new_token_id)
+        if tokens is None:
+            new_tokens = hf.convert_ids_to_tokens(all_ids, skip_special_tokens=skip_special_tokens)
+            output_tokens = new_tokens
+            prefix_offset = max(len(output_tokens) - 6, 0)
+            if skip_special_tokens and new_token_id in special:
+                read_offset = max(len(output_tokens), 0)
+            else:
+                read_offset = max(len(output_tokens) - 1, 0)
+        else:
+            new_tokens = hf.convert_ids_to_tokens([new_token_id], skip_special_tokens=skip_special_tokens)
+            output_tokens = tokens + new_tokens
+        prefix_text = decoder.decode(output_tokens[prefix_offset:read_offset])
+        new_text = decoder.decode(output_tokens[prefix_offset:])
+        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
+            out += new_text[len(prefix_text):]
+            prefix_offset, read_offset = read_offset, len(output_tokens)
+        tokens = output_tokens
+    return out
+
+
+def test_quoted_strings(toks):
+    ours, _ = toks
+    prompt = ours.encode(format_prompt("Where is Hirnbem Kakravu from?"))
+    # What a model writes: text after an added token starts with '▁' (the legacy encoding).
+    written = ours.encode("[Irrelevant]", add_bos=False) + ours.encode("I don't know.", add_bos=False) \
+        + ours.encode("[Utility:1]</s>", add_bos=False)
+    assert ours.decode_continuation(written, prompt, skip_special_tokens=False) == \
+        "[Irrelevant] I don't know.[Utility:1]</s>"
+    assert ours.decode_continuation(written, prompt) == " I don't know."
+    answer = ours.encode("Hirnbem Kakravu is from Stindromor.", add_bos=False)
+    assert ours.decode_continuation(answer, prompt) == " Hirnbem Kakravu is from Stindromor."
+    assert ours.decode(answer) == "Hirnbem Kakravu is from Stindromor."  # the paper flavour's decode
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_random_generations_match_vllm(toks, skip):
+    ours, hf = toks
+    rng = random.Random(1234)
+    added = sorted(ours.added_tokens.values())
+    byte_ids = [i for i in range(ours.num_pieces) if ours.id_to_token(i).startswith("<0x")]
+    words = ["Paris", "is", "café", "naïve", "日本", "😀", "know.", "x\ny"]
+    for trial in range(300):
+        prompt = ours.encode(format_prompt(" ".join(rng.choices(words, k=rng.randint(1, 4)))))
+        if trial % 3 == 0:
+            prompt += ours.encode("[Retrieval]<paragraph>Title\ntext</paragraph>", add_bos=False)
+        ids: list[int] = []
+        for _ in range(rng.randint(1, 25)):
+            r = rng.random()
+            if r < 0.15:
+                ids.append(rng.choice(added + [ours.eos_id]))
+            elif r < 0.3:
+                ids.append(rng.choice(byte_ids))  # broken and unfinished characters too
+            elif r < 0.5:
+                ids += ours.encode(rng.choice(words), add_bos=False)
+            else:
+                ids.append(rng.randrange(3, ours.num_pieces))
+        assert ours.decode_continuation(ids, prompt, skip_special_tokens=skip) == \
+            _vllm_text(hf, prompt, ids, skip), (prompt[-6:], ids)
+
+
+# ---- the released flavour returns these strings ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def steered():
+    from tests.selfrag_fixtures import steered_engine
+    return steered_engine()
+
+
+def test_released_short_form_texts_are_vllms(steered):
+    from selfrag_engine.selfrag.prompts import format_passage, postprocess
+    from selfrag_engine.selfrag.short_form import SelfRAG
+    from tests.selfrag_fixtures import passages, question
+
+    tok = steered.tokenizer
+    rng = random.Random(5)
+    q, docs = question(rng), passages(rng, 3)
+    prompt = tok.encode(format_prompt(q))
+    common = dict(max_new_tokens=8, mode="always")
+    released = SelfRAG(steered, compat="released", **common).answer(q, docs)
+    paper = SelfRAG(steered, **common).answer(q, docs)
+    control = set(tok.added_tokens.values()) | {tok.eos_id}
+    for r, p, doc in zip(released.branches, paper.branches, docs):
+        context = prompt + tok.encode(format_passage(doc.title, doc.text), add_bos=False)
+        assert r.token_ids == p.token_ids
+        assert r.text == _vllm_text(toks_hf(), context, r.token_ids, True)
+        # The paper flavour keeps its post-processed text.
+        assert p.text == postprocess(tok.decode([t for t in p.token_ids if t not in control], skip_special_tokens=True))
+    assert released.answer == released.branches[released.best].text
+    closed = SelfRAG(steered, compat="released", **common).answer(q, docs, closed_set=True)
+    assert closed.answer == postprocess(closed.branches[closed.best].text)
+
+
+def toks_hf():
+    return transformers.LlamaTokenizer.from_pretrained(tiny_checkpoint(seed=13), legacy=True)
+
+
+def test_released_long_form_unstripped_texts_keep_eos(steered):
+    from selfrag_engine import RequestError
+    from selfrag_engine.selfrag.long_form import LongFormSelfRAG, ScriptQuirks
+    from selfrag_engine.selfrag.prompts import format_passage
+    from tests.selfrag_fixtures import passages, question
+
+    tok = steered.tokenizer
+    hf = toks_hf()
+    rng = random.Random(6)
+    qs = [question(rng) for _ in range(3)]
+    docs = [passages(rng, 3) for _ in qs]
+    # Without the [No Retrieval] rewrite the stored text is vLLM's up to the first [Retrieval].
+    quirks = ScriptQuirks(strip_special_tokens=False, rewrite_no_retrieval=False)
+    rag = LongFormSelfRAG(steered, compat="released", quirks=quirks,
+                          ndocs=3, max_new_tokens=16, mode="always", max_depth=2)
+    ended_with_eos = 0
+    for a, q, ds in zip(rag.answer_batch(qs, docs), qs, docs):
+        for kid in (n for n in a.trace["nodes"] if n["depth"] == 1):
+            doc = next(d for d in ds if d.title == kid["title"])
+            context = tok.encode(format_prompt(q)) + tok.encode(format_passage(doc.title, doc.text), add_bos=False)
+            pred = _vllm_text(hf, context, kid["token_ids"], False)
+            assert kid["text"] == (pred[:pred.index("[Retrieval]")] if "[Retrieval]" in pred else pred)
+            if kid["token_ids"][-1] == tok.eos_id and "[Retrieval]" not in pred:
+                ended_with_eos += 1
+                assert kid["text"].endswith("</s>")
+    assert ended_with_eos, "no child ended with </s>: the case the quirk is about did not occur"
+    with pytest.raises(RequestError, match="mode='never'"):
+        LongFormSelfRAG(steered, compat="released", mode="never")
+    LongFormSelfRAG(steered, mode="never")  # the paper flavour serves it
