@@ -70,6 +70,12 @@ def test_config_error_from_the_checkpoint_directory(tmp_path):
         Engine.from_pretrained(path, progress=False)
 
 
+@pytest.mark.parametrize("block_size", [0, -16, True, 16.0])
+def test_block_size_is_checked(block_size):
+    with pytest.raises(SelfragEngineError, match=f"block_size must be a positive integer, got {block_size!r}"):
+        Engine.from_pretrained(tiny_checkpoint(seed=13), progress=False, block_size=block_size)
+
+
 # ---- weight files --------------------------------------------------------------------------------------
 
 

@@ -165,10 +165,11 @@ class LongFormSelfRAG:
                  max_new_tokens: int = 300, beam_width: int = 2, max_depth: int = 7, mode: str = "adaptive",
                  retrieval: str = "static", compat: str = "paper", quirks: ScriptQuirks | None = None):
         if engine.reflection_groups is None:
-            raise ValueError("the engine's tokenizer has no Self-RAG reflection tokens")
+            raise RequestError("the engine's tokenizer has no Self-RAG reflection tokens ([Retrieval], "
+                               "[Relevant], [Utility:5], ...): load a Self-RAG checkpoint")
         check_mode(mode)
         if retrieval not in RETRIEVALS:
-            raise ValueError(f"retrieval must be one of {RETRIEVALS}, got {retrieval!r}")
+            raise RequestError(f"retrieval must be one of {RETRIEVALS}, got {retrieval!r}")
         for name, value in (("ndocs", ndocs), ("max_new_tokens", max_new_tokens), ("beam_width", beam_width),
                             ("max_depth", max_depth)):
             if not isinstance(value, int) or value < 1:
@@ -181,6 +182,9 @@ class LongFormSelfRAG:
             if max_depth < 2:
                 raise RequestError(f"compat='released' expands depths 1..max_depth-1 and needs max_depth >= 2, "
                                    f"got {max_depth}")
+            if mode == "never":
+                raise RequestError("compat='released' with mode='never': the reference long-form script fails "
+                                   "there (it returns a prediction tree it never made); use the paper flavour")
         elif quirks is not None:
             raise RequestError("quirks switch behaviours of compat='released' only")
         if retrieval == "per_segment" and retriever is None:
@@ -225,8 +229,8 @@ class LongFormSelfRAG:
 
     def _need_docs(self, tree: _Tree, docs: list[Passage] | None) -> list[Passage]:
         if not docs:
-            raise ValueError(f"retrieval was chosen for question {tree.index} but neither passages nor a "
-                             f"retriever were given")
+            raise RequestError(f"retrieval was chosen for question {tree.index} but neither passages nor a "
+                               f"retriever were given (pass passages, a retriever, or mode='never')")
         return docs
 
     # ---- API ------------------------------------------------------------------------------------------
@@ -422,12 +426,12 @@ class LongFormSelfRAG:
 
     # ---- released flavour -----------------------------------------------------------------------------
 
-    def _pred(self, token_ids: Sequence[int]) -> str:
-        """The text the script's string tests see: vLLM's, special tokens stripped unless switched off."""
-        ids = list(token_ids)
-        if ids and ids[-1] == self.engine.tokenizer.eos_id:
-            ids = ids[:-1]
-        return self.engine.tokenizer.decode(ids, skip_special_tokens=self.quirks.strip_special_tokens)
+    def _pred(self, token_ids: Sequence[int], context_ids: Sequence[int]) -> str:
+        """The text the script's string tests see and re-encodes into the next depth's prompt: vLLM's (the
+        first word's leading space kept), special tokens stripped unless switched off, and then `</s>` kept
+        as vLLM writes it."""
+        return self.engine.tokenizer.decode_continuation(token_ids, context_ids,
+                                                         skip_special_tokens=self.quirks.strip_special_tokens)
 
     def _released(self, owned: Owned, trees: list[_Tree]) -> None:
         first = SamplingParams(max_tokens=1, temperature=0.0, reflection=True, detokenize=False)
@@ -450,7 +454,7 @@ class LongFormSelfRAG:
                 plain.append((tree, kid))
         for (tree, kid), out in zip(plain, owned.run([k for _, k in plain])):
             tree.tokens += len(out.token_ids)
-            tree.no_retrieval = self._pred(out.token_ids).split("\n\n")[0]
+            tree.no_retrieval = self._pred(out.token_ids, out.prompt_token_ids).split("\n\n")[0]
             owned.drop(kid)
             owned.drop(tree.head)
         for tree in building:
@@ -484,7 +488,7 @@ class LongFormSelfRAG:
             head = heads[tree.index]
             tokens = list(head.token_ids) + (list(tails[tree.index].token_ids) if tree.index in tails else [])
             tree.tokens += len(tokens)
-            text = self._pred(tokens).split("\n\n")[0]
+            text = self._pred(tokens, tree.prompt).split("\n\n")[0]
             if "[Retrieval]" not in text or self.scoring.threshold is None:
                 continue
             tree.gate = gate_value(Decoded.from_output(head), "prob")
@@ -533,7 +537,7 @@ class LongFormSelfRAG:
                 kid = tree.node(node, depth, passage=doc, decoded=d)
                 kid.crit = critique(d, reader, self.ids)
                 kid.score = kid.crit.final if node.score is None else kid.crit.final * node.score
-                kid.pred = self._rewrite(d, self._pred(d.token_ids), kid)
+                kid.pred = self._rewrite(d, self._pred(d.token_ids, d.context_ids), kid)
                 kid.prompt = node.prompt + prev
                 kid.text = kid.pred[:kid.pred.index("[Retrieval]")] if "[Retrieval]" in kid.pred else kid.pred
                 kid.ended = "retrieval" if "[Retrieval]" in kid.pred else (d.finish_reason or "stop")
