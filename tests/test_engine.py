@@ -158,7 +158,9 @@ def test_bad_requests(path, engine):
     with pytest.raises(RequestError, match="top_p"):
         SamplingParams(top_p=0.0)
     with pytest.raises(RequestError, match="logprobs"):
-        SamplingParams(logprobs=21)
+        SamplingParams(logprobs=-1)
+    with pytest.raises(RequestError, match="vocabulary size"):
+        engine.generate([[1, 5]], _greedy(logprobs=engine.config.vocab_size + 1))
     small = make_engine(path, num_blocks=2, block_size=8)
     with pytest.raises(CacheCapacityError, match="whole pool holds 16 "):
         small.generate([[5] * 30], _greedy())
@@ -180,3 +182,45 @@ def test_detokenize_off_keeps_tokens_and_skips_text(engine):
     assert ids_only.text == ""
     with pytest.raises(RequestError, match="detokenize"):
         SamplingParams(stop=["x"], detokenize=False)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_logprobs_beyond_the_fused_pass_are_the_exact_top_n(backend):
+    """logprobs=5000 (the reference scripts' count per retrieval branch) on a 6016-token vocabulary: every step's
+    dict holds the 5000 most likely tokens with their full-vocabulary log-probabilities, in rank order, as the
+    float64 log-softmax of the same sequence's logits from a scoring pass says; a request batched beside it
+    that asks for none gets no dict and the same tokens."""
+    import tempfile
+    from pathlib import Path
+
+    import torch
+
+    from bench.workload import random_llama
+    from selfrag_engine.testing import tiny_config, write_tokenizer
+    from selfrag_engine.tokenizer import Tokenizer
+
+    cfg = tiny_config(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=2, vocab_size=6016)
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tokenizer(Path(tmp), vocab_pieces=320, pad_to=cfg["vocab_size"] - 16)
+        tokenizer = Tokenizer.from_pretrained(Path(tmp))
+    # Weights ten times the bench's keep the logits spread out, so neighbouring ranks are far apart next to the
+    # difference between a decode step's and a scoring pass's float32 sums.
+    model = random_llama(cfg, "cpu", torch.float32, seed=5)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(10.0)
+    engine = Engine(model, tokenizer, use_kernels=backend == "triton", kv_cache_bytes=8 << 20)
+    n, prompt = 5000, [1, 50, 60, 70]
+    asked, plain = engine.generate([prompt, prompt], [_greedy(3, logprobs=n), _greedy(3)])
+    assert plain.logprobs is None and plain.token_ids == asked.token_ids
+    logits = engine.score(prompt + asked.token_ids[:-1]).double()
+    ref = torch.log_softmax(logits, -1)[len(prompt) - 1:]
+    for step, top in enumerate(asked.logprobs):
+        vals, ids = torch.sort(ref[step], descending=True, stable=True)
+        assert float(vals[n - 1] - vals[n]) > 1e-4  # the rank-n boundary is not a near tie
+        # Ranks inside the top n may swap between two float32 sums of near-equal logits, the set may not.
+        assert len(top) == n and set(top) == set(ids[:n].tolist())
+        assert list(top.values()) == pytest.approx(vals[:n].tolist(), abs=1e-4)
+        assert list(top.values()) == pytest.approx(ref[step, list(top)].tolist(), abs=1e-4)
+        assert list(top.values()) == sorted(top.values(), reverse=True)
+        assert list(top)[0] == asked.token_ids[step]

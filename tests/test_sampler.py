@@ -205,6 +205,36 @@ def test_matches_float64_reference(backend, dtype, strided, top_n, poisoned):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype,top_n", [(torch.float32, MAX_TOP_N + 1), (torch.float16, 700), (torch.float32, 1500)])
+def test_top_n_beyond_the_fused_pass(backend, dtype, top_n, poisoned):
+    """Past MAX_TOP_N the top-n comes from a device top-k: the exact top n of the float64 reference, ties (the
+    coarse-grid row, -inf entries, up to the whole vocabulary) to the lower id, and the same tokens and
+    scores as without it."""
+    batch, vocab = 6, 1500
+    logits = make_logits(batch, vocab, dtype, seed=11)
+    t, p, k = row_params(batch)
+    out = run(backend, logits, t, p, k, seeds_for(batch), GROUPS, top_n)
+    check_against_ref(out, ref_sample(logits, t, p, k, GROUPS, top_n), t, GROUPS, top_n)
+    plain = run(backend, logits, t, p, k, seeds_for(batch), GROUPS, 0)
+    assert torch.equal(out.tokens, plain.tokens) and torch.equal(out.group_probs, plain.group_probs)
+
+
+def test_top_n_device_top_k_breaks_ties_to_the_lower_id():
+    """A row whose n-th value is shared by more tokens than fit: the lowest ids among them are kept."""
+    from selfrag_engine.layers.sampler import top_n_logprobs
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randint(0, 4, (5, 300), generator=gen).double()  # four values, about 75 tokens each
+    lse = torch.logsumexp(x, -1)
+    for n in (1, 74, 75, 76, 150, 299, 300):
+        ids, lps = top_n_logprobs(x.float().to(DEVICE), lse.float().to(DEVICE), n)
+        key = [sorted(range(300), key=lambda j: (-float(x[r, j]), j))[:n] for r in range(5)]
+        assert ids.cpu().tolist() == key
+        torch.testing.assert_close(lps.cpu().double(), x.gather(1, torch.tensor(key)) - lse[:, None],
+                                   atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_multi_tile_rows(backend):
     """Vocab spanning many tiles of both kernel passes, with every truncation and the top-n."""
     batch, vocab = 6, 3001
@@ -392,7 +422,7 @@ def test_bad_inputs(backend):
     for change, match in cases:
         with pytest.raises(ValueError, match=match):
             sample(**{**good, **change}, backend=backend)
-    for top_n in (-1, MAX_TOP_N + 1, 2.0, True):
+    for top_n in (-1, 2.0, True):
         with pytest.raises(ValueError, match="top_n"):
             sample(**good, top_n=top_n, backend=backend)
     with pytest.raises(ValueError, match="top_n"):

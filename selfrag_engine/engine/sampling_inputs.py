@@ -7,7 +7,7 @@ import math
 import torch
 
 from selfrag_engine.backend import Backend
-from selfrag_engine.engine.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
+from selfrag_engine.engine.sampling_params import SamplingParams
 from selfrag_engine.engine.sequence import Sequence
 from selfrag_engine.engine.transfer import to_device
 from selfrag_engine.errors import RequestError
@@ -53,8 +53,9 @@ def check_servable(params: SamplingParams, vocab_size: int) -> None:
             raise RequestError(f"{name} must be a finite number, got {value!r}")
     if not _is_int(params.top_k) or not 0 <= params.top_k <= _INT32_MAX:
         raise RequestError(f"top_k must be an integer in [0, {_INT32_MAX}] (0 disables it), got {params.top_k!r}")
-    if params.logprobs is not None and (not _is_int(params.logprobs) or not 0 <= params.logprobs <= MAX_TOP_LOGPROBS):
-        raise RequestError(f"logprobs must be an integer between 0 and {MAX_TOP_LOGPROBS}, got {params.logprobs!r}")
+    if params.logprobs is not None and (not _is_int(params.logprobs) or not 0 <= params.logprobs <= vocab_size):
+        raise RequestError(f"logprobs must be an integer between 0 and the vocabulary size {vocab_size}, "
+                           f"got {params.logprobs!r}")
     if params.seed is not None and not _is_int(params.seed):
         raise RequestError(f"seed must be an integer, got {params.seed!r}")
     if not isinstance(params.stop, list) or any(not isinstance(s, str) or not s for s in params.stop):
@@ -65,9 +66,11 @@ def check_servable(params: SamplingParams, vocab_size: int) -> None:
 
 
 def sample_rows(logits: torch.Tensor, seqs: list[Sequence], groups: ReflectionGroups | None, backend: Backend,
-                ahead: bool = False) -> SamplerOutput:
+                ahead: bool = False, offsets: list[int] | None = None) -> SamplerOutput:
     """Samples one token per row of logits, row i for seqs[i]. ahead: the rows' previous tokens are not
-    appended yet, so each samples the token after the next."""
+    appended yet, so each samples the token after the next. offsets[i]: how many tokens past the sequence's
+    end row i samples (the positions of a verify step; a sequence then fills several rows)."""
+    offsets = offsets or [int(ahead)] * len(seqs)
     dev = logits.device
     params = [s.params for s in seqs]
     top_n = max((p.logprobs or 0) for p in params)
@@ -77,7 +80,8 @@ def sample_rows(logits: torch.Tensor, seqs: list[Sequence], groups: ReflectionGr
         temperature=to_device([p.temperature for p in params], torch.float32, dev),
         top_p=to_device([p.top_p for p in params], torch.float32, dev),
         top_k=to_device([p.top_k for p in params], torch.int32, dev),
-        seeds=to_device([step_seed(s.seed, s.num_output_tokens + ahead) for s in seqs], torch.int64, dev),
+        seeds=to_device([step_seed(s.seed, s.num_output_tokens + o) for s, o in zip(seqs, offsets)], torch.int64,
+                        dev),
         groups=groups if want_groups else None,
         top_n=top_n,
         backend=backend,

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from selfrag_engine.errors import RequestError
 
+# The most top log-probabilities the fused sampling pass returns, and what the OpenAI-style API offers. A
+# request may ask for more, up to the vocabulary: a device top-k then serves them (layers/sampler.py).
 MAX_TOP_LOGPROBS = 20
 # The sampler takes top_k as int32; a larger k keeps the whole vocabulary anyway.
 MAX_TOP_K = 2**31 - 1
@@ -16,7 +18,8 @@ class SamplingParams:
     """How to decode one request.
 
     temperature 0 is greedy (ties to the lowest token id). top_k 0 disables top-k. `logprobs` asks for the
-    top-n log-probabilities at every step (1 <= n <= 20). All log-probabilities are of the raw logits at
+    top-n log-probabilities at every step (n >= 1, at most the vocabulary, checked when the request is made;
+    n above MAX_TOP_LOGPROBS costs a device top-k and n floats per step on the host). All log-probabilities are of the raw logits at
     temperature 1 (full-vocabulary softmax), whatever the sampling temperature and truncation.
     `reflection` returns, at every step, the Self-RAG reflection-token probabilities normalized within their
     groups (retrieval, relevance, grounding, utility), computed in the sampling pass.
@@ -51,8 +54,8 @@ class SamplingParams:
             raise RequestError(f"top_k must be an integer from 0 (disabled) to {MAX_TOP_K}, got {self.top_k!r}")
         if self.seed is not None and not _is_int(self.seed):
             raise RequestError(f"seed must be an integer or None, got {self.seed!r}")
-        if self.logprobs is not None and (not _is_int(self.logprobs) or not 1 <= self.logprobs <= MAX_TOP_LOGPROBS):
-            raise RequestError(f"logprobs must be None or from 1 to {MAX_TOP_LOGPROBS}, got {self.logprobs!r} "
+        if self.logprobs is not None and (not _is_int(self.logprobs) or self.logprobs < 1):
+            raise RequestError(f"logprobs must be None or a count >= 1, got {self.logprobs!r} "
                                "(the chosen token's log-probability is always in RequestOutput.token_logprobs)")
         for name in ("ignore_eos", "reflection", "skip_special_tokens", "include_stop_str_in_output", "detokenize"):
             if not isinstance(getattr(self, name), bool):

@@ -13,6 +13,9 @@ between them (greedy results are identical).
 - logprobs, lse, group_logprobs and topn_logprobs are of the raw logits at temperature 1 (full-vocabulary
   log-softmax), whatever the temperature and truncation: what Self-RAG's scores read and what vLLM reports
   for greedy decoding. group_probs are p_i / sum of p over the token's group (0 if the whole group is -inf).
+- top_n may be anything up to the vocabulary. Up to MAX_TOP_N the fused kernel returns it in its pass; beyond,
+  a device top-k over the raw logits does (`top_n_logprobs`), the kernel then asked for none. Either way the
+  order is descending with ties to the lower id.
 - Rows need at least one finite logit.
 """
 from __future__ import annotations
@@ -25,7 +28,7 @@ import torch
 from selfrag_engine.backend import TORCH, Backend, as_backend
 from selfrag_engine.kernels.sampling import MAX_TOP_N, check_sample_args, fused_sample
 
-__all__ = ["ReflectionGroups", "SamplerOutput", "sample", "sample_torch", "MAX_TOP_N"]
+__all__ = ["ReflectionGroups", "SamplerOutput", "sample", "sample_torch", "top_n_logprobs", "MAX_TOP_N"]
 
 
 @dataclass
@@ -117,29 +120,68 @@ def _check_groups(groups: ReflectionGroups | None, vocab: int) -> None:
         raise ValueError(f"reflection token id {top} is outside the vocabulary (size {vocab})")
 
 
+def _check_args(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
+                seeds: torch.Tensor, top_n: int) -> None:
+    # The kernel's own check caps top_n at what its pass returns; here any n up to the vocabulary is served.
+    if isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 0:
+        raise ValueError(f"top_n must be an int >= 0, got {top_n!r}")
+    check_sample_args(logits, temperature, top_p, top_k, seeds, min(top_n, MAX_TOP_N))
+    if top_n > logits.shape[1]:
+        raise ValueError(f"top_n={top_n} exceeds the vocabulary size {logits.shape[1]}")
+
+
+def top_n_logprobs(logits: torch.Tensor, lse: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids [B, n] int64, log-probabilities [B, n] fp32) of each row's n largest raw logits, descending with
+    ties to the lower id, on the logits' device and without a host sync. lse: [B] the rows' log-sum-exp.
+
+    torch.topk finds the n-th largest value but orders ties arbitrarily, so the set is rebuilt from it: every
+    token above that value, then the lowest ids equal to it until there are n; the final order is a stable
+    sort of those ids (taken in id order) by value."""
+    x = logits.float()
+    batch, vocab = x.shape
+    if n == 0 or batch == 0:
+        return (torch.empty(batch, n, dtype=torch.int64, device=x.device),
+                torch.empty(batch, n, dtype=torch.float32, device=x.device))
+    kth = torch.topk(x, n, dim=-1, largest=True, sorted=False).values.min(dim=-1, keepdim=True).values
+    above = x > kth
+    tied = x == kth
+    room = n - above.sum(dim=-1, keepdim=True)
+    keep = above | (tied & (tied.cumsum(dim=-1) <= room))
+    col = torch.arange(vocab, device=x.device).expand(batch, vocab)
+    ids = torch.topk(torch.where(keep, col, vocab), n, dim=-1, largest=False, sorted=True).values
+    vals = x.gather(1, ids)
+    vals, order = torch.sort(vals, dim=-1, descending=True, stable=True)
+    return ids.gather(1, order), vals - lse.unsqueeze(-1)
+
+
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
            seeds: torch.Tensor, groups: ReflectionGroups | None = None, top_n: int = 0,
            backend: Backend | str = TORCH) -> SamplerOutput:
     """Samples one token per row of logits [B, V] (fp16 / bf16 / fp32) and scores it.
 
     temperature [B] f32, top_p [B] f32, top_k [B] int32, seeds [B] int64, all on the logits' device.
-    backend: the engine's (or its name, "torch" or "triton"); the kernel on a CPU needs TRITON_INTERPRET=1.
+    top_n: 0 to V. backend: the engine's (or its name, "torch" or "triton"); the kernel on a CPU needs
+    TRITON_INTERPRET=1.
     """
     backend = as_backend(backend)
-    check_sample_args(logits, temperature, top_p, top_k, seeds, top_n)
+    _check_args(logits, temperature, top_p, top_k, seeds, top_n)
     _check_groups(groups, logits.shape[1])
     if not backend.kernels:
         return sample_torch(logits, temperature, top_p, top_k, seeds, groups, top_n)
     dev = logits.device
     pair = (groups.token_ids(dev), groups.offsets(dev)) if groups is not None else None
-    return SamplerOutput(*fused_sample(logits, temperature, top_p, top_k, seeds, pair, top_n))
+    fused_n = top_n if top_n <= MAX_TOP_N else 0
+    out = SamplerOutput(*fused_sample(logits, temperature, top_p, top_k, seeds, pair, fused_n))
+    if top_n > MAX_TOP_N:
+        out.topn_ids, out.topn_logprobs = top_n_logprobs(logits, out.lse, top_n)
+    return out
 
 
 def sample_torch(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
                  seeds: torch.Tensor, groups: ReflectionGroups | None = None, top_n: int = 0) -> SamplerOutput:
     """The torch implementation of `sample` (float32, sort-based truncation, one torch.Generator per
     sampled row seeded with its seed)."""
-    check_sample_args(logits, temperature, top_p, top_k, seeds, top_n)
+    _check_args(logits, temperature, top_p, top_k, seeds, top_n)
     _check_groups(groups, logits.shape[1])
     x = logits.float()
     batch, vocab = x.shape
@@ -188,8 +230,10 @@ def sample_torch(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.T
             den = e.sum(dim=-1, keepdim=True)
             probs[:, s] = torch.where(den > 0, e / torch.where(den > 0, den, 1.0), 0.0)
         out.group_probs = probs
-    if top_n > 0:
+    if 0 < top_n <= MAX_TOP_N:
         vals, ids = torch.sort(x, dim=-1, descending=True, stable=True)
         out.topn_ids = ids[:, :top_n].contiguous()
         out.topn_logprobs = vals[:, :top_n] - lse.unsqueeze(-1)
+    elif top_n > MAX_TOP_N:
+        out.topn_ids, out.topn_logprobs = top_n_logprobs(x, lse, top_n)
     return out
