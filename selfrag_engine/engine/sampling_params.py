@@ -19,8 +19,9 @@ class SamplingParams:
 
     temperature 0 is greedy (ties to the lowest token id). top_k 0 disables top-k. `logprobs` asks for the
     top-n log-probabilities at every step (n >= 1, at most the vocabulary, checked when the request is made;
-    n above MAX_TOP_LOGPROBS costs a device top-k and n floats per step on the host). All log-probabilities are of the raw logits at
-    temperature 1 (full-vocabulary softmax), whatever the sampling temperature and truncation.
+    n above MAX_TOP_LOGPROBS costs a device top-k and n floats per step on the host). All log-probabilities
+    are of the raw logits at temperature 1 (full-vocabulary softmax), whatever the sampling temperature and
+    truncation.
     `reflection` returns, at every step, the Self-RAG reflection-token probabilities normalized within their
     groups (retrieval, relevance, grounding, utility), computed in the sampling pass.
     """
