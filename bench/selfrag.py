@@ -1,25 +1,33 @@
 """One short-form Self-RAG query end to end: K=5 passages of ~150 tokens, a ~60-token prompt, 100 new tokens per
-branch, on a Llama-2-7B-shaped model with random weights, three ways in one run:
+branch, on a Llama-2-7B-shaped model with random weights, in one run:
 
-  (a) ours        SelfRAG short form: the prompt prefilled once, its first position gives the retrieval
-                  decision, K branches forked off its cache (prefix shared), decoded in one batch, reflection
-                  probabilities from the fused sampler.
-  (b) reference   the same engine driven the way the reference script does it: a whole no-retrieval answer
-                  decoded first only to read its first position, then K independent full prompts (no prefix
-                  caching), top-20 log-probabilities returned at every step. The reference asks vLLM for
-                  5000 per step, so (b) is a lower bound of its cost.
-  (c) transformers the paper's algorithm on Hugging Face transformers (same weights): one forward for the
-                  decision, then `generate` over the K prompts, left-padded in one batch, scores output.
+  ours          SelfRAG short form: the prompt prefilled once, its first position gives the retrieval decision,
+                K branches forked off its cache (prefix shared), decoded in one batch, reflection
+                probabilities from the fused sampler. Adaptive (the gate's threshold at 0, so it retrieves, as
+                the reference's gate does in practice) and always-retrieve; each with the engine's default
+                speculation and with speculation off (num_draft_tokens=0) when the engine has that option.
+  reference     the same engine driven the way the reference script and its vLLM 0.2.6 do it: in adaptive mode
+                a whole no-retrieval answer decoded first only to read its first position, asking for the
+                log-probabilities of the whole vocabulary (32,016) at every step; then K independent full
+                prompts (no prefix caching), 5,000 log-probabilities per step each; every step's top-n handed
+                to the host and built into a {token id: log-probability} dict, as vLLM 0.2.6 returned them.
+                Always-retrieve mode skips the draft, as the script does.
+  transformers  the paper's algorithm on Hugging Face transformers (same weights): one forward for the
+                decision, then `generate` over the K prompts, left-padded in one batch, scores output.
 
     python bench/selfrag.py                      # CUDA: bench/results/selfrag-<device>-<date>.{json,md,png}
     python bench/selfrag.py --smoke --out DIR    # tiny model on the CPU (CI): the code paths, not the numbers
 
-Time to first token is to the first token of the answer branches. Headline metrics: selfrag_query_latency_ms
-and selfrag_ttft_ms of (a), selfrag_query_speedup_vs_reference (b over a).
+In smoke mode the log-probability counts are capped at the tiny vocabulary. Time to first token is to the first
+token of the answer branches. Headline metrics: selfrag_query_latency_ms and selfrag_ttft_ms of ours (adaptive),
+selfrag_query_speedup_vs_reference (the reference over ours, per mode and per speculation setting),
+selfrag_query_speedup_vs_transformers (always-retrieve).
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
+import inspect
 import random
 import statistics
 import sys
@@ -36,6 +44,7 @@ from selfrag_engine.engine.llm_engine import Engine  # noqa: E402
 from selfrag_engine.engine.sampling_params import SamplingParams  # noqa: E402
 from selfrag_engine.selfrag.prompts import format_passage, format_prompt  # noqa: E402
 from selfrag_engine.retrieval.passages import Passage  # noqa: E402
+from selfrag_engine.selfrag.scoring import ScoringConfig  # noqa: E402
 from selfrag_engine.selfrag.short_form import SelfRAG  # noqa: E402
 from selfrag_engine.testing import WORDS  # noqa: E402
 
@@ -57,26 +66,61 @@ def make_workload(tokenizer, prompt_tokens: int, passage_tokens: int, k: int, se
     return question, passages
 
 
-def make_engine(model, tokenizer, prefix_caching: bool, kv_bytes: int) -> Engine:
+# What the reference scripts ask vLLM for at every step (SELFRAG_REFERENCE.md): the short form's no-retrieval
+# draft the whole vocabulary, each retrieval branch the top 5000, the long form the top 32000.
+REFERENCE_DRAFT_LOGPROBS = 32016
+REFERENCE_BRANCH_LOGPROBS = 5000
+REFERENCE_LONG_FORM_LOGPROBS = 32000
+
+
+def speculation_option() -> str | None:
+    """The Engine keyword that sets how many tokens speculative decoding drafts (0 turns it off), or None when
+    this engine has no speculation."""
+    params = inspect.signature(Engine.__init__).parameters
+    return next((name for name in ("num_draft_tokens", "speculative") if name in params), None)
+
+
+def make_engine(model, tokenizer, prefix_caching: bool, kv_bytes: int, speculation: bool = True) -> Engine:
+    """speculation False: the engine with speculative decoding off (when it has the option); True: its
+    default."""
+    extra = {}
+    option = speculation_option()
+    if not speculation and option is not None:
+        extra[option] = 0 if option == "num_draft_tokens" else False
     return Engine(model, tokenizer, kv_cache_bytes=kv_bytes, enable_prefix_caching=prefix_caching,
-                  max_num_batched_tokens=8192)
+                  max_num_batched_tokens=8192, **extra)
 
 
-def run_ours(engine: Engine, question: str, passages: list[Passage], max_new_tokens: int) -> int:
-    rag = SelfRAG(engine, max_new_tokens=max_new_tokens)
-    answer = rag.answer(question, passages, mode="always")
+def run_ours(engine: Engine, question: str, passages: list[Passage], max_new_tokens: int, mode: str) -> int:
+    # Threshold 0: the adaptive gate retrieves, so both modes decode the K branches the reference decodes.
+    scoring = dataclasses.replace(ScoringConfig.paper(), threshold=0.0)
+    rag = SelfRAG(engine, scoring=scoring, max_new_tokens=max_new_tokens)
+    answer = rag.answer(question, passages, mode=mode)
+    if not answer.retrieved:
+        raise RuntimeError("the gate did not retrieve at threshold 0; the comparison needs the K branches")
     return answer.num_generated_tokens
 
 
+def reference_logprobs(vocab: int) -> tuple[int, int]:
+    """(draft, branch) log-probability counts per step: the script's, capped at the model's vocabulary."""
+    return min(REFERENCE_DRAFT_LOGPROBS, vocab), min(REFERENCE_BRANCH_LOGPROBS, vocab)
+
+
 def run_reference_style(engine: Engine, question: str, passages: list[Passage], draft_tokens: int,
-                        branch_tokens: int) -> int:
-    """The reference script's order of work on our engine: draft, then K independent full prompts."""
+                        branch_tokens: int, mode: str) -> tuple[int, int]:
+    """The reference script's order of work on our engine: in adaptive mode the draft, then K independent full
+    prompts, every step's top-n log-probabilities returned as host dicts. Returns (generated tokens,
+    log-probabilities handed back)."""
     tok = engine.tokenizer
+    draft_n, branch_n = reference_logprobs(engine.config.vocab_size)
     prompt = format_prompt(question)
-    draft = engine.generate([prompt], SamplingParams(max_tokens=draft_tokens, temperature=0.0, logprobs=20))[0]
+    outs = []
+    if mode == "adaptive":
+        outs += engine.generate([prompt], SamplingParams(max_tokens=draft_tokens, temperature=0.0,
+                                                         logprobs=draft_n))
     full = [tok.encode(prompt + format_passage(p.title, p.text)) for p in passages]
-    outs = engine.generate(full, SamplingParams(max_tokens=branch_tokens, temperature=0.0, logprobs=20))
-    return len(draft.token_ids) + sum(len(o.token_ids) for o in outs)
+    outs += engine.generate(full, SamplingParams(max_tokens=branch_tokens, temperature=0.0, logprobs=branch_n))
+    return sum(len(o.token_ids) for o in outs), sum(len(d) for o in outs for d in o.logprobs)
 
 
 def _left_pad(seqs: list[list[int]], pad: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,49 +175,71 @@ def main(argv: list[str] | None = None) -> list[dict]:
     n_prompt = len(tokenizer.encode(format_prompt(question)))
     n_passage = [len(tokenizer.encode(format_passage(p.title, p.text), add_bos=False)) for p in passages]
     shape = {"k": k, "prompt_tokens": n_prompt, "passage_tokens": round(statistics.mean(n_passage)),
-             "max_new_tokens": new_tokens, "dtype": str(dtype).removeprefix("torch.")}
+             "max_new_tokens": new_tokens, "vocab": cfg["vocab_size"], "dtype": str(dtype).removeprefix("torch.")}
     results: list[dict] = []
 
     def add(metric: str, value: float, unit: str, **config) -> None:
         record(results, metric, value, unit, **shape, **config)
 
-    def timed(fn) -> tuple[float, int]:
+    def timed(fn):
         return median_ms(fn, device, repeats)
 
     model = random_llama(cfg, device, dtype, seed=0)
     kv_bytes = (64 << 20) if smoke else (16 << 30)
-    def on_engine(prefix_caching: bool, run) -> tuple[tuple[float, int], tuple[float, int]]:
+    draft_n, branch_n = reference_logprobs(cfg["vocab_size"])
+    option = speculation_option()
+    # Speculation off is a second run only when the engine can turn it off; otherwise ours is recorded as is.
+    speculations = ("default", "off") if option is not None else ("default",)
+
+    def on_engine(prefix_caching: bool, run, speculation: bool = True):
         """Timings of run(engine, n) for the whole query (n = new_tokens) and to the first answer token (n = 1),
         on an engine of its own that is freed afterwards: one engine's KV pool at a time."""
-        engine = make_engine(model, tokenizer, prefix_caching, kv_bytes)
-        return timed(lambda: run(engine, new_tokens)), timed(lambda: run(engine, 1))
+        engine = make_engine(model, tokenizer, prefix_caching, kv_bytes, speculation)
+        out = timed(lambda: run(engine, new_tokens)), timed(lambda: run(engine, 1))
+        del engine
+        gc.collect()
+        return out
 
-    (a_ms, a_tok), (a_ttft, _) = on_engine(True, lambda e, n: run_ours(e, question, passages, n))
-    gc.collect()
-    # The reference order of work, without prefix caching: its first answer token comes after the whole draft
-    # and the K prefills.
-    (b_ms, b_tok), (b_ttft, _) = on_engine(
-        False, lambda e, n: run_reference_style(e, question, passages, new_tokens, n))
-    gc.collect()
-    add("selfrag_query_latency_ms", a_ms, "ms", impl="ours", generated_tokens=a_tok)
-    add("selfrag_ttft_ms", a_ttft, "ms", impl="ours")
-    add("selfrag_query_latency_ms", b_ms, "ms", impl="reference_style", generated_tokens=b_tok)
-    add("selfrag_ttft_ms", b_ttft, "ms", impl="reference_style")
-    add("selfrag_query_speedup_vs_reference", b_ms / a_ms, "x")
+    ours: dict[tuple[str, str], float] = {}
+    for mode in ("adaptive", "always"):
+        for spec in speculations:
+            (ms, tok_count), (ttft, _) = on_engine(
+                True, lambda e, n, m=mode: run_ours(e, question, passages, n, m), speculation=spec == "default")
+            ours[mode, spec] = ms
+            add("selfrag_query_latency_ms", ms, "ms", impl="ours", mode=mode, speculation=spec,
+                speculation_option=option, generated_tokens=tok_count)
+            add("selfrag_ttft_ms", ttft, "ms", impl="ours", mode=mode, speculation=spec, speculation_option=option)
+    for mode in ("adaptive", "always"):
+        # The reference order of work, without prefix caching (vLLM 0.2.6 had none) and without speculation:
+        # in adaptive mode its first answer token comes after the whole draft and the K prefills.
+        (ms, (tok_count, returned)), (ttft, _) = on_engine(
+            False, lambda e, n, m=mode: run_reference_style(e, question, passages, new_tokens, n, m),
+            speculation=False)
+        add("selfrag_query_latency_ms", ms, "ms", impl="reference_style", mode=mode, generated_tokens=tok_count,
+            logprobs_returned=returned, draft_logprobs=draft_n if mode == "adaptive" else 0,
+            branch_logprobs=branch_n)
+        add("selfrag_ttft_ms", ttft, "ms", impl="reference_style", mode=mode)
+        for spec in speculations:
+            add("selfrag_query_speedup_vs_reference", ms / ours[mode, spec], "x", mode=mode, speculation=spec,
+                speculation_option=option)
     if not args.no_hf:
         hf = if_importable(lambda: hf_sharing_weights(model, cfg), "transformers")
         if hf is not None:
             c_ms, c_tok = timed(lambda: run_transformers(hf, tokenizer, question, passages, new_tokens, device))
             c_ttft, _ = timed(lambda: run_transformers(hf, tokenizer, question, passages, 1, device))
-            add("selfrag_query_latency_ms", c_ms, "ms", impl="transformers", generated_tokens=c_tok)
-            add("selfrag_ttft_ms", c_ttft, "ms", impl="transformers")
-            add("selfrag_query_speedup_vs_transformers", c_ms / a_ms, "x")
+            add("selfrag_query_latency_ms", c_ms, "ms", impl="transformers", mode="always", generated_tokens=c_tok)
+            add("selfrag_ttft_ms", c_ttft, "ms", impl="transformers", mode="always")
+            add("selfrag_query_speedup_vs_transformers", c_ms / ours["always", "default"], "x", mode="always",
+                speculation="default", speculation_option=option)
 
     def plot(path: Path) -> None:
         fig, axes = pyplot().subplots(1, 2, figsize=(8, 3.5))
         for ax, metric in zip(axes, ("selfrag_query_latency_ms", "selfrag_ttft_ms")):
             rows = [r for r in results if r["metric"] == metric]
-            ax.bar([r["config"]["impl"] for r in rows], [r["value"] for r in rows])
+            labels = ["\n".join(str(r["config"][k]) for k in ("impl", "mode", "speculation") if k in r["config"])
+                      for r in rows]
+            ax.bar(range(len(rows)), [r["value"] for r in rows])
+            ax.set_xticks(range(len(rows)), labels, fontsize=7)
             ax.set_title(metric)
             ax.set_ylabel("ms")
         save_figure(fig, path)
