@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 
 def _load(tmp_path, bench: str) -> dict:
     files = list(tmp_path.glob(f"{bench}-cpu-*.json"))
@@ -110,3 +112,22 @@ def test_launches_bench_smoke(tmp_path):
         parts = [r["value"] for r in doc["results"]
                  if r["metric"] == "decode_layer_launches_by_kernel" and r["config"]["weights"] == weights]
         assert total == sum(parts) and total >= 5
+
+
+def test_design_ceiling_bench_smoke(tmp_path):
+    """The analytic ceiling's rows: every mode, the reference's host entries as the script's counts give them,
+    and each ratio the quotient of the two lower bounds it reports."""
+    from bench.design_ceiling import main
+    main(["--smoke", "--out", str(tmp_path)])
+    doc = _load(tmp_path, "design_ceiling")
+    rows = [r for r in doc["results"] if r["metric"] == "selfrag_design_ceiling_vs_reference"]
+    assert {r["config"]["mode"] for r in rows} == {"adaptive", "always", "long_form"}
+    for r in rows:
+        c = r["config"]
+        assert r["value"] == pytest.approx(c["reference_ms"] / c["ours_ms"], rel=1e-3)
+        per_step = {"adaptive": None, "always": c["k"] * 5000, "long_form": c["k"] * 32000}[c["mode"]]
+        if per_step is not None:
+            assert c["reference_host_entries"] == per_step * c["new_tokens"]
+    adaptive = next(r for r in rows if r["config"]["mode"] == "adaptive" and r["config"]["speculation"] == "off")
+    # The draft alone costs the reference about as many weight reads as the branches.
+    assert adaptive["config"]["reference_forwards"] > 1.9 * adaptive["config"]["ours_forwards"]
