@@ -46,7 +46,7 @@ class RecordingRetriever:
         self.engine = engine
         self.queries: list[str] = []
         self.live_requests: list[int] = []
-        self.seed = random.randrange(10 ** 9) if seed is None else seed
+        self.seed = 20261201 if seed is None else seed
         self.answers: dict[str, list[Passage]] = {}
 
     def search(self, query: str, k: int) -> list[Passage]:
