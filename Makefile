@@ -22,6 +22,13 @@ install: $(VENV)/.installed
 demo: install
 	$(PY) -m selfrag_engine.entrypoints.demo
 
+# The C++ API's library, its example (build/cpp/ask) and its C++ tests, from csrc/CMakeLists.txt into build/cpp/,
+# embedding the environment's Python; `make test` builds and runs them as well (tests/test_cpp_api.py).
+.PHONY: cpp
+cpp: install
+	cmake -S csrc -B build/cpp -DPython_EXECUTABLE=$(abspath $(PY))
+	cmake --build build/cpp -j2
+
 test: install
 	$(PY) -m pytest -q -ra tests
 

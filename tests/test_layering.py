@@ -14,7 +14,7 @@ it only runs later). Layers, lowest first; a module may import its own layer and
 | 6 | retrieval | `retrieval/` |
 | 7 | selfrag | `selfrag/` |
 | 8 | tiny | `tiny/` |
-| 9 | entrypoints | `entrypoints/`, the package facade `selfrag_engine/__init__.py`, `__main__` |
+| 9 | entrypoints | `entrypoints/`, the package facade `selfrag_engine/__init__.py`, `__main__`, `cmake_dir` |
 
 The facade resolves its exports lazily (by name, through importlib), which is why importing a kernel does not
 load the engine; its ast-visible imports are only importlib's.
@@ -42,7 +42,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("retrieval",),
     ("selfrag",),
     ("tiny",),
-    ("entrypoints", "__main__", ""),
+    ("entrypoints", "__main__", "cmake_dir", ""),
 )
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}
 
