@@ -166,3 +166,23 @@ def test_cancelled_query_frees_its_branches():
         time.sleep(0.3)
         assert loop.call(engine.cache_stats).result(10)["used"] == 0
         assert loop.pending == 0
+
+
+def test_close_answers_a_query_waiting_on_the_loop():
+    """A program still running when the loop closes fails with a named error instead of waiting forever."""
+    engine = steered_engine()
+    rng = random.Random(5)
+    q, docs = question(rng), passages(rng, 3)
+    started = threading.Event()
+
+    def program(e):
+        started.set()
+        return SelfRAG(e, ndocs=3, max_new_tokens=300, mode="always").answer(q, docs)
+
+    loop = EngineLoop(engine)
+    f = loop.run_program(program)
+    started.wait(30)
+    time.sleep(0.2)
+    loop.close()
+    with pytest.raises(Cancelled):
+        f.result(timeout=60)

@@ -274,11 +274,27 @@ class EngineLoop:
 
     def _check_running(self) -> None:
         if self._stop:
-            raise RuntimeError("the engine loop is closed")
+            raise Cancelled("the engine loop is closed")
         if self._error is not None:
             raise RuntimeError(f"the engine loop failed: {self._error!r}") from self._error
 
     def _main(self) -> None:
+        try:
+            self._serve()
+        finally:
+            # Operations that came in while the loop stopped still get their answer, so no caller waits on
+            # a future nobody will complete; later calls are refused by _check_running.
+            while True:
+                with self._ops_lock:
+                    ops, self._ops = self._ops, []
+                if not ops:
+                    break
+                for op in ops:
+                    op()
+            with self._stepped:
+                self._stepped.notify_all()
+
+    def _serve(self) -> None:
         while not self._stop:
             with self._ops_lock:
                 ops, self._ops = self._ops, []
@@ -548,7 +564,7 @@ class SharedEngine:
         if ids:
             try:
                 self._do(_forget_all, self._loop.engine, ids, self._loop)
-            except RuntimeError:
+            except Cancelled:
                 pass  # the loop is closed: nothing holds the blocks any more
 
 
