@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from selfrag_engine.kernels import INTERPRET
+from selfrag_engine.kernels import Target, as_target, target_of
 
 __all__ = ["paged_decode_attention", "cascade_decode_attention", "default_num_splits"]
 
@@ -236,25 +236,26 @@ def _cascade_kernel(
             total_splits, GROUP, ROWS_S, BLOCK_G, BLOCK_SIZE, BLOCK_N, HEAD_DIM, DOT_PREC)
 
 
-def _target_programs(device: torch.device) -> int:
-    if device.type == "cuda" and not INTERPRET:
-        # Two waves' worth of programs hides the tail of the slowest split.
-        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    # The interpreter runs programs one by one: splitting only adds work there.
-    return 1
+def _target_programs(target: Target) -> int:
+    if target.interpreter:
+        # The interpreter runs programs one by one: splitting only adds work there.
+        return 1
+    # Two waves' worth of programs hides the tail of the slowest split.
+    return 2 * target.num_sms
 
 
-def default_num_splits(batch: int, num_kv_heads: int, max_context_len: int, device: torch.device | str) -> int:
-    """Splits per sequence so that batch * kv_heads * splits fills the device, each split >= 256 keys."""
-    device = torch.device(device)
+def default_num_splits(batch: int, num_kv_heads: int, max_context_len: int,
+                       where: Target | torch.device | str) -> int:
+    """Splits per sequence so that batch * kv_heads * splits fills the device (a Target, or a device), each
+    split >= 256 keys."""
     programs = max(1, batch * num_kv_heads)
-    wanted = triton.cdiv(_target_programs(device), programs)
+    wanted = triton.cdiv(_target_programs(as_target(where)), programs)
     by_length = max(1, max_context_len // _MIN_KEYS_PER_SPLIT)
     return max(1, min(wanted, by_length, 64))
 
 
-def _block_n(head_dim: int, block_size: int) -> int:
-    if INTERPRET:
+def _block_n(head_dim: int, block_size: int, target: Target) -> int:
+    if target.interpreter:
         return max(16, block_size)
     return max(64 if head_dim <= 128 else 32, block_size)
 
@@ -317,10 +318,11 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     out = torch.empty((batch, num_heads, head_dim), dtype=q.dtype, device=q.device)
     if batch == 0:
         return out
+    target = target_of(q.device)
     if num_splits is None:
         if max_context_len is None:
             max_context_len = int(context_lens.max())
-        num_splits = default_num_splits(batch, num_kv_heads, max_context_len, q.device)
+        num_splits = default_num_splits(batch, num_kv_heads, max_context_len, target)
     _check(num_splits >= 1, f"num_splits must be >= 1, got {num_splits}")
     group = num_heads // num_kv_heads
     direct = num_splits == 1
@@ -335,7 +337,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         num_heads, num_splits,
-        GROUP=group, ROWS=_rows(group), BLOCK_SIZE=block_size, BLOCK_N=_block_n(head_dim, block_size),
+        GROUP=group, ROWS=_rows(group), BLOCK_SIZE=block_size, BLOCK_N=_block_n(head_dim, block_size, target),
         HEAD_DIM=head_dim, DIRECT=direct, DOT_PREC=_dot_prec(q.dtype), num_warps=4, num_stages=2,
     )
     if not direct:
@@ -370,6 +372,7 @@ def cascade_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
     if max_group_size is None:
         max_group_size = int((group_start[1:] - group_start[:-1]).max())
     _check(max_group_size >= 1, f"max_group_size must be >= 1, got {max_group_size}")
+    target = target_of(q.device)
     group = num_heads // num_kv_heads
     prefix_rows = max_group_size * group
     rows_p = min(_rows(prefix_rows), 64)
@@ -377,7 +380,7 @@ def cascade_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
     if prefix_splits is None:
         if max_context_len is None:
             max_context_len = int(context_lens.max())
-        prefix_splits = default_num_splits(num_groups * row_tiles, num_kv_heads, max_context_len, q.device)
+        prefix_splits = default_num_splits(num_groups * row_tiles, num_kv_heads, max_context_len, target)
     _check(prefix_splits >= 1, f"prefix_splits must be >= 1, got {prefix_splits}")
     total_splits = prefix_splits + suffix_splits
     part_o = torch.empty((batch, num_heads, total_splits, head_dim), dtype=torch.float32, device=q.device)
@@ -392,7 +395,7 @@ def cascade_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         num_heads, num_kv_heads, num_groups, row_tiles, prefix_splits, suffix_splits, num_prefix_programs,
         GROUP=group, ROWS_P=rows_p, ROWS_S=_rows(group), BLOCK_G=max(2, triton.next_power_of_2(num_groups)),
-        BLOCK_SIZE=block_size, BLOCK_N=_block_n(head_dim, block_size), HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size, BLOCK_N=_block_n(head_dim, block_size, target), HEAD_DIM=head_dim,
         DOT_PREC=_dot_prec(q.dtype), num_warps=4, num_stages=2,
     )
     _merge(part_o, part_lse, out, total_splits)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from selfrag_engine.kernels import INTERPRET
+from selfrag_engine.kernels import INTERPRET, Target, as_target, target_of
 
 __all__ = ["FP8_DTYPE", "FP8_MAX", "GEMV_MAX_M", "fp8_linear", "fp8_linear_w8a8", "gemv_config",
            "quantize_activations_per_token", "w8a8_supported"]
@@ -204,29 +204,23 @@ def _fp8_gemm_kernel_impl(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride
 _fp8_gemm_kernel = triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "K"])(_fp8_gemm_kernel_impl)
 
 
-def _needs_w_bits(device: torch.device) -> bool:
-    if INTERPRET or device.type != "cuda":
-        return False
-    return torch.cuda.get_device_capability(device) < (8, 9)
+def needs_w_bits(target: Target) -> bool:
+    """Whether the weights are read as bytes and decoded in the kernel: GPUs before sm_89 have no e4m3 type."""
+    return not target.interpreter and target.capability < (8, 9)
 
 
-def _num_sms(device: torch.device) -> int:
-    if INTERPRET or device.type != "cuda":
-        return 4
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def gemv_config(m: int, n: int, k: int, device: torch.device) -> dict:
-    """Launch parameters of the GEMV kernel (a heuristic, not autotuned, so the first call inside a CUDA
-    graph capture does not benchmark)."""
-    if INTERPRET:
+def gemv_config(m: int, n: int, k: int, where: Target | torch.device | str) -> dict:
+    """Launch parameters of the GEMV kernel for m rows of x and an [n, k] weight on `where` (a Target or a
+    device): a heuristic, not autotuned, so the first call inside a CUDA graph capture does not benchmark."""
+    target = as_target(where)
+    if target.interpreter:
         use_dot = m > 1
         return {"BLOCK_M": 16 if use_dot else 1, "BLOCK_N": 16 if use_dot else 8, "BLOCK_K": 64,
                 "USE_DOT": use_dot, "num_warps": 4, "num_stages": 1}
     if m == 1:
         # Small row tiles keep >= 3-4 CTAs per SM on 4096-row weights without split-K (whose atomics would
         # make the output run-to-run nondeterministic); 16 rows x 512 bytes is 64 bytes in flight per thread.
-        block_n = 16 if triton.cdiv(n, 16) >= 4 * _num_sms(device) else 8
+        block_n = 16 if triton.cdiv(n, 16) >= 4 * target.num_sms else 8
         # A BLOCK_K that divides K drops the K mask from the loop (11008 = 43 * 256).
         block_k = next((b for b in (512, 256, 128) if k % b == 0), 512)
         return {"BLOCK_M": 1, "BLOCK_N": block_n, "BLOCK_K": block_k, "USE_DOT": False, "num_warps": 4,
@@ -261,7 +255,7 @@ def _prepare(x, w_fp8, scale, w_bits):
         x2 = x2.contiguous()
     w = w_fp8 if w_fp8.is_contiguous() else w_fp8.contiguous()
     if w_bits is None:
-        w_bits = _needs_w_bits(x.device)
+        w_bits = needs_w_bits(target_of(x.device))
     if w_bits:
         w = w.view(torch.uint8)
     return x2, w, scale.contiguous(), w_bits
@@ -322,7 +316,7 @@ def fp8_linear(x: torch.Tensor, w_fp8: torch.Tensor, scale: torch.Tensor, *, out
     if path is None:
         path = "gemv" if m <= GEMV_MAX_M else "gemm"
     if path == "gemv":
-        _launch_gemv(x2, w, s, y, w_bits, gemv_cfg or gemv_config(m, n, x2.shape[1], x.device))
+        _launch_gemv(x2, w, s, y, w_bits, gemv_cfg or gemv_config(m, n, x2.shape[1], target_of(x.device)))
     elif path == "gemm":
         _launch_gemm(x2, w, s, y, w_bits, gemm_cfg)
     else:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from selfrag_engine.kernels import INTERPRET
+from selfrag_engine.kernels import Target, as_target, target_of
 
 __all__ = ["prefill_attention"]
 
@@ -114,8 +114,10 @@ def _prefill_kernel(
                  out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
-def _launch_config(max_q_len: int, head_dim: int, block_size: int, dtype: torch.dtype) -> dict:
-    if INTERPRET:
+def launch_config(max_q_len: int, head_dim: int, block_size: int, dtype: torch.dtype,
+                  where: Target | torch.device | str) -> dict:
+    """Tiles, warps and stages of the prefill kernel for sequences of at most max_q_len new tokens."""
+    if as_target(where).interpreter:
         # The interpreter's cost is per program instruction, not per element: small tiles, few wasted rows.
         block_m = 16
         block_n = max(16, block_size)
@@ -173,7 +175,7 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     out = torch.empty((num_tokens, num_heads, head_dim), dtype=q.dtype, device=q.device)
     if num_tokens == 0 or batch == 0 or max_q_len == 0:
         return out
-    cfg = _launch_config(max_q_len, head_dim, block_size, q.dtype)
+    cfg = launch_config(max_q_len, head_dim, block_size, q.dtype, target_of(q.device))
     num_m_tiles = triton.cdiv(max_q_len, cfg["BLOCK_M"])
     grid = (num_m_tiles, num_heads, batch)
     _prefill_kernel[grid](

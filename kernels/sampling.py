@@ -53,6 +53,12 @@ _BLOCK_V = 2048    # tile of the streaming passes (log-sum-exp, draw)
 _BLOCK_S = 256     # tile of the pivot passes, whose [tile, NPIV] intermediates live in registers
 _NPIV = 16         # pivots per search pass, the bracket's upper end included
 _MAX_ITERS = 48    # guard for pathological float spacing; a typical search ends in a handful of passes
+_NUM_WARPS = 8
+# Left to itself, ptxas holds this kernel to 128 registers a thread on sm_90 (room for two programs per SM) and
+# then spills 40-90 bytes whenever top-n is asked for (bench/results/aot-sm90-triton*.md). A decode batch has
+# fewer rows than the GPU has SMs, so a second resident program buys nothing; without the cap the kernel takes
+# about 150 registers and spills nothing.
+_MAX_REGISTERS = 255
 
 
 class SampleTensors(NamedTuple):
@@ -130,7 +136,8 @@ def _search_threshold(row_ptr, vocab, lo, hi, f_hi, target, rel_frac, m, inv_t,
     return res, f_res, f_above
 
 
-@triton.jit
+# top_n only sizes stores: specializing on its value (1, multiples of 16) would only compile more variants.
+@triton.jit(do_not_specialize=["top_n"])
 def _fused_sample_kernel(
     logits_ptr, stride_row, vocab,
     temp_ptr, top_p_ptr, top_k_ptr, seed_ptr,
@@ -404,6 +411,7 @@ def fused_sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.T
         gids, goff, n_gtok, n_groups,
         tokens, logprobs, lse, glp, gp, tn_ids, tn_lp, top_n,
         GPAD=gpad, NGPAD=max(ngpad, 2), TOPN_PAD=max(2, triton.next_power_of_2(top_n)) if top_n > 0 else 0,
-        BLOCK_V=block_v, BLOCK_S=block_s, NPIV=_NPIV, MAX_ITERS=_MAX_ITERS, num_warps=8,
+        BLOCK_V=block_v, BLOCK_S=block_s, NPIV=_NPIV, MAX_ITERS=_MAX_ITERS, num_warps=_NUM_WARPS,
+        maxnreg=_MAX_REGISTERS,
     )
     return out
