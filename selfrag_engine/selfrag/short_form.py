@@ -15,6 +15,7 @@ Two flavours (`compat`):
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -108,6 +109,8 @@ class SelfRAG:
                 raise RequestError(f"{name} must be a positive integer, got {value!r}")
         self.engine = engine
         self.retriever = retriever
+        # Searches start when a question arrives and run beside its prefill and gate (`_start_searches`).
+        self._search_pool: ThreadPoolExecutor | None = None
         self.compat = normalize_compat(compat)
         self.scoring = scoring or (ScoringConfig.paper() if self.compat == "paper"
                                    else ScoringConfig.released(form="short"))
@@ -153,6 +156,7 @@ class SelfRAG:
         engine, tok = self.engine, self.engine.tokenizer
         start = time.perf_counter()
         prompts = [tok.encode(format_prompt(q, input)) for q in questions]
+        searches = self._start_searches(questions, passages, mode, ndocs)
         with Owned(engine) as owned:
             first = SamplingParams(max_tokens=1, temperature=0.0, reflection=True)
             plans = [_Plan(q, p, owned.add(p, first, keep_cache=True)) for q, p in zip(questions, prompts)]
@@ -170,7 +174,7 @@ class SelfRAG:
                             raise RequestError(f"retrieval was chosen for question {i} but neither passages nor "
                                                "a retriever were given (pass passages, a retriever, or "
                                                "mode='never')")
-                        given = self.retriever.search(plan.question, ndocs)
+                        given = searches[i].result()
                     docs = list(given)[:ndocs]
                 if docs:
                     suffixes = passage_suffixes(tok, docs)
@@ -192,6 +196,17 @@ class SelfRAG:
                 at += len(plan.kids)
                 answers.append(self._assemble(plan, outs, reader, closed_set, start))
         return answers
+
+    def _start_searches(self, questions: Sequence[str], passages, mode: str, ndocs: int) -> list[Future | None]:
+        """The retriever's search for every question that may need one, started now on a small thread pool so
+        that it runs while the prompts prefill and the gate is read: the first answer token then waits for the
+        longer of the two, not their sum. A search the gate turns down is left to finish and dropped."""
+        if self.retriever is None or mode == "never":
+            return [None] * len(questions)
+        if self._search_pool is None:
+            self._search_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="selfrag-search")
+        return [None if passages is not None and passages[i] is not None
+                else self._search_pool.submit(self.retriever.search, q, ndocs) for i, q in enumerate(questions)]
 
     def _decode_drafts(self, owned: Owned, plans: list[_Plan]) -> None:
         """The released script's whole no-retrieval draft: the head's first token continued to max_new_tokens
