@@ -72,7 +72,7 @@ def bench_tokenizer(cfg: dict) -> Tokenizer:
 
 def hf_sharing_weights(model: Llama, cfg: dict):
     """A transformers LlamaForCausalLM whose parameters are `model`'s own tensors (no second copy).
-    Needs a model that is not FP8-quantized."""
+    Needs a model that is not FP8-quantized. Works with transformers 4.x and 5.x."""
     from transformers import LlamaConfig as HFConfig
     from transformers import LlamaForCausalLM
 
@@ -81,13 +81,13 @@ def hf_sharing_weights(model: Llama, cfg: dict):
         hf = LlamaForCausalLM(hf_cfg)
     hf.load_state_dict(model.state_dict(), strict=True, assign=True)
     device = model.rope_cos.device
-    # Rotary inv_freq and similar non-persistent buffers stayed on meta: rebuild them on the device.
-    for module in hf.modules():
-        if hasattr(module, "inv_freq"):
-            init_fn = getattr(module, "rope_init_fn", None)
-            if init_fn is not None:
-                inv_freq, scaling = init_fn(module.config, device)
-                module.register_buffer("inv_freq", inv_freq, persistent=False)
-                module.original_inv_freq = inv_freq
-                module.attention_scaling = scaling
+    # The rotary embeddings' inv_freq buffers are not in the state dict and stayed on meta. Each is built again
+    # from its config off the meta device, by the module's own constructor: how it computes inv_freq differs
+    # between transformers versions (4.x keeps a rope_init_fn, 5.x a compute_default_rope_parameters).
+    for name, module in list(hf.named_modules()):
+        if isinstance(getattr(module, "inv_freq", None), torch.Tensor) and module.inv_freq.is_meta:
+            parent_name, _, attr = name.rpartition(".")
+            with torch.device("cpu"):
+                fresh = type(module)(config=module.config)
+            setattr(hf.get_submodule(parent_name) if parent_name else hf, attr, fresh)
     return hf.to(device).eval()

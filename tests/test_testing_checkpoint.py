@@ -15,6 +15,7 @@ from selfrag_engine.vocab import ADDED_TOKENS as SELFRAG_ADDED_TOKENS
 from selfrag_engine.testing import (random_state_dict, tiny_config, train_sentencepiece,
                                     write_tiny_checkpoint, write_tokenizer)
 from selfrag_engine.tokenizer import Tokenizer
+from tests.helpers import hf_rope, slow_llama_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -57,11 +58,13 @@ def test_loads_in_transformers(checkpoints, name):
     assert hf_cfg.num_key_value_heads == opts.get("num_key_value_heads", 4)
     assert hf_cfg.num_hidden_layers == opts.get("num_hidden_layers", 2)
     assert hf_cfg.tie_word_embeddings == opts.get("tie_word_embeddings", False)
+    theta, hf_scaling = hf_rope(hf_cfg)
+    assert theta == cfg["rope_theta"]
     scaling = opts.get("rope_scaling")
     if scaling is None:
-        assert hf_cfg.rope_scaling is None
+        assert hf_scaling is None
     else:  # transformers adds its own "rope_type" key
-        assert scaling.items() <= hf_cfg.rope_scaling.items()
+        assert scaling.items() <= hf_scaling.items()
     dtype = opts.get("torch_dtype", torch.float32)
     assert model.dtype == dtype and cfg["torch_dtype"] == str(dtype).removeprefix("torch.")
 
@@ -76,21 +79,30 @@ def test_loads_in_transformers(checkpoints, name):
     for k, v in expected.items():
         assert torch.equal(state[k], v.to(dtype)), k
 
-    tok = transformers.LlamaTokenizer.from_pretrained(path)
     ours = Tokenizer.from_pretrained(path)
-    assert len(tok) == ours.vocab_size == cfg["vocab_size"] == model.model.embed_tokens.num_embeddings
-    assert cfg["pad_token_id"] == ours.pad_id == tok.pad_token_id
-    ids = tok("### Instruction:\nWho wrote it?\n\n### Response:\n[Retrieval]<paragraph>", return_tensors="pt").input_ids
+    assert ours.vocab_size == cfg["vocab_size"] == model.model.embed_tokens.num_embeddings
+    ids = torch.tensor([ours.encode("### Instruction:\nWho wrote it?\n\n### Response:\n[Retrieval]<paragraph>")])
     with torch.no_grad():
         logits = model(ids).logits.float()
     assert logits.shape == (1, ids.shape[1], cfg["vocab_size"]) and torch.isfinite(logits).all()
 
 
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_tokenizer_loads_in_transformers(checkpoints, name):
+    path = checkpoints[name]
+    cfg = json.loads((path / "config.json").read_text())
+    tok, ours = slow_llama_tokenizer().from_pretrained(path), Tokenizer.from_pretrained(path)
+    assert len(tok) == ours.vocab_size == cfg["vocab_size"]
+    assert cfg["pad_token_id"] == ours.pad_id == tok.pad_token_id
+    text = "### Instruction:\nWho wrote it?\n\n### Response:\n[Retrieval]<paragraph>"
+    assert tok(text).input_ids == ours.encode(text)
+
+
 def test_logits_have_a_spread(checkpoints):
     """Neither near-uniform nor one-hot, and attention that is not uniform, with the default init."""
     model, _ = _load_hf(checkpoints["single"])
-    tok = transformers.LlamaTokenizer.from_pretrained(checkpoints["single"])
-    ids = tok("### Instruction:\nWhere was the paper written?\n\n### Response:\n", return_tensors="pt").input_ids
+    tok = Tokenizer.from_pretrained(checkpoints["single"])
+    ids = torch.tensor([tok.encode("### Instruction:\nWhere was the paper written?\n\n### Response:\n")])
     with torch.no_grad():
         out = model(ids, output_attentions=True)
     probs = out.logits[0].softmax(-1)
@@ -181,11 +193,7 @@ def test_bad_arguments(tmp_path):
 
 
 def test_tokenizer_padded_to_a_full_vocabulary(tmp_path):
-    from transformers import LlamaTokenizer
-
-    from selfrag_engine.testing import write_tokenizer
-    from selfrag_engine.tokenizer import Tokenizer
-
+    LlamaTokenizer = slow_llama_tokenizer()
     size = write_tokenizer(tmp_path, pad_to=1000)
     assert size == 1016
     ours, hf = Tokenizer.from_pretrained(tmp_path), LlamaTokenizer.from_pretrained(tmp_path)

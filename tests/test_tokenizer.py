@@ -16,14 +16,13 @@ from selfrag_engine.vocab import ADDED_TOKENS as SELFRAG_ADDED_TOKENS, ADDITIONA
 from selfrag_engine.testing import (train_sentencepiece,
                                     write_tokenizer)
 from selfrag_engine.tokenizer import Tokenizer, TokenizerError, UnknownTokenError
-
-transformers = pytest.importorskip("transformers")
-LlamaTokenizer = transformers.LlamaTokenizer
+from tests.helpers import slow_llama_tokenizer
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
 
 
 def _hf(path: Path, legacy: bool = True):
+    LlamaTokenizer = slow_llama_tokenizer()
     if legacy:
         return LlamaTokenizer.from_pretrained(path)
     # transformers builds the non-legacy model (dummy prefix off) with protobuf, which this environment may
@@ -94,12 +93,24 @@ def tok_dirs(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
-def pair(tok_dirs):
+def ours(tok_dirs):
+    cache = {}
+
+    def get(name: str) -> Tokenizer:
+        if name not in cache:
+            cache[name] = Tokenizer.from_pretrained(tok_dirs[name])
+        return cache[name]
+    return get
+
+
+@pytest.fixture(scope="session")
+def pair(tok_dirs, ours):
+    """(our tokenizer, transformers' slow one) on the same files; the test skips where the oracle is missing."""
     cache = {}
 
     def get(name: str):
         if name not in cache:
-            cache[name] = (Tokenizer.from_pretrained(tok_dirs[name]), _hf(tok_dirs[name], legacy=name != "nonlegacy"))
+            cache[name] = (ours(name), _hf(tok_dirs[name], legacy=name != "nonlegacy"))
         return cache[name]
     return get
 
@@ -218,10 +229,10 @@ def test_parity_property(pair, parts):
 @given(st.text(st.characters(blacklist_categories=("Cs", "Cc", "Zs", "Zl", "Zp"), blacklist_characters="▁"),
                min_size=1, max_size=4),
        st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="▁"), max_size=30))
-def test_plain_text_round_trips(pair, head, tail):
+def test_plain_text_round_trips(ours, head, tail):
     """Text without added tokens comes back unchanged when it does not start with whitespace (the dummy
     prefix makes a leading space ambiguous); byte fallback covers every character."""
-    ours, _ = pair("legacy")
+    ours = ours("legacy")
     text = head + tail
     if any(t in text for t in _ADDED):
         return
@@ -252,8 +263,8 @@ def test_published_layout_reads_special_tokens_map(pair):
     assert ours.added_tokens == pair("legacy")[0].added_tokens
 
 
-def test_unknown_tokens(pair):
-    ours, _ = pair("legacy")
+def test_unknown_tokens(ours):
+    ours = ours("legacy")
     with pytest.raises(KeyError, match="neither an added token nor a SentencePiece piece"):
         ours.token_to_id("[NotAToken]")
     with pytest.raises(UnknownTokenError, match="out of the vocabulary"):
@@ -262,8 +273,8 @@ def test_unknown_tokens(pair):
         ours.decode([5, -1])
 
 
-def test_reflection_token_ids(pair):
-    ours, _ = pair("legacy")
+def test_reflection_token_ids(ours):
+    ours = ours("legacy")
     r = ours.reflection_token_ids()
     groups = r.groups()
     assert list(groups) == list(GROUPS)
@@ -352,7 +363,7 @@ def test_only_the_model_file(tok_dirs, tmp_path):
     d = tmp_path / "bare"
     d.mkdir()
     shutil.copy(tok_dirs["legacy"] / "tokenizer.model", d)
-    ours, hf = Tokenizer.from_pretrained(d), LlamaTokenizer.from_pretrained(d, legacy=True)
+    ours, hf = Tokenizer.from_pretrained(d), slow_llama_tokenizer().from_pretrained(d, legacy=True)
     assert ours.vocab_size == 320 and ours.pad_id is None
     for text in STRINGS[:60]:
         ids = hf.encode(text)

@@ -5,18 +5,17 @@ by the tokenizers library), on random generated ids and on the strings SELFRAG_R
 import random
 
 import pytest
-import transformers
 from transformers.convert_slow_tokenizer import LlamaConverter
 
 from selfrag_engine.selfrag.prompts import format_prompt
 from selfrag_engine.tokenizer import Tokenizer
-from tests.helpers import tiny_checkpoint
+from tests.helpers import slow_llama_tokenizer, tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
 def toks():
     path = tiny_checkpoint(seed=13)
-    return Tokenizer.from_pretrained(path), transformers.LlamaTokenizer.from_pretrained(path, legacy=True)
+    return Tokenizer.from_pretrained(path), slow_llama_tokenizer().from_pretrained(path, legacy=True)
 
 
 def _vllm_text(hf, prompt_ids: list[int], ids: list[int], skip_special_tokens: bool) -> str:
@@ -124,7 +123,7 @@ def test_released_short_form_texts_are_vllms(steered):
 
 
 def toks_hf():
-    return transformers.LlamaTokenizer.from_pretrained(tiny_checkpoint(seed=13), legacy=True)
+    return slow_llama_tokenizer().from_pretrained(tiny_checkpoint(seed=13), legacy=True)
 
 
 def test_released_long_form_unstripped_texts_keep_eos(steered):

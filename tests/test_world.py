@@ -304,13 +304,13 @@ def test_loss_mask_covers_exactly_the_models_part(world, split, tokenizer):
 
 
 def test_world_tokenizer_layout_matches_transformers(tmp_path, world, split, tokenizer):
-    transformers = pytest.importorskip("transformers")
+    from tests.helpers import slow_llama_tokenizer
     from selfrag_engine.vocab import ADDED_TOKENS as SELFRAG_ADDED_TOKENS
     from selfrag_engine.tiny.train import tokenizer_sentences, write_world_tokenizer
 
     vocab = write_world_tokenizer(tmp_path, tokenizer_sentences(TrainingStream(world, split, seed=1), 1500), 600)
     ours = type(tokenizer).from_pretrained(tmp_path)
-    hf = transformers.LlamaTokenizer.from_pretrained(str(tmp_path))
+    hf = slow_llama_tokenizer().from_pretrained(str(tmp_path))
     assert vocab == len(hf) == ours.vocab_size
     assert [ours.token_to_id(t) for t in SELFRAG_ADDED_TOKENS] == list(range(vocab - 16, vocab))
     stream = TrainingStream(world, split, seed=7)
