@@ -64,6 +64,9 @@ void bind_block_manager(py::module_& m) {
       .def("cancel_reserved", &BlockManager::cancel_reserved, py::arg("seq_id"),
            "Drops the reserved tokens and the blocks that held nothing else.")
       .def("num_reserved", &BlockManager::num_reserved, py::arg("seq_id"))
+      .def("truncate", &BlockManager::truncate, py::arg("seq_id"), py::arg("num_tokens"),
+           "Keeps the first num_tokens tokens (rolls back rejected draft slots); a shared last block stays "
+           "shared and is copied on the next append, a private indexed one leaves the prefix index.")
       .def("fork", &BlockManager::fork, py::arg("parent"), py::arg("children"))
       .def("free", &BlockManager::free, py::arg("seq_id"), py::arg("computed_tokens") = -1,
            "Releases the blocks; full blocks stay cached for reuse unless they lie past the first "

@@ -194,7 +194,7 @@ int BlockManager::allocate(int64_t seq, TokenSpan prompt, bool reuse_prefix) {
 
 int BlockManager::blocks_to_append(const Sequence& s, size_t num_tokens) const {
   const size_t n = s.tokens.size();
-  const bool copy_last = n % block_size_ != 0 && blocks_[s.table.back()].refcount > 1;
+  const bool copy_last = n % block_size_ != 0 && must_copy(blocks_[s.table.back()]);
   return blocks_for(n + num_tokens) - static_cast<int>(s.table.size()) + (copy_last ? 1 : 0);
 }
 
@@ -203,8 +203,9 @@ std::vector<std::pair<int, int>> BlockManager::grow(Sequence& s, TokenSpan token
   const int needed = blocks_to_append(s, tokens.size());
   if (needed > available()) throw OutOfBlocks(needed, available());
 
-  if (s.tokens.size() % block_size_ != 0 && blocks_[s.table.back()].refcount > 1) {
-    // Writing into a block others still read would change their K/V: write into a private copy.
+  if (s.tokens.size() % block_size_ != 0 && must_copy(blocks_[s.table.back()])) {
+    // Writing into a block others still read (or that the prefix index serves as full, for a sequence
+    // truncated into it) would change their K/V: write into a private copy.
     const int src = s.table.back();
     const int dst = take_block();
     release(src);
@@ -262,6 +263,24 @@ void BlockManager::cancel_reserved(int64_t seq) {
     release(s.table.back(), false);
     s.table.pop_back();
   }
+}
+
+void BlockManager::truncate(int64_t seq, int num_tokens) {
+  Sequence& s = get(seq);
+  const int n = static_cast<int>(s.tokens.size());
+  if (num_tokens < 0 || num_tokens > n)
+    throw std::out_of_range("cannot truncate sequence " + std::to_string(seq) + " of " + std::to_string(n) +
+                            " tokens to " + std::to_string(num_tokens));
+  if (num_tokens == n) return;
+  const int known = n - s.reserved;
+  s.reserved = std::max(0, num_tokens - known);
+  s.tokens.resize(num_tokens);
+  const size_t keep = blocks_for(s.tokens.size());
+  while (s.table.size() > keep) {
+    release(s.table.back());
+    s.table.pop_back();
+  }
+  if (prefix_caching_) s.hashes.resize(std::min(s.hashes.size(), (s.tokens.size() - s.reserved) / block_size_));
 }
 
 void BlockManager::fork(int64_t parent, const std::vector<int64_t>& children) {
@@ -363,7 +382,9 @@ void BlockManager::check_invariants() const {
       if (b < 0 || b >= num_blocks()) fail("sequence " + std::to_string(id) + " holds bad block " + std::to_string(b));
       ++refs[b];
       const Block& blk = blocks_[b];
-      if (blk.indexed && !std::equal(blk.tokens.begin(), blk.tokens.end(), s.tokens.begin() + i * block_size_))
+      // A shared indexed block may be partly held by a sequence truncated into it (copied before its next write).
+      const size_t held = std::min<size_t>(block_size_, s.tokens.size() - i * block_size_);
+      if (blk.indexed && !std::equal(blk.tokens.begin(), blk.tokens.begin() + held, s.tokens.begin() + i * block_size_))
         fail("indexed block " + std::to_string(b) + " disagrees with sequence " + std::to_string(id));
     }
   }

@@ -131,3 +131,16 @@ def test_design_ceiling_bench_smoke(tmp_path):
     adaptive = next(r for r in rows if r["config"]["mode"] == "adaptive" and r["config"]["speculation"] == "off")
     # The draft alone costs the reference about as many weight reads as the branches.
     assert adaptive["config"]["reference_forwards"] > 1.9 * adaptive["config"]["ours_forwards"]
+
+
+def test_spec_bench_smoke(tmp_path):
+    from bench.spec import main
+    main(["--smoke", "--out", str(tmp_path)])
+    doc = _load(tmp_path, "spec")
+    assert {"spec_forward_passes_per_token", "spec_acceptance_rate"} <= _metrics(doc)
+    by_metric = {r["metric"]: r for r in doc["results"] if "kind" not in r["config"]}
+    assert by_metric["spec_forward_passes_per_token_off"]["value"] == 1.0
+    assert 0 < by_metric["spec_forward_passes_per_token"]["value"] < 1.0
+    assert 0 < by_metric["spec_acceptance_rate"]["value"] <= 1.0
+    assert by_metric["spec_forward_passes_per_token"]["config"]["outputs_identical"] is True
+    assert {r["config"]["kind"] for r in doc["results"] if "kind" in r["config"]}

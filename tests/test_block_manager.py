@@ -126,6 +126,39 @@ class BlockManagerMachine(RuleBasedStateMachine):
             self.bm.cancel_reserved(seq)
         assert self.bm.num_reserved(seq) == 0
 
+    @rule(i=st.integers(0, 1 << 16), drafts=st.lists(st.integers(0, 2), min_size=1, max_size=5),
+          accepted=st.integers(0, 5))
+    def speculate(self, i, drafts, accepted):
+        """A speculative step: slots reserved for draft tokens, their K/V written, the accepted prefix committed
+        and the rest truncated away."""
+        seq = self.pick(i)
+        if seq is None or not self.grow(seq, len(drafts), "speculate",
+                                        lambda: self.bm.reserve_tokens(seq, len(drafts))):
+            return
+        n = len(self.seqs[seq])
+        full = self.seqs[seq] + drafts
+        for t in range(n, len(full)):
+            self.kv[self.bm.slot(seq, t)] = tuple(full[:t + 1])
+        accepted = min(accepted, len(drafts))
+        self.bm.commit_reserved(seq, drafts[:accepted])
+        self.bm.truncate(seq, n + accepted)
+        event("speculate: all accepted" if accepted == len(drafts) else "speculate: rolled back")
+        self.seqs[seq] = full[:n + accepted]
+        self.history.append(self.seqs[seq])
+        assert self.bm.num_reserved(seq) == 0
+
+    @rule(i=st.integers(0, 1 << 16), keep=st.integers(0, 1 << 16))
+    def truncate(self, i, keep):
+        """Any cut, into shared, indexed or private blocks: the slots kept still hold their K/V."""
+        seq = self.pick(i)
+        if seq is None:
+            return
+        keep %= len(self.seqs[seq]) + 1
+        if keep % BS and self.bm.refcount(self.bm.block_table(seq)[keep // BS]) > 1:
+            event("truncate: into a shared block")
+        self.bm.truncate(seq, keep)
+        self.seqs[seq] = self.seqs[seq][:keep]
+
     @rule(i=st.integers(0, 1 << 16), n=st.integers(1, 3))
     def fork(self, i, n):
         parent = self.pick(i)
@@ -410,3 +443,43 @@ def test_bad_indices():
         bm.refcount(8)
     with pytest.raises(TypeError):
         bm.allocate(2, [1 << 40])
+
+
+# ---- truncation (rolling back rejected draft tokens) -------------------------------------------------
+
+def test_truncating_into_a_shared_block_copies_it_on_the_next_write():
+    bm = BlockManager(8, BS)
+    bm.allocate(0, list(range(6)))
+    bm.fork(0, [1])
+    bm.truncate(1, 3)
+    shared = bm.block_table(0)[0]
+    assert bm.block_table(1) == [shared] and bm.refcount(shared) == 2 and bm.num_shared_blocks() == 1
+    assert bm.tokens(0) == list(range(6)) and bm.tokens(1) == [0, 1, 2]
+    copies = bm.append_tokens(1, [9])
+    assert copies == [(shared, bm.block_table(1)[0])] and bm.refcount(shared) == 1
+    assert bm.tokens(0) == list(range(6))
+    bm.check_invariants()
+
+
+def test_truncating_into_a_cached_block_keeps_the_cache_entry():
+    bm = BlockManager(8, BS)
+    bm.allocate(0, list(range(9)))
+    table = bm.block_table(0)
+    bm.truncate(0, 6)
+    assert bm.block_table(0) == table[:2] and bm.num_used_blocks() == 2
+    # The block held tokens 4..7 when it was indexed: writing 6 and 7 anew goes to a copy.
+    assert bm.append_tokens(0, [60, 70]) == [(table[1], bm.block_table(0)[1])]
+    assert bm.allocate(1, list(range(9))) == 8 and bm.block_table(1)[:2] == table[:2]
+    bm.check_invariants()
+
+
+def test_truncate_rejects_bad_lengths():
+    bm = BlockManager(8, BS)
+    bm.allocate(0, list(range(5)))
+    with pytest.raises(IndexError, match="cannot truncate sequence 0 of 5 tokens to 6"):
+        bm.truncate(0, 6)
+    with pytest.raises(IndexError, match="to -1"):
+        bm.truncate(0, -1)
+    with pytest.raises(UnknownSequenceError):
+        bm.truncate(3, 0)
+    assert bm.tokens(0) == list(range(5))

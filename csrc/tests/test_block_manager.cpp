@@ -427,6 +427,122 @@ void test_reserved_tokens() {
   dm.check_invariants();
 }
 
+void test_truncate() {
+  BlockManager bm(16, 4);
+  bm.allocate(1, iota_tokens(10));  // blocks 0 and 1 full (indexed), block 2 partial
+  const Tokens table = bm.block_table(1);
+  bm.truncate(1, 5);
+  bm.check_invariants();
+  CHECK(bm.tokens(1) == iota_tokens(5) && (bm.block_table(1) == Tokens{table[0], table[1]}));
+  CHECK(bm.num_used_blocks() == 2 && bm.num_free_blocks() == 14);
+  // The cut fell in an indexed block: the next write goes to a copy, so the cached block keeps its tokens.
+  const Copies c = bm.append_tokens(1, Tokens{50, 51});
+  CHECK((c == Copies{{table[1], bm.block_table(1)[1]}}) && bm.block_table(1)[1] != table[1]);
+  bm.check_invariants();
+  CHECK(bm.allocate(2, iota_tokens(9)) == 8 && bm.block_table(2)[1] == table[1]);
+  bm.free(2);
+  bm.truncate(1, 7);  // its own length: nothing changes
+  bm.truncate(1, 7);
+  CHECK(throws<std::out_of_range>([&] { bm.truncate(1, 8); }, "cannot truncate sequence 1 of 7 tokens to 8"));
+  CHECK(throws<std::out_of_range>([&] { bm.truncate(1, -1); }, "to -1"));
+  CHECK(throws<selfrag::UnknownSequence>([&] { bm.truncate(9, 0); }));
+  bm.truncate(1, 0);
+  CHECK(bm.block_table(1).empty() && bm.num_tokens(1) == 0 && bm.num_used_blocks() == 0);
+  CHECK(bm.append_tokens(1, Tokens{7}).empty() && bm.tokens(1) == Tokens{7});
+  bm.check_invariants();
+  bm.free(1);
+
+  // Reserved (draft) slots: commit the accepted ones, cut the rest; nothing rejected is ever indexed.
+  BlockManager rm(16, 4);
+  rm.allocate(1, iota_tokens(3));
+  rm.reserve_tokens(1, 6);
+  rm.commit_reserved(1, Tokens{3, 4});
+  rm.truncate(1, 5);
+  CHECK(rm.tokens(1) == iota_tokens(5) && rm.num_reserved(1) == 0 && rm.block_table(1).size() == 2);
+  rm.check_invariants();
+  rm.reserve_tokens(1, 4);
+  rm.truncate(1, 7);  // keeps two placeholders
+  CHECK(rm.num_reserved(1) == 2 && rm.num_tokens(1) == 7);
+  rm.commit_reserved(1, Tokens{5, 6});
+  CHECK(rm.tokens(1) == iota_tokens(7) && rm.num_reserved(1) == 0);
+  rm.check_invariants();
+  rm.free(1);
+  CHECK(rm.allocate(2, iota_tokens(8)) == 4 && rm.num_used_blocks() == 2);
+
+  // A fork's rollback: the parent's blocks and tokens never change; a shared block stays shared until
+  // the branch writes again, which copies it.
+  BlockManager fm(16, 4);
+  fm.allocate(1, iota_tokens(6));
+  fm.fork(1, {2});
+  const Snapshot parent = snapshot(fm, {1});
+  const Copies cow = fm.append_tokens(2, Tokens{60, 61, 62});
+  CHECK(cow.size() == 1);
+  fm.truncate(2, 6);  // back to the fork point, in the branch's private copy
+  CHECK(fm.tokens(2) == iota_tokens(6) && fm.block_table(2)[1] == cow[0].second);
+  CHECK(snapshot(fm, {1}).tables == parent.tables && snapshot(fm, {1}).tokens == parent.tokens);
+  fm.truncate(2, 3);  // into block 0, which the parent shares
+  const int shared = fm.block_table(1)[0];
+  CHECK((fm.block_table(2) == Tokens{shared}) && fm.refcount(shared) == 2 && fm.num_shared_blocks() == 1);
+  fm.check_invariants();
+  const Copies again = fm.append_tokens(2, Tokens{70});
+  CHECK(again.size() == 1 && again[0].first == shared && fm.refcount(shared) == 1);
+  CHECK(fm.tokens(1) == iota_tokens(6) && fm.tokens(2) == Tokens({0, 1, 2, 70}));
+  fm.check_invariants();
+  fm.free(1);
+  fm.free(2);
+  CHECK(fm.num_used_blocks() == 0 && fm.num_free_blocks() == 16);
+}
+
+void test_random_speculation() {
+  // Appends, forks, frees and speculative steps (reserve drafts, write them, keep an accepted prefix) in a
+  // random order: every live sequence's slots must always hold the K/V of its own prefix.
+  std::mt19937 rng(4321);
+  auto pick = [&](size_t n) { return static_cast<int>(rng() % n); };
+  for (int bs : {1, 2, 3, 4}) {
+    BlockManager bm(24, bs, bs != 3);
+    FakeKV kv(bm);
+    std::vector<int64_t> live;
+    int64_t next = 0;
+    for (int step = 0; step < 2000; ++step) {
+      const int op = pick(5);
+      try {
+        if (op == 0 || live.empty()) {
+          Tokens t(pick(9) + 1);
+          for (auto& x : t) x = pick(3);
+          const int cached = bm.allocate(next, t);
+          kv.compute(next, cached);
+          live.push_back(next++);
+        } else if (op == 1) {
+          const int64_t s = live[pick(live.size())];
+          const size_t before = bm.num_tokens(s);
+          const int k = pick(5) + 1;
+          kv.copy(bm.reserve_tokens(s, k));
+          Tokens drafts(k);
+          for (auto& x : drafts) x = pick(3);
+          bm.commit_reserved(s, drafts);
+          kv.compute(s, before);
+          bm.truncate(s, static_cast<int>(before) + pick(k + 1));
+        } else if (op == 2) {
+          const int64_t s = live[pick(live.size())];
+          bm.truncate(s, pick(bm.num_tokens(s) + 1));
+        } else if (op == 3) {
+          bm.fork(live[pick(live.size())], {next});
+          live.push_back(next++);
+        } else {
+          const int i = pick(live.size());
+          bm.free(live[i]);
+          live.erase(live.begin() + i);
+        }
+      } catch (const selfrag::OutOfBlocks&) {
+      }
+      bm.check_invariants();
+      for (int64_t s : live) CHECK(kv.consistent(s) && bm.num_reserved(s) == 0);
+    }
+    for (int64_t s : live) bm.free(s);
+    CHECK(bm.num_free_blocks() == 24 && bm.num_used_blocks() == 0);
+  }
+}
+
 int main() {
   // Tests that count prefix hits assume distinct blocks hash apart; with forced collisions a block whose
   // hash is taken is simply not cached, so only the correctness tests run.
@@ -446,12 +562,15 @@ int main() {
       {"colliding_hashes_never_alias", test_colliding_hashes_never_alias},
       {"random_operations", test_random_operations},
       {"reserved_tokens", test_reserved_tokens},
+      {"truncate", test_truncate},
+      {"random_speculation", test_random_speculation},
   };
   int passed = 0, failed = 0;
   const std::vector<std::string> need_exact_hashes{"prefix_hit", "appended_blocks_are_cached", "lru_eviction",
                                                   "free_mid_prefill_caches_only_computed_blocks",
                                                   "prefix_caching_disabled_and_skipped",
-                                                  "out_of_blocks_leaves_state_unchanged", "reserved_tokens"};
+                                                  "out_of_blocks_leaves_state_unchanged", "reserved_tokens",
+                                                  "truncate"};
   for (const auto& [name, fn] : tests) {
     if (!exact_hashes && std::find(need_exact_hashes.begin(), need_exact_hashes.end(), name) != need_exact_hashes.end())
       continue;

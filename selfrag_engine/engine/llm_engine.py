@@ -27,6 +27,7 @@ from selfrag_engine.engine.sampling_inputs import reflection_groups
 from selfrag_engine.engine.sampling_params import SamplingParams
 from selfrag_engine.engine.scheduler import Scheduler
 from selfrag_engine.engine.sequence import Status
+from selfrag_engine.engine.speculative import draft_tokens_option
 from selfrag_engine.engine.stepping import Stepper
 from selfrag_engine.errors import EngineConfigError, RequestError, SchedulingError
 from selfrag_engine.tokenizer import Tokenizer
@@ -62,8 +63,10 @@ class Engine:
                  kv_cache_bytes: int | None = None, gpu_memory_utilization: float = 0.9,
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 4096, max_model_len: int | None = None,
                  enable_prefix_caching: bool = True, use_kernels: bool | None = None, enforce_eager: bool = False,
-                 cuda_graph_max_batch: int = 64, overlap: bool | None = None, seed: int = 0):
+                 cuda_graph_max_batch: int = 64, overlap: bool | None = None, num_draft_tokens: int | None = None,
+                 seed: int = 0):
         _positive(block_size=block_size, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
+        num_draft_tokens = draft_tokens_option(num_draft_tokens, model.rope_cos.device)
         self.model = model
         self.config: LlamaConfig = model.config
         self.tokenizer = tokenizer
@@ -90,8 +93,9 @@ class Engine:
         self.overlap = self.device.type == "cuda" if overlap is None else overlap
         self.requests = Requests(tokenizer, self.config.vocab_size, self.max_model_len, num_blocks, block_size, seed)
         self.seqs = self.requests.seqs
+        self.num_draft_tokens = num_draft_tokens
         self.stepper = Stepper(self.scheduler, self.runner, tokenizer, self.max_model_len, self.reflection_groups,
-                               self.backend, self.overlap)
+                               self.backend, self.overlap, num_draft_tokens)
         self._lock = FairLock()
 
     @classmethod
@@ -103,7 +107,8 @@ class Engine:
         dtype defaults to the checkpoint's on CUDA and float32 on the CPU; quantization None or "fp8".
         Engine options (README lists them): block_size, num_blocks or kv_cache_bytes or gpu_memory_utilization,
         max_num_seqs, max_num_batched_tokens, max_model_len, enable_prefix_caching, use_kernels (default: on
-        CUDA), enforce_eager (no CUDA graphs), cuda_graph_max_batch, overlap (default: on CUDA), seed.
+        CUDA), enforce_eager (no CUDA graphs), cuda_graph_max_batch, overlap (default: on CUDA),
+        num_draft_tokens (speculative decoding of greedy rows, 0 = off; default: 4 on CUDA, off on the CPU), seed.
         """
         dev = device_of(device)
         tokenizer = Tokenizer.from_pretrained(path)
@@ -264,3 +269,8 @@ class Engine:
     @locked
     def cache_stats(self) -> dict[str, int]:
         return self.scheduler.cache_stats()
+
+    @locked
+    def speculation_stats(self) -> dict[str, float]:
+        """Model calls, tokens, drafted and accepted draft tokens so far (engine/speculative.py)."""
+        return self.stepper.stats.as_dict()

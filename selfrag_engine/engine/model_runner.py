@@ -161,7 +161,7 @@ class ModelRunner:
         positions: list[int] = []
         cu = [0]
         for c, end in zip(chunks, context_lens):
-            input_ids.extend(c.seq.token_ids[c.start:end])
+            input_ids.extend(c.input_ids())
             positions.extend(range(c.start, end))
             cu.append(cu[-1] + c.num_tokens)
         dev = self.device
@@ -181,7 +181,7 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: Batch, next_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Computes the chunks' K/V; returns float32 logits, in chunk order: every row of a scored sequence's
-        chunk, the last row of each other chunk that samples. With next_tokens (a decode step scheduled ahead,
+        chunk and of a chunk with draft tokens, the last row of each other chunk that samples. With next_tokens (a decode step scheduled ahead,
         see prepare_decode) every chunk samples."""
         chunks = batch.chunks
         copy_blocks(self.kv_caches, batch.copies)
@@ -189,7 +189,7 @@ class ModelRunner:
         meta = inputs.meta
         rows: list[int] = []
         for rs, c in zip(inputs.chunk_rows, chunks):
-            if c.seq.scores:
+            if c.seq.scores or c.draft:  # a drafted chunk samples at every position to verify its drafts
                 rows.extend(rs)
             elif next_tokens is not None or c.samples:
                 rows.append(rs[-1])

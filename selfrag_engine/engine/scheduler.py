@@ -26,16 +26,22 @@ _NO_SLOTS = np.zeros(0, dtype=np.int64)
 
 @dataclass
 class Chunk:
-    """seq.token_ids[start:start + num_tokens] are computed in this step."""
+    """seq.token_ids[start:start + num_tokens] are computed in this step; with `draft`, the chunk's last
+    len(draft) tokens are guesses past the sequence's end (engine/speculative.py), in reserved slots."""
     seq: Sequence
     start: int
     num_tokens: int
+    draft: list[int] = field(default_factory=list)
 
     @property
     def samples(self) -> bool:
         """Whether this chunk reaches the sequence's last token, so a next token is sampled from it (a scored
         sequence ends there instead)."""
-        return self.start + self.num_tokens == len(self.seq.token_ids)
+        return self.start + self.num_tokens - len(self.draft) == len(self.seq.token_ids)
+
+    def input_ids(self) -> list[int]:
+        known = self.seq.token_ids[self.start:self.start + self.num_tokens - len(self.draft)]
+        return known + self.draft if self.draft else known
 
 
 @dataclass
@@ -137,6 +143,37 @@ class Scheduler:
     def cancel_reserved(self, seq: Sequence) -> None:
         if self.block_manager.has(seq.request_id):
             self.block_manager.cancel_reserved(seq.request_id)
+
+    # ---- draft tokens of a speculative step -----------------------------------------------------
+
+    def add_drafts(self, batch: Batch, drafts: list[list[int]]) -> int:
+        """Extends the batch's decode chunks by their drafts (drafts[i] for chunk i), each in slots reserved
+        past the sequence's tokens, as far as the token budget and the pool allow without preempting (a
+        draft is only a guess); returns how many draft tokens were added. Reserved slots are neither hashed
+        nor indexed until `settle_drafts` commits the accepted ones."""
+        bm = self.block_manager
+        budget = self.max_num_batched_tokens - batch.num_tokens
+        added = 0
+        for chunk, draft in zip(batch.chunks, drafts):
+            draft = draft[:budget]
+            if not draft or not bm.can_append(chunk.seq.request_id, len(draft)):
+                continue
+            batch.copies.extend(bm.reserve_tokens(chunk.seq.request_id, len(draft)))
+            chunk.draft = list(draft)
+            chunk.num_tokens += len(draft)
+            budget -= len(draft)
+            added += len(draft)
+        if added:
+            self._with_tables(batch)
+        return added
+
+    def settle_drafts(self, seq: Sequence, accepted: list[int], num_tokens: int) -> None:
+        """After a verify step: commits the accepted draft tokens and rolls the sequence's slots back to its
+        first `num_tokens` tokens (the rejected drafts' K/V were written in private reserved slots)."""
+        bm = self.block_manager
+        if accepted:
+            bm.commit_reserved(seq.request_id, accepted)
+        bm.truncate(seq.request_id, num_tokens)
 
     # ---- scheduling -----------------------------------------------------------------------------
 

@@ -8,6 +8,10 @@ following one. A step then returns with that next step in flight; it finishes in
 sequence gets the tokens it gets without overlap; one that stops (EOS, a stop string) has one more row
 computed and dropped.
 
+With num_draft_tokens > 0, a step whose rows are all greedy decode rows drafts and verifies several tokens
+per row in one model call (engine/speculative.py); such steps are not overlapped, and a plain step whose
+rows are all greedy launches no step ahead, so that the next one can speculate.
+
 A step is a transaction: if anything in it raises (a failing kernel, an interrupt while sampling), every
 request it touched is put back as it was before the step, holding no blocks and waiting to be recomputed
 from its tokens (as a preempted one), and the step in flight is dropped; the exception then propagates.
@@ -24,6 +28,7 @@ from selfrag_engine.engine.output import append_token
 from selfrag_engine.engine.sampling_inputs import sample_rows
 from selfrag_engine.engine.scheduler import Batch, Scheduler
 from selfrag_engine.engine.sequence import Sequence, Status
+from selfrag_engine.engine.speculative import MAX_NGRAM, DraftPool, SpeculationStats, add_drafts, speculable, verify
 from selfrag_engine.engine.transfer import copy_to_host, to_device
 from selfrag_engine.layers.sampler import ReflectionGroups, SamplerOutput
 from selfrag_engine.tokenizer import Tokenizer
@@ -73,7 +78,7 @@ class _Saved:
 
 class Stepper:
     def __init__(self, scheduler: Scheduler, runner: ModelRunner, tokenizer: Tokenizer, max_model_len: int,
-                 groups: ReflectionGroups | None, backend: Backend, overlap: bool):
+                 groups: ReflectionGroups | None, backend: Backend, overlap: bool, num_draft_tokens: int = 0):
         self.scheduler = scheduler
         self.runner = runner
         self.tokenizer = tokenizer
@@ -81,6 +86,9 @@ class Stepper:
         self.groups = groups
         self.backend = backend
         self.overlap = overlap
+        self.num_draft_tokens = num_draft_tokens
+        self.stats = SpeculationStats()
+        self.pool = DraftPool(num_draft_tokens) if num_draft_tokens else None
         self.in_flight: Launched | None = None
 
     def step(self) -> tuple[list[Sequence], bool]:
@@ -88,13 +96,17 @@ class Stepper:
         sched = self.scheduler
         saved = [_Saved.of(s) for s in [*sched.running, *sched.waiting]]
         try:
-            return self._step()
+            finished, progressed = self._step()
         except BaseException:
             self.in_flight = None
             for s in reversed(saved):
                 s.restore()
                 sched.requeue(s.seq)
             raise
+        if self.pool is not None:
+            for s in finished:
+                self.pool.add(s.token_ids[max(0, s.num_prompt_tokens - MAX_NGRAM):])
+        return finished, progressed
 
     def _step(self) -> tuple[list[Sequence], bool]:
         cur, self.in_flight = self.in_flight, None
@@ -103,10 +115,14 @@ class Stepper:
             batch = self.scheduler.schedule()
             if not batch.chunks:
                 return [], False
+            if (self.num_draft_tokens and speculable(batch)
+                    and add_drafts(self.scheduler, batch, self.num_draft_tokens, self.max_model_len, self.pool)):
+                return verify(batch, self.scheduler, self.runner, self.tokenizer, self.max_model_len, self.groups,
+                              self.backend, self.stats), True
             cur = self._launch(batch, finished)
             if cur is None:
                 return finished, True
-        if self.overlap:
+        if self.overlap and not (self.num_draft_tokens and all(s.params.greedy for s in cur.seqs)):
             self.in_flight = self._launch_ahead(cur)
         finished += self._finish(cur, self.in_flight)
         if self.in_flight is not None and len(self.in_flight.dropped) == len(self.in_flight.seqs):
@@ -176,9 +192,12 @@ class Stepper:
         tokens, logprobs = out.tokens.tolist(), out.logprobs.tolist()
         in_next = set() if nxt is None else {s.request_id for s in nxt.seqs}
         finished = []
+        self.stats.forward_passes += 1
         for i, seq in enumerate(cur.seqs):
             if seq.request_id in cur.dropped:
                 continue
+            self.stats.row_passes += 1
+            self.stats.tokens += 1
             if cur.ahead:
                 # The step computed the K/V of the token it was launched without; the cache learns its id now.
                 self.scheduler.commit_reserved(seq, seq.token_ids[cur.starts[i]])

@@ -90,6 +90,13 @@ class BlockManager {
 
   int num_reserved(int64_t seq) const { return get(seq).reserved; }
 
+  // Keeps the first `num_tokens` tokens (reserved ones included, as placeholders): a speculative step rolls
+  // back the slots of draft tokens it rejected. Blocks wholly past the end are released (full indexed ones
+  // stay cached: their K/V are valid for the tokens they hold). The block the cut falls in is kept as it is;
+  // if other sequences share it or the prefix index serves it (full), the next append or reservation copies
+  // it on write, so neither ever sees the new tail. Throws std::out_of_range past the sequence's length.
+  void truncate(int64_t seq, int num_tokens);
+
   // Each child starts as an exact copy of `parent`, sharing all of its blocks.
   void fork(int64_t parent, const std::vector<int64_t>& children);
 
@@ -150,6 +157,8 @@ class BlockManager {
   int blocks_for(size_t num_tokens) const;
   int available() const { return num_free_blocks(); }
   int blocks_to_append(const Sequence& s, size_t num_tokens) const;
+  // A sequence's partly filled last block that others read: shared, or indexed as full (after a truncate).
+  static bool must_copy(const Block& b) { return b.refcount > 1 || b.indexed; }
   std::vector<std::pair<int, int>> grow(Sequence& s, TokenSpan tokens);
   void extend_hashes(Sequence& s) const;
   int lookup(uint64_t hash, const int32_t* tokens, int prev) const;
