@@ -55,9 +55,9 @@ _NPIV = 16         # pivots per search pass, the bracket's upper end included
 _MAX_ITERS = 48    # guard for pathological float spacing; a typical search ends in a handful of passes
 _NUM_WARPS = 8
 # Left to itself, ptxas holds this kernel to 128 registers a thread on sm_90 (room for two programs per SM) and
-# then spills 40-90 bytes whenever top-n is asked for (bench/results/aot-sm90-triton*.md). A decode batch has
-# fewer rows than the GPU has SMs, so a second resident program buys nothing; without the cap the kernel takes
-# about 150 registers and spills nothing.
+# then spills whenever top-n is asked for: 16-32 bytes stored and 40-56 loaded per thread under triton 3.6 and
+# 3.9. A decode batch has fewer rows than the GPU has SMs, so a second resident program buys nothing; without the
+# cap the kernel takes about 150 registers and spills nothing (bench/results/aot-sm90-triton*.md, maxnreg=255).
 _MAX_REGISTERS = 255
 
 
