@@ -3,6 +3,7 @@ not asserted; the results files' schema and the headline metric names are."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -93,6 +94,105 @@ def test_gpu_session_script_packs_results_and_logs(tmp_path):
     stems = {n for n in names if n.startswith("bench/results/scheduler-cpu-")}
     assert {Path(n).suffix for n in stems} == {".json", ".md", ".png"}, names
     assert {"logs/scheduler.log", "logs/versions.log"} <= set(names)
+
+
+# Stands in for the GPU image's python3 in bench/gpu_session.sh: the import check answers as configured, the
+# versions and summary snippets exit at once, and every stage hangs in a child that sleeps, as a stuck CUDA call
+# would, after writing its own pid and its child's to $PIDS.
+_HANGING_PYTHON = """#!/usr/bin/env bash
+case "$1" in
+  -c) exit "${IMPORT_RC:-0}" ;;
+  -) cat >/dev/null; echo "torch stand-in"; exit 0 ;;
+  -m) [ "$2" = pip ] && { echo "error: no network"; exit 1; } ;;
+esac
+sleep 300 &
+echo "$$ $!" >>"$PIDS"
+wait
+"""
+
+
+def _stand_in_python(tmp_path, import_rc: int = 0) -> tuple[dict, Path]:
+    import os
+    import stat
+
+    exe = tmp_path / "python3"
+    exe.write_text(_HANGING_PYTHON)
+    exe.chmod(exe.stat().st_mode | stat.S_IEXEC)
+    pids = tmp_path / "pids"
+    env = dict(os.environ, PYTHON=str(exe), OUT=str(tmp_path / "out"), PIDS=str(pids), IMPORT_RC=str(import_rc))
+    env.pop("SMOKE", None)
+    return env, pids
+
+
+def _alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie has exited already; only its parent has not collected it.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_gpu_session_stage_timeouts_kill_the_stage_and_go_on(tmp_path):
+    """A stage that hangs is killed at its limit, with its children, reported as timed out, and the next stage
+    and the archive still happen; the headline keeps every stage inside its budget."""
+    import subprocess
+    import tarfile
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env, pids = _stand_in_python(tmp_path)
+    start = time.monotonic()
+    run = subprocess.run(["bash", "bench/gpu_session.sh", "sampler", "scheduler"], cwd=root,
+                         env=dict(env, STAGE_TIMEOUT="2"), capture_output=True, text=True, timeout=120)
+    took = time.monotonic() - start
+    assert run.returncode == 1, run.stdout + run.stderr
+    lines = [line for line in run.stdout.splitlines() if line.startswith("== ")]
+    assert len(lines) == 2 and all("TIMED OUT after 2s (killed)" in line for line in lines), run.stdout
+    assert lines[0].startswith("== sampler") and lines[1].startswith("== scheduler")
+    assert took < 60
+    hung = [int(p) for line in pids.read_text().split("\n") if line for p in line.split()]
+    assert len(hung) == 4
+    time.sleep(0.5)
+    assert not any(_alive(p) for p in hung), hung
+    with tarfile.open(tmp_path / "out" / "gpu-session.tar.gz") as tar:
+        names = tar.getnames()
+    assert {"logs/sampler.log", "logs/scheduler.log", "logs/versions.log"} <= set(names)
+    assert "killed after its 2s limit" in (tmp_path / "out" / "logs" / "sampler.log").read_text()
+
+    # The headline under a budget of 22 s: the first stage's limit shrinks to what is left, and once too little
+    # is left for a stage to be worth starting, the rest are skipped, not started.
+    pids.unlink()
+    run = subprocess.run(["bash", "bench/gpu_session.sh", "headline"], cwd=root,
+                         env=dict(env, HEADLINE_BUDGET="22"), capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1
+    lines = [line for line in run.stdout.splitlines() if line.startswith("== ")]
+    assert [line.split()[1] for line in lines] == ["fast-path-tests", "decode", "gemm", "sampler", "attention",
+                                                   "selfrag", "fp8_accuracy", "summary"], run.stdout
+    limit = int(lines[0].split("(limit ")[1].split("s)")[0])
+    assert 20 <= limit <= 22 and f"TIMED OUT after {limit}s (killed)" in lines[0], lines[0]
+    assert all(line.endswith("skipped: the session budget is spent") for line in lines[1:]), run.stdout
+
+
+def test_gpu_session_says_first_when_the_build_fails(tmp_path):
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env, _ = _stand_in_python(tmp_path, import_rc=1)
+    run = subprocess.run(["bash", "bench/gpu_session.sh"], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert run.returncode == 1
+    first = run.stdout.splitlines()[0]
+    assert first.startswith("BUILD FAILED: selfrag_engine") and "no network" in first, run.stdout
+    assert "installing the working tree" in (tmp_path / "out" / "logs" / "build.log").read_text()
 
 
 def test_launches_bench_smoke(tmp_path):
