@@ -5,7 +5,7 @@ branch, on a Llama-2-7B-shaped model with random weights, in one run:
                 K branches forked off its cache (prefix shared), decoded in one batch, reflection
                 probabilities from the fused sampler. Adaptive (the gate's threshold at 0, so it retrieves, as
                 the reference's gate does in practice) and always-retrieve; each with the engine's default
-                speculation and with speculation off (num_draft_tokens=0) when the engine has that option.
+                speculation and with speculation off (num_draft_tokens=0).
   reference     the same engine driven the way the reference script and its vLLM 0.2.6 do it: in adaptive mode
                 a whole no-retrieval answer decoded first only to read its first position, asking for the
                 log-probabilities of the whole vocabulary (32,016) at every step; then K independent full
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import inspect
 import random
 import statistics
 import sys
@@ -73,20 +72,9 @@ REFERENCE_BRANCH_LOGPROBS = 5000
 REFERENCE_LONG_FORM_LOGPROBS = 32000
 
 
-def speculation_option() -> str | None:
-    """The Engine keyword that sets how many tokens speculative decoding drafts (0 turns it off), or None when
-    this engine has no speculation."""
-    params = inspect.signature(Engine.__init__).parameters
-    return next((name for name in ("num_draft_tokens", "speculative") if name in params), None)
-
-
 def make_engine(model, tokenizer, prefix_caching: bool, kv_bytes: int, speculation: bool = True) -> Engine:
-    """speculation False: the engine with speculative decoding off (when it has the option); True: its
-    default."""
-    extra = {}
-    option = speculation_option()
-    if not speculation and option is not None:
-        extra[option] = 0 if option == "num_draft_tokens" else False
+    """speculation False: the engine with speculative decoding off (num_draft_tokens=0); True: its default."""
+    extra = {} if speculation else {"num_draft_tokens": 0}
     return Engine(model, tokenizer, kv_cache_bytes=kv_bytes, enable_prefix_caching=prefix_caching,
                   max_num_batched_tokens=8192, **extra)
 
@@ -187,9 +175,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     model = random_llama(cfg, device, dtype, seed=0)
     kv_bytes = (64 << 20) if smoke else (16 << 30)
     draft_n, branch_n = reference_logprobs(cfg["vocab_size"])
-    option = speculation_option()
-    # Speculation off is a second run only when the engine can turn it off; otherwise ours is recorded as is.
-    speculations = ("default", "off") if option is not None else ("default",)
+    option = "num_draft_tokens"
+    speculations = ("default", "off")
 
     def on_engine(prefix_caching: bool, run, speculation: bool = True):
         """Timings of run(engine, n) for the whole query (n = new_tokens) and to the first answer token (n = 1),
