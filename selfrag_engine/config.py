@@ -89,7 +89,15 @@ class LlamaConfig:
                                   f"({hidden // heads})")
 
         factor = 1.0
+        # transformers 5 writes rope_parameters ({"rope_theta", "rope_type", "factor", ...}) in place of
+        # rope_theta and rope_scaling.
+        params = cfg.get("rope_parameters")
+        if params is not None and not isinstance(params, dict):
+            raise CheckpointError(f"{source}: rope_parameters must be an object or null, got {params!r}")
+        params = params or {}
         scaling = cfg.get("rope_scaling")
+        if scaling is None and params:
+            scaling = {k: v for k, v in params.items() if k != "rope_theta"}
         if scaling is not None and not isinstance(scaling, dict):
             raise CheckpointError(f"{source}: rope_scaling must be an object or null, got {scaling!r}")
         if scaling:
@@ -120,7 +128,7 @@ class LlamaConfig:
             num_key_value_heads=kv_heads,
             max_position_embeddings=integer("max_position_embeddings", cfg.get("max_position_embeddings", 4096)),
             rms_norm_eps=positive_float("rms_norm_eps", cfg.get("rms_norm_eps", 1e-5)),
-            rope_theta=positive_float("rope_theta", cfg.get("rope_theta", 10000.0)),
+            rope_theta=positive_float("rope_theta", cfg.get("rope_theta", params.get("rope_theta", 10000.0))),
             rope_scaling_factor=factor,
             tie_word_embeddings=tie,
             torch_dtype=_DTYPES[dtype_name],

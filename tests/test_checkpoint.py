@@ -101,6 +101,24 @@ def test_config_values(tmp_path):
     assert c.rope_scaling_factor == 4.0 and c.num_key_value_heads == 2 and c.head_dim == cfg["hidden_size"] // 4
 
 
+def test_config_of_transformers_5_reads_rope_parameters():
+    """transformers 5 saves rope_parameters instead of rope_theta and rope_scaling: the same model either way."""
+    cfg = json.loads((tiny_checkpoint(seed=13) / "config.json").read_text())
+    old = {k: v for k, v in cfg.items() if k not in ("rope_theta", "rope_scaling")}
+    for theta, scaling, new in (
+            (5000.0, None, {"rope_theta": 5000.0, "rope_type": "default"}),
+            (5000.0, {"type": "linear", "factor": 2.0},
+             {"factor": 2.0, "rope_theta": 5000.0, "rope_type": "linear", "type": "linear"})):
+        four = LlamaConfig.from_dict({**old, "rope_theta": theta, "rope_scaling": scaling})
+        five = LlamaConfig.from_dict({**old, "rope_parameters": new})
+        assert five == four and five.rope_theta == theta
+        assert five.rope_scaling_factor == (scaling["factor"] if scaling else 1.0)
+    with pytest.raises(CheckpointError, match="rope_scaling type 'yarn'"):
+        LlamaConfig.from_dict({**old, "rope_parameters": {"rope_theta": 1e4, "rope_type": "yarn", "factor": 4.0}})
+    with pytest.raises(CheckpointError, match="rope_parameters must be an object"):
+        LlamaConfig.from_dict({**old, "rope_parameters": [10000.0]})
+
+
 def test_no_weights(tmp_path):
     path = _copy(tiny_checkpoint(seed=13), tmp_path)
     (path / "model.safetensors").unlink()
