@@ -326,3 +326,21 @@ def test_readme_generate_example_passes_a_real_prompt():
     args = re.sub(r"^selfrag-engine generate --model DIR ", "", line).rsplit(" --max-tokens", 1)[0]
     shown = subprocess.run(["bash", "-c", f"printf '%s' {args}"], capture_output=True, text=True, check=True)
     assert shown.stdout == format_prompt("Who wrote Hamlet?")
+
+
+def test_selfrag_options_are_named_errors():
+    """What a user of the algorithms or the server can get wrong is a RequestError, not a bare ValueError."""
+    from selfrag_engine.selfrag.decisions import check_mode
+    from selfrag_engine.selfrag.prompts import format_prompt
+    from selfrag_engine.selfrag.scoring import ScoringConfig
+
+    with pytest.raises(RequestError, match="mode"):
+        check_mode("sometimes")
+    with pytest.raises(RequestError, match="empty"):
+        format_prompt("   ")
+    with pytest.raises(RequestError, match="gate"):
+        ScoringConfig(gate="vote")
+    with pytest.raises(RequestError, match="threshold"):
+        ScoringConfig(threshold=float("nan"))
+    with pytest.raises(RequestError, match="form"):
+        ScoringConfig.released(form="medium")

@@ -18,7 +18,7 @@ MODES = ("adaptive", "always", "never")
 
 def check_mode(mode: str) -> None:
     if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        raise RequestError(f"mode must be one of {MODES}, got {mode!r}")
 
 
 def gate_value(head: Decoded, gate: str) -> float:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import re
 
+from selfrag_engine.errors import RequestError
 from selfrag_engine.vocab import GROUPS, PARAGRAPH_CLOSE, PARAGRAPH_OPEN
 
 __all__ = ["GROUPS", "PARAGRAPH_CLOSE", "PARAGRAPH_OPEN", "format_passage", "format_prompt", "postprocess"]
@@ -14,7 +15,7 @@ _STRIPPED += [PARAGRAPH_OPEN, PARAGRAPH_CLOSE, "</s>"]
 
 def format_prompt(instruction: str, input: str | None = None) -> str:
     if not instruction or not instruction.strip():
-        raise ValueError("the instruction (question) is empty")
+        raise RequestError("the instruction (question) is empty")
     if input:
         return f"### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
     return f"### Instruction:\n{instruction}\n\n### Response:\n"

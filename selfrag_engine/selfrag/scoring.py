@@ -55,21 +55,21 @@ class ScoringConfig:
 
     def __post_init__(self) -> None:
         if self.gate not in GATES:
-            raise ValueError(f"gate must be one of {GATES}, got {self.gate!r}")
+            raise RequestError(f"gate must be one of {GATES}, got {self.gate!r}")
         if self.missing_relevance not in MISSING_RULES:
-            raise ValueError(f"missing_relevance must be one of {MISSING_RULES}, got {self.missing_relevance!r}")
+            raise RequestError(f"missing_relevance must be one of {MISSING_RULES}, got {self.missing_relevance!r}")
         if self.utility_group not in UTILITY_GROUPS:
-            raise ValueError(f"utility_group must be one of {UTILITY_GROUPS}, got {self.utility_group!r}")
+            raise RequestError(f"utility_group must be one of {UTILITY_GROUPS}, got {self.utility_group!r}")
         if self.threshold is not None and not _is_real(self.threshold):
-            raise ValueError(f"threshold must be a finite number or None, got {self.threshold!r}")
+            raise RequestError(f"threshold must be a finite number or None, got {self.threshold!r}")
         for name in ("w_rel", "w_sup", "w_use"):
             if not _is_real(getattr(self, name)):
-                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)!r}")
+                raise RequestError(f"{name} must be a finite number, got {getattr(self, name)!r}")
         if self.top_logprobs is not None and (isinstance(self.top_logprobs, bool)
                                               or not isinstance(self.top_logprobs, int) or self.top_logprobs < 1):
-            raise ValueError(f"top_logprobs must be a positive integer or None, got {self.top_logprobs!r}")
+            raise RequestError(f"top_logprobs must be a positive integer or None, got {self.top_logprobs!r}")
         if not isinstance(self.use_seqscore, bool):
-            raise ValueError(f"use_seqscore must be a bool, got {self.use_seqscore!r}")
+            raise RequestError(f"use_seqscore must be a bool, got {self.use_seqscore!r}")
 
     @classmethod
     def paper(cls, **overrides: Any) -> "ScoringConfig":
@@ -84,7 +84,7 @@ class ScoringConfig:
         as -100 raw, the utility read off the grounding ids, w_use 0.5. The long-form script never passes
         use_seqscore to its scoring, so the long preset ignores it (it stays False)."""
         if form not in FORMS:
-            raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+            raise RequestError(f"form must be one of {FORMS}, got {form!r}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(overrides) - known)
         if unknown:
