@@ -181,6 +181,29 @@ def test_gpu_session_stage_timeouts_kill_the_stage_and_go_on(tmp_path):
     assert all(line.endswith("skipped: the session budget is spent") for line in lines[1:]), run.stdout
 
 
+def test_gpu_session_summary_asks_for_every_gpu_headline_metric_of_developers_md(tmp_path):
+    """The headline's summary reads DEVELOPERS.md's table: with one results file it names what is missing, the
+    CPU-recorded rows aside."""
+    import re
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    script = (root / "bench/gpu_session.sh").read_text()
+    summary = re.search(r"^SUMMARY_PY=\$\(cat <<'EOF'\n(.*?)^EOF$", script, re.S | re.M).group(1)
+    (tmp_path / "sampler-h200-20260101.json").write_text(json.dumps({"device": "NVIDIA H200", "results": [
+        {"metric": "sampler_speedup_b8", "value": 3.5, "unit": "x", "config": {"batch": 8}}]}))
+    run = subprocess.run([sys.executable, "-c", summary, str(tmp_path), str(root / "DEVELOPERS.md")],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 1
+    assert re.search(r"sampler +sampler_speedup_b8 +3\.5 x +NVIDIA H200 +batch=8", run.stdout), run.stdout
+    missing = set(re.findall(r"^\w+ +(\w+) +MISSING$", run.stdout, re.M))
+    assert {"decode_fp8_bs1_tokens_per_s", "decode_overlap_speedup", "fp8_7b_weight_gb", "cascade_speedup_k5",
+            "selfrag_query_speedup_vs_transformers", "fp8_greedy_agreement"} <= missing
+    assert "sampler_speedup_b8" not in missing and not any(m.startswith("spec_") for m in missing)
+    assert f"{len(missing)} headline metrics missing" in run.stderr
+
+
 def test_gpu_session_says_first_when_the_build_fails(tmp_path):
     import subprocess
     from pathlib import Path
