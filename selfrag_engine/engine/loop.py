@@ -170,7 +170,6 @@ class EngineLoop:
         self._ops_lock = threading.Lock()
         self._wake = threading.Event()
         self._stepped = threading.Condition()
-        self._steps = 0
         self._handles: dict[int, RequestHandle] = {}
         # When each request finished: (step, place among that step's finished), for programs waiting on any.
         self._finished_at: dict[int, tuple[int, int]] = {}
@@ -310,12 +309,11 @@ class EngineLoop:
                     self._fail_all(e)
                     finished = []
                 self.stats.step_seconds += time.perf_counter() - t0
-                self.stats.steps += 1
                 for order, rid in enumerate(finished):
-                    self._finished_at[rid] = (self._steps, order)
+                    self._finished_at[rid] = (self.stats.steps, order)
                 self._publish(finished)
                 with self._stepped:
-                    self._steps += 1
+                    self.stats.steps += 1
                     self._stepped.notify_all()
             else:
                 with self._stepped:
@@ -372,12 +370,12 @@ class EngineLoop:
     def wait_step(self, after: int, timeout: float | None = None) -> int:
         """Blocks until the loop has run a step past `after` (or found nothing to step); returns the count."""
         with self._stepped:
-            self._stepped.wait_for(lambda: self._steps > after or self._stop, timeout)
-            return self._steps
+            self._stepped.wait_for(lambda: self.stats.steps > after or self._stop, timeout)
+            return self.stats.steps
 
     @property
     def steps(self) -> int:
-        return self._steps
+        return self.stats.steps
 
     def close(self, timeout: float = 10.0) -> None:
         """Stops the loop; requests still in flight fail with Cancelled and are freed."""
