@@ -5,13 +5,17 @@ clients, side by side with the same queries answered one after another by `SelfR
     python bench/serve.py --smoke --out /tmp/x
 
 The server runs as a subprocess on 127.0.0.1; each client is a thread posting held-out world questions of the
-tiny model with their five passages to /v1/selfrag. Every served answer is checked against the sequential one.
+tiny model with their five passages to /v1/selfrag over one kept-alive connection (the standard library's
+http.client: a light client, since it shares the machine's cores with the server). Every served answer is
+checked against the sequential one. Both sides use the same number of torch threads (`--threads`).
 Headline: serve_selfrag_qps_c64 and serve_selfrag_concurrency_speedup_c64 (qps at 64 clients over the
 sequential qps).
 """
 from __future__ import annotations
 
 import concurrent.futures as cf
+import http.client
+import json
 import os
 import socket
 import statistics
@@ -23,6 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import httpx  # noqa: E402
+import torch  # noqa: E402
 
 from bench.common import (  # noqa: E402
     bench_parser,
@@ -45,12 +50,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: Path, num_blocks: int) -> tuple[subprocess.Popen, str]:
+def start_server(model: Path, num_blocks: int, threads: int) -> tuple[subprocess.Popen, str]:
     port = _free_port()
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     proc = subprocess.Popen([sys.executable, "-m", "selfrag_engine", "serve", "--model", str(model), "--port",
                              str(port), "--device", "cpu", "--quiet", "--max-pending", "512",
                              "--num-blocks", str(num_blocks)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
     while True:
@@ -72,8 +78,13 @@ def percentile(values: list[float], q: float) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = bench_parser(__doc__, "8 queries per level, 1 and 8 clients: a check of the script")
-    parser.add_argument("--queries", type=int, default=128, help="queries per concurrency level")
+    parser.add_argument("--queries", type=int, default=256, help="queries per concurrency level")
     parser.add_argument("--max-tokens", type=int, default=40)
+    parser.add_argument("--num-blocks", type=int, default=12288,
+                        help="KV cache blocks of both engines (the default holds 64 queries' branches without "
+                             "preemption)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="torch threads of the sequential engine and of the server alike (default: torch's)")
     args = parse_bench_args(parser, argv, default_device=lambda smoke: "cpu")
     levels = (1, 8) if args.smoke else (1, 8, 64)
     num_queries = 8 if args.smoke else args.queries
@@ -86,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     results: list[dict] = []
 
     # Sequential: the synchronous API, one query after another on one engine.
-    engine = Engine.from_pretrained(model, progress=False)
+    torch.set_num_threads(args.threads)
+    engine = Engine.from_pretrained(model, progress=False, num_blocks=args.num_blocks)
     rag = SelfRAG(engine, max_new_tokens=max_tokens)
     rag.answer(queries[0][0], [Passage(**p) for p in queries[0][1]])  # warm-up
     expected, seq_lat = [], []
@@ -98,11 +110,15 @@ def main(argv: list[str] | None = None) -> int:
     seq_seconds = time.perf_counter() - t0
     seq_qps = len(queries) / seq_seconds
     num_blocks = engine.cache_stats()["num_blocks"]
+    record(results, "kv_cache_blocks", num_blocks, "blocks", block_size=engine.cache_stats().get("block_size"))
     del rag, engine
-    record(results, "sequential_selfrag_qps", seq_qps, "queries/s", queries=len(queries), max_tokens=max_tokens)
+    record(results, "sequential_selfrag_qps", seq_qps, "queries/s", queries=len(queries), max_tokens=max_tokens,
+           threads=args.threads)
     record(results, "sequential_selfrag_p50_ms", statistics.median(seq_lat) * 1e3, "ms")
 
-    proc, base = start_server(model, num_blocks)
+    proc, base = start_server(model, num_blocks, args.threads)
+    host, port_text = base.removeprefix("http://").split(":")
+    port = int(port_text)
     qps_by_level, p99_by_level, p50_by_level = {}, {}, {}
     try:
         with httpx.Client(base_url=base, timeout=600) as warm:
@@ -113,14 +129,21 @@ def main(argv: list[str] | None = None) -> int:
             answers: list[str | None] = [None] * len(queries)
 
             def client(worker: int) -> None:
-                with httpx.Client(base_url=base, timeout=600) as http:
+                conn = http.client.HTTPConnection(host, port, timeout=600)
+                try:
                     for i in range(worker, len(queries), level):
                         q, docs = queries[i]
+                        body = json.dumps({"question": q, "passages": docs, "max_tokens": max_tokens})
                         s = time.perf_counter()
-                        r = http.post("/v1/selfrag", json={"question": q, "passages": docs, "max_tokens": max_tokens})
-                        r.raise_for_status()
+                        conn.request("POST", "/v1/selfrag", body, {"Content-Type": "application/json"})
+                        r = conn.getresponse()
+                        data = r.read()
                         latencies[i] = time.perf_counter() - s
-                        answers[i] = r.json()["answer"]
+                        if r.status != 200:
+                            raise RuntimeError(f"/v1/selfrag answered {r.status}: {data[:300]!r}")
+                        answers[i] = json.loads(data)["answer"]
+                finally:
+                    conn.close()
 
             t0 = time.perf_counter()
             with cf.ThreadPoolExecutor(level) as pool:
@@ -164,5 +187,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     sys.exit(main())

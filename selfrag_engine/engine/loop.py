@@ -150,6 +150,7 @@ class _Program:
     cancelled: bool = False
     deadline: float | None = None
     error: BaseException | None = None  # a failed model step that held some of its requests
+    wake: threading.Event | None = None  # what the program waits on now, so that cancel() can wake it
 
 
 class EngineLoop:
@@ -157,15 +158,20 @@ class EngineLoop:
 
     max_pending: requests (via submit) plus programs (via run_program) admitted at once.
     program_workers: threads that run programs; a program waiting on the loop holds one.
+    gather_s, gap_s: after carrying out calls, the loop waits up to gather_s for more while they keep coming
+        less than gap_s apart, so that a program's chain of calls (wait, output, fork) joins one step.
+
+    A program waiting for its requests is woken when one of them finishes, not at every step.
     """
 
     def __init__(self, engine: Engine, *, max_pending: int = 256, program_workers: int = 64,
-                 idle_wait_s: float = 0.05):
+                 idle_wait_s: float = 0.05, gather_s: float = 0.02, gap_s: float = 0.003):
         if max_pending < 1:
             raise RequestError(f"max_pending must be at least 1, got {max_pending}")
         self.engine = engine
         self.max_pending = max_pending
         self._idle_wait_s = idle_wait_s
+        self._gather_s, self._gap_s = gather_s, gap_s
         self._ops: list[Callable[[], None]] = []
         self._ops_lock = threading.Lock()
         self._wake = threading.Event()
@@ -174,6 +180,8 @@ class EngineLoop:
         # When each request finished: (step, place among that step's finished), for programs waiting on any.
         self._finished_at: dict[int, tuple[int, int]] = {}
         self._program_states: dict[int, _Program] = {}
+        # Programs waiting for some of their requests to finish: (ids, event). Loop thread only.
+        self._waiters: list[tuple[set[int], threading.Event]] = []
         self._pending = 0  # admitted requests and programs not yet finished
         self._pending_lock = threading.Lock()
         self._stop = False
@@ -293,13 +301,23 @@ class EngineLoop:
             with self._stepped:
                 self._stepped.notify_all()
 
+    def _run_ops(self) -> int:
+        self._wake.clear()
+        with self._ops_lock:
+            ops, self._ops = self._ops, []
+        for op in ops:
+            op()
+        return len(ops)
+
     def _serve(self) -> None:
         while not self._stop:
-            with self._ops_lock:
-                ops, self._ops = self._ops, []
-            self._wake.clear()
-            for op in ops:
-                op()
+            if self._run_ops():
+                # A program answered here usually calls again at once (the output after a wait, the fork
+                # after the output): while calls keep coming, wait a moment for them, so that they join the
+                # next step instead of waiting one out.
+                until = time.perf_counter() + self._gather_s
+                while (left := until - time.perf_counter()) > 0 and self._wake.wait(min(left, self._gap_s)):
+                    self._run_ops()
             self._expire()
             if self.engine.has_work():
                 t0 = time.perf_counter()
@@ -312,13 +330,38 @@ class EngineLoop:
                 for order, rid in enumerate(finished):
                     self._finished_at[rid] = (self.stats.steps, order)
                 self._publish(finished)
+                self._wake_waiters(set(finished))
                 with self._stepped:
                     self.stats.steps += 1
                     self._stepped.notify_all()
             else:
+                self._wake_waiters(None)  # nothing runs: waiting programs re-check their state
                 with self._stepped:
-                    self._stepped.notify_all()  # programs waiting for progress re-check their state
+                    self._stepped.notify_all()
                 self._wake.wait(self._idle_wait_s)
+
+    def _watch(self, ids: Sequence[int], event: threading.Event, wait_for_all: bool) -> tuple[list[int], bool]:
+        """On the loop thread: (the listed requests already done, whether the engine has work). When the
+        caller is to wait (none done; with wait_for_all, not all done), `event` is set once one of the others
+        finishes, or when nothing is left to run."""
+        done = [i for i in ids if self.engine.is_done(i)]
+        work = self.engine.has_work()
+        if work and len(done) < len(ids) and (wait_for_all or not done):
+            finished = set(done)
+            self._waiters.append(({i for i in ids if i not in finished}, event))
+        return done, work
+
+    def _wake_waiters(self, finished: set[int] | None) -> None:
+        """Sets the events of the waiters with a request in `finished` (all of them when None)."""
+        if not self._waiters:
+            return
+        keep = []
+        for ids, event in self._waiters:
+            if finished is None or not ids.isdisjoint(finished):
+                event.set()
+            else:
+                keep.append((ids, event))
+        self._waiters = keep
 
     def _publish(self, finished: Iterable[int]) -> None:
         """Pushes each streamed request's new tokens; completes the finished ones."""
@@ -364,6 +407,7 @@ class EngineLoop:
         for state in list(self._program_states.values()):
             state.error = error
             _release(self.engine, list(state.ids))
+        self._wake_waiters(None)
         with self._stepped:
             self._stepped.notify_all()
 
@@ -437,6 +481,9 @@ class ProgramHandle(Future):
         self._program.cancelled = True
         ids = list(self._program.ids)
         self._loop._post(lambda: _release(self._loop.engine, ids))
+        wake = self._program.wake
+        if wake is not None:
+            wake.set()
         with self._loop._stepped:
             self._loop._stepped.notify_all()
         return True
@@ -520,40 +567,49 @@ class SharedEngine:
         self._loop.wait_step(self._loop.steps, timeout=1.0)
         return []
 
+    def _wait(self, ids: list[int], wait_for_all: bool) -> tuple[list[int], bool]:
+        """(the listed requests done, whether the engine has work), read between two steps. When none is
+        done (with wait_for_all: not all), waits until another finishes, woken by the loop rather than by
+        every step, or a second passes, so that cancellation and the deadline are checked."""
+        event = threading.Event()
+        self._state.wake = event
+        try:
+            done, work = self._do(self._loop._watch, ids, event, wait_for_all)
+            if work and len(done) < len(ids) and (wait_for_all or not done):
+                event.wait(1.0)
+            return done, work
+        finally:
+            self._state.wake = None
+
     def run_until_any(self, request_ids: Iterable[int]) -> list[int]:
         """As Engine.run_until_any: the listed requests done when called, in list order; else, once some
         finish, those in the order they finished."""
         ids = list(request_ids)
         loop = self._loop
+        if not ids:
+            return []
+        waited = False
         while True:
             self._check()
-            seen = loop.steps
-            done, work = self._do(lambda: ([i for i in ids if loop.engine.is_done(i)], loop.engine.has_work()))
-            if done or not ids:
-                if not done:
-                    return []
-                waited = getattr(self, "_waited", False)
-                self._waited = False
+            done, work = self._wait(ids, wait_for_all=False)
+            if done:
                 if not waited:
                     return done
                 order = self._do(lambda: {i: loop._finished_at.get(i, (0, 0)) for i in done})
                 return sorted(done, key=lambda i: order[i])
             if not work:
                 raise SchedulingError(f"requests {ids} cannot make progress: nothing is scheduled")
-            self._waited = True
-            loop.wait_step(seen, timeout=1.0)
+            waited = True
 
     def run(self, request_ids: Iterable[int], progress: bool = False) -> list[RequestOutput]:
         ids = list(request_ids)
         while True:
             self._check()
-            seen = self._loop.steps
-            outputs, work = self._do(_progress, self._loop.engine, ids)
-            if outputs is not None:
-                return outputs
+            done, work = self._wait(ids, wait_for_all=True)
+            if len(done) == len(ids):
+                return self._do(lambda: [self._loop.engine.output(i) for i in ids])
             if not work:
                 raise SchedulingError(f"requests {ids} cannot make progress: nothing is scheduled")
-            self._loop.wait_step(seen, timeout=1.0)
 
     def _release_all(self) -> None:
         """At the program's end (normal or not), every request it still holds is forgotten."""
@@ -564,14 +620,6 @@ class SharedEngine:
                 self._do(_forget_all, self._loop.engine, ids, self._loop)
             except Cancelled:
                 pass  # the loop is closed: nothing holds the blocks any more
-
-
-def _progress(engine: Engine, ids: Sequence[int]) -> tuple[list[RequestOutput] | None, bool]:
-    """(the listed requests' outputs once all are done, else None; whether the engine has work), read
-    together between two steps."""
-    if all(engine.is_done(i) for i in ids):
-        return [engine.output(i) for i in ids], True
-    return None, engine.has_work()
 
 
 def _forget_all(engine: Engine, ids: Iterable[int], loop: "EngineLoop | None" = None) -> None:

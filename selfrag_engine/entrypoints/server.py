@@ -381,16 +381,25 @@ async def _admitted(handles: list[RequestHandle]) -> list[RequestHandle]:
     return handles
 
 
+async def _disconnected(request: Request) -> None:
+    """Returns when the client hangs up: the server's next ASGI message after a read body is the disconnect
+    (or comes when the response is complete, by which time nobody waits on this)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 async def _unless_gone(request: Request, future: asyncio.Future, cancel) -> Any:
     """Awaits `future`, calling `cancel()` (which frees the work's blocks) if the client hangs up first."""
-    while True:
-        done, _ = await asyncio.wait({future}, timeout=0.25)
-        if done:
-            return future.result()
-        if await request.is_disconnected():
-            cancel()
-            future.cancel()
-            raise asyncio.CancelledError("the client went away")
+    watch = asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({future, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+    if future in done:
+        return future.result()
+    cancel()
+    future.cancel()
+    raise asyncio.CancelledError("the client went away")
 
 
 async def _gather(request: Request, handles: list[RequestHandle]):

@@ -77,62 +77,89 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, cache: KVCache, slot_mapping: tor
     flat_v.index_copy_(0, slot_mapping, v.to(cache.v.dtype))
 
 
-def gather_kv(cache: KVCache, block_table: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first `length` keys and values of one sequence, [length, kv_heads, head_dim] each."""
-    block_size = cache.k.shape[1]
-    blocks = block_table[: (length + block_size - 1) // block_size].long()
-    k = cache.k[blocks].flatten(0, 1)[:length]
-    v = cache.v[blocks].flatten(0, 1)[:length]
-    return k, v
-
-
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-            mask: torch.Tensor | None) -> torch.Tensor:
-    """q [..., Hq, Lq, D], k/v [..., Hkv, Lk, D]; softmax in float32 as Hugging Face's eager attention."""
-    group = q.shape[-3] // k.shape[-3]
-    if group > 1:
-        k = k.repeat_interleave(group, dim=-3)
-        v = v.repeat_interleave(group, dim=-3)
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    return torch.matmul(probs, v)
-
-
 def paged_attention_torch(q: torch.Tensor, cache: KVCache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """Causal attention of the new tokens q [T, Hq, D] over each sequence's cached prefix plus themselves.
 
     Query j of sequence b sits at position context_len - q_len + j and sees keys 0..that position.
     Returns [T, Hq, D] in q's dtype.
+
+    Sequences of similar query length are padded into groups and attended with two batched matmuls per group,
+    keys and values gathered head-major once. A padded key position reads the sequence's own last key (written,
+    hence finite) and gets weight 0, so neither padding nor what an earlier owner left in a block can leak in.
     """
-    if meta.is_decode:
-        return _decode_torch(q, cache, meta, scale)
     out = torch.empty_like(q)
-    start = 0
-    for b, (q_len, ctx_len) in enumerate(zip(meta.q_lens_host, meta.context_lens_host)):
-        k, v = gather_kv(cache, meta.block_tables[b], ctx_len)
-        qb = q[start:start + q_len].transpose(0, 1)  # [Hq, q_len, D]
-        q_pos = torch.arange(ctx_len - q_len, ctx_len, device=q.device)
-        mask = q_pos[:, None] >= torch.arange(ctx_len, device=q.device)[None, :]
-        out[start:start + q_len] = _attend(qb, k.transpose(0, 1), v.transpose(0, 1), scale, mask).transpose(0, 1)
-        start += q_len
+    starts = [0]
+    for q_len in meta.q_lens_host[:-1]:
+        starts.append(starts[-1] + q_len)
+    order = sorted(range(len(meta.q_lens_host)), key=meta.q_lens_host.__getitem__)
+    for group in _groups(order, meta.q_lens_host, meta.context_lens_host, q.shape[1], cache.k.shape[2],
+                         q.shape[2]):
+        _attend_group(q, cache, meta, scale, group, starts, out)
     return out
 
 
-def _decode_torch(q: torch.Tensor, cache: KVCache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """One query per sequence: gather every sequence's K/V padded to the longest context, mask the rest."""
-    block_size = cache.k.shape[1]
-    max_blocks = (meta.max_context_len + block_size - 1) // block_size
-    tables = meta.block_tables[:, :max_blocks].long().clamp(min=0)
-    k = cache.k[tables].flatten(1, 2)  # [B, max_blocks * block_size, Hkv, D]
-    v = cache.v[tables].flatten(1, 2)
-    positions = torch.arange(k.shape[1], device=q.device)
-    mask = positions[None, :] < meta.context_lens[:, None].long()  # [B, L]
-    # Slots past a context hold whatever an earlier owner left (possibly NaN); 0 * NaN would leak through.
-    v = v.masked_fill(~mask[:, :, None, None], 0)
-    o = _attend(q[:, :, None, :], k.transpose(1, 2), v.transpose(1, 2), scale, mask[:, None, None, :])
-    return o[:, :, 0, :]
+# Elements of the largest padded score or gathered key tensor of one group (2 MiB of float32: a group stays in cache).
+_GROUP_ELEMENTS = 1 << 19
+
+
+def _groups(order: list[int], q_lens: list[int], ctx_lens: list[int], heads: int, kv_heads: int,
+            head_dim: int) -> list[list[int]]:
+    groups: list[list[int]] = []
+    current: list[int] = []
+    max_q = max_ctx = 0
+    for b in order:
+        mq, mc = max(max_q, q_lens[b]), max(max_ctx, ctx_lens[b])
+        n = len(current) + 1
+        if current and n * mc * max(heads * mq, kv_heads * head_dim) > _GROUP_ELEMENTS:
+            groups.append(current)
+            current, mq, mc = [], q_lens[b], ctx_lens[b]
+        current.append(b)
+        max_q, max_ctx = mq, mc
+    if current:
+        groups.append(current)
+    return groups
+
+
+def _attend_group(q: torch.Tensor, cache: KVCache, meta: AttentionMetadata, scale: float, group: list[int],
+                  starts: list[int], out: torch.Tensor) -> None:
+    device = q.device
+    num_blocks, block_size, kv_heads, head_dim = cache.k.shape
+    heads = q.shape[1]
+    rep = heads // kv_heads
+    q_lens = torch.tensor([meta.q_lens_host[b] for b in group], device=device)
+    ctx = torch.tensor([meta.context_lens_host[b] for b in group], device=device)
+    max_q, max_ctx = int(q_lens.max()), int(ctx.max())
+    n = len(group)
+    index = torch.tensor(group, device=device)
+    # Token rows of the group's queries [n, max_q]; padding repeats a sequence's last query (dropped below).
+    j = torch.arange(max_q, device=device)
+    first = torch.tensor([starts[b] for b in group], device=device)
+    rows = first[:, None] + torch.minimum(j[None, :], q_lens[:, None] - 1)
+    # Pool slots of every key position [n, max_ctx], clamped to the sequence's last written one.
+    pos = torch.minimum(torch.arange(max_ctx, device=device)[None, :], ctx[:, None] - 1).clamp(min=0)
+    tables = meta.block_tables.index_select(0, index).long().clamp(min=0)
+    slots = tables.gather(1, pos // block_size) * block_size + pos % block_size
+    # Gathered token-major (whole rows of the pool, the fast copy), then made head-major for the matmuls.
+    flat = slots.flatten()
+    k = cache.k.view(-1, kv_heads, head_dim).index_select(0, flat).view(n, max_ctx, kv_heads, head_dim)
+    v = cache.v.view(-1, kv_heads, head_dim).index_select(0, flat).view(n, max_ctx, kv_heads, head_dim)
+    k = k.permute(2, 0, 1, 3).contiguous()  # [Hkv, n, max_ctx, D]
+    v = v.permute(2, 0, 1, 3).contiguous()
+    # Queries [Hkv, n, rep * max_q, D], a kv head's `rep` query heads stacked along the rows.
+    qg = q[rows.flatten()].view(n, max_q, kv_heads, rep, head_dim).permute(2, 0, 3, 1, 4)
+    qg = qg.reshape(kv_heads, n, rep * max_q, head_dim)
+    # Query j of a sequence sees keys up to ctx - q_len + j; an empty context sees none (its output is 0).
+    last = (ctx - q_lens)[:, None] + torch.minimum(j[None, :], q_lens[:, None] - 1)
+    mask = torch.arange(max_ctx, device=device)[None, None, :] <= last[:, :, None]  # [n, max_q, max_ctx]
+    mask = mask & (ctx > 0)[:, None, None]
+    scores = torch.matmul(qg, k.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~mask.repeat(1, rep, 1)[None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    probs = probs.nan_to_num(0.0) if bool((ctx == 0).any()) else probs
+    o = torch.matmul(probs, v)  # [Hkv, n, rep * max_q, D]
+    o = o.view(kv_heads, n, rep, max_q, head_dim).permute(1, 3, 0, 2, 4).reshape(n, max_q, heads, head_dim)
+    keep = j[None, :] < q_lens[:, None]
+    out[rows[keep]] = o[keep]
 
 
 def paged_attention(q: torch.Tensor, cache: KVCache, meta: AttentionMetadata, scale: float,
