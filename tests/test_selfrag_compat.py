@@ -17,9 +17,10 @@ from selfrag_engine.selfrag.tasks import PRESETS
 from tests.selfrag_fixtures import RecordingRetriever, passages, probs_at, question, steered_engine, used_blocks
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["plain", "overlap"])
+@pytest.fixture(scope="module", params=[(False, 0), (True, 0), (False, 4)], ids=["plain", "overlap", "speculative"])
 def engine(request):
-    return steered_engine(overlap=request.param)
+    overlap, num_draft_tokens = request.param
+    return steered_engine(overlap=overlap, num_draft_tokens=num_draft_tokens)
 
 
 @pytest.fixture(scope="module")
@@ -365,3 +366,10 @@ def test_released_presets_and_w_use(engine):
         ScoringConfig.released(form="medium")
     with pytest.raises(TypeError, match="w_usage"):
         ScoringConfig.released(w_usage=1.0)
+
+
+def test_speculative_engine_verified_drafts(engine):
+    # Last in the module: the speculative engine's answers above went through verify steps, so their
+    # agreement with the references covers speculation.
+    stats = engine.speculation_stats()
+    assert (stats["verify_passes"] > 0 and stats["accepted"] > 0) == (engine.stepper.num_draft_tokens > 0)

@@ -11,10 +11,11 @@ from tests.helpers import tiny_checkpoint
 PASSAGES = [Passage(f"Entity {i}", f"Entity {i} was born in Town {i * 3} in {1800 + 17 * i}.") for i in range(5)]
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["plain", "overlap"])
+@pytest.fixture(scope="module", params=[(False, 0), (True, 0), (False, 4)], ids=["plain", "overlap", "speculative"])
 def engine(request):
+    overlap, num_draft_tokens = request.param
     return Engine.from_pretrained(tiny_checkpoint(seed=31, num_key_value_heads=2), progress=False,
-                                  overlap=request.param)
+                                  overlap=overlap, num_draft_tokens=num_draft_tokens)
 
 
 def test_forked_branches_equal_naive_full_prompts(engine):
@@ -87,3 +88,10 @@ def test_bad_inputs(engine):
         rag.answer_batch(["q1", "q2"], [PASSAGES[:2], [huge]], mode="always")
     assert engine.cache_stats()["used"] == 0
     assert not engine.scheduler.has_work() and not engine.seqs
+
+
+def test_speculative_engine_verified_drafts(engine):
+    # Last in the module: the speculative engine's answers above went through verify steps, so their
+    # agreement with the references covers speculation.
+    stats = engine.speculation_stats()
+    assert (stats["verify_passes"] > 0 and stats["accepted"] > 0) == (engine.stepper.num_draft_tokens > 0)

@@ -1,6 +1,7 @@
-"""Passage-copy speculative decoding: every output equals plain greedy decoding's (tokens, text, stop reasons,
-log-probabilities, top-n, reflection probabilities, Self-RAG answers), with forks, preemption, stops, the
-prefix cache and overlapped steps, on the torch path and under the Triton interpreter; no block leaks."""
+"""Passage-copy speculative decoding: every output equals plain decoding's, greedy or sampled (tokens, text,
+stop reasons, log-probabilities, top-n, reflection probabilities, Self-RAG answers), with forks, preemption,
+stops, the prefix cache and overlapped steps, on the torch path and under the Triton interpreter; no block
+leaks."""
 from __future__ import annotations
 
 import dataclasses
@@ -191,8 +192,8 @@ def test_eos_and_the_model_length(steered_pair):
 
 
 def test_sampling_rows_mixed_with_greedy_rows(pair):
-    """A batch with a sampling row decodes plainly; greedy rows speculate once they run alone. Seeded draws
-    do not depend on batching, so every output matches."""
+    """Greedy and sampling rows speculate together. Draws are keyed by seed and position, not by batching
+    or by the step that makes them, so every output matches."""
     plain, spec = pair
     prompts = copying_prompts(plain, 4, seed=11)
     params = [SamplingParams(max_tokens=20, temperature=0), SamplingParams(max_tokens=6, temperature=0.8, seed=4),
@@ -288,6 +289,21 @@ def test_long_form(steered_pair):
                    for e in (plain, spec)]
         same(*answers)
     assert used_blocks(spec) == 0 and not spec.seqs
+
+
+@pytest.mark.parametrize("temperature,top_p,top_k", [(0.6, 1.0, 0), (1.0, 0.9, 0), (0.8, 1.0, 4)])
+def test_sampling_rows_speculate_and_draw_what_plain_sampling_draws(pair, temperature, top_p, top_k):
+    """Sampling rows alone: verify steps run, some drafts are accepted and some rejected, and every output
+    (tokens, log-probabilities, reflection probabilities) is the one plain sampling draws with the seed."""
+    plain, spec = pair
+    prompts = copying_prompts(plain, 12, seed=int(temperature * 100) + top_k)
+    params = [SamplingParams(max_tokens=24, temperature=temperature, top_p=top_p, top_k=top_k, seed=s,
+                             logprobs=2, reflection=True) for s in range(len(prompts))]
+    before = spec.speculation_stats()
+    same(plain.generate(prompts, params), spec.generate(prompts, params))
+    assert spec.speculation_stats()["verify_passes"] > before["verify_passes"]
+    assert drafted_and_rejected(spec, before)
+    assert used_blocks(spec) == 0
 
 
 # ---- overlapped steps and the Triton interpreter ------------------------------------------------------

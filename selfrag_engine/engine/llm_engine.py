@@ -108,7 +108,7 @@ class Engine:
         Engine options (README lists them): block_size, num_blocks or kv_cache_bytes or gpu_memory_utilization,
         max_num_seqs, max_num_batched_tokens, max_model_len, enable_prefix_caching, use_kernels (default: on
         CUDA), enforce_eager (no CUDA graphs), cuda_graph_max_batch, overlap (default: on CUDA),
-        num_draft_tokens (speculative decoding of greedy rows, 0 = off; default: 4 on CUDA, off on the CPU), seed.
+        num_draft_tokens (exact speculative decoding, 0 = off; default: 4 on CUDA, off on the CPU), seed.
         """
         dev = device_of(device)
         tokenizer = Tokenizer.from_pretrained(path)

@@ -1,18 +1,25 @@
-"""Passage-copy speculative decoding, exact for greedy rows.
+"""Passage-copy speculative decoding, exact for greedy and sampling rows alike.
 
 Self-RAG branches copy spans of their own passage into their answers, so a row's next tokens are often
 predictable for free: the tokens that followed the latest occurrence of its last few tokens earlier in its own
 context (passage, prompt, its output so far; prompt-lookup decoding, `propose`), or in the engine's earlier
 outputs (`DraftPool`: the reflection-token scaffolding every answer shares). A verify step computes each
 row's last token and its draft in one model call over the paged cache (several query tokens per row, the path
-prompt chunks take), samples at every position, and keeps the longest prefix of the draft that greedy
+prompt chunks take), samples at every position, and keeps the longest prefix of the draft that plain
 decoding reproduces plus the token after it: each accepted position's token, log-probabilities, top-n and
 reflection probabilities are the sampler's output for that position, as plain decoding would produce them.
+
+Sampling rows are exact too, because a draw is keyed by the request's seed and the token's position
+(`sampling_inputs.step_seed`), not by the step that makes it: position i of a verify step draws with the
+seed plain decoding uses for token i, from the same distribution (temperature, top-k, top-p). So the tokens
+kept are the very ones plain sampling draws. In distribution this is the standard speculative rejection
+rule for a draft that proposes one token with certainty: the draw equals the draft token x with probability
+p(x) (accept), and otherwise is a draw from p without x, renormalized (the rule's residual distribution).
 The rejected drafts' slots are rolled back in the block manager; they were reserved, never hashed, so the
 prefix cache never sees them.
 
-A step speculates only when every row of its batch is a greedy decode row and some row has a draft;
-otherwise it runs as a plain step (sampling rows, prompt chunks, scored prompts). Verify steps run eagerly
+A step speculates only when every row of its batch is a decode row and some row has a draft; otherwise it
+runs as a plain step (prompt chunks, scored prompts). Verify steps run eagerly
 (no CUDA graph) and are not overlapped with the next step, whose input is their outcome.
 """
 from __future__ import annotations
@@ -60,7 +67,7 @@ class SpeculationStats:
     row_passes: int = 0  # sequences sampling in a model call, summed over calls
     tokens: int = 0  # tokens appended to sequences
     drafted: int = 0  # draft tokens verified
-    accepted: int = 0  # draft tokens greedy decoding reproduced
+    accepted: int = 0  # draft tokens plain decoding reproduced
 
     def as_dict(self) -> dict[str, float]:
         d = {k: float(v) for k, v in vars(self).items()}
@@ -129,9 +136,8 @@ def draft_limit(seq: Sequence, num_draft_tokens: int, max_model_len: int) -> int
 
 
 def speculable(batch: Batch) -> bool:
-    """Every chunk is a greedy decode row: one known token, sampling the next."""
-    return bool(batch.chunks) and all(
-        c.num_tokens == 1 and c.samples and not c.seq.scores and c.seq.params.greedy for c in batch.chunks)
+    """Every chunk is a decode row: one known token, sampling the next."""
+    return bool(batch.chunks) and all(c.num_tokens == 1 and c.samples and not c.seq.scores for c in batch.chunks)
 
 
 def add_drafts(scheduler: Scheduler, batch: Batch, num_draft_tokens: int, max_model_len: int,

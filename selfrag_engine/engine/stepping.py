@@ -8,9 +8,9 @@ following one. A step then returns with that next step in flight; it finishes in
 sequence gets the tokens it gets without overlap; one that stops (EOS, a stop string) has one more row
 computed and dropped.
 
-With num_draft_tokens > 0, a step whose rows are all greedy decode rows drafts and verifies several tokens
-per row in one model call (engine/speculative.py); such steps are not overlapped, and a plain step whose
-rows are all greedy launches no step ahead, so that the next one can speculate.
+With num_draft_tokens > 0, a step whose rows are all decode rows drafts and verifies several tokens per row
+in one model call (engine/speculative.py); such steps are not overlapped, and a plain decode step launches
+no step ahead, so that the next one can speculate.
 
 A step is a transaction: if anything in it raises (a failing kernel, an interrupt while sampling), every
 request it touched is put back as it was before the step, holding no blocks and waiting to be recomputed
@@ -122,7 +122,7 @@ class Stepper:
             cur = self._launch(batch, finished)
             if cur is None:
                 return finished, True
-        if self.overlap and not (self.num_draft_tokens and all(s.params.greedy for s in cur.seqs)):
+        if self.overlap and not self.num_draft_tokens:
             self.in_flight = self._launch_ahead(cur)
         finished += self._finish(cur, self.in_flight)
         if self.in_flight is not None and len(self.in_flight.dropped) == len(self.in_flight.seqs):
