@@ -8,8 +8,9 @@ The engine runs with use_kernels=True in the Triton interpreter, and `LaunchCoun
 kernel, per decoder layer of each decode step. The count depends on the layer's structure, not on its sizes, so a
 small random Llama with grouped-query attention stands in for Llama-2-7B. On a GPU, long contexts add one merge
 launch to split attention (the interpreter never splits), and CUDA graphs replay a whole step as one launch.
-Metric: decode_launches_per_layer (target <= 7), for float32 linears (one aten GEMM each) and FP8 linears (the
-Triton GEMV), at batch 1 and 5.
+Metric: decode_launches_per_layer (target <= 7), for float32 linears (one aten GEMM each, after their own RMSNorm
+launches) and FP8 linears (the Triton GEMV, which runs the RMSNorm before q|k|v and gate|up as its prologue), at
+batch 1 and 5.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from selfrag_engine.testing import write_tiny_checkpoint  # noqa: E402
 
 KINDS = {
     "_rms_norm_kernel": "RMSNorm (+ residual add)",
+    "_fp8_norm_gemv_kernel": "RMSNorm (+ residual add) + projection GEMV",
     "_fp8_gemv_kernel": "projection GEMV/GEMM",
     "_fp8_gemm_kernel_impl": "projection GEMV/GEMM",
     "aten.linear": "projection GEMV/GEMM",

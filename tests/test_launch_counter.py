@@ -23,18 +23,30 @@ def _engine(**kw) -> Engine:
                                   dtype=torch.float32, progress=False, **kw)
 
 
-@pytest.mark.parametrize("quantization,gemv", [(None, "aten.linear"), ("fp8", "_fp8_gemv_kernel")])
-def test_fused_decode_layer_launches(quantization, gemv):
+# Per layer and decode step. float32 linears (one aten GEMM each) keep their norms apart: norm, q|k|v, rotary + KV
+# store, attention, o, norm + residual, gate|up, SiLU-and-mul, down. FP8 linears take each norm as the prologue
+# of the GEMV after it: norm + q|k|v, rotary + KV store, attention, o, norm + residual + gate|up, SiLU-and-mul,
+# down.
+DECODE_LAYER = {
+    None: ({"_rms_norm_kernel": 2.0, "aten.linear": 4.0, "_rotary_store_kernel": 1.0, "_decode_kernel": 1.0,
+            "_silu_and_mul_kernel": 1.0}, 9.0),
+    "fp8": ({"_fp8_norm_gemv_kernel": 2.0, "_fp8_gemv_kernel": 2.0, "_rotary_store_kernel": 1.0,
+             "_decode_kernel": 1.0, "_silu_and_mul_kernel": 1.0}, 7.0),
+}
+
+
+@pytest.mark.parametrize("quantization", [None, "fp8"])
+def test_fused_decode_layer_launches(quantization):
     engine = _engine(use_kernels=True, quantization=quantization)
     with LaunchCounter(engine.model) as counter:
         engine.generate(["one prompt", "and a second, longer one"], PARAMS)
     # Two prompts, max_tokens 4: one prefill that samples the first token, then three decode steps.
     assert counter.decode_steps() == 3
-    per_layer = counter.per_layer(decode=True)
-    # Norm, q|k|v, rotary + KV store, attention, o, norm + residual, gate|up, SiLU-and-mul, down.
-    assert dict(per_layer) == {"_rms_norm_kernel": 2.0, gemv: 4.0, "_rotary_store_kernel": 1.0,
-                               "_decode_kernel": 1.0, "_silu_and_mul_kernel": 1.0}
-    assert counter.decode_launches_per_layer() == 9.0
+    kernels, total = DECODE_LAYER[quantization]
+    assert dict(counter.per_layer(decode=True)) == kernels
+    assert counter.decode_launches_per_layer() == total
+    if quantization == "fp8":
+        assert total <= 7.0  # the per-layer budget of the FP8 decode step
     assert counter.host_reads(decode=True) == 0
     # Outside the layers: the embedding and the final norm, once per step.
     outside = [l.name for l in counter.launches if l.layer is None and l.decode]

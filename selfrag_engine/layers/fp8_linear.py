@@ -3,7 +3,8 @@
 
 - `quantize_fp8_per_channel(w)`: one float32 scale per output row, amax(|row|) / 448.
 - `Fp8Linear`: buffers `weight` (float8_e4m3fn [out, in]) and `weight_scale` (float32 [out]); the Triton
-  kernel when the backend runs kernels, a torch reference otherwise. It loads its own checkpoint tensors
+  kernel when the backend runs kernels, a torch reference otherwise. On decode-sized inputs it can also run
+  the RMSNorm before it as the GEMV's prologue (`fuses_rms_norm`, `forward_rms_norm`): one launch for both. It loads its own checkpoint tensors
   (quantizing a high-precision weight on its device, or copying a pre-quantized one) through the protocol that
   `selfrag_engine.weights.checkpoint.load_weights` calls: `expected_checkpoint_attrs` / `load_checkpoint_tensor`;
   `load_checkpoint_rows` loads one checkpoint tensor into a row range of a fused linear (layers/fused_linear.py).
@@ -25,6 +26,7 @@ from selfrag_engine.kernels.fp8_linear import (
     fp8_linear_w8a8,
     w8a8_supported,
 )
+from selfrag_engine.kernels.fp8_norm_gemv import fp8_rms_norm_linear
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -129,6 +131,19 @@ class Fp8Linear(nn.Module):
             return fp8_linear(x, self.weight, self.weight_scale)
         # Reference: fp32 accumulation, scale per output column after the matmul, as the kernel does.
         return ((x.float() @ self.weight.float().T) * self.weight_scale).to(x.dtype)
+
+    def fuses_rms_norm(self, x: torch.Tensor) -> bool:
+        """Whether `forward_rms_norm(x, ...)` runs as one kernel: the kernels backend, x [M, in] with at most
+        GEMV_MAX_M rows (the GEMV path, which decode takes), and no autograd (the fused kernel has no backward)."""
+        return (self.backend.kernels and x.dim() == 2 and x.shape[0] <= GEMV_MAX_M
+                and not (torch.is_grad_enabled() and x.requires_grad))
+
+    def forward_rms_norm(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                         residual: torch.Tensor | None = None):
+        """self(RMSNorm(x [+ residual]) * norm_weight) in one kernel launch, and x + residual when a residual is
+        given: x, residual [M, in] (M <= GEMV_MAX_M, see `fuses_rms_norm`), norm_weight [in]. Returns y [M, out]
+        in x's dtype, or (y, x + residual)."""
+        return fp8_rms_norm_linear(x, norm_weight, eps, self.weight, self.weight_scale, residual)
 
     # -- checkpoint loading protocol (selfrag_engine.weights.checkpoint.load_weights) --------------------------------
 

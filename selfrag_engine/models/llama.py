@@ -25,6 +25,7 @@ from selfrag_engine.layers.attention import (
     paged_attention,
     store_kv,
 )
+from selfrag_engine.layers.fp8_linear import Fp8Linear
 from selfrag_engine.layers.fused_linear import Shard, ShardedLinears
 
 
@@ -66,6 +67,18 @@ class RMSNorm(nn.Module):
         out = self.weight * h.to(x.dtype)
         return out if residual is None else (out, residual)
 
+    def project(self, linear: nn.Module, x: torch.Tensor,
+                residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(linear(self(x [+ residual])), the new residual: x + residual, or x when none is given). An FP8 linear
+        takes the norm as its GEMV's prologue on decode-sized inputs, saving the norm's own launch."""
+        if isinstance(linear, Fp8Linear) and linear.fuses_rms_norm(x):
+            out = linear.forward_rms_norm(x, self.weight, self.eps, residual)
+            return out if residual is not None else (out, x)
+        if residual is None:
+            return linear(self(x)), x
+        h, residual = self(x, residual)
+        return linear(h), residual
+
 
 class Attention(ShardedLinears):
     backend: Backend = TORCH
@@ -86,9 +99,14 @@ class Attention(ShardedLinears):
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 meta: AttentionMetadata, kv: KVCache) -> torch.Tensor:
         """x [T, hidden]; rope: the full cos/sin tables [max_positions, head_dim // 2]."""
-        t = x.shape[0]
+        return self.attend(self.qkv_proj(x), positions, rope, meta, kv)
+
+    def attend(self, qkv: torch.Tensor, positions: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+               meta: AttentionMetadata, kv: KVCache) -> torch.Tensor:
+        """`forward` from the q|k|v projection's output qkv [T, q + 2 * kv] on (rotary, KV store, attention, o)."""
+        t = qkv.shape[0]
         # Strided views of the one GEMV's output; the kernels take any strides.
-        q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
+        q, k, v = qkv.split(self.qkv_sizes, dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
@@ -126,7 +144,10 @@ class MLP(ShardedLinears):
                          "down_proj": Shard("down_proj", 0, h)})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)
+        return self.down(self.gate_up_proj(x))
+
+    def down(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """`forward` from the gate|up projection's output gate_up [..., 2 * intermediate] on."""
         # The kernel has no backward: training through forward_dense takes the torch ops.
         if self.backend.kernels and not gate_up.requires_grad:
             h = silu_and_mul(gate_up.reshape(-1, gate_up.shape[-1])).view(*gate_up.shape[:-1], -1)
@@ -145,14 +166,11 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x, residual, positions, rope, meta: AttentionMetadata, kv: KVCache):
-        if residual is None:
-            residual = x
-            h = self.input_layernorm(x)
-        else:
-            h, residual = self.input_layernorm(x, residual)
-        h = self.self_attn(h, positions, rope, meta, kv)
-        h, residual = self.post_attention_layernorm(h, residual)
-        return self.mlp(h), residual
+        # Each norm runs through the projection after it, which fuses the two where it can (FP8 decode).
+        qkv, residual = self.input_layernorm.project(self.self_attn.qkv_proj, x, residual)
+        h = self.self_attn.attend(qkv, positions, rope, meta, kv)
+        gate_up, residual = self.post_attention_layernorm.project(self.mlp.gate_up_proj, h, residual)
+        return self.mlp.down(gate_up), residual
 
     def forward_dense(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x = x + self.self_attn.forward_dense(self.input_layernorm(x), cos, sin)
