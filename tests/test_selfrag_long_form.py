@@ -141,6 +141,34 @@ def test_tree_equals_naive_reprefill(engine):
     assert max(depths) >= 2 and resumed > 0
 
 
+@pytest.mark.parametrize("compat,beam_width", [("paper", 1), ("paper", 2), ("released", 2)])
+def test_segments_stream_in_order_as_they_settle(engine, compat, beam_width):
+    rng = random.Random(11)
+    qs = [question(rng) for _ in range(2)]
+    docs = [passages(rng, 2) for _ in qs]
+    rag = LongFormSelfRAG(engine, ndocs=2, max_new_tokens=10, beam_width=beam_width, max_depth=3, mode="always",
+                          compat=compat)
+    streamed: dict[int, list] = {0: [], 1: []}
+    passes_at: list[float] = []
+
+    def on_segment(i, segment):
+        streamed[i].append(segment)
+        passes_at.append(engine.speculation_stats()["forward_passes"])
+
+    answers = rag.answer_batch(qs, docs, on_segment=on_segment)
+    passes_after = engine.speculation_stats()["forward_passes"]
+    for i, ans in enumerate(answers):
+        assert streamed[i] == ans.segments and ans.segments
+    one: list = []
+    single = rag.answer(qs[1], docs[1], on_segment=one.append)
+    assert one == single.segments
+    assert [s.token_ids for s in one] == [s.token_ids for s in streamed[1]]
+    if beam_width == 1:
+        # A beam of one settles every depth as it ends: segments came while later depths still decoded.
+        assert min(passes_at) < passes_after
+    assert _clean(engine)
+
+
 def test_batch_equals_single_and_never_mode(engine):
     rng = random.Random()
     qs = [question(rng) for _ in range(3)]

@@ -21,6 +21,7 @@ pytest.importorskip("fastapi", reason="fastapi and uvicorn are the serve extra")
 
 from selfrag_engine import Engine, SamplingParams  # noqa: E402
 from selfrag_engine.retrieval.passages import Passage  # noqa: E402
+from selfrag_engine.selfrag.long_form import LongFormSelfRAG  # noqa: E402
 from selfrag_engine.selfrag.prompts import format_prompt  # noqa: E402
 from selfrag_engine.selfrag.short_form import SelfRAG  # noqa: E402
 from selfrag_engine.tiny.assets import default_model_dir, read_corpus, read_examples  # noqa: E402
@@ -155,6 +156,40 @@ def test_selfrag_through_chat_extra_body_and_endpoint(client, server, engine):
     assert [b["text"] for b in raw["branches"]] == [b.text for b in expected.branches]
     assert raw["best"] == expected.best
     assert raw["retrieval_probability"] == pytest.approx(expected.retrieval_probability, abs=1e-6)
+
+
+def _events(r: httpx.Response) -> list:
+    out = []
+    for line in r.iter_lines():
+        if line.startswith("data: "):
+            out.append(line[len("data: "):] if line == "data: [DONE]" else json.loads(line[len("data: "):]))
+    return out
+
+
+def test_selfrag_long_form_streams_its_segments(server, engine):
+    question, docs = _cases(2)[1]
+    expected = LongFormSelfRAG(engine, max_new_tokens=24, mode="always", beam_width=1,
+                               max_depth=3).answer(question, docs)
+    body = {"question": question, "passages": [{"title": p.title, "text": p.text} for p in docs],
+            "form": "long", "mode": "always", "max_tokens": 24, "beam_width": 1, "max_depth": 3, "stream": True}
+    with httpx.stream("POST", f"{server}/v1/selfrag", json=body, timeout=120) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = _events(r)
+    assert events[-1] == "[DONE]"
+    segments = [e["segment"] for e in events if isinstance(e, dict) and e["object"] == "selfrag.segment"]
+    final = events[-2]
+    assert final["object"] == "selfrag.answer" and final["answer"] == expected.answer
+    assert [s["text"] for s in segments] == [s.text for s in expected.segments]
+    assert [None if s["passage"] is None else s["passage"]["title"] for s in segments] == \
+        [None if s.passage is None else s.passage.title for s in expected.segments]
+    assert [e["index"] for e in events[:-2]] == list(range(len(segments)))
+    # The short form streams its answer alone; a bad streamed body is still a 400, before any event.
+    with httpx.stream("POST", f"{server}/v1/selfrag", json={**body, "form": "short"}, timeout=120) as r:
+        short = _events(r)
+    assert [e["object"] for e in short[:-1]] == ["selfrag.answer"] and short[-1] == "[DONE]"
+    r = httpx.post(f"{server}/v1/selfrag", json={**body, "passages": [{"title": "no text"}]}, timeout=30)
+    assert r.status_code == 400 and "passages.0" in r.json()["error"]["message"]
+    assert _used_blocks(server) == 0
 
 
 @pytest.mark.parametrize("body, param", [

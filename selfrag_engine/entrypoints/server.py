@@ -9,8 +9,9 @@
   vLLM's: max_tokens 16 for completions (the rest of the context for chat), temperature 1, special tokens
   skipped. A text prompt is encoded as the Python API encodes it (BOS, then the text). The chat template is
   Self-RAG's instruction format: the last user message is the instruction, earlier messages go before it.
-- `POST /v1/selfrag`: a Self-RAG answer with its branches and scores; the same through chat completions with an
-  extra body field `selfrag: {...}` (the last user message is the question).
+- `POST /v1/selfrag`: a Self-RAG answer with its branches and scores (`stream: true`: the long form's segments
+  as server-sent events as they settle, then the answer); the same through chat completions with an extra
+  body field `selfrag: {...}` (the last user message is the question).
 - `GET /health`, `GET /metrics` (Prometheus text).
 Bad bodies get HTTP 400 with an OpenAI-style error object naming the field; over the admission bound, 429 with
 Retry-After.
@@ -22,7 +23,7 @@ import json
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 import uvicorn
@@ -52,7 +53,7 @@ from selfrag_engine.errors import (
 )
 from selfrag_engine.retrieval.passages import Passage
 from selfrag_engine.selfrag.evaluate import long_form_trace, short_form_trace
-from selfrag_engine.selfrag.long_form import LongFormSelfRAG
+from selfrag_engine.selfrag.long_form import LongFormSelfRAG, Segment
 from selfrag_engine.selfrag.prompts import format_prompt
 from selfrag_engine.selfrag.scoring import ScoringConfig
 from selfrag_engine.selfrag.short_form import SelfRAG
@@ -249,6 +250,9 @@ def build_app(loop: EngineLoop, model_name: str, retriever: Any = None) -> FastA
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         if body.selfrag is not None:
+            if body.stream:
+                raise RequestError("stream: Self-RAG answers stream from /v1/selfrag (long-form segments), not "
+                                   "from chat completions")
             opts = body.selfrag
             question = opts.question or _last_user(body.messages)
             result = await _selfrag(request, loop, retriever, question, opts)
@@ -286,7 +290,7 @@ def build_app(loop: EngineLoop, model_name: str, retriever: Any = None) -> FastA
         if not body.question or not body.question.strip():
             raise RequestError("question: a non-empty question is required")
         if body.stream:
-            raise RequestError("stream: streaming Self-RAG answers is not supported yet")
+            return _selfrag_stream(loop, retriever, body.question, body, metrics, start)
         result = await _selfrag(request, loop, retriever, body.question, body)
         metrics.latency.labels("selfrag").observe(time.perf_counter() - start)
         return result
@@ -523,8 +527,10 @@ def _scoring(opts: SelfRAGOptions, form: str) -> ScoringConfig:
             else ScoringConfig.released(form=form, **knobs))
 
 
-async def _selfrag(request: Request, loop: EngineLoop, retriever: Any, question: str,
-                   opts: SelfRAGOptions) -> dict[str, Any]:
+def _selfrag_program(retriever: Any, question: str, opts: SelfRAGOptions,
+                     on_segment: Callable[[Segment], None] | None = None) -> Callable[[Any], dict[str, Any]]:
+    """The program a Self-RAG request runs on the engine loop; its result is the response body. Long-form
+    segments go to on_segment as they settle."""
     if not question.strip():
         raise RequestError("question: the question is empty")
     passages = None
@@ -553,13 +559,62 @@ async def _selfrag(request: Request, loop: EngineLoop, retriever: Any, question:
         kwargs = {k: getattr(opts, k) for k in ("beam_width", "max_depth") if getattr(opts, k) is not None}
         rag = LongFormSelfRAG(engine, retriever=retriever, scoring=_scoring(opts, "long"), ndocs=opts.ndocs,
                               max_new_tokens=opts.max_tokens, mode=opts.mode, compat=opts.compat, **kwargs)
-        ans = rag.answer(question, passages)
+        ans = rag.answer(question, passages, on_segment=on_segment)
         citations = [None if c is None else {"title": c.title, "text": c.text} for c in ans.citations]
         return {"answer": ans.answer, "retrieved": ans.retrieved, "retrieval_probability": None,
                 "branches": [], "best": None, "citations": citations, "trace": long_form_trace(ans),
                 "usage": {"completion_tokens": ans.num_generated_tokens}}
 
+    return program
+
+
+def _segment_body(s: Segment) -> dict[str, Any]:
+    return {"text": s.text, "depth": s.depth,
+            "passage": None if s.passage is None else {"title": s.passage.title, "text": s.passage.text},
+            "relevance": s.relevance, "grounding": s.grounding, "utility": s.utility, "final": s.final,
+            "score": s.score}
+
+
+def _selfrag_stream(loop: EngineLoop, retriever: Any, question: str, opts: SelfRAGOptions, metrics: _Metrics,
+                    start: float) -> StreamingResponse:
+    """Server-sent events: a `selfrag.segment` event for each long-form segment as soon as no later choice
+    can drop it, then `selfrag.answer` (the body /v1/selfrag returns), then [DONE]. A short-form answer has
+    no segments. A client that goes away cancels the query, which frees its blocks."""
+    events = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+
+    def on_segment(segment: Segment) -> None:  # on the program's worker thread
+        events.call_soon_threadsafe(queue.put_nowait, _segment_body(segment))
+
+    program = _selfrag_program(retriever, question, opts, on_segment)  # a bad body is a 400 before any event
     handle = loop.run_program(program, timeout_s=opts.timeout)
+    # Queued after every segment the program handed over, since those were queued before it returned.
+    handle.add_done_callback(lambda _: events.call_soon_threadsafe(queue.put_nowait, None))
+
+    async def gen():
+        try:
+            index = 0
+            while (segment := await queue.get()) is not None:
+                event = {"object": "selfrag.segment", "index": index, "segment": segment}
+                yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
+                index += 1
+            try:
+                result = handle.result()
+            except Exception as e:  # noqa: BLE001 - reported in the stream
+                yield f"data: {json.dumps(json.loads(_error_response(e).body))}\n\n"
+            else:
+                metrics.latency.labels("selfrag").observe(time.perf_counter() - start)
+                yield f"data: {json.dumps({'object': 'selfrag.answer', **result}, ensure_ascii=False)}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            handle.cancel()
+
+    return StreamingResponse(gen(), media_type="text/event-stream")
+
+
+async def _selfrag(request: Request, loop: EngineLoop, retriever: Any, question: str,
+                   opts: SelfRAGOptions) -> dict[str, Any]:
+    handle = loop.run_program(_selfrag_program(retriever, question, opts), timeout_s=opts.timeout)
     try:
         return await _unless_gone(request, asyncio.wrap_future(handle), handle.cancel)
     except asyncio.CancelledError:

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from selfrag_engine.engine.llm_engine import Engine, RequestOutput
 from selfrag_engine.engine.sampling_params import SamplingParams
@@ -150,6 +150,7 @@ class _Tree:
     tokens: int = 0
     queries: list[str] = field(default_factory=list)
     no_retrieval: str | None = None  # released: the answer when the tree is never built
+    streamed: int = 0  # segments of the answer already handed to on_segment
 
     def node(self, parent: _Node | None, depth: int, **kw) -> _Node:
         n = _Node(len(self.nodes), parent, depth, **kw)
@@ -236,12 +237,21 @@ class LongFormSelfRAG:
     # ---- API ------------------------------------------------------------------------------------------
 
     def answer(self, question: str, passages: Sequence[Passage] | None = None, *,
-               input: str | None = None) -> LongAnswer:
-        return self.answer_batch([question], [passages] if passages is not None else None, input=input)[0]
+               input: str | None = None, on_segment: Callable[[Segment], None] | None = None) -> LongAnswer:
+        """on_segment, if given, receives the answer's segments in order as soon as each is certain (see
+        answer_batch)."""
+        stream = None if on_segment is None else (lambda _, segment: on_segment(segment))
+        return self.answer_batch([question], [passages] if passages is not None else None, input=input,
+                                 on_segment=stream)[0]
 
     def answer_batch(self, questions: Sequence[str], passages: Sequence[Sequence[Passage] | None] | None = None,
-                     *, input: str | None = None) -> list[LongAnswer]:
-        """Answers several questions together: each depth of every question's tree decodes in one batch."""
+                     *, input: str | None = None,
+                     on_segment: Callable[[int, Segment], None] | None = None) -> list[LongAnswer]:
+        """Answers several questions together: each depth of every question's tree decodes in one batch.
+
+        on_segment(question index, segment), if given, streams each answer's segments in order: a segment is
+        handed over once every node of its tree's beam descends from it, so that no later choice can drop
+        it, and the rest when the answer is chosen. The segments handed over are the answer's `segments`."""
         if passages is not None and len(passages) != len(questions):
             raise RequestError(f"{len(questions)} questions but {len(passages)} passage lists")
         tok = self.engine.tokenizer
@@ -256,15 +266,43 @@ class LongFormSelfRAG:
             for tree, g in zip(trees, given):
                 tree.docs = self._given_docs(tree, g)
             with Owned(self.engine) as owned:
-                self._released(owned, trees)
+                self._released(owned, trees, on_segment)
         else:
             with Owned(self.engine) as owned:
-                self._paper(owned, trees, given)
-        return [self._answer(tree, start) for tree in trees]
+                self._paper(owned, trees, given, on_segment)
+        answers = [self._answer(tree, start) for tree in trees]
+        if on_segment is not None:
+            for tree, ans in zip(trees, answers):
+                for segment in ans.segments[tree.streamed:]:
+                    on_segment(tree.index, segment)
+        return answers
+
+    def _stream_settled(self, tree: _Tree, nodes: Sequence[_Node],
+                        on_segment: Callable[[int, Segment], None] | None) -> None:
+        """Hands over the segments of the nodes every one of `nodes` (a beam) descends from: the answer's
+        path runs through them whichever node wins."""
+        if on_segment is None or not nodes:
+            return
+        common: list[_Node] = []
+        for column in zip(*(n.path() for n in nodes)):
+            if any(n is not column[0] for n in column):
+                break
+            common.append(column[0])
+        settled = self._answer_path(common)
+        for n in settled[tree.streamed:]:
+            on_segment(tree.index, self._segment(n))
+        tree.streamed = max(tree.streamed, len(settled))
+
+    def _answer_path(self, path: list[_Node]) -> list[_Node]:
+        """The nodes of a root-first path that give the answer's segments (not a root that only retrieved)."""
+        if self.compat == "released":
+            return path[1:]
+        return [n for n in path if not (n.parent is None and n.ended == "retrieval")]
 
     # ---- paper flavour --------------------------------------------------------------------------------
 
-    def _paper(self, owned: Owned, trees: list[_Tree], given: list[Sequence[Passage] | None]) -> None:
+    def _paper(self, owned: Owned, trees: list[_Tree], given: list[Sequence[Passage] | None],
+               on_segment: Callable[[int, Segment], None] | None) -> None:
         engine = self.engine
         first = SamplingParams(max_tokens=1, temperature=0.0, reflection=True, detokenize=False)
         for tree in trees:
@@ -287,6 +325,7 @@ class LongFormSelfRAG:
         for tree in trees:
             for n in tree.beam:
                 self._settle(owned, n)
+            self._stream_settled(tree, tree.beam, on_segment)
         for depth in range(1, self.max_depth + 1):
             children: dict[int, _Node] = {}
             expanded: dict[int, list[_Node]] = {}
@@ -312,6 +351,7 @@ class LongFormSelfRAG:
                 tree.beam = ranked[:self.beam_width]
                 for n in ranked[self.beam_width:]:
                     self._close(owned, n)
+                self._stream_settled(tree, tree.beam, on_segment)
         for tree in trees:
             for n in tree.beam:
                 self._close(owned, n)
@@ -433,7 +473,8 @@ class LongFormSelfRAG:
         return self.engine.tokenizer.decode_continuation(token_ids, context_ids,
                                                          skip_special_tokens=self.quirks.strip_special_tokens)
 
-    def _released(self, owned: Owned, trees: list[_Tree]) -> None:
+    def _released(self, owned: Owned, trees: list[_Tree], on_segment: Callable[[int, Segment], None] | None
+                  ) -> None:
         first = SamplingParams(max_tokens=1, temperature=0.0, reflection=True, detokenize=False)
         for tree in trees:
             tree.head = owned.add(tree.prompt, first, keep_cache=True)
@@ -466,6 +507,8 @@ class LongFormSelfRAG:
             if not active:
                 break
             self._released_depth(owned, active, depth)
+            for tree in active:
+                self._stream_settled(tree, tree.levels[-1], on_segment)
         for tree in building:
             if tree.head is not None:
                 owned.drop(tree.head)
@@ -578,8 +621,7 @@ class LongFormSelfRAG:
             if n.decoded is not None and not (n.parent is None and n.ended == "retrieval"):
                 tree.tokens += len(n.decoded.token_ids)
         best = max(tree.beam, key=lambda n: float("-inf") if n.score is None else n.score)
-        path = [n for n in best.path() if not (n.parent is None and n.ended == "retrieval")]
-        segments = [self._segment(n) for n in path]
+        segments = [self._segment(n) for n in self._answer_path(best.path())]
         answer = postprocess(" ".join(s.text for s in segments if s.text), long_form=True)
         return LongAnswer(tree.question, answer, segments, [s.passage for s in segments], best.score,
                           any(s.passage is not None for s in segments), tree.tokens, elapsed,
@@ -594,7 +636,7 @@ class LongFormSelfRAG:
         best = deepest[0]
         path = best.path()
         joined = " ".join(n.text for n in path)
-        segments = [self._segment(n) for n in path[1:]]
+        segments = [self._segment(n) for n in self._answer_path(path)]
         return LongAnswer(tree.question, postprocess(joined, long_form=True), segments,
                           [s.passage for s in segments], best.score, True, tree.tokens, elapsed,
                           self._trace(tree, best))
