@@ -11,8 +11,8 @@ fp16 and bf16 activations with fp16 and FP8 weights, batches 1, 5 and 16 and con
 Inside `planning_for(H100)` the launch functions in kernels/ choose their configurations for an H100's 132 SMs
 and compute capability 9.0, and triton's launch is replaced by its warm-up: it compiles with the JIT's own
 argument specialization, for a stand-in driver that reports sm_90a, and returns without launching. The autotuned
-GEMM compiles every candidate. So what is compiled is what those launch functions would launch; no list of
-configurations is kept here. Registers and spills are those the ptxas bundled with triton reports for the
+GEMM compiles every candidate. So what is compiled is what those launch functions would launch (the FP8 decode
+GEMVs with their RMSNorm and SiLU-and-mul prologues included); no list of configurations is kept here. Registers and spills are those the ptxas bundled with triton reports for the
 cubin it builds; shared memory is triton's own allocation.
 
 Exits 1 on a compile error, on shared memory over sm_90's 227 KiB per block, or on spills in a kernel that a

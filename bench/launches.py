@@ -9,8 +9,8 @@ kernel, per decoder layer of each decode step. The count depends on the layer's 
 small random Llama with grouped-query attention stands in for Llama-2-7B. On a GPU, long contexts add one merge
 launch to split attention (the interpreter never splits), and CUDA graphs replay a whole step as one launch.
 Metric: decode_launches_per_layer (target <= 7), for float32 linears (one aten GEMM each, after their own RMSNorm
-launches) and FP8 linears (the Triton GEMV, which runs the RMSNorm before q|k|v and gate|up as its prologue), at
-batch 1 and 5.
+launches) and FP8 linears (the Triton GEMV, which runs the RMSNorm before q|k|v and gate|up, and the SiLU-and-mul
+before down, as its prologue), at batch 1 and 5.
 """
 from __future__ import annotations
 
@@ -44,6 +44,7 @@ KINDS = {
     "_merge_kernel": "attention",
     "_cascade_kernel": "attention",
     "_silu_and_mul_kernel": "SiLU-and-mul",
+    "_fp8_silu_gemv_kernel": "SiLU-and-mul + projection GEMV",
 }
 PROMPTS = ["Where was Ada Lovelace born?", "What is 7 plus 5?", "Write 'green garden' in capital letters.",
            "Hello there!", "Name a city by a river."]

@@ -158,6 +158,7 @@ def _generate(engine: Engine, fused: bool, monkeypatch) -> tuple[list, LaunchCou
     with monkeypatch.context() as patch:
         if not fused:
             patch.setattr(Fp8Linear, "fuses_rms_norm", lambda self, x: False)
+            patch.setattr(Fp8Linear, "fuses_silu_mul", lambda self, x: False)
         params = SamplingParams(max_tokens=5, temperature=0.0, logprobs=5, ignore_eos=True)
         with LaunchCounter(engine.model) as counter:
             outs = engine.generate(PROMPTS, params)
@@ -180,16 +181,19 @@ def _assert_logprobs_close(a, b, tol: float) -> None:
 @interpreted
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.float16, 3e-2)], ids=["fp32", "fp16"])
 def test_model_decode_fused_equals_unfused_and_torch(dtype, tol, monkeypatch):
-    """An FP8 model's decode logits (through their log-probabilities) with the norms fused into the GEMVs equal
-    those of the unfused kernels and of the torch reference; and the fused kernel is what ran."""
+    """An FP8 model's decode logits (through their log-probabilities) with the norms and the SiLU-and-mul fused
+    into the GEMVs equal those of the unfused kernels and of the torch reference; and the fused kernels are what
+    ran."""
     fast = _engine(True, dtype)
     fused, counter = _generate(fast, True, monkeypatch)
     unfused, counter_unfused = _generate(fast, False, monkeypatch)
     reference, _ = _generate(_engine(False, dtype), True, monkeypatch)
     per_layer = counter.per_layer(decode=True)
     assert per_layer["_fp8_norm_gemv_kernel"] == 2.0 and "_rms_norm_kernel" not in per_layer
-    assert counter.decode_launches_per_layer() == 7.0
-    assert counter_unfused.per_layer(decode=True)["_rms_norm_kernel"] == 2.0
+    assert per_layer["_fp8_silu_gemv_kernel"] == 1.0 and "_silu_and_mul_kernel" not in per_layer
+    assert counter.decode_launches_per_layer() == 6.0
+    per_layer_unfused = counter_unfused.per_layer(decode=True)
+    assert per_layer_unfused["_rms_norm_kernel"] == 2.0 and per_layer_unfused["_silu_and_mul_kernel"] == 1.0
     _assert_logprobs_close(fused, unfused, tol)
     _assert_logprobs_close(fused, reference, tol)
     _assert_logprobs_close(unfused, reference, tol)

@@ -24,14 +24,14 @@ def _engine(**kw) -> Engine:
 
 
 # Per layer and decode step. float32 linears (one aten GEMM each) keep their norms apart: norm, q|k|v, rotary + KV
-# store, attention, o, norm + residual, gate|up, SiLU-and-mul, down. FP8 linears take each norm as the prologue
-# of the GEMV after it: norm + q|k|v, rotary + KV store, attention, o, norm + residual + gate|up, SiLU-and-mul,
-# down.
+# store, attention, o, norm + residual, gate|up, SiLU-and-mul, down. FP8 linears take each norm, and the
+# SiLU-and-mul, as the prologue of the GEMV after it: norm + q|k|v, rotary + KV store, attention, o,
+# norm + residual + gate|up, SiLU-and-mul + down.
 DECODE_LAYER = {
     None: ({"_rms_norm_kernel": 2.0, "aten.linear": 4.0, "_rotary_store_kernel": 1.0, "_decode_kernel": 1.0,
             "_silu_and_mul_kernel": 1.0}, 9.0),
-    "fp8": ({"_fp8_norm_gemv_kernel": 2.0, "_fp8_gemv_kernel": 2.0, "_rotary_store_kernel": 1.0,
-             "_decode_kernel": 1.0, "_silu_and_mul_kernel": 1.0}, 7.0),
+    "fp8": ({"_fp8_norm_gemv_kernel": 2.0, "_fp8_gemv_kernel": 1.0, "_fp8_silu_gemv_kernel": 1.0,
+             "_rotary_store_kernel": 1.0, "_decode_kernel": 1.0}, 6.0),
 }
 
 

@@ -4,7 +4,8 @@
 - `quantize_fp8_per_channel(w)`: one float32 scale per output row, amax(|row|) / 448.
 - `Fp8Linear`: buffers `weight` (float8_e4m3fn [out, in]) and `weight_scale` (float32 [out]); the Triton
   kernel when the backend runs kernels, a torch reference otherwise. On decode-sized inputs it can also run
-  the RMSNorm before it as the GEMV's prologue (`fuses_rms_norm`, `forward_rms_norm`): one launch for both. It loads its own checkpoint tensors
+  the RMSNorm before it (`fuses_rms_norm`, `forward_rms_norm`) or the SiLU-and-mul before it (`fuses_silu_mul`,
+  `forward_silu_mul`) as the GEMV's prologue: one launch for both. It loads its own checkpoint tensors
   (quantizing a high-precision weight on its device, or copying a pre-quantized one) through the protocol that
   `selfrag_engine.weights.checkpoint.load_weights` calls: `expected_checkpoint_attrs` / `load_checkpoint_tensor`;
   `load_checkpoint_rows` loads one checkpoint tensor into a row range of a fused linear (layers/fused_linear.py).
@@ -27,6 +28,7 @@ from selfrag_engine.kernels.fp8_linear import (
     w8a8_supported,
 )
 from selfrag_engine.kernels.fp8_norm_gemv import fp8_rms_norm_linear
+from selfrag_engine.kernels.fp8_silu_gemv import fp8_silu_mul_linear
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -132,11 +134,24 @@ class Fp8Linear(nn.Module):
         # Reference: fp32 accumulation, scale per output column after the matmul, as the kernel does.
         return ((x.float() @ self.weight.float().T) * self.weight_scale).to(x.dtype)
 
-    def fuses_rms_norm(self, x: torch.Tensor) -> bool:
-        """Whether `forward_rms_norm(x, ...)` runs as one kernel: the kernels backend, x [M, in] with at most
-        GEMV_MAX_M rows (the GEMV path, which decode takes), and no autograd (the fused kernel has no backward)."""
+    def _takes_prologue(self, x: torch.Tensor) -> bool:
+        # The kernels backend, a 2-D x with at most GEMV_MAX_M rows (the GEMV path, which decode takes), and no
+        # autograd (the fused kernels have no backward).
         return (self.backend.kernels and x.dim() == 2 and x.shape[0] <= GEMV_MAX_M
                 and not (torch.is_grad_enabled() and x.requires_grad))
+
+    def fuses_rms_norm(self, x: torch.Tensor) -> bool:
+        """Whether `forward_rms_norm(x, ...)` runs as one kernel for x [M, in]."""
+        return self._takes_prologue(x)
+
+    def fuses_silu_mul(self, gate_up: torch.Tensor) -> bool:
+        """Whether `forward_silu_mul(gate_up)` runs as one kernel for gate_up [M, 2 * in]."""
+        return self._takes_prologue(gate_up) and gate_up.shape[1] == 2 * self.in_features
+
+    def forward_silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """self(silu(gate) * up) in one kernel launch for gate_up [M, 2 * in] (gate, then up; M <= GEMV_MAX_M,
+        see `fuses_silu_mul`). Returns y [M, out] in gate_up's dtype."""
+        return fp8_silu_mul_linear(gate_up, self.weight, self.weight_scale)
 
     def forward_rms_norm(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
                          residual: torch.Tensor | None = None):

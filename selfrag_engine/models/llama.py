@@ -148,6 +148,9 @@ class MLP(ShardedLinears):
 
     def down(self, gate_up: torch.Tensor) -> torch.Tensor:
         """`forward` from the gate|up projection's output gate_up [..., 2 * intermediate] on."""
+        if isinstance(self.down_proj, Fp8Linear) and self.down_proj.fuses_silu_mul(gate_up):
+            # The activation as the down GEMV's prologue (decode on FP8): one launch for both.
+            return self.down_proj.forward_silu_mul(gate_up)
         # The kernel has no backward: training through forward_dense takes the torch ops.
         if self.backend.kernels and not gate_up.requires_grad:
             h = silu_and_mul(gate_up.reshape(-1, gate_up.shape[-1])).view(*gate_up.shape[:-1], -1)
