@@ -329,4 +329,8 @@ def test_triton_interpreter(pair):
     rng = random.Random(41)
     q, docs = question(rng), passages(rng, 2)
     same(*[SelfRAG(e, max_new_tokens=5, mode="always").answer(q, docs) for e in (plain, spec)])
+    # The long form, in both flavours, on the same kernels.
+    for compat in ("paper", "released"):
+        same(*[LongFormSelfRAG(e, ndocs=2, max_new_tokens=4, max_depth=2, mode="always", compat=compat
+                               ).answer(q, docs) for e in (plain, spec)])
     assert used_blocks(spec) == 0
