@@ -39,9 +39,11 @@ test-gpu: install
 # or the MiniLM package, as on the image. pip keeps no cache outside the repository.
 GPU_VENV := .venv-gpu-image
 GPU_PY := $(abspath $(GPU_VENV))/bin/python
-# The kernel tests, run by the Triton interpreter, and the transformers oracles, here under transformers 5.
+# The kernel tests, run by the Triton interpreter, and the transformers oracles, here under transformers 5 (the
+# fused decode's whole-model check, slow when interpreted, runs in `make test` only).
 REHEARSAL_TESTS := tests/test_kernels_attention.py tests/test_kernels_elementwise.py tests/test_sampler.py \
-	tests/test_fp8.py tests/test_model_parity.py tests/test_testing_checkpoint.py tests/test_tokenizer.py
+	tests/test_fp8.py tests/test_fp8_norm_gemv.py tests/test_fp8_silu_gemv.py tests/test_model_parity.py \
+	tests/test_testing_checkpoint.py tests/test_tokenizer.py
 
 $(GPU_VENV)/.deps: requirements-gpu-image.txt
 	rm -rf $(GPU_VENV)
@@ -64,7 +66,7 @@ rehearse-gpu-image: install $(GPU_VENV)/.deps
 	SMOKE=1 PYTHON=$(GPU_PY) OUT=$(abspath out/rehearsal/session) bash bench/gpu_session.sh tests headline; \
 	session=$$?; wait $$aot; compiled=$$?; cat out/rehearsal/aot-dev.log; [ $$session = 0 ] && [ $$compiled = 0 ]
 	$(GPU_PY) bench/aot_compile.py >out/rehearsal/aot-image.log 2>&1 & aot=$$!; \
-	$(GPU_PY) -m pytest -q -ra $(REHEARSAL_TESTS); \
+	$(GPU_PY) -m pytest -q -ra $(REHEARSAL_TESTS) -k "not test_model_decode_fused_equals_unfused_and_torch"; \
 	tests=$$?; wait $$aot; compiled=$$?; cat out/rehearsal/aot-image.log; [ $$tests = 0 ] && [ $$compiled = 0 ]
 
 clean:
