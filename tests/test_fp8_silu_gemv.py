@@ -12,7 +12,7 @@ from selfrag_engine.kernels.activation import silu_and_mul
 from selfrag_engine.kernels.fp8_linear import fp8_linear
 from selfrag_engine.kernels.fp8_silu_gemv import fp8_silu_mul_linear
 from selfrag_engine.layers.fp8_linear import quantize_fp8_per_channel
-from tests.test_fp8_norm_gemv import TOL, poisoned_alloc  # noqa: F401 - the fixture, used by name
+from tests.test_fp8_norm_gemv import TOL
 
 gpu = pytest.mark.gpu
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
