@@ -248,28 +248,39 @@ def _check(x: torch.Tensor, w_fp8: torch.Tensor, scale: torch.Tensor) -> None:
         raise ValueError(f"x, w_fp8 and scale must be on one device, got {x.device}, {w_fp8.device}, {scale.device}")
 
 
-def _prepare(x, w_fp8, scale, w_bits):
-    _check(x, w_fp8, scale)
-    x2 = x.reshape(-1, x.shape[-1])
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+def _prepare_weight(w_fp8: torch.Tensor, device: torch.device, w_bits: bool | None) -> tuple[torch.Tensor, bool]:
+    """The weight as the kernels read it (contiguous; its bytes where the target has no e4m3 type) and the
+    W_BITS flag, decided from the device when None."""
     w = w_fp8 if w_fp8.is_contiguous() else w_fp8.contiguous()
     if w_bits is None:
-        w_bits = needs_w_bits(target_of(x.device))
-    if w_bits:
-        w = w.view(torch.uint8)
-    return x2, w, scale.contiguous(), w_bits
+        w_bits = needs_w_bits(target_of(device))
+    return (w.view(torch.uint8) if w_bits else w), w_bits
 
 
-def _launch_gemv(x2, w, scale, y, w_bits, config):
-    m, k = x2.shape
-    n = w.shape[0]
+def _gemv_launch(config: dict, m: int) -> tuple[dict, int, int]:
+    """(the kernel's constexprs, num_warps, num_stages) of a GEMV config, checked against the m rows."""
     cfg = dict(config)
     num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
     if cfg["USE_DOT"] and m > cfg["BLOCK_M"]:
         raise ValueError(f"GEMV dot path handles at most BLOCK_M={cfg['BLOCK_M']} rows, got {m}")
     if not cfg["USE_DOT"] and m != 1:
         raise ValueError("GEMV FMA path handles exactly one row")
+    return cfg, num_warps, num_stages
+
+
+def _prepare(x, w_fp8, scale, w_bits):
+    _check(x, w_fp8, scale)
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    w, w_bits = _prepare_weight(w_fp8, x.device, w_bits)
+    return x2, w, scale.contiguous(), w_bits
+
+
+def _launch_gemv(x2, w, scale, y, w_bits, config):
+    m, k = x2.shape
+    n = w.shape[0]
+    cfg, num_warps, num_stages = _gemv_launch(config, m)
     grid = (triton.cdiv(n, cfg["BLOCK_N"]),)
     _fp8_gemv_kernel[grid](x2, w, scale, y, m, n, k, x2.stride(0), w.stride(0), y.stride(0),
                            EVEN_N=n % cfg["BLOCK_N"] == 0, EVEN_K=k % cfg["BLOCK_K"] == 0, W_BITS=w_bits,

@@ -32,8 +32,9 @@ from selfrag_engine.kernels.fp8_linear import (
     _check,
     _dot_precision,
     _e4m3_bits_to_f16,
+    _gemv_launch,
+    _prepare_weight,
     gemv_config,
-    needs_w_bits,
 )
 
 __all__ = ["fp8_rms_norm_linear", "norm_gemv_config"]
@@ -183,20 +184,11 @@ def fp8_rms_norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, 
                              f"{residual.dtype} {tuple(residual.shape)} on {residual.device}")
         if residual.stride(1) != 1:
             residual = residual.contiguous()
-    w = w_fp8 if w_fp8.is_contiguous() else w_fp8.contiguous()
-    if w_bits is None:
-        w_bits = needs_w_bits(target_of(x.device))
-    if w_bits:
-        w = w.view(torch.uint8)
+    w, w_bits = _prepare_weight(w_fp8, x.device, w_bits)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     h = torch.empty_like(x) if residual is not None else y
     if m > 0:
-        cfg = dict(gemv_cfg or norm_gemv_config(m, n, k, target_of(x.device)))
-        num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-        if cfg["USE_DOT"] and m > cfg["BLOCK_M"]:
-            raise ValueError(f"GEMV dot path handles at most BLOCK_M={cfg['BLOCK_M']} rows, got {m}")
-        if not cfg["USE_DOT"] and m != 1:
-            raise ValueError("GEMV FMA path handles exactly one row")
+        cfg, num_warps, num_stages = _gemv_launch(gemv_cfg or norm_gemv_config(m, n, k, target_of(x.device)), m)
         r = residual if residual is not None else x
         grid = (triton.cdiv(n, cfg["BLOCK_N"]),)
         _fp8_norm_gemv_kernel[grid](

@@ -24,8 +24,9 @@ from selfrag_engine.kernels.fp8_linear import (
     GEMV_MAX_M,
     _dot_precision,
     _e4m3_bits_to_f16,
+    _gemv_launch,
+    _prepare_weight,
     gemv_config,
-    needs_w_bits,
 )
 
 __all__ = ["fp8_silu_mul_linear"]
@@ -139,19 +140,10 @@ def fp8_silu_mul_linear(gate_up: torch.Tensor, w_fp8: torch.Tensor, scale: torch
         raise ValueError(f"the SiLU-prologue GEMV takes at most GEMV_MAX_M={GEMV_MAX_M} rows, got {m}")
     if gate_up.stride(1) != 1:
         gate_up = gate_up.contiguous()
-    w = w_fp8 if w_fp8.is_contiguous() else w_fp8.contiguous()
-    if w_bits is None:
-        w_bits = needs_w_bits(target_of(gate_up.device))
-    if w_bits:
-        w = w.view(torch.uint8)
+    w, w_bits = _prepare_weight(w_fp8, gate_up.device, w_bits)
     y = torch.empty((m, n), dtype=gate_up.dtype, device=gate_up.device)
     if m > 0:
-        cfg = dict(gemv_cfg or gemv_config(m, n, k, target_of(gate_up.device)))
-        num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-        if cfg["USE_DOT"] and m > cfg["BLOCK_M"]:
-            raise ValueError(f"GEMV dot path handles at most BLOCK_M={cfg['BLOCK_M']} rows, got {m}")
-        if not cfg["USE_DOT"] and m != 1:
-            raise ValueError("GEMV FMA path handles exactly one row")
+        cfg, num_warps, num_stages = _gemv_launch(gemv_cfg or gemv_config(m, n, k, target_of(gate_up.device)), m)
         grid = (triton.cdiv(n, cfg["BLOCK_N"]),)
         _fp8_silu_gemv_kernel[grid](
             gate_up, w, scale.contiguous(), y, m, n, k, gate_up.stride(0), w.stride(0), y.stride(0),
