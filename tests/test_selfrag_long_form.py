@@ -111,7 +111,7 @@ class Naive:
 
 
 def test_tree_equals_naive_reprefill(engine):
-    rng = random.Random()
+    rng = random.Random(114)
     threshold = rng.uniform(0.15, 0.25)  # around the [No Retrieval] gate values: segments both end and go on
     budget, beam_width, max_depth, k = rng.randint(10, 14), 2, 3, 3
     qs = [question(rng) for _ in range(2)]
@@ -170,7 +170,7 @@ def test_segments_stream_in_order_as_they_settle(engine, compat, beam_width):
 
 
 def test_batch_equals_single_and_never_mode(engine):
-    rng = random.Random()
+    rng = random.Random(173)
     qs = [question(rng) for _ in range(3)]
     docs = [passages(rng, 2) for _ in qs]
     rag = LongFormSelfRAG(engine, ndocs=2, max_new_tokens=10, max_depth=2, mode="always")
@@ -215,7 +215,7 @@ def test_per_segment_retrieval_queries_question_plus_last_segment(engine):
 
 
 def test_bad_inputs_and_no_leaks(engine):
-    rng = random.Random()
+    rng = random.Random(218)
     docs = passages(rng, 2)
     rag = LongFormSelfRAG(engine, ndocs=2, max_new_tokens=8, max_depth=2, mode="always")
     with pytest.raises(ValueError, match="empty"):
