@@ -4,6 +4,7 @@ same generations and Self-RAG answers, alone and from 8 threads at once; cancell
 blocks; a bad model path is a CheckpointError. `build/cpp/ask` prints what `selfrag-engine ask` prints."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import shutil
@@ -122,6 +123,23 @@ def test_cpp_ask_prints_what_the_ask_command_prints(built, tmp_path, capsys):
 
     assert stable(cpp.stdout) == stable(python)
     assert cpp.stdout.startswith("Answer: ") and "relevance" in cpp.stdout  # a branch table was printed
+
+
+@pytest.mark.skipif(importlib.util.find_spec("faiss") is None, reason="needs faiss")
+def test_cpp_ask_with_an_index_prints_what_the_ask_command_prints(built, tmp_path, capsys):
+    """The C++ engine's own retriever (EngineOptions::index): the same passages and answer as Python's."""
+    question = _workload()[0][0]
+    index = tmp_path / "index"
+    assert main(["index", "build", "--passages", str(default_model_dir() / "corpus.jsonl"), "--out", str(index),
+                 "--encoder", "hashing:128", "--quiet"]) == 0
+    cpp = _run([str(built / "ask"), "--model", MODEL, "--index", str(index), question])
+    assert cpp.returncode == 0, cpp.stdout + cpp.stderr
+    capsys.readouterr()
+    assert main(["ask", "--model", MODEL, "--index", str(index), question, "--quiet"]) == 0
+    python = capsys.readouterr().out
+    stable = [re.sub(r" in \d+\.\d\d s$", "", line) for line in python.rstrip("\n").split("\n")]
+    assert [re.sub(r" in \d+\.\d\d s$", "", line) for line in cpp.stdout.rstrip("\n").split("\n")] == stable
+    assert "relevance" in cpp.stdout  # retrieved: a branch table was printed
 
 
 def test_cpp_ask_reports_a_named_error(built, tmp_path):

@@ -50,9 +50,11 @@ class EmbeddedEngine:
         self.retriever = None
         if index is not None:
             # faiss is imported only by an engine that retrieves.
+            from selfrag_engine.retrieval.batched import BatchedSearch
             from selfrag_engine.retrieval.retriever import Retriever
 
-            self.retriever = Retriever.load(index, encoder=encoder, device=encoder_device)
+            # The C++ threads' concurrent searches go in batches.
+            self.retriever = BatchedSearch(Retriever.load(index, encoder=encoder, device=encoder_device))
         self.engine = Engine.from_pretrained(model, device=device, dtype=dtype, quantization=quantization,
                                              progress=False, **(engine_options or {}))
         self.loop = EngineLoop(self.engine, max_pending=max_pending)
@@ -136,6 +138,8 @@ class EmbeddedEngine:
             q.cancel()
         wait(queries, timeout=timeout_s)
         self.loop.close()
+        if self.retriever is not None:
+            self.retriever.close()
 
 
 def _report(fut: Future, convert: Callable[[Any], Any], on_done: Done) -> None:

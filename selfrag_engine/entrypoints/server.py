@@ -51,6 +51,7 @@ from selfrag_engine.errors import (
     RequestError,
     SelfragEngineError,
 )
+from selfrag_engine.retrieval.batched import BatchedSearch, SearchStats
 from selfrag_engine.retrieval.passages import Passage
 from selfrag_engine.selfrag.evaluate import long_form_trace, short_form_trace
 from selfrag_engine.selfrag.long_form import LongFormSelfRAG, Segment
@@ -169,12 +170,25 @@ class _Metrics:
         self.latency = Histogram("selfrag_request_latency_seconds", "end-to-end latency by endpoint",
                                  ["endpoint"], registry=r,
                                  buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120))
+        self.searches = Counter("selfrag_searches", "retriever searches (queries)", registry=r)
+        self.search_batches = Counter("selfrag_search_batches", "batches the searches went in", registry=r)
+        self.search_seen = (0, 0)
+
+    def count_searches(self, stats: SearchStats) -> None:
+        queries, batches = stats.queries, stats.batches
+        self.searches.inc(queries - self.search_seen[0])
+        self.search_batches.inc(batches - self.search_seen[1])
+        self.search_seen = (queries, batches)
 
 
 def build_app(loop: EngineLoop, model_name: str, retriever: Any = None) -> FastAPI:
-    """The server's ASGI app over `loop` (which it does not close)."""
+    """The server's ASGI app over `loop` (which it does not close). Concurrent users' searches of `retriever`
+    go in batches (`BatchedSearch`)."""
     app = FastAPI(title="selfrag-engine", version="0.1.0")
     metrics = _Metrics()
+    if retriever is not None and not isinstance(retriever, BatchedSearch):
+        retriever = BatchedSearch(retriever)
+    app.state.retriever = retriever
     engine = loop.engine
     tok = engine.tokenizer
     app.state.loop = loop
@@ -208,6 +222,8 @@ def build_app(loop: EngineLoop, model_name: str, retriever: Any = None) -> FastA
         seen = loop.stats.generated_tokens
         metrics.tokens.inc(seen - metrics.tokens_seen)
         metrics.tokens_seen = seen
+        if retriever is not None:
+            metrics.count_searches(retriever.stats)
         return PlainTextResponse(generate_latest(metrics.registry).decode(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
@@ -629,7 +645,7 @@ def serve(args) -> int:
         # faiss is the `retrieval` extra.
         from selfrag_engine.retrieval.retriever import Retriever
 
-        retriever = Retriever.load(args.index)
+        retriever = BatchedSearch(Retriever.load(args.index))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     engine = Engine.from_pretrained(args.model, device=device, dtype=args.dtype,
                                     quantization=args.quantization, progress=not args.quiet,
@@ -638,4 +654,6 @@ def serve(args) -> int:
     with EngineLoop(engine, max_pending=args.max_pending) as loop:
         app = build_app(loop, name, retriever)
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info")
+    if retriever is not None:
+        retriever.close()
     return 0
