@@ -6,7 +6,7 @@ block * block_size + offset). The torch code here is the CPU path and the oracle
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -59,6 +59,8 @@ class AttentionMetadata:
     # Decode only: read each group's shared prefix once (cascade decode). The kernels' choice; the torch
     # reference ignores it, since the result is the same attention.
     cascade: CascadeMetadata | None = None
+    # The torch path's group index tensors, built by the first layer of a step (see paged_attention_torch).
+    torch_plans: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def is_decode(self) -> bool:
@@ -86,20 +88,35 @@ def paged_attention_torch(q: torch.Tensor, cache: KVCache, meta: AttentionMetada
     Sequences of similar query length are padded into groups and attended with two batched matmuls per group,
     keys and values gathered head-major once. A padded key position reads the sequence's own last key (written,
     hence finite) and gets weight 0, so neither padding nor what an earlier owner left in a block can leak in.
+    The groups' index tensors depend on the batch only, so they are built by the first layer of a step and
+    kept on `meta` for the others.
     """
+    key = (cache.k.shape[1], q.shape[1], cache.k.shape[2], q.shape[2], q.device)
+    plans = meta.torch_plans.get(key)
+    if plans is None:
+        plans = meta.torch_plans[key] = _plan(meta, *key)
     out = torch.empty_like(q)
-    starts = [0]
-    for q_len in meta.q_lens_host[:-1]:
-        starts.append(starts[-1] + q_len)
-    order = sorted(range(len(meta.q_lens_host)), key=meta.q_lens_host.__getitem__)
-    for group in _groups(order, meta.q_lens_host, meta.context_lens_host, q.shape[1], cache.k.shape[2],
-                         q.shape[2]):
-        _attend_group(q, cache, meta, scale, group, starts, out)
+    for plan in plans:
+        _attend_group(q, cache, plan, scale, out)
     return out
 
 
 # Elements of the largest padded score or gathered key tensor of one group (2 MiB of float32: a group stays in cache).
 _GROUP_ELEMENTS = 1 << 19
+
+
+@dataclass
+class _GroupPlan:
+    """Index tensors of one padded group of n sequences, shared by every layer of a step."""
+    n: int
+    max_q: int
+    max_ctx: int
+    slots: torch.Tensor  # int64 [n * max_ctx]: pool slot of every key position, clamped to a written one
+    rows: torch.Tensor  # int64 [n * max_q]: token row of every query position (padding repeats the last)
+    masked: torch.Tensor  # bool [1, n, rep * max_q, max_ctx]: key positions a query must not see
+    out_rows: torch.Tensor  # int64 [T_group]: token rows of the real queries
+    keep: torch.Tensor  # bool [n, max_q]: which query positions are real
+    any_empty: bool  # some sequence has no context at all (its softmax row is all -inf)
 
 
 def _groups(order: list[int], q_lens: list[int], ctx_lens: list[int], heads: int, kv_heads: int,
@@ -120,46 +137,56 @@ def _groups(order: list[int], q_lens: list[int], ctx_lens: list[int], heads: int
     return groups
 
 
-def _attend_group(q: torch.Tensor, cache: KVCache, meta: AttentionMetadata, scale: float, group: list[int],
-                  starts: list[int], out: torch.Tensor) -> None:
-    device = q.device
-    num_blocks, block_size, kv_heads, head_dim = cache.k.shape
+def _plan(meta: AttentionMetadata, block_size: int, heads: int, kv_heads: int, head_dim: int,
+          device: torch.device) -> list[_GroupPlan]:
+    starts = [0]
+    for q_len in meta.q_lens_host[:-1]:
+        starts.append(starts[-1] + q_len)
+    order = sorted(range(len(meta.q_lens_host)), key=meta.q_lens_host.__getitem__)
+    rep = heads // kv_heads
+    plans = []
+    for group in _groups(order, meta.q_lens_host, meta.context_lens_host, heads, kv_heads, head_dim):
+        q_lens = torch.tensor([meta.q_lens_host[b] for b in group], device=device)
+        ctx = torch.tensor([meta.context_lens_host[b] for b in group], device=device)
+        max_q = max(meta.q_lens_host[b] for b in group)
+        max_ctx = max(meta.context_lens_host[b] for b in group)
+        j = torch.arange(max_q, device=device)
+        first = torch.tensor([starts[b] for b in group], device=device)
+        rows = first[:, None] + torch.minimum(j[None, :], q_lens[:, None] - 1)
+        pos = torch.minimum(torch.arange(max_ctx, device=device)[None, :], ctx[:, None] - 1).clamp(min=0)
+        tables = meta.block_tables.index_select(0, torch.tensor(group, device=device)).long().clamp(min=0)
+        slots = tables.gather(1, pos // block_size) * block_size + pos % block_size
+        # Query j of a sequence sees keys up to ctx - q_len + j; an empty context sees none (its output is 0).
+        last = (ctx - q_lens)[:, None] + torch.minimum(j[None, :], q_lens[:, None] - 1)
+        mask = torch.arange(max_ctx, device=device)[None, None, :] <= last[:, :, None]  # [n, max_q, max_ctx]
+        mask = mask & (ctx > 0)[:, None, None]
+        keep = j[None, :] < q_lens[:, None]
+        plans.append(_GroupPlan(len(group), max_q, max_ctx, slots.flatten(), rows.flatten(),
+                                ~mask.repeat(1, rep, 1)[None], rows[keep], keep,
+                                any(meta.context_lens_host[b] == 0 for b in group)))
+    return plans
+
+
+def _attend_group(q: torch.Tensor, cache: KVCache, plan: _GroupPlan, scale: float, out: torch.Tensor) -> None:
+    _, _, kv_heads, head_dim = cache.k.shape
     heads = q.shape[1]
     rep = heads // kv_heads
-    q_lens = torch.tensor([meta.q_lens_host[b] for b in group], device=device)
-    ctx = torch.tensor([meta.context_lens_host[b] for b in group], device=device)
-    max_q, max_ctx = int(q_lens.max()), int(ctx.max())
-    n = len(group)
-    index = torch.tensor(group, device=device)
-    # Token rows of the group's queries [n, max_q]; padding repeats a sequence's last query (dropped below).
-    j = torch.arange(max_q, device=device)
-    first = torch.tensor([starts[b] for b in group], device=device)
-    rows = first[:, None] + torch.minimum(j[None, :], q_lens[:, None] - 1)
-    # Pool slots of every key position [n, max_ctx], clamped to the sequence's last written one.
-    pos = torch.minimum(torch.arange(max_ctx, device=device)[None, :], ctx[:, None] - 1).clamp(min=0)
-    tables = meta.block_tables.index_select(0, index).long().clamp(min=0)
-    slots = tables.gather(1, pos // block_size) * block_size + pos % block_size
+    n, max_q, max_ctx = plan.n, plan.max_q, plan.max_ctx
     # Gathered token-major (whole rows of the pool, the fast copy), then made head-major for the matmuls.
-    flat = slots.flatten()
-    k = cache.k.view(-1, kv_heads, head_dim).index_select(0, flat).view(n, max_ctx, kv_heads, head_dim)
-    v = cache.v.view(-1, kv_heads, head_dim).index_select(0, flat).view(n, max_ctx, kv_heads, head_dim)
+    k = cache.k.view(-1, kv_heads, head_dim).index_select(0, plan.slots).view(n, max_ctx, kv_heads, head_dim)
+    v = cache.v.view(-1, kv_heads, head_dim).index_select(0, plan.slots).view(n, max_ctx, kv_heads, head_dim)
     k = k.permute(2, 0, 1, 3).contiguous()  # [Hkv, n, max_ctx, D]
     v = v.permute(2, 0, 1, 3).contiguous()
     # Queries [Hkv, n, rep * max_q, D], a kv head's `rep` query heads stacked along the rows.
-    qg = q[rows.flatten()].view(n, max_q, kv_heads, rep, head_dim).permute(2, 0, 3, 1, 4)
+    qg = q.index_select(0, plan.rows).view(n, max_q, kv_heads, rep, head_dim).permute(2, 0, 3, 1, 4)
     qg = qg.reshape(kv_heads, n, rep * max_q, head_dim)
-    # Query j of a sequence sees keys up to ctx - q_len + j; an empty context sees none (its output is 0).
-    last = (ctx - q_lens)[:, None] + torch.minimum(j[None, :], q_lens[:, None] - 1)
-    mask = torch.arange(max_ctx, device=device)[None, None, :] <= last[:, :, None]  # [n, max_q, max_ctx]
-    mask = mask & (ctx > 0)[:, None, None]
     scores = torch.matmul(qg, k.transpose(-1, -2)) * scale
-    scores = scores.masked_fill(~mask.repeat(1, rep, 1)[None], float("-inf"))
+    scores = scores.masked_fill(plan.masked, float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    probs = probs.nan_to_num(0.0) if bool((ctx == 0).any()) else probs
+    probs = probs.nan_to_num(0.0) if plan.any_empty else probs
     o = torch.matmul(probs, v)  # [Hkv, n, rep * max_q, D]
     o = o.view(kv_heads, n, rep, max_q, head_dim).permute(1, 3, 0, 2, 4).reshape(n, max_q, heads, head_dim)
-    keep = j[None, :] < q_lens[:, None]
-    out[rows[keep]] = o[keep]
+    out[plan.out_rows] = o[plan.keep]
 
 
 def paged_attention(q: torch.Tensor, cache: KVCache, meta: AttentionMetadata, scale: float,
