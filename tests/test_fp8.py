@@ -547,7 +547,7 @@ def test_quantize_checkpoint_errors(tmp_path):
     quantize_checkpoint(src, tmp_path / "a", progress=False)
     with pytest.raises(ValueError, match="already quantized"):
         quantize_checkpoint(tmp_path / "a", tmp_path / "b", progress=False)
-    with pytest.raises(ValueError, match="already holds weight files"):
+    with pytest.raises(ValueError, match="already exists and is not an empty directory"):
         quantize_checkpoint(src, tmp_path / "a", progress=False)
     with pytest.raises(CheckpointError, match="config.json"):
         quantize_checkpoint(tmp_path / "nothing", tmp_path / "c", progress=False)

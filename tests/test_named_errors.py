@@ -2,6 +2,7 @@
 traceback, a silent coercion or a failure later on; the command line prints it on one line and exits 2."""
 import json
 import os
+import re
 import shutil
 import stat
 
@@ -283,6 +284,28 @@ def test_failed_convert_leaves_no_destination(tmp_path):
         convert_bin_to_safetensors(src, dst, progress=False)
     assert not dst.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no staging directory left either
+
+
+def test_failed_quantize_leaves_no_destination(tmp_path):
+    """A non-finite weight late in the checkpoint fails the quantize after earlier shards were written: the
+    error names the tensor and neither the destination nor a staging directory is left."""
+    from safetensors.torch import load_file, save_file
+
+    src = _copy(tiny_checkpoint(seed=14, shards=2), tmp_path)
+    last = sorted(src.glob("model-*.safetensors"))[-1]
+    tensors = load_file(last)
+    name = next(n for n in sorted(tensors) if n.endswith("mlp.down_proj.weight"))
+    tensors[name][3, 5] = float("inf")
+    save_file(tensors, last, metadata={"format": "pt"})
+    dst = tmp_path / "fp8"
+    with pytest.raises(CheckpointError, match=rf"tensor '{re.escape(name)}'.*row 3 has non-finite values"):
+        quantize_checkpoint(src, dst, shard_size_bytes=4096, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    dst.mkdir()
+    (dst / "notes.txt").write_text("mine")
+    with pytest.raises(CheckpointError, match="not an empty directory"):
+        quantize_checkpoint(tiny_checkpoint(seed=14), dst, progress=False)
+    assert [p.name for p in dst.iterdir()] == ["notes.txt"]
 
 
 def test_convert_into_a_non_empty_directory_is_refused(tmp_path):

@@ -7,13 +7,12 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from selfrag_engine.errors import CheckpointError
 from selfrag_engine.layers.fp8_linear import quantize_fp8_per_channel
-from selfrag_engine.weights.checkpoint import count_tensors, find_weight_files
-from selfrag_engine.weights.files import save_safetensors
+from selfrag_engine.weights.checkpoint import WeightFiles, count_tensors, find_weight_files, iter_tensors
+from selfrag_engine.weights.files import check_destination, save_safetensors, staged_directory
 from selfrag_engine.weights.quant_config import fp8_quantization_config
 
 DECODER_LINEAR = re.compile(r"^model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)\.weight$")
@@ -31,7 +30,8 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, shard_size_bytes: int 
     `device`, bit-identical to `quantize_fp8_per_channel`); every other tensor is copied unchanged. Output:
     `model.safetensors` if it fits in `shard_size_bytes`, else `model-0000i-of-0000n.safetensors` shards with
     `model.safetensors.index.json`; `config.json` with `fp8_quantization_config()`; the tokenizer and
-    generation-config files that exist in `src`.
+    generation-config files that exist in `src`. `dst` must be a new path or an empty directory; the files
+    are written beside it and moved into place at the end, so a failure leaves `dst` as it was.
     """
     src, dst = Path(src), Path(dst)
     cfg_path = src / "config.json"
@@ -48,15 +48,13 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, shard_size_bytes: int 
     weights = find_weight_files(src)
     if weights.format != "safetensors":
         raise CheckpointError(f"'{src}' holds pytorch_model*.bin weights; run `selfrag-engine convert` first")
-    if dst.exists() and dst.resolve() == src.resolve():
-        raise CheckpointError(f"the destination '{dst}' is the source checkpoint itself; "
-                              "choose a new directory")
-    dst.mkdir(parents=True, exist_ok=True)
-    stale = sorted(p.name for p in dst.glob("model*.safetensors*"))
-    if stale:
-        raise CheckpointError(f"'{dst}' already holds weight files ({', '.join(stale)}); choose an empty directory")
+    check_destination(src, dst)
+    with staged_directory(dst) as out:
+        _quantize_into(src, weights, config, out, shard_size_bytes, progress, torch.device(device))
 
-    device = torch.device(device)
+
+def _quantize_into(src: Path, weights: WeightFiles, config: dict, dst: Path, shard_size_bytes: int,
+                   progress: bool, device: torch.device) -> None:
     shards: list[list[str]] = []
     shard: dict[str, torch.Tensor] = {}
     shard_bytes = 0
@@ -83,20 +81,17 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, shard_size_bytes: int 
         total_size += nbytes
 
     bar = tqdm(total=count_tensors(weights), desc="quantizing", unit="tensor", disable=not progress)
-    for file in weights.files:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            for name in f.keys():
-                t = f.get_tensor(name)
-                if DECODER_LINEAR.match(name) and t.dim() == 2:
-                    try:
-                        q, s = quantize_fp8_per_channel(t.to(device))
-                    except ValueError as e:
-                        raise CheckpointError(f"tensor '{name}' in '{file}': {e}") from e
-                    add(name, q.cpu())
-                    add(name[: -len("weight")] + "weight_scale", s.cpu().view(-1, 1))
-                else:
-                    add(name, t)
-                bar.update(1)
+    for name, t in iter_tensors(weights):
+        if DECODER_LINEAR.match(name) and t.dim() == 2:
+            try:
+                q, s = quantize_fp8_per_channel(t.to(device))
+            except ValueError as e:
+                raise CheckpointError(f"tensor '{name}' of '{src}': {e}") from e
+            add(name, q.cpu())
+            add(name[: -len("weight")] + "weight_scale", s.cpu().view(-1, 1))
+        else:
+            add(name, t)
+        bar.update(1)
     flush()
     bar.close()
 
