@@ -17,6 +17,7 @@ import pytest
 
 from selfrag_engine import Engine, SamplingParams
 from selfrag_engine.entrypoints.cli import main
+from selfrag_engine.selfrag.long_form import LongFormSelfRAG
 from selfrag_engine.selfrag.scoring import ScoringConfig
 from selfrag_engine.selfrag.short_form import SelfRAG
 from selfrag_engine.tiny.assets import default_model_dir, read_corpus, read_examples
@@ -25,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BUILD = ROOT / "build" / "cpp"
 MODEL = str(default_model_dir())
 NDOCS = 3
+LONG = (24, 3)  # the long form's max_new_tokens and max_depth
 
 pytestmark = [
     pytest.mark.slow,
@@ -83,6 +85,12 @@ def _expectations(engine: Engine, path: Path) -> list[tuple[str, str]]:
         lines.append(["answer", question, str(NDOCS), ",".join(p.id for p in passages), ans.answer,
                       "1" if ans.retrieved else "0", str(-1 if ans.best is None else ans.best),
                       " ".join(repr(float(b.final)) for b in ans.branches)])
+    question, passages = _workload()[0]
+    long = LongFormSelfRAG(engine, scoring=ScoringConfig.paper(threshold=0.2), ndocs=NDOCS, max_new_tokens=LONG[0],
+                           max_depth=LONG[1], mode="always").answer(question, passages)
+    assert long.segments  # (the tiny model writes one segment; several are streamed in the server's tests)
+    lines.append(["long", question, str(NDOCS), ",".join(p.id for p in passages), str(LONG[0]), str(LONG[1]),
+                  long.answer, "\x1f".join(s.text for s in long.segments)])
     path.write_text("".join("\t".join(_escape(f) for f in line) + "\n" for line in lines), encoding="utf-8")
     return answers
 
@@ -98,7 +106,7 @@ def test_cpp_tests_pass_against_the_python_api(built, engine, tmp_path):
     assert result.returncode == 0, out
     counts = re.search(r"(\d+) passed, (\d+) failed\s*$", result.stdout)
     assert counts and counts.group(2) == "0", out
-    assert f"expectations: 2 generations, {len(answers)} answers" in result.stdout, out
+    assert f"expectations: 2 generations, {len(answers)} answers, 1 long-form answers" in result.stdout, out
 
 
 def test_block_manager_builds_and_runs_without_python(built):

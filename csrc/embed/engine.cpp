@@ -188,6 +188,20 @@ py::object optional_object(const std::optional<T>& v) {
   return v ? py::cast(*v) : py::object(py::none());
 }
 
+Segment segment_from(const py::handle& h) {
+  auto d = h.cast<py::dict>();
+  Segment s;
+  s.text = get<std::string>(d, "text");
+  if (!d["passage"].is_none()) s.passage = passage_from(d["passage"]);
+  s.depth = get<int>(d, "depth");
+  s.relevance = optional_from<double>(d["relevance"]);
+  s.grounding = optional_from<double>(d["grounding"]);
+  s.utility = optional_from<double>(d["utility"]);
+  s.final_score = optional_from<double>(d["final"]);
+  s.score = optional_from<double>(d["score"]);
+  return s;
+}
+
 Answer answer_from(const py::dict& d) {
   Answer a;
   a.question = get<std::string>(d, "question");
@@ -200,6 +214,7 @@ Answer answer_from(const py::dict& d) {
                           get<double>(bd, "grounding"), get<double>(bd, "utility"), get<double>(bd, "final")});
   }
   a.best = get<int>(d, "best");
+  for (const auto& seg : d["segments"]) a.segments.push_back(segment_from(seg));
   for (const auto& c : d["citations"]) {
     a.citations.push_back(c.is_none() ? std::nullopt : std::optional<Passage>(passage_from(c)));
   }
@@ -238,7 +253,7 @@ template <class T>
 struct Outcome {
   std::promise<T> promise;
   std::atomic<bool> settled{false};
-  std::exception_ptr callback_error;  // a throwing DeltaCallback: what get() rethrows
+  std::exception_ptr callback_error;  // a throwing DeltaCallback or SegmentCallback: what get() rethrows
 
   void fail(std::exception_ptr e) {
     if (!settled.exchange(true)) promise.set_exception(std::move(e));
@@ -383,12 +398,28 @@ Completion Engine::generate(const Prompt& prompt, const SamplingParams& params) 
   return submit(prompt, params).get();
 }
 
-Query Engine::submit_answer(const std::string& question, const AnswerOptions& options) {
+Query Engine::submit_answer(const std::string& question, const AnswerOptions& options,
+                            SegmentCallback on_segment) {
   auto outcome = std::make_shared<Outcome<Answer>>();
   std::future<Answer> future = outcome->promise.get_future();
   auto handle = impl_->call([&] {
+    py::object stream = py::none();
+    if (on_segment) {
+      // Returns whether to go on: false stops the query, after the callback threw.
+      stream = py::cpp_function([outcome, on_segment](py::dict d) {
+        Segment segment = segment_from(d);
+        py::gil_scoped_release released;
+        try {
+          on_segment(segment);
+          return true;
+        } catch (...) {
+          outcome->callback_error = std::current_exception();
+          return false;
+        }
+      });
+    }
     return detail::make_handle(
-        impl_->engine.attr("ask")(question, options_dict(options), on_done(outcome, answer_from)));
+        impl_->engine.attr("ask")(question, options_dict(options), on_done(outcome, answer_from), stream));
   });
   return Query(std::move(future), std::move(handle));
 }

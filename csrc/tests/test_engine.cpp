@@ -3,6 +3,8 @@
 // FILE of expectations (tests/test_cpp_api.py writes it from the Python API), one tab-separated record a line:
 //   generate <prompt> <max_tokens> <token ids> <text> <finish_reason>      (greedy)
 //   answer <question> <ndocs> <passage ids,...> <answer> <retrieved 0|1> <best> <final scores>
+//   long <question> <ndocs> <passage ids,...> <max_tokens> <max_depth> <answer> <segment texts, \x1f apart>
+//                                                                         (long form, mode always)
 // with \t, \n and \\ escaped. Prints "N passed, N failed"; exits 1 on a failure.
 #include <atomic>
 #include <chrono>
@@ -102,6 +104,13 @@ struct ExpectedAnswer {
   std::vector<double> finals;
 };
 
+struct ExpectedLong {
+  std::string question;
+  selfrag::AnswerOptions options;
+  std::string answer;
+  std::vector<std::string> segments;
+};
+
 std::string join(const std::vector<int32_t>& ids) {
   std::string s;
   for (int32_t t : ids) s += (s.empty() ? "" : " ") + std::to_string(t);
@@ -154,6 +163,7 @@ int main(int argc, char** argv) {
   for (const auto& p : corpus) by_id[p.id] = p;
   std::vector<ExpectedGeneration> generations;
   std::vector<ExpectedAnswer> answers;
+  std::vector<ExpectedLong> longs;
   if (!expected_file.empty()) {
     std::ifstream in(expected_file);
     std::string line;
@@ -171,12 +181,22 @@ int main(int argc, char** argv) {
         if (!f[7].empty())
           for (const auto& x : split(f[7], ' ')) a.finals.push_back(std::stod(x));
         answers.push_back(a);
+      } else if (f[0] == "long" && f.size() == 8) {
+        ExpectedLong l{f[1], {}, f[6], split(f[7], '\x1f')};
+        l.options.form = "long";
+        l.options.mode = "always";
+        l.options.ndocs = std::stoi(f[2]);
+        for (const auto& id : split(f[3], ',')) l.options.passages.push_back(by_id.at(id));
+        l.options.max_tokens = std::stoi(f[4]);
+        l.options.max_depth = std::stoi(f[5]);
+        longs.push_back(l);
       } else {
         check(false, "a malformed expectation: " + line);
       }
     }
     check(!generations.empty() && !answers.empty(), "the expectations file has both kinds of record");
-    std::printf("expectations: %zu generations, %zu answers\n", generations.size(), answers.size());
+    std::printf("expectations: %zu generations, %zu answers, %zu long-form answers\n", generations.size(),
+                answers.size(), longs.size());
   }
 
   selfrag::EngineOptions options;
@@ -282,6 +302,42 @@ int main(int argc, char** argv) {
         scores = std::fabs(a.branches[i].final_score - e.finals[i]) < 1e-6;
       check(scores, "branch scores of " + e.question);
       check(a.question == e.question, "the answer names its question");
+    }
+  });
+
+  run("long-form answers equal the Python API's, their segments streamed in order", [&] {
+    for (const auto& e : longs) {
+      std::vector<selfrag::Segment> streamed;
+      selfrag::Answer a = engine.submit_answer(e.question, e.options, [&](const selfrag::Segment& s) {
+                                  streamed.push_back(s);
+                                }).get();
+      check(a.answer == e.answer, "long answer to '" + e.question + "': '" + a.answer + "' vs '" + e.answer + "'");
+      std::vector<std::string> texts;
+      for (const auto& s : a.segments) texts.push_back(s.text);
+      check(texts == e.segments, "the segments of the long answer to '" + e.question + "'");
+      bool same = streamed.size() == a.segments.size() && a.citations.size() == a.segments.size();
+      for (size_t i = 0; same && i < streamed.size(); ++i) {
+        const auto& s = streamed[i];
+        const auto& t = a.segments[i];
+        same = s.text == t.text && s.depth == t.depth && s.passage.has_value() == t.passage.has_value() &&
+               (!s.passage || s.passage->id == t.passage->id) && s.score == t.score &&
+               a.citations[i].has_value() == t.passage.has_value() &&
+               (!t.passage || a.citations[i]->id == t.passage->id);
+      }
+      check(same, "streamed segments are the answer's, in order, with its citations");
+    }
+    if (!longs.empty()) {
+      const int before = engine.cache_stats().used;
+      int seen = 0;
+      check(throws<std::runtime_error>([&] {
+              engine.submit_answer(longs[0].question, longs[0].options, [&](const selfrag::Segment&) {
+                      ++seen;
+                      throw std::runtime_error("the service stops reading");
+                    }).get();
+            }),
+            "a throwing segment callback stops the query and get() rethrows it");
+      check(seen == 1, "no segment after the callback threw");
+      check(engine.cache_stats().used == before, "the stopped query freed its blocks");
     }
   });
 

@@ -20,7 +20,7 @@ from selfrag_engine.engine.sampling_params import SamplingParams
 from selfrag_engine.errors import Cancelled, RequestError, SelfragEngineError
 from selfrag_engine.retrieval.passages import Passage
 from selfrag_engine.retrieval.passages import read_passages as _read_passages
-from selfrag_engine.selfrag.long_form import LongAnswer, LongFormSelfRAG
+from selfrag_engine.selfrag.long_form import LongAnswer, LongFormSelfRAG, Segment
 from selfrag_engine.selfrag.scoring import ScoringConfig
 from selfrag_engine.selfrag.short_form import Answer, SelfRAG
 
@@ -87,9 +87,11 @@ class EmbeddedEngine:
                              name=f"selfrag-stream-{id(handle):x}").start()
         return handle
 
-    def ask(self, question: str, options: dict[str, Any], on_done: Done) -> Future:
+    def ask(self, question: str, options: dict[str, Any], on_done: Done,
+            on_segment: Callable[[dict[str, Any]], bool] | None = None) -> Future:
         """Starts a Self-RAG query on the loop (options as AnswerOptions in engine.h); returns its handle,
-        whose cancel() frees every block of its requests."""
+        whose cancel() frees every block of its requests. on_segment (long form) gets each segment as soon as
+        it is certain, on the query's thread; when it returns False the query stops (its blocks are freed)."""
         form, mode = options.get("form", "short"), options.get("mode", "adaptive")
         if not question.strip():
             raise RequestError("question: the question is empty")
@@ -111,10 +113,15 @@ class EmbeddedEngine:
         if form == "long":
             common.update({k: options[k] for k in ("beam_width", "max_depth") if options.get(k) is not None})
 
+        def segment(seg: Segment) -> None:
+            if not on_segment(_segment(seg)):
+                raise Cancelled("the segment callback failed")
+
         def program(shared) -> dict[str, Any]:
             if form == "short":
                 return _short_answer(SelfRAG(shared, **common).answer(question, passages))
-            return _long_answer(LongFormSelfRAG(shared, **common).answer(question, passages))
+            return _long_answer(LongFormSelfRAG(shared, **common).answer(
+                question, passages, on_segment=None if on_segment is None else segment))
 
         handle = self.loop.run_program(program, timeout_s=options.get("timeout_s"))
         with self._queries_lock:
@@ -199,13 +206,23 @@ def _passage(p: Passage | None) -> dict[str, str] | None:
     return {"title": p.title or "", "text": p.text, "id": "" if p.id is None else str(p.id)}
 
 
+def _optional(x: float | None) -> float | None:
+    return None if x is None else float(x)
+
+
+def _segment(seg: Segment) -> dict[str, Any]:
+    return {"text": seg.text, "passage": _passage(seg.passage), "depth": int(seg.depth),
+            "relevance": _optional(seg.relevance), "grounding": _optional(seg.grounding),
+            "utility": _optional(seg.utility), "final": _optional(seg.final), "score": _optional(seg.score)}
+
+
 def _short_answer(ans: Answer) -> dict[str, Any]:
     branches = [{"passage": _passage(b.passage), "text": b.text, "relevance": float(b.relevance),
                  "grounding": float(b.grounding), "utility": float(b.utility), "final": float(b.final)}
                 for b in ans.branches]
     return {"question": ans.question, "answer": ans.answer, "retrieved": bool(ans.retrieved),
             "retrieval_probability": ans.retrieval_probability, "branches": branches,
-            "best": -1 if ans.best is None else int(ans.best), "citations": [], "score": None,
+            "best": -1 if ans.best is None else int(ans.best), "citations": [], "segments": [], "score": None,
             "draft": ans.draft, "num_generated_tokens": int(ans.num_generated_tokens),
             "seconds": float(ans.seconds)}
 
@@ -213,5 +230,6 @@ def _short_answer(ans: Answer) -> dict[str, Any]:
 def _long_answer(ans: LongAnswer) -> dict[str, Any]:
     return {"question": ans.question, "answer": ans.answer, "retrieved": bool(ans.retrieved),
             "retrieval_probability": None, "branches": [], "best": -1,
-            "citations": [_passage(c) for c in ans.citations], "score": ans.score, "draft": None,
+            "citations": [_passage(c) for c in ans.citations], "segments": [_segment(g) for g in ans.segments],
+            "score": ans.score, "draft": None,
             "num_generated_tokens": int(ans.num_generated_tokens), "seconds": float(ans.seconds)}

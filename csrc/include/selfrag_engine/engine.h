@@ -142,6 +142,17 @@ struct Branch {
   double final_score = 0.0;  // the score that ranks the branches
 };
 
+// A long-form segment: the text written from one passage (or none) at one depth of the tree.
+struct Segment {
+  std::string text;
+  std::optional<Passage> passage;  // unset: written without retrieval
+  int depth = 0;
+  std::optional<double> relevance, grounding, utility;  // the critique of a segment written from a passage
+  std::optional<double> final_score;  // this segment's own score
+  std::optional<double> score;        // the product of the scores along the path down to it
+};
+using SegmentCallback = std::function<void(const Segment&)>;
+
 struct AnswerOptions {
   std::vector<Passage> passages;  // used as given (the first ndocs); empty: retrieve from the engine's index
   std::string form = "short";     // "short" or "long"
@@ -163,6 +174,7 @@ struct Answer {
   std::optional<double> retrieval_probability;  // unset when the mode forced the decision
   std::vector<Branch> branches;                 // short form: one per passage
   int best = -1;                                // index into branches; -1: none
+  std::vector<Segment> segments;                // long form: the answer's segments, in order
   std::vector<std::optional<Passage>> citations;  // long form: each segment's passage
   std::optional<double> score;                  // long form: the chosen path's score
   std::optional<std::string> draft;             // compat "released": the draft decoded before the gate
@@ -219,7 +231,11 @@ class Engine {
                  double timeout_s = 0.0);
 
   Answer answer(const std::string& question, const AnswerOptions& options = {});
-  Query submit_answer(const std::string& question, const AnswerOptions& options = {});
+  // on_segment (long form) gets each segment of the answer, in order, as soon as no later choice of the beam
+  // can drop it; it runs on the query's thread, one segment at a time. If it throws, the query stops, its
+  // blocks are freed and get() rethrows that exception.
+  Query submit_answer(const std::string& question, const AnswerOptions& options = {},
+                      SegmentCallback on_segment = {});
 
   CacheStats cache_stats();
   std::vector<int32_t> encode(const std::string& text, bool add_bos = true);
