@@ -8,6 +8,7 @@ import threading
 
 import pytest
 
+from selfrag_engine.retrieval.batched import BatchedSearch
 from selfrag_engine.selfrag.scoring import ScoringConfig
 from selfrag_engine.selfrag.short_form import SelfRAG
 from tests.selfrag_fixtures import RecordingRetriever, steered_engine
@@ -85,3 +86,40 @@ def test_no_search_when_passages_are_given_or_retrieval_is_off(engine):
     rag.answer(QUESTION, mode="never")
     rag.answer(QUESTION, retriever.search("other", 3), mode="always")
     assert retriever.queries == ["other"]
+
+
+class SleepingBatchRetriever(SleepingRetriever):
+    """SleepingRetriever with a batched search that sleeps through the prefill too."""
+
+    def __init__(self, engine):
+        super().__init__(engine)
+        self.batches: list[list[str]] = []
+
+    def search_batch(self, queries, k):
+        self.batches.append(list(queries))
+        self.called.set()
+        self.slept_through_prefill.append(self.prefill_done.wait(WAIT_S))
+        return [RecordingRetriever.search(self, q, k) for q in queries]
+
+
+def test_batched_searches_of_several_questions_overlap_the_prefill(engine, monkeypatch):
+    """Over a BatchedSearch the questions of one answer_batch are searched without the pool, in at most two
+    batches (the first search, then all that queued while it slept through the prefill)."""
+    scoring = dataclasses.replace(ScoringConfig.paper(), threshold=0.0)
+    questions = [f"Where was Entity {i} born in {1800 + 7 * i}?" for i in range(4)]
+    retriever = SleepingBatchRetriever(engine)
+    batched = BatchedSearch(retriever)
+    search_in_flight = _watch_prefill(monkeypatch, engine, retriever)
+    rag = SelfRAG(engine, retriever=batched, scoring=scoring, max_new_tokens=10)
+    answers = rag.answer_batch(questions)
+    monkeypatch.undo()
+    batched.close()
+    assert search_in_flight == [True] and all(retriever.slept_through_prefill)
+    assert rag._search_pool is None
+    assert sorted(retriever.queries) == sorted(questions)
+    assert batched.stats.queries == 4 and batched.stats.batches <= 2
+    expected = SelfRAG(engine, scoring=scoring, max_new_tokens=10).answer_batch(
+        questions, [retriever.answers[q] for q in questions])
+    assert [_answer_fields(a) for a in answers] == [_answer_fields(e) for e in expected]
+    assert all(a.retrieved for a in answers)
+    assert engine.cache_stats()["used"] == 0

@@ -203,10 +203,15 @@ class SelfRAG:
         longer of the two, not their sum. A search the gate turns down is left to finish and dropped."""
         if self.retriever is None or mode == "never":
             return [None] * len(questions)
-        if self._search_pool is None:
-            self._search_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="selfrag-search")
-        return [None if passages is not None and passages[i] is not None
-                else self._search_pool.submit(self.retriever.search, q, ndocs) for i, q in enumerate(questions)]
+        # A retriever that queues searches itself (BatchedSearch: submit(query, k) -> Future) needs no pool.
+        submit = getattr(self.retriever, "submit", None)
+        if submit is None:
+            if self._search_pool is None:
+                self._search_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="selfrag-search")
+            search = self.retriever.search
+            submit = lambda q, k: self._search_pool.submit(search, q, k)  # noqa: E731
+        return [None if passages is not None and passages[i] is not None else submit(q, ndocs)
+                for i, q in enumerate(questions)]
 
     def _decode_drafts(self, owned: Owned, plans: list[_Plan]) -> None:
         """The released script's whole no-retrieval draft: the head's first token continued to max_new_tokens
