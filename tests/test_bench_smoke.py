@@ -2,6 +2,7 @@
 not asserted; the results files' schema and the headline metric names are."""
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -281,3 +282,20 @@ def test_spec_bench_smoke(tmp_path):
     assert 0 < by_metric["spec_acceptance_rate"]["value"] <= 1.0
     assert by_metric["spec_forward_passes_per_token"]["config"]["outputs_identical"] is True
     assert {r["config"]["kind"] for r in doc["results"] if "kind" in r["config"]}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("faiss") is None, reason="needs faiss")
+def test_search_bench_smoke(tmp_path):
+    """Batched answers equal one-by-one answers (the script raises otherwise); the speedup is the quotient of
+    the two qps it reports, at each concurrency."""
+    from bench.search import main
+    assert main(["--smoke", "--out", str(tmp_path)]) == 0
+    doc = _load(tmp_path, "search")
+    qps = {(r["config"]["clients"], r["config"]["way"]): r["value"] for r in doc["results"]
+           if r["metric"] == "search_qps"}
+    assert set(qps) == {(c, w) for c in (1, 8) for w in ("plain", "batched")}
+    for c in (1, 8):
+        speedup = next(r["value"] for r in doc["results"] if r["metric"] == f"search_batching_speedup_c{c}")
+        assert speedup == pytest.approx(qps[(c, "batched")] / qps[(c, "plain")], rel=1e-9)
+    batched = [r for r in doc["results"] if r["metric"] == "search_qps" and r["config"]["way"] == "batched"]
+    assert all(r["config"]["mean_batch"] >= 1 for r in batched)
