@@ -16,7 +16,6 @@ search_batching_speedup_c<C> (batched qps / unbatched qps at C clients; headline
 """
 from __future__ import annotations
 
-import argparse
 import random
 import string
 import sys
@@ -30,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from bench.common import pyplot, record, save_figure, write_results  # noqa: E402
+from bench.common import bench_parser, parse_bench_args, pyplot, record, save_figure, write_results  # noqa: E402
 from selfrag_engine.retrieval.batched import BatchedSearch  # noqa: E402
 from selfrag_engine.retrieval.encoders import HashingEncoder, get_encoder  # noqa: E402
 from selfrag_engine.retrieval.passages import Passage  # noqa: E402
@@ -78,12 +77,12 @@ def run_clients(search, queries: list[str], clients: int) -> tuple[float, list[f
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--smoke", action="store_true", help="a small index and few queries (CI)")
-    parser.add_argument("--out", type=Path, default=None)
+    parser = bench_parser(__doc__, "a small index and few queries (CI)", "cpu only: the faiss CPU index")
     parser.add_argument("--passages", type=int, default=None, help="index size (default 200000; smoke 2000)")
     parser.add_argument("--queries", type=int, default=None, help="queries per run (default 512; smoke 48)")
-    args = parser.parse_args(argv)
+    args = parse_bench_args(parser, argv, default_device=lambda smoke: "cpu")
+    if args.device != "cpu":
+        parser.error("the searches run on faiss's CPU index; --device cpu only")
     num_passages = args.passages or (2000 if args.smoke else 200_000)
     num_queries = args.queries or (48 if args.smoke else 512)
     levels = [1, 8] if args.smoke else [1, 8, 32]
