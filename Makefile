@@ -29,8 +29,11 @@ cpp: install
 	cmake -S csrc -B build/cpp -DPython_EXECUTABLE=$(abspath $(PY))
 	cmake --build build/cpp -j2
 
+# One pytest worker per core (pytest-xdist), each test file whole on one worker: module fixtures (a built C++
+# tree, a server subprocess) are set up once, and no two workers share one.
+TEST_WORKERS ?= auto
 test: install
-	$(PY) -m pytest -q -ra tests
+	$(PY) -m pytest -q -ra -n $(TEST_WORKERS) --dist loadfile tests
 
 test-gpu: install
 	$(PY) -m pytest -q -ra -m gpu tests
