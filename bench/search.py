@@ -6,10 +6,13 @@
 C clients (threads) each search their share of Q queries, top-5, as the server's Self-RAG programs do: either
 each calls the faiss retriever itself (faiss releases the GIL, so the searches run side by side), or all go
 through one `BatchedSearch`, which hands the queries that queue up while a search runs to the encoder and the
-index as one batch. A flat index reads all its vectors once per search, whether the search holds one query or
-64, so a batch costs about what one query costs. The passages' vectors are random (the work of a search does not
-depend on them); the queries are encoded by the hashing encoder and, when installed, MiniLM (all-MiniLM-L6-v2,
-384 dimensions). Every batched answer is checked against the one-by-one answer of the same query.
+index as one batch. The encoder then runs one forward over the batch, and faiss spreads the batch's queries over
+its threads instead of many calls contending for them. (faiss 1.15 scans a flat index query by query below its
+BLAS threshold, so a batched answer is bitwise the answer of a lone search; computing a batch's scores as one
+matrix product would read the index once, but rounds differently with the batch size.) The passages' vectors
+are random (the work of a search does not depend on them); the queries are encoded by the hashing encoder and,
+when installed, MiniLM (all-MiniLM-L6-v2, 384 dimensions). Every batched answer is checked against the
+one-by-one answer of the same query.
 
 Metrics per encoder and concurrency: search_qps (unbatched and batched), search_p50_ms / search_p99_ms, and
 search_batching_speedup_c<C> (batched qps / unbatched qps at C clients; headline at C=32).

@@ -4,8 +4,8 @@
 thread serves the queue: a search that arrives while the worker is idle runs at once, alone; the searches
 that arrive while a batch runs wait for it and then go together, as one `search_batch(queries, k)` of the
 wrapped retriever (per distinct k, so every answer is the one its own search would give). A lone user pays
-no added wait; under load the encoder and the index see batches, where they are several times faster per
-query than one at a time.
+no added wait; under load the encoder runs one forward per batch, and the index spreads a batch's queries over
+its threads instead of many calls contending for them (bench/search.py measures it).
 
 A batch that fails is searched again one query at a time, so only the query at fault gets its error.
 """
