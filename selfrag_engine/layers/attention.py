@@ -86,7 +86,7 @@ def paged_attention_torch(q: torch.Tensor, cache: KVCache, meta: AttentionMetada
     Returns [T, Hq, D] in q's dtype.
 
     Sequences of similar query length are padded into groups and attended with two batched matmuls per group,
-    keys and values gathered head-major once. A padded key position reads the sequence's own last key (written,
+    keys and values gathered head-major in one copy. A padded key position reads the sequence's own last key (written,
     hence finite) and gets weight 0, so neither padding nor what an earlier owner left in a block can leak in.
     The groups' index tensors depend on the batch only, so they are built by the first layer of a step and
     kept on `meta` for the others.
@@ -111,7 +111,8 @@ class _GroupPlan:
     n: int
     max_q: int
     max_ctx: int
-    slots: torch.Tensor  # int64 [n * max_ctx]: pool slot of every key position, clamped to a written one
+    kv_rows: torch.Tensor  # int64 [Hkv * n * max_ctx]: row of the pool viewed as [slots * Hkv, D] of every
+    # (kv head, sequence, key position), head-major; positions past a context repeat its last written slot
     rows: torch.Tensor  # int64 [n * max_q]: token row of every query position (padding repeats the last)
     masked: torch.Tensor  # bool [1, n, rep * max_q, max_ctx]: key positions a query must not see
     out_rows: torch.Tensor  # int64 [T_group]: token rows of the real queries
@@ -161,7 +162,8 @@ def _plan(meta: AttentionMetadata, block_size: int, heads: int, kv_heads: int, h
         mask = torch.arange(max_ctx, device=device)[None, None, :] <= last[:, :, None]  # [n, max_q, max_ctx]
         mask = mask & (ctx > 0)[:, None, None]
         keep = j[None, :] < q_lens[:, None]
-        plans.append(_GroupPlan(len(group), max_q, max_ctx, slots.flatten(), rows.flatten(),
+        kv_rows = (slots[None] * kv_heads + torch.arange(kv_heads, device=device)[:, None, None]).flatten()
+        plans.append(_GroupPlan(len(group), max_q, max_ctx, kv_rows, rows.flatten(),
                                 ~mask.repeat(1, rep, 1)[None], rows[keep], keep,
                                 any(meta.context_lens_host[b] == 0 for b in group)))
     return plans
@@ -172,11 +174,9 @@ def _attend_group(q: torch.Tensor, cache: KVCache, plan: _GroupPlan, scale: floa
     heads = q.shape[1]
     rep = heads // kv_heads
     n, max_q, max_ctx = plan.n, plan.max_q, plan.max_ctx
-    # Gathered token-major (whole rows of the pool, the fast copy), then made head-major for the matmuls.
-    k = cache.k.view(-1, kv_heads, head_dim).index_select(0, plan.slots).view(n, max_ctx, kv_heads, head_dim)
-    v = cache.v.view(-1, kv_heads, head_dim).index_select(0, plan.slots).view(n, max_ctx, kv_heads, head_dim)
-    k = k.permute(2, 0, 1, 3).contiguous()  # [Hkv, n, max_ctx, D]
-    v = v.permute(2, 0, 1, 3).contiguous()
+    # Gathered head-major in one copy, as the matmuls read them: [Hkv, n, max_ctx, D].
+    k = cache.k.view(-1, head_dim).index_select(0, plan.kv_rows).view(kv_heads, n, max_ctx, head_dim)
+    v = cache.v.view(-1, head_dim).index_select(0, plan.kv_rows).view(kv_heads, n, max_ctx, head_dim)
     # Queries [Hkv, n, rep * max_q, D], a kv head's `rep` query heads stacked along the rows.
     qg = q.index_select(0, plan.rows).view(n, max_q, kv_heads, rep, head_dim).permute(2, 0, 3, 1, 4)
     qg = qg.reshape(kv_heads, n, rep * max_q, head_dim)
