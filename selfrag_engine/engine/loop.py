@@ -158,8 +158,9 @@ class EngineLoop:
 
     max_pending: requests (via submit) plus programs (via run_program) admitted at once.
     program_workers: threads that run programs; a program waiting on the loop holds one.
-    gather_s, gap_s: after carrying out calls, the loop waits up to gather_s for more while they keep coming
-        less than gap_s apart, so that a program's chain of calls (wait, output, fork) joins one step.
+    gather_s, gap_s: after carrying out calls, when nothing else runs, the loop waits up to gather_s for more
+        while they keep coming less than gap_s apart, so that a program's chain of calls (wait, output, fork)
+        joins one step.
 
     A program waiting for its requests is woken when one of them finishes, not at every step.
     """
@@ -311,10 +312,11 @@ class EngineLoop:
 
     def _serve(self) -> None:
         while not self._stop:
-            if self._run_ops():
+            if self._run_ops() and not self.engine.has_work():
                 # A program answered here usually calls again at once (the output after a wait, the fork
                 # after the output): while calls keep coming, wait a moment for them, so that they join the
-                # next step instead of waiting one out.
+                # next step instead of waiting one out. Only while the engine would idle: with work to run,
+                # the wait would hold every other row back, and a late call joins the step after.
                 until = time.perf_counter() + self._gather_s
                 while (left := until - time.perf_counter()) > 0 and self._wake.wait(min(left, self._gap_s)):
                     self._run_ops()
