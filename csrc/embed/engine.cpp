@@ -188,6 +188,11 @@ py::object optional_object(const std::optional<T>& v) {
   return v ? py::cast(*v) : py::object(py::none());
 }
 
+Delta delta_from(const py::handle& h) {
+  auto d = h.cast<py::dict>();
+  return {get<std::vector<int32_t>>(d, "token_ids"), get<std::string>(d, "text"), get<std::string>(d, "finish_reason")};
+}
+
 Segment segment_from(const py::handle& h) {
   auto d = h.cast<py::dict>();
   Segment s;
@@ -283,6 +288,24 @@ py::cpp_function on_done(std::shared_ptr<Outcome<T>> outcome, Convert convert) {
   });
 }
 
+// on_item(dict) for the facade's streams (deltas, segments): converts the item, calls the callback without the
+// GIL, and returns whether to go on; false (the callback threw) stops the request or query, and get() then
+// rethrows what the callback threw.
+template <class T, class Callback, class Convert>
+py::cpp_function on_item(std::shared_ptr<Outcome<T>> outcome, Callback callback, Convert convert) {
+  return py::cpp_function([outcome, callback, convert](py::dict d) {
+    auto item = convert(d);
+    py::gil_scoped_release released;
+    try {
+      callback(item);
+      return true;
+    } catch (...) {
+      outcome->callback_error = std::current_exception();
+      return false;
+    }
+  });
+}
+
 }  // namespace
 
 namespace detail {
@@ -371,22 +394,7 @@ Request Engine::submit(const Prompt& prompt, const SamplingParams& params, Delta
   auto outcome = std::make_shared<Outcome<Completion>>();
   std::future<Completion> future = outcome->promise.get_future();
   auto handle = impl_->call([&] {
-    py::object stream = py::none();
-    if (on_delta) {
-      // Returns whether to go on: false cancels the request, after the callback threw.
-      stream = py::cpp_function([outcome, on_delta](py::dict d) {
-        Delta delta{get<std::vector<int32_t>>(d, "token_ids"), get<std::string>(d, "text"),
-                    get<std::string>(d, "finish_reason")};
-        py::gil_scoped_release released;
-        try {
-          on_delta(delta);
-          return true;
-        } catch (...) {
-          outcome->callback_error = std::current_exception();
-          return false;
-        }
-      });
-    }
+    py::object stream = on_delta ? on_item(outcome, on_delta, delta_from) : py::object(py::none());
     py::object timeout = timeout_s > 0 ? py::object(py::float_(timeout_s)) : py::object(py::none());
     return detail::make_handle(impl_->engine.attr("submit")(prompt_object(prompt), params_dict(params), timeout,
                                                             on_done(outcome, completion_from), stream));
@@ -403,21 +411,7 @@ Query Engine::submit_answer(const std::string& question, const AnswerOptions& op
   auto outcome = std::make_shared<Outcome<Answer>>();
   std::future<Answer> future = outcome->promise.get_future();
   auto handle = impl_->call([&] {
-    py::object stream = py::none();
-    if (on_segment) {
-      // Returns whether to go on: false stops the query, after the callback threw.
-      stream = py::cpp_function([outcome, on_segment](py::dict d) {
-        Segment segment = segment_from(d);
-        py::gil_scoped_release released;
-        try {
-          on_segment(segment);
-          return true;
-        } catch (...) {
-          outcome->callback_error = std::current_exception();
-          return false;
-        }
-      });
-    }
+    py::object stream = on_segment ? on_item(outcome, on_segment, segment_from) : py::object(py::none());
     return detail::make_handle(
         impl_->engine.attr("ask")(question, options_dict(options), on_done(outcome, answer_from), stream));
   });
