@@ -34,8 +34,19 @@ TRITON_INTERPRETED = Backend("triton-interpreted")
 BACKENDS = {b.name: b for b in (TORCH, TRITON, TRITON_INTERPRETED)}
 
 
-def device_of(device: torch.device | str) -> torch.device:
-    """The device asked for, refused with a DeviceError when it is unknown or not on this machine."""
+AUTO = "auto"
+
+
+def auto_device() -> torch.device:
+    """The device rule of every command and of the API: CUDA when there is one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def device_of(device: torch.device | str | None = AUTO) -> torch.device:
+    """The device asked for ("auto" or None: `auto_device()`), refused with a DeviceError when it is unknown
+    or not on this machine."""
+    if device is None or device == AUTO:
+        return auto_device()
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:

@@ -30,7 +30,9 @@ from selfrag_engine.engine.sequence import Status
 from selfrag_engine.engine.speculative import draft_tokens_option
 from selfrag_engine.engine.stepping import Stepper
 from selfrag_engine.errors import EngineConfigError, RequestError, SchedulingError
+from selfrag_engine.hub import resolve_model
 from selfrag_engine.tokenizer import Tokenizer
+from selfrag_engine.weights.checkpoint import check_checkpoint_dir
 from selfrag_engine.weights.loader import load_model
 
 __all__ = ["Engine", "RequestOutput"]
@@ -99,17 +101,21 @@ class Engine:
         self._lock = FairLock()
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu",
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "auto",
                         dtype: torch.dtype | str | None = None, quantization: str | None = None,
-                        progress: bool = True, **engine_kwargs) -> "Engine":
-        """Loads a Hugging Face Llama checkpoint directory (weights, config and tokenizer).
+                        progress: bool = True, revision: str | None = None, download: bool = False,
+                        **engine_kwargs) -> "Engine":
+        """Loads a Hugging Face Llama checkpoint (weights, config and tokenizer): a directory, a model id in the
+        Hugging Face cache (at `revision`; fetched when `download` and online), or "tiny" (`hub.resolve_model`).
 
-        dtype defaults to the checkpoint's on CUDA and float32 on the CPU; quantization None or "fp8".
+        device "auto" is CUDA when there is one, else the CPU; dtype defaults to the checkpoint's on CUDA and
+        float32 on the CPU; quantization None or "fp8".
         Engine options (README lists them): block_size, num_blocks or kv_cache_bytes or gpu_memory_utilization,
         max_num_seqs, max_num_batched_tokens, max_model_len, enable_prefix_caching, use_kernels (default: on
         CUDA), enforce_eager (no CUDA graphs), cuda_graph_max_batch, overlap (default: on CUDA),
         num_draft_tokens (exact speculative decoding, 0 = off; default: 4 on CUDA, off on the CPU), seed.
         """
+        path = check_checkpoint_dir(resolve_model(path, revision, download=download))
         dev = device_of(device)
         tokenizer = Tokenizer.from_pretrained(path)
         model = load_model(path, device=dev, dtype=dtype, quantization=quantization, progress=progress)

@@ -7,8 +7,8 @@ import json
 import sys
 from typing import Any
 
-from selfrag_engine.engine.llm_engine import Engine
 from selfrag_engine.entrypoints.index import snippet
+from selfrag_engine.entrypoints.model_args import add_model_arguments, load_engine, resolve_model_arg
 from selfrag_engine.errors import RequestError
 from selfrag_engine.retrieval.passages import read_passages
 from selfrag_engine.retrieval.retriever import Retriever
@@ -63,18 +63,20 @@ def _ask(args: argparse.Namespace) -> int:
             raise RequestError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.index is None and args.passages is None and args.mode != "never":
         raise RequestError(f"--mode {args.mode} needs passages: give --index DIR or --passages FILE")
-    # Cheap checks first: a bad index or passages file fails before the model is loaded.
+    # Cheap checks first: a bad model name, index or passages file fails before anything loads.
+    resolve_model_arg(args)
+    if args.index is not None:
+        Retriever.read_meta(args.index)
     retriever, passages = None, None
     if args.index is not None:
-        retriever = Retriever.load(args.index, encoder=args.encoder, device=args.encoder_device)
+        retriever = Retriever.load(args.index, encoder=args.encoder, device=args.encoder_device or args.device)
     elif args.passages is not None:
         passages = read_passages(args.passages)[:args.ndocs]
 
     overrides = {"threshold": args.threshold, "use_seqscore": args.use_seqscore}
     scoring = (ScoringConfig.paper(**overrides) if args.compat == "paper"
                else ScoringConfig.released(form="short", **overrides))
-    engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype,
-                                    quantization=args.quantization, progress=not args.quiet)
+    engine = load_engine(args)
     rag = SelfRAG(engine, retriever=retriever, scoring=scoring, ndocs=args.ndocs,
                   max_new_tokens=args.max_new_tokens, mode=args.mode, compat=args.compat)
     ans = rag.answer(question, passages)
@@ -90,7 +92,7 @@ def register(subparsers: Any) -> None:
     """Adds `ask` to the `selfrag-engine` command line."""
     a = subparsers.add_parser("ask", help="answer a question with Self-RAG and show its branches")
     a.add_argument("question")
-    a.add_argument("--model", required=True, help="Hugging Face checkpoint directory of a Self-RAG model")
+    add_model_arguments(a)
     source = a.add_mutually_exclusive_group()
     source.add_argument("--index", default=None, help="retrieve from this directory (`selfrag-engine index build`)")
     source.add_argument("--passages", default=None,
@@ -103,10 +105,7 @@ def register(subparsers: Any) -> None:
     a.add_argument("--compat", default="paper", choices=list(COMPATS),
                    help="paper: the paper's rules; released: the reference script's behaviour")
     a.add_argument("--encoder", default=None, help="query encoder spec (default: the index's own)")
-    a.add_argument("--encoder-device", default=None, help="query encoder device (default: cuda when available)")
-    a.add_argument("--device", default="cpu")
-    a.add_argument("--dtype", default=None)
-    a.add_argument("--quantization", default=None, choices=[None, "fp8"])
+    a.add_argument("--encoder-device", default=None, help="query encoder device (default: --device's)")
     a.add_argument("--json", action="store_true", help="print the full trace as one JSON object")
     a.add_argument("--quiet", action="store_true")
     a.set_defaults(func=_ask)

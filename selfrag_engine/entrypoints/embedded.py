@@ -44,7 +44,7 @@ class EmbeddedEngine:
     """An engine and the loop that steps it, opened for a C++ `selfrag::Engine`."""
 
     def __init__(self, model: str, *, index: str | None = None, encoder: str | None = None,
-                 encoder_device: str | None = None, device: str = "cpu", dtype: str | None = None,
+                 encoder_device: str | None = None, device: str = "auto", dtype: str | None = None,
                  quantization: str | None = None, max_pending: int = 256,
                  engine_options: dict[str, Any] | None = None):
         self.retriever = None

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from selfrag_engine.engine.llm_engine import Engine
+from selfrag_engine.entrypoints.model_args import add_model_arguments, load_engine, resolve_model_arg
 from selfrag_engine.errors import RequestError
 from selfrag_engine.retrieval.retriever import Retriever
 from selfrag_engine.selfrag.decisions import MODES
@@ -34,10 +34,10 @@ def _run(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise RequestError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    resolve_model_arg(args)
     examples = read_examples(args.input, preset, args.limit)
-    retriever = Retriever.load(args.index) if args.index else None
-    engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype,
-                                    quantization=args.quantization, progress=not args.quiet)
+    retriever = Retriever.load(args.index, device=args.device) if args.index else None
+    engine = load_engine(args)
     runner = build_runner(engine, preset, ndocs=args.ndocs, mode=args.mode, threshold=args.threshold,
                           max_new_tokens=args.max_new_tokens, compat=args.compat, beam_width=args.beam_width,
                           max_depth=args.max_depth, retriever=retriever if preset.form == "long" else None)
@@ -50,7 +50,7 @@ def _run(args: argparse.Namespace) -> int:
     output = Path(args.output) if args.output else Path(f"{Path(args.input).stem}.{preset.name}.preds.jsonl")
     write_predictions(report, output)
     metrics_file = write_metrics(report, metrics_path(output), input=str(args.input), model=str(args.model),
-                                 predictions=str(output), device=args.device)
+                                 predictions=str(output), device=str(engine.device))
     print(format_table(report))
     print(f"predictions: {output}\nmetrics: {metrics_file}")
     return 0
@@ -61,7 +61,7 @@ def register(subparsers: Any) -> None:
     e = subparsers.add_parser("eval", help="answer a Self-RAG task's eval file and report its metrics")
     e.add_argument("--task", required=True, choices=list(PRESETS))
     e.add_argument("--input", required=True, help="the task's eval file (JSONL, or JSON list), with 'ctxs'")
-    e.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
+    add_model_arguments(e)
     e.add_argument("--output", default=None, help="predictions JSONL (default: <input stem>.<task>.preds.jsonl); "
                                                   "the metrics go to <output stem>.metrics.json")
     e.add_argument("--limit", type=int, default=None, help="only the first N rows")
@@ -75,8 +75,5 @@ def register(subparsers: Any) -> None:
     e.add_argument("--compat", default="paper", choices=list(COMPATS),
                    help="paper: the paper's rules; released: the reference scripts' behaviour")
     e.add_argument("--index", default=None, help="retrieve from this index instead of the rows' passages")
-    e.add_argument("--device", default="cpu")
-    e.add_argument("--dtype", default=None)
-    e.add_argument("--quantization", default=None, choices=[None, "fp8"])
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=_run)

@@ -5,6 +5,7 @@ import argparse
 import json
 from typing import Any
 
+from selfrag_engine.entrypoints.model_args import add_device_argument
 from selfrag_engine.errors import RequestError
 from selfrag_engine.retrieval.encoders import get_encoder
 from selfrag_engine.retrieval.passages import read_passages
@@ -83,7 +84,7 @@ def register(subparsers: Any) -> None:
     b.add_argument("--batch-size", type=int, default=64, help="passages encoded per batch")
     b.add_argument("--train-size", type=int, default=None, help="vectors used to train IVF/PQ indexes")
     b.add_argument("--nprobe", type=int, default=None, help="IVF lists searched per query (saved with the index)")
-    b.add_argument("--device", default=None, help="encoder device (default: cuda when available)")
+    add_device_argument(b, "the encoder")
     b.add_argument("--quiet", action="store_true")
     b.set_defaults(func=_build)
 
@@ -93,6 +94,6 @@ def register(subparsers: Any) -> None:
     s.add_argument("-k", type=int, default=5, help="passages per query")
     s.add_argument("--encoder", default=None, help="query encoder spec (default: the index's own)")
     s.add_argument("--nprobe", type=int, default=None)
-    s.add_argument("--device", default=None)
+    add_device_argument(s, "the query encoder")
     s.add_argument("--json", action="store_true", help="one JSON object per query")
     s.set_defaults(func=_search)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Iterable
 
 from selfrag_engine.errors import CheckpointError
+from selfrag_engine.hub import embedded_model_dir
 from selfrag_engine.retrieval.passages import (
     Passage,
     read_passages,
@@ -25,8 +26,8 @@ EXAMPLES_FILE = "examples.json"
 
 
 def default_model_dir() -> Path:
-    """The committed tiny Self-RAG checkpoint directory (`selfrag_engine/data/tiny_selfrag`)."""
-    return Path(__file__).resolve().parent.parent / "data" / "tiny_selfrag"
+    """The committed tiny Self-RAG checkpoint directory (`selfrag_engine/data/tiny_selfrag`, model name `tiny`)."""
+    return embedded_model_dir()
 
 
 def default_corpus_path() -> Path:

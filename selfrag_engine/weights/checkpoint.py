@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
-from selfrag_engine.errors import CheckpointError
+from selfrag_engine.errors import CheckpointError, TokenizerError
 
 # Saved by older transformers releases (Llama-2 era checkpoints) and recomputed here.
 IGNORED_TENSORS = re.compile(r".*\.rotary_emb\.inv_freq$")
@@ -52,6 +52,29 @@ def find_weight_files(path: str | Path) -> WeightFiles:
             return WeightFiles(fmt, [path / single])
     raise CheckpointError(f"no weights in '{path}': expected model.safetensors, a sharded "
                           "model-*.safetensors with model.safetensors.index.json, or pytorch_model*.bin")
+
+
+def check_checkpoint_dir(path: str | Path) -> Path:
+    """The checkpoint directory `path`, checked before anything slow reads it: it exists, is a directory, and
+    holds config.json, the SentencePiece tokenizer and weights. Each failure is a CheckpointError naming the
+    one thing that is wrong (a file given for its directory, an empty directory, ...)."""
+    path = Path(path)
+    hint = ("a model is a Hugging Face checkpoint directory (config.json, tokenizer.model, weights), "
+            "a model id in the Hugging Face cache, or 'tiny' for the embedded model")
+    if not path.exists():
+        raise CheckpointError(f"model directory '{path}' does not exist ({hint})")
+    if not path.is_dir():
+        raise CheckpointError(f"'{path}' is a file, not a checkpoint directory: pass the directory that holds it "
+                              f"('{path.parent}')")
+    if not any(path.iterdir()):
+        raise CheckpointError(f"model directory '{path}' is empty ({hint})")
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"'{path}' has no config.json: not a Hugging Face checkpoint directory ({hint})")
+    if not (path / "tokenizer.model").is_file():
+        raise TokenizerError(f"'{path / 'tokenizer.model'}' is missing: the checkpoint has no tokenizer (copy "
+                             "tokenizer.model and the tokenizer's JSON files from the model's repository)")
+    find_weight_files(path)
+    return path
 
 
 def _inside(root: Path, name: str, index: Path) -> Path:

@@ -1,6 +1,7 @@
 """Building a model from a checkpoint directory: config, dtype, quantization scheme, weights."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -13,8 +14,45 @@ from selfrag_engine.weights.checkpoint import FLOAT_DTYPES, load_weights
 from selfrag_engine.weights.quant_config import parse_quantization_config
 
 
+logger = logging.getLogger("selfrag_engine")
+
+# Above this many parameters a model on the CPU is worth a notice: it is slow and takes tens of GB.
+LARGE_ON_CPU_PARAMETERS = 1_000_000_000
+
+
+def auto_dtype(config_dtype: torch.dtype, device_type: str, bf16_supported: bool) -> torch.dtype:
+    """The dtype that fits the device when none is asked for: on CUDA the checkpoint's own (bfloat16 becomes
+    float16 on a GPU without bfloat16); on the CPU float32, the one dtype whose matmuls are fast and exact on
+    every CPU."""
+    if device_type != "cuda":
+        return torch.float32
+    if config_dtype == torch.bfloat16 and not bf16_supported:
+        return torch.float16
+    return config_dtype
+
+
+def parameter_count(config: LlamaConfig) -> int:
+    """Parameters of the Llama the config describes (embeddings, attention, MLP, norms, head)."""
+    h, kv = config.hidden_size, config.num_key_value_heads * config.head_dim
+    q = config.num_attention_heads * config.head_dim
+    layer = h * q + 2 * h * kv + q * h + 3 * h * config.intermediate_size + 2 * h
+    head = 0 if config.tie_word_embeddings else config.vocab_size * h
+    return config.vocab_size * h + config.num_hidden_layers * layer + h + head
+
+
+def large_on_cpu_notice(config: LlamaConfig, dtype: torch.dtype, device: torch.device) -> str | None:
+    """The one-line notice for a large model landing on the CPU (None when there is nothing to say)."""
+    n = parameter_count(config)
+    if device.type != "cpu" or n < LARGE_ON_CPU_PARAMETERS:
+        return None
+    gb = n * torch.empty((), dtype=dtype).element_size() / 1e9
+    return (f"selfrag-engine: note: loading a {n / 1e9:.1f}B-parameter model on the CPU in "
+            f"{str(dtype).removeprefix('torch.')} (~{gb:.0f} GB of memory, slow to decode); "
+            + ("no CUDA device is visible" if not torch.cuda.is_available() else "pass --device cuda to use the GPU"))
+
+
 def resolve_dtype(dtype: torch.dtype | str | None, config_dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """The activation dtype: as asked, else the checkpoint's on CUDA and float32 on the CPU."""
+    """The activation dtype: as asked, else `auto_dtype` for the device."""
     if isinstance(dtype, str):
         names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
                  "fp16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -22,7 +60,8 @@ def resolve_dtype(dtype: torch.dtype | str | None, config_dtype: torch.dtype, de
             raise RequestError(f"unknown dtype '{dtype}' (use float32, float16 or bfloat16)")
         dtype = names[dtype]
     if dtype is None:
-        dtype = config_dtype if device.type == "cuda" else torch.float32
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        dtype = auto_dtype(config_dtype, device.type, bf16)
     if dtype not in FLOAT_DTYPES:
         raise RequestError(f"dtype {dtype} is not supported (use float32, float16 or bfloat16)")
     return dtype
@@ -38,6 +77,9 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", dtype: torc
     device = torch.device(device)
     config = LlamaConfig.from_pretrained(path)
     dtype = resolve_dtype(dtype, config.torch_dtype, device)
+    notice = large_on_cpu_notice(config, dtype, device)
+    if notice is not None:
+        logger.warning(notice)
     prequantized = None
     if config.quantization_config is not None:
         try:

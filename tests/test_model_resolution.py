@@ -1,0 +1,161 @@
+"""Naming a model as a user does: a directory, `tiny`, or a Hugging Face model id read from the local Hugging
+Face cache (HF_HUB_CACHE / HF_HOME, HF_HUB_OFFLINE, a revision), through the command line and the Python API,
+run from another directory. The cache is laid out as huggingface_hub writes it (blobs named by their git or
+LFS hash, snapshots of symlinks, refs) and huggingface_hub itself is asked to read it back."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from huggingface_hub import scan_cache_dir, try_to_load_from_cache
+from huggingface_hub.file_download import repo_folder_name
+
+from selfrag_engine.errors import CheckpointError
+from selfrag_engine.hub import download_patterns, embedded_model_dir, is_model_id, resolve_model
+
+REPO = "selfrag-test/tiny_selfrag"
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+OTHER = "fedcba9876543210fedcba9876543210fedcba98"
+PROMPT = "### Instruction:\nWhere was Hirnbem Kakravu born?\n\n### Response:\n"
+CLI = [sys.executable, "-m", "selfrag_engine.entrypoints.cli"]
+
+
+def _blob_name(path: Path) -> str:
+    """The name huggingface_hub gives a file's blob: the sha256 of an LFS file (weights), the git blob sha1
+    of any other."""
+    data = path.read_bytes()
+    if path.suffix in (".safetensors", ".bin"):
+        return hashlib.sha256(data).hexdigest()
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def place_in_hf_cache(cache: Path, repo_id: str, src: Path, commit: str, refs: tuple[str, ...] = ("main",)) -> Path:
+    """Puts the files of `src` into `cache` as snapshot `commit` of model `repo_id`, as huggingface_hub lays
+    out its cache: the content in blobs/, the snapshot as relative symlinks to them, each ref naming the commit."""
+    repo = cache / repo_folder_name(repo_id=repo_id, repo_type="model")
+    snapshot = repo / "snapshots" / commit
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    snapshot.mkdir(parents=True)
+    for file in sorted(src.iterdir()):
+        blob = repo / "blobs" / _blob_name(file)
+        blob.write_bytes(file.read_bytes())
+        (snapshot / file.name).symlink_to(os.path.relpath(blob, snapshot))
+    (repo / "refs").mkdir(exist_ok=True)
+    for ref in refs:
+        (repo / "refs" / ref).write_text(commit)
+    return snapshot
+
+
+@pytest.fixture(scope="module")
+def hf_home(tmp_path_factory) -> Path:
+    """HF_HOME with the embedded model in its hub cache at COMMIT (refs main), and a second snapshot OTHER
+    (tag v1) holding only its config."""
+    home = tmp_path_factory.mktemp("hf_home")
+    place_in_hf_cache(home / "hub", REPO, embedded_model_dir(), COMMIT)
+    only_config = tmp_path_factory.mktemp("only_config")
+    (only_config / "config.json").write_bytes((embedded_model_dir() / "config.json").read_bytes())
+    place_in_hf_cache(home / "hub", REPO, only_config, OTHER, refs=("v1",))
+    return home
+
+
+def test_huggingface_hub_reads_the_cache_as_laid_out(hf_home):
+    info = scan_cache_dir(hf_home / "hub")
+    assert not info.warnings
+    (repo,) = info.repos
+    assert repo.repo_id == REPO and repo.repo_type == "model"
+    revisions = {r.commit_hash: set(r.refs) for r in repo.revisions}
+    assert revisions == {COMMIT: {"main"}, OTHER: {"v1"}}
+    found = try_to_load_from_cache(REPO, "model.safetensors", cache_dir=hf_home / "hub")
+    assert isinstance(found, str) and Path(found).parent.name == COMMIT
+    assert Path(found).read_bytes() == (embedded_model_dir() / "model.safetensors").read_bytes()
+
+
+def test_ids_resolve_to_their_snapshot_at_the_revision_asked(hf_home):
+    cache = hf_home / "hub"
+    snapshots = cache / repo_folder_name(repo_id=REPO, repo_type="model") / "snapshots"
+    assert resolve_model(REPO, cache_dir=cache) == snapshots / COMMIT
+    assert resolve_model(REPO, "main", cache_dir=cache) == snapshots / COMMIT
+    assert resolve_model(REPO, "v1", cache_dir=cache) == snapshots / OTHER
+    assert resolve_model(REPO, OTHER, cache_dir=cache) == snapshots / OTHER
+    with pytest.raises(CheckpointError, match=r"holds no snapshot of model 'selfrag-test/tiny_selfrag' at "
+                                              r"revision 'v2'.*--download"):
+        resolve_model(REPO, "v2", cache_dir=cache)
+    with pytest.raises(CheckpointError, match=r"'nobody/nothing' is not a directory.*holds no snapshot"):
+        resolve_model("nobody/nothing", cache_dir=cache)
+
+
+def test_tiny_names_the_embedded_model_and_paths_stay_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert resolve_model("tiny") == resolve_model("tiny_selfrag") == embedded_model_dir()
+    assert (embedded_model_dir() / "config.json").is_file()
+    (tmp_path / "tiny").mkdir()  # a directory of that name, where the user stands, is theirs
+    assert resolve_model("tiny") == Path("tiny")
+    for path in ("./missing", "/abs/missing", "a/b/c", "~/x"):
+        assert not is_model_id(path)
+        assert resolve_model(path) == Path(path).expanduser()
+    assert is_model_id("selfrag/selfrag_llama2_7b") and is_model_id("gpt2")
+    with pytest.raises(CheckpointError, match="revision 'v1' asked for, but 'tiny_selfrag' is the embedded model"):
+        resolve_model("tiny_selfrag", "v1")
+    with pytest.raises(CheckpointError, match="revision 'v1' asked for, but 'tiny' is a local directory"):
+        resolve_model("tiny", "v1")
+
+
+def test_a_download_fetches_one_weight_format():
+    safetensors_repo = ["config.json", "model-00001-of-00002.safetensors", "model.safetensors.index.json",
+                        "pytorch_model.bin", "tokenizer.model"]
+    assert download_patterns(safetensors_repo) == ["*.json", "tokenizer.model", "*.safetensors"]
+    assert download_patterns(["config.json", "pytorch_model-00001-of-00002.bin"]) == \
+        ["*.json", "tokenizer.model", "*.bin"]
+
+
+def _generate(model: str, cwd: Path, env: dict[str, str]) -> dict:
+    result = subprocess.run(CLI + ["generate", "--model", model, PROMPT, "--max-tokens", "24", "--json", "--quiet",
+                                   "--keep-special-tokens"],
+                            capture_output=True, text=True, cwd=cwd, env={**os.environ, **env}, timeout=600)
+    assert result.returncode == 0, result.stderr
+    (line,) = result.stdout.splitlines()
+    return json.loads(line)
+
+
+def test_generate_with_an_id_offline_or_tiny_answers_as_the_path_does(hf_home, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    by_path = _generate(str(embedded_model_dir()), elsewhere, {})
+    assert by_path["token_ids"] and by_path["finish_reason"] in ("stop", "length")
+    by_id = _generate(REPO, elsewhere, {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hf_home / "hub")})
+    by_name = _generate("tiny", elsewhere, {})
+    assert by_id == by_path
+    assert by_name == by_path
+
+
+def test_from_pretrained_with_an_id_answers_as_the_path_does(hf_home, tmp_path):
+    script = (
+        "import json, sys\n"
+        "from selfrag_engine import Engine, SamplingParams\n"
+        "from selfrag_engine.hub import embedded_model_dir\n"
+        "p = SamplingParams(max_tokens=24, temperature=0.0, skip_special_tokens=False)\n"
+        f"outs = [Engine.from_pretrained(m, progress=False).generate([{PROMPT!r}], p)[0] for m in "
+        f"({REPO!r}, str(embedded_model_dir()))]\n"
+        "print(json.dumps([[o.text, o.token_ids] for o in outs]))\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(hf_home)}
+    env.pop("HF_HUB_CACHE", None)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, env=env,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr
+    by_id, by_path = json.loads(result.stdout)
+    assert by_id == by_path and by_id[1]
+
+
+def test_an_id_missing_from_the_cache_offline_is_one_line_naming_the_cache(hf_home, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hf_home / "hub")}
+    result = subprocess.run(CLI + ["generate", "--model", "selfrag/selfrag_llama2_7b", "hi"], capture_output=True,
+                            text=True, cwd=tmp_path, env=env, timeout=300)
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("selfrag-engine: error: 'selfrag/selfrag_llama2_7b' is not a directory")
+    assert str(hf_home / "hub") in line and "HF_HUB_OFFLINE is set" in line
