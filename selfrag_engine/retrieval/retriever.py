@@ -51,7 +51,8 @@ def _faiss() -> Any:
     try:
         import faiss
     except ImportError:
-        raise RequestError("retrieval needs the `faiss-cpu` package (or faiss-gpu): pip install faiss-cpu") from None
+        raise RequestError("retrieval needs faiss, which is not installed: pip install 'selfrag-engine[retrieval]' "
+                           "(or 'selfrag-engine[retrieval-gpu]' for faiss's CUDA build)") from None
     return faiss
 
 
@@ -99,7 +100,7 @@ class _IndexBuilder:
     """Adds embedding chunks to a new faiss index, training it first (on the first `train_size` vectors)
     when its type needs training."""
 
-    def __init__(self, dim: int, factory: str, train_size: int, progress: bool):
+    def __init__(self, dim: int, factory: str, train_size: int, progress: bool, total: int | None = None):
         faiss = _faiss()
         if not isinstance(factory, str) or not factory.strip():
             raise RequestError(f"index factory must be a non-empty faiss index_factory string, got {factory!r}")
@@ -113,7 +114,10 @@ class _IndexBuilder:
         self.dim, self.factory, self.train_size = int(dim), factory, train_size
         self.pending: list[np.ndarray] = []
         self.num_pending = 0
-        self.bar = tqdm(desc="indexing", unit="vec", disable=not progress, leave=False)
+        # Opened at the first vectors added (training comes first), with the count when it is known, so no
+        # empty "0vec" bar is left on the terminal.
+        self.bar: Any = None
+        self.progress, self.total = progress, total
 
     def add(self, emb: np.ndarray) -> None:
         emb = np.ascontiguousarray(emb, dtype=np.float32)
@@ -133,6 +137,9 @@ class _IndexBuilder:
         for start in range(0, len(emb), _ADD_CHUNK):
             chunk = emb[start:start + _ADD_CHUNK]
             self.index.add(chunk)
+            if self.bar is None:
+                self.bar = tqdm(desc=f"adding to faiss {self.factory}", total=self.total, unit="vector",
+                                unit_scale=True, disable=not self.progress, leave=False)
             self.bar.update(len(chunk))
 
     def _train_and_flush(self) -> None:
@@ -148,13 +155,20 @@ class _IndexBuilder:
     def finish(self) -> Any:
         if self.pending:
             self._train_and_flush()
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
         if self.index.ntotal == 0:
             raise CorpusError("no embeddings to index")
         ivf = _faiss().try_extract_index_ivf(self.index)
         if ivf is not None:
             ivf.nprobe = min(ivf.nlist, DEFAULT_NPROBE)
         return self.index
+
+
+def same_encoder(a: str, b: str) -> bool:
+    """Whether two encoder specs name the same encoder; a Contriever is the same model wherever it lives."""
+    kind_a, kind_b = a.partition(":")[0], b.partition(":")[0]
+    return a == b or kind_a == kind_b == "contriever"
 
 
 def _passages_by_id(passages: Sequence[Passage]) -> dict[str, Passage]:
@@ -231,7 +245,7 @@ class Retriever:
                 raise CorpusError(f"{len(ids)} ids for {len(embeddings)} embeddings")
             rows = _lookup(_passages_by_id(passages), ids, "embeddings")
         cls._check_encoder_dim(encoder, embeddings.shape[1])
-        builder = _IndexBuilder(embeddings.shape[1], factory, train_size, progress)
+        builder = _IndexBuilder(embeddings.shape[1], factory, train_size, progress, len(embeddings))
         builder.add(embeddings)
         return cls(builder.finish(), rows, encoder, factory, gpu)
 
@@ -382,13 +396,21 @@ class Retriever:
     def load(cls, directory: str | Path, encoder: Encoder | str | None = None, gpu: bool | None = None,
              device: str | None = None) -> "Retriever":
         """A saved retriever. The encoder defaults to the one it was built with (its spec in retriever.json);
-        an encoder object or spec may be given instead, and must give embeddings of the index's dimension."""
+        an encoder object or spec may be given instead: the same one (a Contriever may have moved to another
+        directory), or any encoder of the index's dimension for an index built from precomputed embeddings
+        without one. Another encoder is refused, naming both."""
         faiss = _faiss()
         directory = Path(directory)
         meta = cls.read_meta(directory)
         for name in (INDEX_FILE, PASSAGES_FILE):
             if not (directory / name).is_file():
                 raise RequestError(f"{directory}: missing {name}")
+        built_with = meta.get("encoder")
+        asked = encoder.strip() if isinstance(encoder, str) else getattr(encoder, "name", None)
+        if built_with and asked and not same_encoder(asked, built_with):
+            raise RequestError(f"the index in {directory} was built with encoder {built_with!r}; searching it with "
+                               f"{asked!r} would compare unrelated embeddings (leave the encoder out to use the "
+                               f"index's own, or rebuild the index with {asked!r})")
         if isinstance(encoder, str):
             encoder = get_encoder(encoder, device=device)
         elif encoder is None and meta.get("encoder"):
@@ -397,8 +419,6 @@ class Retriever:
             raise RequestError(f"encoder {encoder.name!r} gives {encoder.dim}-dimensional embeddings but the index "
                                f"in {directory} holds {meta['dim']}-dimensional ones (built with encoder "
                                f"{meta.get('encoder')!r})")
-        if encoder is not None and meta.get("encoder") and encoder.name != meta["encoder"]:
-            warnings.warn(f"searching an index built with encoder {meta['encoder']!r} using {encoder.name!r}")
         try:
             index = faiss.read_index(str(directory / INDEX_FILE))
         except RuntimeError as e:
