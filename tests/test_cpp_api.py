@@ -150,6 +150,28 @@ def test_cpp_ask_with_an_index_prints_what_the_ask_command_prints(built, tmp_pat
     assert "relevance" in cpp.stdout  # retrieved: a branch table was printed
 
 
+def test_cpp_ask_parses_its_options(built, tmp_path):
+    """`ask --help` prints the usage and the options and exits 0; a mistake prints the usage and one line naming
+    it and exits 2 (as argparse does for `selfrag-engine ask`), before any model loads."""
+    for flag in ("--help", "-h"):
+        result = _run([str(built / "ask"), flag], cwd=tmp_path)
+        assert result.returncode == 0 and result.stderr == ""
+        assert result.stdout.startswith("usage: ask [-h] --model MODEL")
+        for option in ("--model MODEL", "--passages FILE", "--index DIR", "--device DEVICE"):
+            assert option in result.stdout
+    mistakes = {("What?",): "the following arguments are required: --model",
+                ("--model", "tiny"): "the following arguments are required: question",
+                ("--model", "tiny", "--bogus", "q"): "unrecognized argument: --bogus",
+                ("--model",): "argument --model: expected one argument",
+                ("--model", "tiny", "--passages", "p.jsonl", "--index", "idx", "q"):
+                    "argument --passages: not allowed with argument --index"}
+    for argv, message in mistakes.items():
+        result = _run([str(built / "ask"), *argv], cwd=tmp_path)
+        assert result.returncode == 2 and result.stdout == ""
+        usage, error = result.stderr.splitlines()
+        assert usage.startswith("usage: ask") and error == f"ask: error: {message}"
+
+
 def test_cpp_ask_reports_a_named_error(built, tmp_path):
     result = _run([str(built / "ask"), "--model", str(tmp_path / "missing"), "--passages",
                    str(default_model_dir() / "corpus.jsonl"), "a question?"])

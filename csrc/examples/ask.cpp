@@ -1,4 +1,4 @@
-// build/cpp/ask --model DIR (--passages FILE | --index DIR) "question": answers as `selfrag-engine ask` does.
+// build/cpp/ask --model MODEL (--passages FILE | --index DIR) "question": answers as `selfrag-engine ask` does.
 #include <cstdio>
 #include <sstream>
 #include <string>
@@ -18,17 +18,56 @@ static std::string cell(const std::string& text, size_t width, bool pad) {
   return pad ? flat + std::string(width - starts.size(), ' ') : flat;
 }
 
+static const char kUsage[] =
+    "usage: ask [-h] --model MODEL (--passages FILE | --index DIR) [--device DEVICE] question\n";
+static const char kHelp[] =
+    "\nAnswer a question with Self-RAG, as `selfrag-engine ask` does: the answer, the retrieval decision and\n"
+    "the table of branches.\n\n"
+    "positional arguments:\n"
+    "  question          the question\n\n"
+    "options:\n"
+    "  -h, --help        show this help message and exit\n"
+    "  --model MODEL     checkpoint directory, Hugging Face model id (from the local cache) or 'tiny'\n"
+    "  --passages FILE   use these passages as given (.tsv, .jsonl or .json), no index\n"
+    "  --index DIR       retrieve from this index (`selfrag-engine index build`)\n"
+    "  --device DEVICE   auto (CUDA when there is one, else the CPU), cuda or cpu\n";
+
+// A command-line mistake: the usage and one line naming it, exit status 2 (as argparse does).
+static int usage_error(const std::string& message) {
+  std::fprintf(stderr, "%sask: error: %s\n", kUsage, message.c_str());
+  return 2;
+}
+
 int main(int argc, char** argv) try {
   selfrag::EngineOptions engine_options;
   selfrag::AnswerOptions ask;
-  std::string question;
+  std::string question, passages;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
-    if (a == "--model" && i + 1 < argc) engine_options.model = argv[++i];
-    else if (a == "--index" && i + 1 < argc) engine_options.index = argv[++i];
-    else if (a == "--passages" && i + 1 < argc) ask.passages = selfrag::read_passages(argv[++i]);
-    else question = a;
+    bool has_value = i + 1 < argc;
+    if (a == "-h" || a == "--help") {
+      std::printf("%s%s", kUsage, kHelp);
+      return 0;
+    } else if (a == "--model" || a == "--index" || a == "--passages" || a == "--device") {
+      if (!has_value) return usage_error("argument " + a + ": expected one argument");
+      std::string value = argv[++i];
+      if (a == "--model") engine_options.model = value;
+      else if (a == "--index") engine_options.index = value;
+      else if (a == "--passages") passages = value;
+      else engine_options.device = value;
+    } else if (a.size() > 1 && a[0] == '-' && a != "--") {
+      return usage_error("unrecognized argument: " + a);
+    } else if (!question.empty()) {
+      return usage_error("unrecognized argument: " + a + " (one question at a time)");
+    } else {
+      question = a == "--" && has_value ? argv[++i] : a;
+    }
   }
+  if (engine_options.model.empty()) return usage_error("the following arguments are required: --model");
+  if (question.empty()) return usage_error("the following arguments are required: question");
+  if (!passages.empty() && !engine_options.index.empty())
+    return usage_error("argument --passages: not allowed with argument --index");
+  if (!passages.empty()) ask.passages = selfrag::read_passages(passages);
   selfrag::Engine engine(engine_options);
   selfrag::Answer ans = engine.answer(question, ask);
 

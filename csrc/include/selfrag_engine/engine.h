@@ -62,7 +62,7 @@ struct EngineOptions {
   std::string index;           // retrieval index directory (`selfrag-engine index build`); empty: none
   std::string encoder;         // query encoder spec; empty: the index's own
   std::string encoder_device;  // empty: cuda when available
-  std::string device = "cpu";
+  std::string device = "auto";    // auto: CUDA when there is one, else the CPU; cuda, cuda:N or cpu
   std::string dtype;           // empty: the checkpoint's on CUDA, float32 on the CPU
   std::string quantization;    // empty or "fp8"
   int max_pending = 256;       // requests and queries in flight at once; QueueFullError beyond
