@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import RESULTS_DIR, bench_parser, parse_bench_args, pyplot, record, save_figure, write_results  # noqa: E402
 from bench.workload import LLAMA2_7B  # noqa: E402
 
-# What the reference scripts ask vLLM for at every step (SELFRAG_REFERENCE.md).
+# What the reference scripts ask vLLM for at every step (docs/SELFRAG.md).
 REFERENCE_DRAFT_LOGPROBS = 32016
 REFERENCE_BRANCH_LOGPROBS = 5000
 REFERENCE_LONG_FORM_LOGPROBS = 32000

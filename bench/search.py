@@ -30,9 +30,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from bench.common import bench_parser, parse_bench_args, pyplot, record, save_figure, write_results  # noqa: E402
+from selfrag_engine.errors import RequestError  # noqa: E402
 from selfrag_engine.retrieval.batched import BatchedSearch  # noqa: E402
 from selfrag_engine.retrieval.encoders import HashingEncoder, get_encoder  # noqa: E402
 from selfrag_engine.retrieval.passages import Passage  # noqa: E402
@@ -92,9 +94,12 @@ def main(argv: list[str] | None = None) -> int:
     encoders = [("hashing", HashingEncoder(DIM))]
     if not args.smoke:
         try:
-            encoders.append(("minilm", get_encoder("minilm")))
-        except ImportError as e:
+            encoders.append(("minilm", get_encoder("minilm", device="cpu")))
+        except (ImportError, RequestError) as e:
             print(f"MiniLM is not available ({e}); hashing encoder only", flush=True)
+    import faiss
+
+    threads = {"faiss_threads": faiss.omp_get_max_threads(), "torch_threads": torch.get_num_threads()}
     rng = random.Random(17)
     queries = [f"Where was {_words(rng, 2).title()} born in {rng.randint(1700, 1999)}?" for _ in range(num_queries)]
     results: list[dict] = []
@@ -105,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         expected = [retriever.search(q, K) for q in tqdm(queries, desc=f"{name}: reference answers",
                                                           disable=args.smoke)]
         common = {"encoder": encoder.name, "passages": num_passages, "dim": DIM, "k": K, "index": "Flat",
-                  "queries": num_queries}
+                  "queries": num_queries, **threads}
         curves[name] = {"plain": [], "batched": []}
         for clients in levels:
             qps = {}
@@ -137,8 +142,12 @@ def main(argv: list[str] | None = None) -> int:
             ax.set_xticks(levels, [str(c) for c in levels])
             ax.set_xlabel("concurrent clients")
             ax.set_ylabel("searches / s")
-            ax.set_title(f"{name} encoder, flat index of {num_passages:,} x {DIM}")
+            ax.set_ylim(bottom=0)  # the two ways are compared by height: the axis starts at 0
+            model = "all-MiniLM-L6-v2" if name == "minilm" else f"hashing (no model), {DIM} dims"
+            ax.set_title(f"query encoder: {model}\nflat index of {num_passages:,} x {DIM}", fontsize=10)
             ax.legend()
+        fig.suptitle(f"Index searches (top-{K}), device cpu\n{threads['faiss_threads']} faiss threads, "
+                     f"{threads['torch_threads']} torch threads", fontsize=11)
         save_figure(fig, png)
 
     write_results("search", "cpu", results, out_dir=args.out, plot=plot)

@@ -65,7 +65,7 @@ def make_workload(tokenizer, prompt_tokens: int, passage_tokens: int, k: int, se
     return question, passages
 
 
-# What the reference scripts ask vLLM for at every step (SELFRAG_REFERENCE.md): the short form's no-retrieval
+# What the reference scripts ask vLLM for at every step (docs/SELFRAG.md): the short form's no-retrieval
 # draft the whole vocabulary, each retrieval branch the top 5000, the long form the top 32000.
 REFERENCE_DRAFT_LOGPROBS = 32016
 REFERENCE_BRANCH_LOGPROBS = 5000

@@ -16,7 +16,7 @@ from selfrag_engine.models.llama import Llama
 from selfrag_engine.testing import tiny_config, write_tokenizer
 from selfrag_engine.tokenizer import Tokenizer
 
-# selfrag/selfrag_llama2_7b's config.json (SELFRAG_REFERENCE.md), as transformers writes it.
+# selfrag/selfrag_llama2_7b's config.json (docs/SELFRAG.md), as transformers writes it.
 LLAMA2_7B = tiny_config(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                         num_key_value_heads=32, max_position_embeddings=4096, vocab_size=32016,
                         torch_dtype="bfloat16")

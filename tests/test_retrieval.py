@@ -458,3 +458,36 @@ def test_ask_command_rejects_bad_requests(tmp_path, capsys):
     assert main(["ask", "--model", model, "--index", str(tmp_path / "idx"), "--encoder", "hashing:8",
                  "a question?", "--quiet"]) == 2
     assert "built with encoder 'hashing:16'; searching it with 'hashing:8'" in capsys.readouterr().err
+
+
+@needs_faiss
+def test_an_encoder_is_loaded_once_per_process(tmp_path):
+    assert get_encoder("hashing:64") is get_encoder(" hashing:64 ") is get_encoder("hashing:64", device="auto")
+    assert get_encoder("hashing:64") is not get_encoder("hashing:32")
+    passages = _corpus(random.Random(601), 8)
+    Retriever.build(passages, get_encoder("hashing:64"), progress=False).save(tmp_path / "idx")
+    first, second = Retriever.load(tmp_path / "idx"), Retriever.load(tmp_path / "idx")
+    assert first.encoder is second.encoder is get_encoder("hashing:64")
+
+
+@needs_faiss
+def test_index_build_shows_what_it_does_without_an_empty_bar(tmp_path, capsys):
+    corpus = _write_corpus(tmp_path / "c.jsonl", _corpus(random.Random(611), 40))
+    assert main(["index", "build", "--passages", corpus, "--out", str(tmp_path / "idx"), "--encoder",
+                 "hashing:32"]) == 0
+    captured = capsys.readouterr()
+    assert "adding to faiss Flat" in captured.err and "/40 [" in captured.err
+    assert "0vec" not in captured.err and "indexed 40 passages" in captured.out
+
+
+@needs_faiss
+def test_search_output_has_headers(tmp_path, capsys):
+    corpus = _write_corpus(tmp_path / "c.jsonl", _corpus(random.Random(621), 12))
+    assert main(["index", "build", "--passages", corpus, "--out", str(tmp_path / "idx"), "--encoder",
+                 "hashing:32", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["index", "search", "--index", str(tmp_path / "idx"), "-k", "3", "first query"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "query: first query"
+    assert lines[1].split() == ["rank", "score", "id", "title", "text"]
+    assert len(lines) == 2 + 3

@@ -1,5 +1,5 @@
 """compat="paper" vs compat="released": one test per place where the reference scripts differ from the paper
-(SELFRAG_REFERENCE.md, items 1-9), each on a case where the two flavours must diverge, each flavour checked
+(docs/SELFRAG.md, "compat"), each on a case where the two flavours must diverge, each flavour checked
 against values computed here from a fresh full-vocabulary scoring pass."""
 import math
 import random

@@ -1,7 +1,7 @@
 """`Tokenizer.decode_continuation` gives the text vLLM 0.2.6 hands the reference scripts: checked against
 vLLM's incremental detokenizer written out below as vLLM has it (`detokenize_incrementally`), running over
 transformers' own pieces (the slow LlamaTokenizer) and transformers' own fast decoder (LlamaConverter's, run
-by the tokenizers library), on random generated ids and on the strings SELFRAG_REFERENCE.md quotes."""
+by the tokenizers library), on random generated ids and on the strings docs/SELFRAG.md quotes."""
 import random
 
 import pytest

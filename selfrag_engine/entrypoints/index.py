@@ -59,8 +59,9 @@ def _search(args: argparse.Namespace) -> int:
                 for r, h in enumerate(hits, start=1)]}, ensure_ascii=False))
             continue
         print(f"query: {query}")
+        print(f"{'rank':>4}  {'score':>8}  {'id':<10}  {'title':<28}  text")
         for r, h in enumerate(hits, start=1):
-            print(f"{r:>3}  {h.score:8.4f}  {snippet(str(h.passage.id), 10):<10}  {snippet(h.passage.title, 28):<28}  "
+            print(f"{r:>4}  {h.score:8.4f}  {snippet(str(h.passage.id), 10):<10}  {snippet(h.passage.title, 28):<28}  "
                   f"{snippet(h.passage.text, 70)}")
     return 0
 

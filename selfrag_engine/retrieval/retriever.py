@@ -139,7 +139,8 @@ class _IndexBuilder:
             self.index.add(chunk)
             if self.bar is None:
                 self.bar = tqdm(desc=f"adding to faiss {self.factory}", total=self.total, unit="vector",
-                                unit_scale=True, disable=not self.progress, leave=False)
+                                unit_scale=self.total is None or self.total >= 10_000, disable=not self.progress,
+                                leave=False)
             self.bar.update(len(chunk))
 
     def _train_and_flush(self) -> None:
