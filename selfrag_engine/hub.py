@@ -115,7 +115,8 @@ def _from_hub(repo_id: str, revision: str | None, download: bool, cache_dir: str
             raise CheckpointError(f"'{repo_id}' is not a directory, and the Hugging Face cache ({cache}) holds no "
                                   f"snapshot of model '{repo_id}'{at}: {how}") from None
     try:
-        files = HfApi().list_repo_files(repo_id, revision=revision)
+        info = HfApi().model_info(repo_id, revision=revision)
+        files = [s.rfilename for s in info.siblings or []]
         return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir,
                                       allow_patterns=download_patterns(files)))
     except GatedRepoError:

@@ -159,3 +159,99 @@ def test_an_id_missing_from_the_cache_offline_is_one_line_naming_the_cache(hf_ho
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("selfrag-engine: error: 'selfrag/selfrag_llama2_7b' is not a directory")
     assert str(hf_home / "hub") in line and "HF_HUB_OFFLINE is set" in line
+
+
+class _FakeHub:
+    """The Hub routes huggingface_hub's own client calls to download a snapshot (model info, at a revision or
+    not, then HEAD and GET of each file under /resolve/), served from a local directory on 127.0.0.1, recording every
+    file asked for. The listing also names a `.bin` copy of the weights, which a download must not fetch."""
+
+    def __init__(self, repo_id: str, src: Path, commit: str):
+        import http.server
+        import threading
+
+        files = {f.name: f.read_bytes() for f in sorted(src.iterdir())}
+        listing = sorted(files) + ["pytorch_model.bin"]
+        self.fetched: list[str] = []
+        hub = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):  # quiet
+                pass
+
+            def _send(self, status: int, body: bytes, headers: dict[str, str], head: bool) -> None:
+                self.send_response(status)
+                for k, v in {"Content-Length": str(len(body)), **headers}.items():
+                    self.send_header(k, v)
+                self.end_headers()
+                if not head:
+                    self.wfile.write(body)
+
+            def _route(self, head: bool) -> None:
+                path = self.path.split("?")[0]
+                if path == f"/api/models/{repo_id}" or path.startswith(f"/api/models/{repo_id}/revision/"):
+                    body = json.dumps({"id": repo_id, "modelId": repo_id, "sha": commit, "private": False,
+                                       "siblings": [{"rfilename": n} for n in listing]}).encode()
+                    return self._send(200, body, {"Content-Type": "application/json"}, head)
+                prefix = f"/{repo_id}/resolve/"
+                if path.startswith(prefix):
+                    name = path[len(prefix):].split("/", 1)[1]
+                    if name not in files:
+                        return self._send(404, b"", {"X-Error-Code": "EntryNotFound"}, head)
+                    if not head:
+                        hub.fetched.append(name)
+                    data = files[name]
+                    return self._send(200, data, {"X-Repo-Commit": commit, "ETag": f'"{_blob_name_of(name, data)}"',
+                                                  "Content-Type": "application/octet-stream"}, head)
+                self._send(404, b"", {}, head)
+
+            def do_HEAD(self):
+                self._route(True)
+
+            def do_GET(self):
+                self._route(False)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> "_FakeHub":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _blob_name_of(name: str, data: bytes) -> str:
+    if name.endswith((".safetensors", ".bin")):
+        return hashlib.sha256(data).hexdigest()
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def test_download_fetches_the_checkpoint_files_with_progress_then_answers_offline(tmp_path):
+    cache = tmp_path / "cache"
+    env = {"HF_HUB_CACHE": str(cache), "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_XET": "1",
+           "HF_HUB_OFFLINE": "0"}
+    by_path = _generate(str(embedded_model_dir()), tmp_path, {})
+    with _FakeHub(REPO, embedded_model_dir(), COMMIT) as hub:
+        env["HF_ENDPOINT"] = hub.url
+        # Online but not asked: nothing is fetched, and the message says how to ask.
+        result = subprocess.run(CLI + ["generate", "--model", REPO, PROMPT], capture_output=True, text=True,
+                                cwd=tmp_path, env={**os.environ, **env}, timeout=300)
+        assert result.returncode == 2 and "add --download" in result.stderr and hub.fetched == []
+        result = subprocess.run(CLI + ["generate", "--model", REPO, "--download", PROMPT, "--max-tokens", "24",
+                                       "--json", "--quiet", "--keep-special-tokens"],
+                                capture_output=True, text=True, cwd=tmp_path, env={**os.environ, **env},
+                                timeout=600)
+        assert result.returncode == 0, result.stderr
+        assert "Fetching" in result.stderr  # huggingface_hub's progress bar
+    assert json.loads(result.stdout) == by_path
+    fetched = set(hub.fetched)
+    assert "model.safetensors" in fetched and "tokenizer.model" in fetched and "config.json" in fetched
+    assert "pytorch_model.bin" not in fetched and "corpus.jsonl" not in fetched and "MODEL_CARD.md" not in fetched
+    # What was downloaded is a snapshot huggingface_hub reads back, and answers with the hub switched off.
+    (repo,) = scan_cache_dir(cache).repos
+    assert repo.repo_id == REPO and {r.commit_hash for r in repo.revisions} == {COMMIT}
+    assert _generate(REPO, tmp_path, {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}) == by_path
