@@ -15,6 +15,7 @@ import pytest
 from huggingface_hub import scan_cache_dir, try_to_load_from_cache
 from huggingface_hub.file_download import repo_folder_name
 
+from selfrag_engine.entrypoints.model_args import model_name
 from selfrag_engine.errors import CheckpointError
 from selfrag_engine.hub import download_patterns, embedded_model_dir, is_model_id, resolve_model
 
@@ -103,6 +104,15 @@ def test_tiny_names_the_embedded_model_and_paths_stay_paths(tmp_path, monkeypatc
         resolve_model("tiny_selfrag", "v1")
     with pytest.raises(CheckpointError, match="revision 'v1' asked for, but 'tiny' is a local directory"):
         resolve_model("tiny", "v1")
+
+
+def test_the_served_name_is_the_id_or_the_directory_name(hf_home, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    snapshot = resolve_model(REPO, cache_dir=hf_home / "hub")
+    assert model_name(REPO, snapshot) == REPO  # as vLLM serves an id
+    assert model_name("tiny", embedded_model_dir()) == "tiny_selfrag"
+    (tmp_path / "my_model").mkdir()
+    assert model_name("my_model", Path("my_model")) == "my_model"
 
 
 def test_a_download_fetches_one_weight_format():

@@ -58,7 +58,7 @@ SELFRAG_ERROR(Cancelled, Error)
 // ---- options and results -------------------------------------------------------------------------------
 
 struct EngineOptions {
-  std::string model;           // Hugging Face checkpoint directory of a Self-RAG (Llama-2) model
+  std::string model;           // a Self-RAG (Llama-2) checkpoint directory, Hugging Face model id or "tiny"
   std::string index;           // retrieval index directory (`selfrag-engine index build`); empty: none
   std::string encoder;         // query encoder spec; empty: the index's own
   std::string encoder_device;  // empty: cuda when available
