@@ -173,7 +173,7 @@ def test_an_id_missing_from_the_cache_offline_is_one_line_naming_the_cache(hf_ho
 
 class _FakeHub:
     """The Hub routes huggingface_hub's own client calls to download a snapshot (model info, at a revision or
-    not, then HEAD and GET of each file under /resolve/), served from a local directory on 127.0.0.1, recording every
+    not; the file tree, which 1.x reads; then HEAD and GET of each file under /resolve/), served from a local directory on 127.0.0.1, recording every
     file asked for. The listing also names a `.bin` copy of the weights, which a download must not fetch."""
 
     def __init__(self, repo_id: str, src: Path, commit: str):
@@ -203,6 +203,10 @@ class _FakeHub:
                     body = json.dumps({"id": repo_id, "modelId": repo_id, "sha": commit, "private": False,
                                        "siblings": [{"rfilename": n} for n in listing]}).encode()
                     return self._send(200, body, {"Content-Type": "application/json"}, head)
+                if path.startswith(f"/api/models/{repo_id}/tree/"):  # huggingface_hub 1.x lists the tree
+                    tree = [{"type": "file", "path": n, "size": len(files.get(n, b"")),
+                             "oid": _blob_name_of(n, files.get(n, b""))} for n in listing]
+                    return self._send(200, json.dumps(tree).encode(), {"Content-Type": "application/json"}, head)
                 prefix = f"/{repo_id}/resolve/"
                 if path.startswith(prefix):
                     name = path[len(prefix):].split("/", 1)[1]
