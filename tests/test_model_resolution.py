@@ -173,8 +173,9 @@ def test_an_id_missing_from_the_cache_offline_is_one_line_naming_the_cache(hf_ho
 
 class _FakeHub:
     """The Hub routes huggingface_hub's own client calls to download a snapshot (model info, at a revision or
-    not; the file tree, which 1.x reads; then HEAD and GET of each file under /resolve/), served from a local directory on 127.0.0.1, recording every
-    file asked for. The listing also names a `.bin` copy of the weights, which a download must not fetch."""
+    not; the file tree, which 1.x reads; then HEAD and GET of each file under /resolve/), served from a local
+    directory on 127.0.0.1, recording every file asked for. The listing also names a `.bin` copy of the
+    weights, which a download must not fetch."""
 
     def __init__(self, repo_id: str, src: Path, commit: str):
         import http.server
@@ -269,3 +270,13 @@ def test_download_fetches_the_checkpoint_files_with_progress_then_answers_offlin
     (repo,) = scan_cache_dir(cache).repos
     assert repo.repo_id == REPO and {r.commit_hash for r in repo.revisions} == {COMMIT}
     assert _generate(REPO, tmp_path, {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}) == by_path
+
+
+def test_the_readme_generate_line_runs_as_written_from_another_directory(tmp_path):
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    (line,) = [ln for ln in readme.splitlines() if ln.startswith("selfrag-engine generate --model tiny ")]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    result = subprocess.run(["bash", "-c", line + " --quiet"], capture_output=True, text=True, cwd=tmp_path,
+                            env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() and result.stderr == ""

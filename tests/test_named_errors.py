@@ -345,10 +345,13 @@ def test_readme_generate_example_passes_a_real_prompt():
     from selfrag_engine.selfrag.prompts import format_prompt
 
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    (line,) = [ln for ln in readme.splitlines() if ln.startswith("selfrag-engine generate --model DIR ")]
-    args = re.sub(r"^selfrag-engine generate --model DIR ", "", line).rsplit(" --max-tokens", 1)[0]
-    shown = subprocess.run(["bash", "-c", f"printf '%s' {args}"], capture_output=True, text=True, check=True)
-    assert shown.stdout == format_prompt("Who wrote Hamlet?")
+    lines = [ln for ln in readme.splitlines() if "selfrag-engine generate --model " in ln]
+    assert len(lines) >= 2
+    for line in lines:
+        (args,) = re.findall(r"\$'[^']*'", line)
+        shown = subprocess.run(["bash", "-c", f"printf '%s' {args}"], capture_output=True, text=True, check=True)
+        instruction = re.search(r"Instruction:\\n(.*?)\\n", args).group(1)
+        assert shown.stdout == format_prompt(instruction)
 
 
 def test_selfrag_options_are_named_errors():

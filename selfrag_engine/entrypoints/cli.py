@@ -42,13 +42,15 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    convert_bin_to_safetensors(resolve_model(args.src, args.revision, download=args.download), args.dst, progress=not args.quiet)
+    src = resolve_model(args.src, args.revision, download=args.download)
+    convert_bin_to_safetensors(src, args.dst, progress=not args.quiet)
     print(f"wrote safetensors checkpoint to {args.dst}")
     return 0
 
 
 def _quantize(args: argparse.Namespace) -> int:
-    quantize_checkpoint(resolve_model(args.src, args.revision, download=args.download), args.dst, progress=not args.quiet)
+    src = resolve_model(args.src, args.revision, download=args.download)
+    quantize_checkpoint(src, args.dst, progress=not args.quiet)
     print(f"wrote FP8 checkpoint to {args.dst}")
     return 0
 
