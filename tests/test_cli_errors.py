@@ -175,3 +175,19 @@ def test_quantization_none_is_accepted_as_help_offers_it(capsys, tmp_path):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["generate", "--help"])
     assert "{none,fp8}" in capsys.readouterr().out
+
+
+def test_index_without_faiss_names_the_retrieval_extra(tmp_path):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text(json.dumps({"id": "1", "title": "T", "text": "some text"}) + "\n", encoding="utf-8")
+    script = ("import sys; sys.modules['faiss'] = None\n"
+              "from selfrag_engine.entrypoints.cli import main\n"
+              f"sys.exit(main(['index', 'build', '--passages', {str(corpus)!r}, '--out', 'idx', '--encoder', "
+              "'hashing:8', '--quiet']))\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
+                            timeout=300)
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line == ("selfrag-engine: error: retrieval needs faiss, which is not installed: pip install "
+                    "'selfrag-engine[retrieval]' (or 'selfrag-engine[retrieval-gpu]' for faiss's CUDA build)")
+    assert not (tmp_path / "idx").exists()
