@@ -1,7 +1,7 @@
 """selfrag-engine: a decoding engine for Self-RAG models.
 
     from selfrag_engine import Engine, SamplingParams
-    engine = Engine.from_pretrained("path/to/checkpoint", device="cuda")
+    engine = Engine.from_pretrained("selfrag/selfrag_llama2_7b")  # a directory, a model id or "tiny"; device auto
     out = engine.generate(["### Instruction:\\nWho wrote Hamlet?\\n\\n### Response:\\n"],
                           SamplingParams(max_tokens=100, temperature=0.0))
 """
