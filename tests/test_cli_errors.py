@@ -111,6 +111,7 @@ def test_serve_checks_the_model_before_loading(capsys, tmp_path, no_model_load):
     assert "does not exist" in line
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module", ["fastapi", "uvicorn"])
 def test_serve_without_its_extra_names_the_extra(tmp_path, module):
     # As a user without the `serve` extra runs it: the module cannot be imported at all.
@@ -177,6 +178,7 @@ def test_quantization_none_is_accepted_as_help_offers_it(capsys, tmp_path):
     assert "{none,fp8}" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_index_without_faiss_names_the_retrieval_extra(tmp_path):
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text(json.dumps({"id": "1", "title": "T", "text": "some text"}) + "\n", encoding="utf-8")

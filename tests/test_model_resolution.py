@@ -132,17 +132,25 @@ def _generate(model: str, cwd: Path, env: dict[str, str]) -> dict:
     return json.loads(line)
 
 
-def test_generate_with_an_id_offline_or_tiny_answers_as_the_path_does(hf_home, tmp_path):
+@pytest.fixture(scope="module")
+def by_path(tmp_path_factory) -> dict:
+    """`generate --model <the embedded model's directory>`: what the other names must answer."""
+    out = _generate(str(embedded_model_dir()), tmp_path_factory.mktemp("by_path"), {})
+    assert out["token_ids"] and out["finish_reason"] in ("stop", "length")
+    return out
+
+
+@pytest.mark.slow
+def test_generate_with_an_id_offline_or_tiny_answers_as_the_path_does(hf_home, by_path, tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    by_path = _generate(str(embedded_model_dir()), elsewhere, {})
-    assert by_path["token_ids"] and by_path["finish_reason"] in ("stop", "length")
     by_id = _generate(REPO, elsewhere, {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hf_home / "hub")})
     by_name = _generate("tiny", elsewhere, {})
     assert by_id == by_path
     assert by_name == by_path
 
 
+@pytest.mark.slow
 def test_from_pretrained_with_an_id_answers_as_the_path_does(hf_home, tmp_path):
     script = (
         "import json, sys\n"
@@ -245,11 +253,11 @@ def _blob_name_of(name: str, data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
-def test_download_fetches_the_checkpoint_files_with_progress_then_answers_offline(tmp_path):
+@pytest.mark.slow
+def test_download_fetches_the_checkpoint_files_with_progress_then_answers_offline(by_path, tmp_path):
     cache = tmp_path / "cache"
     env = {"HF_HUB_CACHE": str(cache), "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_XET": "1",
            "HF_HUB_OFFLINE": "0"}
-    by_path = _generate(str(embedded_model_dir()), tmp_path, {})
     with _FakeHub(REPO, embedded_model_dir(), COMMIT) as hub:
         env["HF_ENDPOINT"] = hub.url
         # Online but not asked: nothing is fetched, and the message says how to ask.
