@@ -76,3 +76,23 @@ def test_every_command_defaults_to_auto():
     from selfrag_engine.entrypoints.demo import build_parser as demo_parser
     assert demo_parser().parse_args([]).device == "auto"
     assert inspect.signature(Engine.from_pretrained).parameters["device"].default == "auto"
+
+
+@pytest.mark.slow
+def test_the_command_line_prints_the_notice_as_one_line(tmp_path):
+    """What a user of `generate` sees on stderr when the model is large for the CPU (the threshold lowered so
+    the tiny model counts as large): one line, then the answer."""
+    import subprocess
+    import sys
+
+    script = ("import sys\n"
+              "import selfrag_engine.weights.loader as loader\n"
+              "loader.LARGE_ON_CPU_PARAMETERS = 1\n"
+              "from selfrag_engine.entrypoints.cli import main\n"
+              "sys.exit(main(['generate', '--model', 'tiny', '--device', 'cpu', 'Name a color.', '--max-tokens', "
+              "'2', '--quiet']))\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("selfrag-engine: note: loading a 0.0B-parameter model on the CPU in float32")
