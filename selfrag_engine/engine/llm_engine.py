@@ -76,7 +76,8 @@ class Engine:
                                  self.config.max_position_embeddings)
         if num_blocks is None:
             num_blocks = num_blocks_for_budget(self.config, block_size, self.dtype, self.device,
-                                               kv_cache_bytes, gpu_memory_utilization)
+                                               kv_cache_bytes, gpu_memory_utilization,
+                                               max_num_seqs=max_num_seqs, max_model_len=self.max_model_len)
         _positive(num_blocks=num_blocks)
         self.block_size = block_size
         self.kv_caches = allocate_kv_caches(self.config, num_blocks, block_size, self.dtype, self.device)
