@@ -15,7 +15,7 @@ from typing import Sequence as Seq
 import torch
 from tqdm.auto import tqdm
 
-from selfrag_engine.backend import TRITON, choose_backend, device_of
+from selfrag_engine.backend import choose_backend, device_of
 from selfrag_engine.config import LlamaConfig
 from selfrag_engine.engine.block_manager import BlockManager
 from selfrag_engine.engine.kv_cache import allocate_kv_caches, num_blocks_for_budget
@@ -27,7 +27,7 @@ from selfrag_engine.engine.sampling_inputs import reflection_groups
 from selfrag_engine.engine.sampling_params import SamplingParams
 from selfrag_engine.engine.scheduler import Scheduler
 from selfrag_engine.engine.sequence import Status
-from selfrag_engine.engine.speculative import draft_tokens_option
+from selfrag_engine.engine.runtime_plan import plan_runtime
 from selfrag_engine.engine.stepping import Stepper
 from selfrag_engine.errors import EngineConfigError, RequestError, SchedulingError
 from selfrag_engine.hub import resolve_model
@@ -68,7 +68,12 @@ class Engine:
                  cuda_graph_max_batch: int = 64, overlap: bool | None = None, num_draft_tokens: int | None = None,
                  seed: int = 0):
         _positive(block_size=block_size, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
-        num_draft_tokens = draft_tokens_option(num_draft_tokens, model.rope_cos.device)
+        # The one backend decision, and what follows from it and the device: every layer of the model, the
+        # runner and the sampler ask the backend; graphs, overlap and speculation follow the plan.
+        plan = plan_runtime(model.rope_cos.device, choose_backend(model.rope_cos.device, use_kernels),
+                            enforce_eager=enforce_eager, overlap=overlap, num_draft_tokens=num_draft_tokens,
+                            max_num_seqs=max_num_seqs, cuda_graph_max_batch=cuda_graph_max_batch)
+        num_draft_tokens = plan.num_draft_tokens
         self.model = model
         self.config: LlamaConfig = model.config
         self.tokenizer = tokenizer
@@ -78,21 +83,21 @@ class Engine:
                                  self.config.max_position_embeddings)
         if num_blocks is None:
             num_blocks = num_blocks_for_budget(self.config, block_size, self.dtype, self.device,
-                                               kv_cache_bytes, gpu_memory_utilization)
+                                               kv_cache_bytes, gpu_memory_utilization,
+                                               max_num_seqs=max_num_seqs, max_model_len=self.max_model_len)
         _positive(num_blocks=num_blocks)
         self.block_size = block_size
         self.kv_caches = allocate_kv_caches(self.config, num_blocks, block_size, self.dtype, self.device)
         self.scheduler = Scheduler(BlockManager(num_blocks, block_size, enable_prefix_caching), max_num_seqs,
                                    max_num_batched_tokens)
-        # The one backend decision: every layer of the model, the runner and the sampler ask it.
-        self.backend = choose_backend(self.device, use_kernels)
+        self.backend = plan.backend
         model.set_backend(self.backend)
         self.runner = ModelRunner(model, self.kv_caches, block_size, self.device, self.backend)
-        if self.backend == TRITON and not enforce_eager:
-            self.runner.capture_graphs(min(max_num_seqs, cuda_graph_max_batch), self.max_model_len)
+        if plan.capture_graphs:
+            self.runner.capture_graphs(plan.graph_max_batch, self.max_model_len)
         self.reflection_groups = reflection_groups(tokenizer)
         # On the CPU nothing runs asynchronously, so overlapping would only waste the steps it drops.
-        self.overlap = self.device.type == "cuda" if overlap is None else overlap
+        self.overlap = plan.overlap
         self.requests = Requests(tokenizer, self.config.vocab_size, self.max_model_len, num_blocks, block_size, seed)
         self.seqs = self.requests.seqs
         self.num_draft_tokens = num_draft_tokens
