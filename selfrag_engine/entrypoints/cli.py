@@ -10,6 +10,7 @@ from selfrag_engine.engine.sampling_params import SamplingParams
 from selfrag_engine.entrypoints.ask import register as register_ask
 from selfrag_engine.entrypoints.eval import register as register_eval
 from selfrag_engine.entrypoints.index import register as register_index
+from selfrag_engine.entrypoints.serve_options import add_serve_options
 from selfrag_engine.errors import SelfragEngineError
 from selfrag_engine.weights.convert import convert_bin_to_safetensors
 from selfrag_engine.weights.quantize import quantize_checkpoint
@@ -95,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-blocks", type=int, default=None, help="KV cache blocks (default: from the memory budget)")
     s.add_argument("--max-pending", type=int, default=256, help="requests and queries in flight before 429")
     s.add_argument("--quiet", action="store_true")
+    add_serve_options(s)
     s.set_defaults(func=_serve)
     return parser
 
