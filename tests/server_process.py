@@ -50,12 +50,12 @@ class Server:
 
 @contextlib.contextmanager
 def serve(*args: str, env: dict[str, str] | None = None, ready_headers: dict[str, str] | None = None,
-          verify: bool | str = True, scheme: str = "http") -> Iterator[Server]:
+          verify: bool | str = True, scheme: str = "http", model: Path = MODEL) -> Iterator[Server]:
     port = free_port()
     log = Path(tempfile.mkstemp(prefix="selfrag-serve-", suffix=".log")[1])
     environ = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "selfrag_engine", "serve", "--model", str(MODEL), "--port",
+        proc = subprocess.Popen([sys.executable, "-m", "selfrag_engine", "serve", "--model", str(model), "--port",
                                  str(port), "--served-model-name", NAME, "--device", "cpu", "--quiet", *args],
                                 stdout=out, stderr=subprocess.STDOUT, env=environ)
     server = Server(proc, port, log, scheme)

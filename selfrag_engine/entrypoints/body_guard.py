@@ -4,12 +4,13 @@ The body is read chunk by chunk: past `max_body_bytes` (or a Content-Length sayi
 read; a body that takes longer than `body_timeout_s` is 408. A complete body is parsed once (`parse_json`:
 UTF-8, finite numbers, bounded digits and nesting) and its fields' sizes checked (`BodyChecks`), each a 400 in
 OpenAI's shape naming the field, before FastAPI builds a request model from it. The parsed body is left in
-`scope["selfrag.body"]` for the middlewares after this one (admission), and the bytes are replayed to the app,
-whose later `receive()` calls (a client's disconnect) pass through.
+`scope["selfrag.body"]` for the middlewares after this one (admission), and replayed to the app as JSON (so
+the app reads exactly what was checked), whose later `receive()` calls (a client's disconnect) pass through.
 """
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -35,6 +36,8 @@ class BodyGuard:
                 parsed = parse_json(body, self.limits)
                 self.checks.check(scope["path"], parsed)
                 scope[BODY_KEY] = parsed
+                # What the app parses is what was checked (numbers without a fraction made integers).
+                body = json.dumps(parsed).encode()
         except LimitError as e:
             headers = {"Connection": "close"} if e.status in (408, 413) else None
             return await error(e.status, e.message, e.param, code=e.code, headers=headers)(scope, receive, send)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -20,6 +21,7 @@ from starlette.responses import JSONResponse
 from selfrag_engine.errors import (
     CacheCapacityError,
     Cancelled,
+    ContextLengthError,
     DeadlineExceeded,
     QueueFullError,
     RequestError,
@@ -61,11 +63,23 @@ def error(status: int, message: str, param: str | None = None, kind: str | None 
 
 
 def _param_of(message: str) -> str | None:
-    """The field a named error's message starts with ('prompt: ...', 'passages.0: ...'), if it does."""
-    head, sep, _ = message.partition(":")
-    if sep and head and all(part.isidentifier() or part.isdigit() for part in head.split(".")):
-        return head.split(".")[0]
+    """The body field a named error's message starts with ('prompt: ...', 'passages.0: ...', 'top_k must
+    ...', 'stop strings ...'), if it names one."""
+    match = re.match(r"[A-Za-z_][A-Za-z0-9_]*", message)
+    if match is None:
+        return None
+    head = match.group(0)
+    if head in BODY_FIELDS or (message[match.end():].startswith(":") and "_" in head):
+        return head
     return None
+
+
+# The fields of the request bodies (completions, chat, Self-RAG), which an error message may start with.
+BODY_FIELDS = frozenset({
+    "model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "n",
+    "logprobs", "echo", "stream", "ignore_eos", "skip_special_tokens", "include_stop_str_in_output", "timeout",
+    "messages", "max_completion_tokens", "top_logprobs", "selfrag", "question", "passages", "form", "mode",
+    "ndocs", "compat", "threshold", "w_rel", "w_sup", "w_use", "use_seqscore", "beam_width", "max_depth"})
 
 
 def error_response(e: BaseException, retry_after: int = 1) -> JSONResponse:
@@ -78,6 +92,8 @@ def error_response(e: BaseException, retry_after: int = 1) -> JSONResponse:
         return error(499, str(e), kind="cancelled")
     if isinstance(e, FieldError):
         return error(400, str(e), e.param, code=e.code)
+    if isinstance(e, ContextLengthError):
+        return error(400, str(e), _param_of(str(e)), code="context_length_exceeded")
     if isinstance(e, (RequestError, CacheCapacityError, SelfragEngineError)):
         return error(400, str(e), _param_of(str(e)))
     log.error("unexpected error serving a request", exc_info=e)

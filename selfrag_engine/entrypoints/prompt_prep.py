@@ -13,6 +13,7 @@ from typing import Any, Sequence
 from starlette.concurrency import run_in_threadpool
 
 from selfrag_engine.entrypoints.openai_errors import FieldError
+from selfrag_engine.errors import RequestError
 
 
 def encode_prompts(tokenizer: Any, vocab_size: int, max_model_len: int, prompts: Sequence[str | Sequence[int]],
@@ -23,7 +24,10 @@ def encode_prompts(tokenizer: Any, vocab_size: int, max_model_len: int, prompts:
     for i, prompt in enumerate(prompts):
         where = what if len(prompts) == 1 else f"{what}.{i}"
         if isinstance(prompt, str):
-            ids = tokenizer.encode(prompt, add_bos=True)
+            try:
+                ids = tokenizer.encode(prompt, add_bos=True)
+            except RequestError as e:  # text that is not Unicode (a lone surrogate)
+                raise FieldError(what, f"{where}: {e}") from None
             if len(ids) <= 1:
                 raise FieldError(what, f"{where}: the prompt is empty")
         else:
@@ -35,7 +39,7 @@ def encode_prompts(tokenizer: Any, vocab_size: int, max_model_len: int, prompts:
                 raise FieldError(what, f"{where}: token id {bad} is outside the vocabulary (size {vocab_size})")
         if len(ids) >= max_model_len:
             raise FieldError(what, f"{where}: {len(ids)} tokens leave no room to generate within the model's "
-                                   f"context of {max_model_len} tokens")
+                                   f"context of {max_model_len} tokens", code="context_length_exceeded")
         if max_tokens is not None and len(ids) + max_tokens > max_model_len:
             raise FieldError("max_tokens", f"This model's maximum context length is {max_model_len} tokens. "
                                            f"However, you requested {len(ids) + max_tokens} tokens ({len(ids)} in "

@@ -51,6 +51,7 @@ from selfrag_engine.entrypoints.finite import require_finite
 from selfrag_engine.entrypoints.openai_errors import FieldError, install_error_handlers
 from selfrag_engine.entrypoints.openai_errors import error as _error
 from selfrag_engine.entrypoints.openai_errors import error_response as _error_response
+from selfrag_engine.entrypoints.openapi_schema import install_openapi
 from selfrag_engine.entrypoints.prompt_prep import prepare_prompts
 from selfrag_engine.entrypoints.server_limits import BodyChecks, ModelBounds, ServerLimits, longest_token_chars
 from selfrag_engine.entrypoints.slow_clients import uvicorn_options
@@ -67,7 +68,8 @@ from selfrag_engine.selfrag.short_form import SelfRAG
 
 class _Body(BaseModel):
     # Fields OpenAI defines that this server does not use (user, frequency_penalty at 0, ...) are accepted.
-    model_config = ConfigDict(extra="allow")
+    # Strict: `true` is not a count, "5" not a number, 2.0 not an integer, as /openapi.json says.
+    model_config = ConfigDict(extra="allow", strict=True)
 
 
 class CompletionBody(_Body):
@@ -246,8 +248,8 @@ def build_app(loop: EngineLoop, model_name: str, retriever: Any = None, limits: 
         created = int(time.time())
         if body.selfrag is not None:
             if body.stream:
-                raise RequestError("stream: Self-RAG answers stream from /v1/selfrag (long-form segments), not "
-                                   "from chat completions")
+                raise FieldError("stream", "stream: Self-RAG answers stream from /v1/selfrag (long-form segments), "
+                                           "not from chat completions", code="unsupported")
             opts = body.selfrag
             question = opts.question or _last_user(body.messages)
             result = await _selfrag(request, loop, retriever, question, opts)
@@ -296,7 +298,9 @@ def build_app(loop: EngineLoop, model_name: str, retriever: Any = None, limits: 
     app.state.admission = admission
     bounds = ModelBounds(engine.max_model_len, longest_token_chars(tok))
     app.add_middleware(AdmissionGate, admission=admission)
-    app.add_middleware(BodyGuard, checks=BodyChecks.resolve(limits, bounds, admission.capacity))
+    checks = BodyChecks.resolve(limits, bounds, admission.capacity)
+    app.add_middleware(BodyGuard, checks=checks)
+    install_openapi(app, checks, model_name, engine.config.vocab_size, bool(access.api_key), retriever is not None)
     install_access(app, access)
     app.add_middleware(_CountRequests, counter=metrics.requests)
     app.state.count_tokens = metrics.tokens
@@ -356,7 +360,7 @@ def _params(body: CompletionBody | ChatBody, max_tokens: int, logprobs: int | No
         max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
         top_k=max(body.top_k, 0), seed=body.seed, stop=stop,
         stop_token_ids=list(getattr(body, "stop_token_ids", None) or []),
-        ignore_eos=bool(getattr(body, "ignore_eos", False)), logprobs=logprobs,
+        ignore_eos=bool(getattr(body, "ignore_eos", False)), logprobs=logprobs or None,  # 0: the chosen token only
         skip_special_tokens=body.skip_special_tokens,
         include_stop_str_in_output=bool(getattr(body, "include_stop_str_in_output", False)))
 
@@ -538,15 +542,23 @@ def _selfrag_program(retriever: Any, question: str, opts: SelfRAGOptions,
     segments go to on_segment as they settle."""
     if not question.strip():
         raise RequestError("question: the question is empty")
+    if opts.compat == "released" and opts.threshold is None:
+        # The reference scripts read an undefined variable without one (short form, or a long-form segment
+        # with [No Retrieval] inside): refused up front, whatever the model would generate.
+        raise FieldError("threshold", "threshold: compat 'released' needs a threshold (the reference scripts fail "
+                                      "without one)")
     passages = None
     if opts.passages is not None:
+        if not opts.passages:
+            raise FieldError("passages", "passages: the list is empty; give passages, or leave the field out")
         passages = []
         for i, p in enumerate(opts.passages):
             if "text" not in p:
                 raise RequestError(f"passages.{i}: a passage needs a 'text' (and may have a 'title')")
             passages.append(Passage(title=p.get("title", ""), text=p["text"], id=p.get("id")))
     if passages is None and retriever is None and opts.mode != "never":
-        raise RequestError("passages: give passages, or start the server with --index, or use mode 'never'")
+        raise FieldError("passages", "passages: give passages, or start the server with --index, or use mode "
+                                     "'never'", code="passages_required")
 
     def program(engine):
         if opts.form == "short":

@@ -107,27 +107,32 @@ def parse_json(body: bytes, limits: ServerLimits) -> Any:
     except RecursionError:
         raise LimitError(400, f"the body nests deeper than this server reads ({limits.max_json_depth} levels)",
                          code="invalid_json") from None
-    _walk(obj, limits.max_json_depth)
+    _walk(obj, limits.max_json_depth, 10 ** limits.max_int_digits)
     return obj
 
 
-def _walk(obj: Any, max_depth: int) -> None:
+def _walk(obj: Any, max_depth: int, int_bound: int) -> None:
     """Refuses nesting deeper than max_depth and the NaN, Infinity and overflowing numbers Python's parser
-    reads (JSON has none), naming the top-level field they are in."""
-    todo: list[tuple[Any, int, str | None, str]] = [(obj, 1, None, "")]
+    reads (JSON has none), naming the top-level field they are in. A number with no fraction (`2.0`, `1e3`) is
+    an integer to JSON Schema, and so to this server: within the integers the parser reads, it is made one in
+    place (a float field takes it unchanged)."""
+    todo: list[tuple[Any, Any, Any, int, str | None, str]] = [(obj, None, None, 1, None, "")]
     while todo:
-        node, depth, top, path = todo.pop()
-        if isinstance(node, float) and not math.isfinite(node):
-            what = "NaN" if math.isnan(node) else "Infinity" if node > 0 else "-Infinity"
-            raise LimitError(400, f"{path or 'body'}: {what} is not a number JSON allows (numbers are finite)",
-                             top, "invalid_number")
+        node, parent, key, depth, top, path = todo.pop()
+        if isinstance(node, float):
+            if not math.isfinite(node):
+                what = "NaN" if math.isnan(node) else "Infinity" if node > 0 else "-Infinity"
+                raise LimitError(400, f"{path or 'body'}: {what} is not a number JSON allows (numbers are "
+                                      f"finite)", top, "invalid_number")
+            if node.is_integer() and abs(node) < int_bound and parent is not None:
+                parent[key] = int(node)
         if isinstance(node, (dict, list)):
             if depth > max_depth:
                 raise LimitError(400, f"the body nests deeper than this server reads ({max_depth} levels)",
                                  top, "invalid_json")
             items = node.items() if isinstance(node, dict) else enumerate(node)
             for k, v in items:
-                todo.append((v, depth + 1, top if top is not None else (k if isinstance(k, str) else None),
+                todo.append((v, node, k, depth + 1, top if top is not None else (k if isinstance(k, str) else None),
                              f"{path}.{k}" if path else str(k)))
 
 
@@ -235,11 +240,15 @@ class BodyChecks:
         if len(messages) > self.limits.max_messages:
             raise LimitError(400, f"messages has {len(messages)} messages, more than this server takes "
                                   f"({self.limits.max_messages})", "messages", "too_many")
+        for i, m in enumerate(messages):
+            if isinstance(m, dict) and m.get("role") == "user" and isinstance(m.get("content"), str) \
+                    and not m["content"].strip():
+                raise LimitError(400, f"messages.{i}: a user message has no text", "messages", "empty")
         total = sum(len(m["content"]) for m in messages if isinstance(m, dict) and isinstance(m.get("content"), str))
         if total > self.max_prompt_chars:
             raise LimitError(400, f"messages have {total} characters, more than this server reads "
                                   f"({self.max_prompt_chars}: the model's context of {self.max_model_len} tokens "
-                                  f"cannot hold more)", "messages", "too_long")
+                                  f"cannot hold more)", "messages", "context_length_exceeded")
 
     def _selfrag(self, body: dict, prefix: str) -> None:
         self._chars(body.get("question"), f"{prefix}question", f"{prefix}question")
@@ -263,7 +272,7 @@ class BodyChecks:
         if rows > self.max_request_rows:
             raise LimitError(400, f"{what} run {rows} sequences at once, more than one request may take on this "
                                   f"server ({self.max_request_rows}); send fewer, or several requests",
-                             param, "too_many")
+                             param, "too_many_rows")
 
 
 def _count(value: Any, default: int = 1) -> int:
