@@ -52,7 +52,14 @@ class BodyGuard:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
-        await self.app(scope, replay, send)
+        try:
+            await self.app(scope, replay, send)
+        except asyncio.CancelledError:
+            # A handler gives up with CancelledError when its client hangs up (its work is cancelled, its
+            # blocks freed); nobody is left to answer. A cancellation of this task itself goes on.
+            task = asyncio.current_task()
+            if task is None or not hasattr(task, "cancelling") or task.cancelling():
+                raise
 
     async def _read(self, scope: Scope, receive: Receive) -> bytes:
         limit = self.limits.max_body_bytes

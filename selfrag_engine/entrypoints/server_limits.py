@@ -251,6 +251,12 @@ class BodyChecks:
                                   f"cannot hold more)", "messages", "context_length_exceeded")
 
     def _selfrag(self, body: dict, prefix: str) -> None:
+        max_tokens = body.get("max_tokens")
+        if isinstance(max_tokens, int) and not isinstance(max_tokens, bool) and max_tokens > self.max_model_len - 2:
+            # A Self-RAG prompt has at least two tokens: more than this can never be generated (no silent cut).
+            raise LimitError(400, f"{prefix}max_tokens: {max_tokens} tokens cannot be generated within the model's "
+                                  f"context of {self.max_model_len} tokens", f"{prefix}max_tokens",
+                             "context_length_exceeded")
         self._chars(body.get("question"), f"{prefix}question", f"{prefix}question")
         passages = body.get("passages")
         if isinstance(passages, list):
