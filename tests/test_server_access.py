@@ -66,6 +66,8 @@ def test_the_key_is_required_everywhere_but_health(server, http, cert):
     assert [m.id for m in right.models.list().data] == [NAME]
     got = right.completions.create(model=NAME, prompt="Name a color.", max_tokens=3, temperature=0)
     assert got.choices[0].finish_reason in ("stop", "length")
+    wrong.close()
+    right.close()
 
 
 def test_plain_http_is_not_served_on_the_tls_port(server):
