@@ -49,7 +49,6 @@ from selfrag_engine.entrypoints.admission import Admission, AdmissionGate
 from selfrag_engine.entrypoints.body_guard import BodyGuard
 from selfrag_engine.entrypoints.finite import require_finite
 from selfrag_engine.entrypoints.openai_errors import FieldError, install_error_handlers
-from selfrag_engine.entrypoints.openai_errors import error as _error
 from selfrag_engine.entrypoints.openai_errors import error_response as _error_response
 from selfrag_engine.entrypoints.openapi_schema import install_openapi
 from selfrag_engine.entrypoints.prompt_prep import prepare_prompts
