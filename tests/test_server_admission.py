@@ -147,3 +147,60 @@ def test_the_loop_keeps_stepping_while_a_prompt_is_tokenized(engine):
         del tok.encode
         release.set()
     assert threads and all(name not in ("selfrag-engine-loop", threading.main_thread().name) for name in threads)
+
+
+class _Transport:
+    """The parts of an asyncio transport uvicorn's protocol reads, recording what is written."""
+
+    def __init__(self):
+        self.written, self.closed = b"", False
+
+    def get_extra_info(self, name, default=None):
+        return {"peername": ("127.0.0.1", 5000), "sockname": ("127.0.0.1", 8000)}.get(name, default)
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+def test_a_connection_beyond_the_bound_gets_a_503_in_the_openai_shape():
+    import json
+
+    import uvicorn
+    from uvicorn.server import ServerState
+
+    from selfrag_engine.entrypoints.slow_clients import uvicorn_options
+
+    async def app(scope, receive, send):
+        pass
+
+    async def main():
+        options = uvicorn_options(ServerLimits(limit_concurrency=3, header_timeout_s=600))
+        config = uvicorn.Config(app, **options)
+        config.load()
+        state = ServerState()
+        opened = []
+        for _ in range(4):
+            protocol = options["http"](config=config, server_state=state, app_state={})
+            transport = _Transport()
+            protocol.connection_made(transport)
+            opened.append((protocol, transport))
+        assert [t.closed for _, t in opened] == [False, False, False, True]
+        head, _, body = opened[-1][1].written.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503") and b"retry-after: 1" in head
+        assert json.loads(body)["error"]["code"] == "too_many_connections"
+        for protocol, transport in opened:
+            protocol.connection_lost(None)
+
+    asyncio.run(main())

@@ -94,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default=None)
     s.add_argument("--quantization", default=None, choices=["fp8"])
     s.add_argument("--num-blocks", type=int, default=None, help="KV cache blocks (default: from the memory budget)")
-    s.add_argument("--max-pending", type=int, default=256, help="requests and queries in flight before 429")
+    s.add_argument("--max-pending", type=int, default=256,
+                   help="rows (sequences) of requests and queries in flight before 429")
     s.add_argument("--quiet", action="store_true")
     add_serve_options(s)
     s.set_defaults(func=_serve)

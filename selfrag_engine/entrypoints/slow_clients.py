@@ -1,24 +1,35 @@
 """Bounds on slow and idle connections, on uvicorn's HTTP/1.1 protocol (h11).
 
-uvicorn bounds an idle keep-alive connection (`timeout_keep_alive`) and the connections and requests open at
-once (`limit_concurrency`, 503 beyond), but not the time a client takes to send a request's headers: a socket
-that sends nothing, or half the headers, stays open. `HeaderTimeoutH11Protocol` closes a connection whose
-request line and headers are not complete `header_timeout_s` after it opened or after its previous response.
-The body's own deadline is `BodyGuard`'s.
+uvicorn bounds an idle keep-alive connection (`timeout_keep_alive`), but not the time a client takes to send a
+request's headers: a socket that sends nothing, or half the headers, stays open. `HeaderTimeoutH11Protocol`
+closes a connection whose request line and headers are not complete `header_timeout_s` after it opened or
+after its previous response, and answers a connection beyond `connection_limit` open at once with a 503 in
+OpenAI's error shape (uvicorn's own `limit_concurrency` answers in plain text) before closing it. The body's
+own deadline is `BodyGuard`'s.
 """
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from selfrag_engine.entrypoints.openai_errors import error_body
 from selfrag_engine.entrypoints.server_limits import ServerLimits
+
+
+def busy_response(limit: int) -> bytes:
+    body = json.dumps(error_body(503, f"the server has {limit} connections open, the most it keeps; retry later",
+                                 code="too_many_connections")).encode()
+    return (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\n"
+            b"connection: close\r\ncontent-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
 
 
 class HeaderTimeoutH11Protocol(H11Protocol):
     header_timeout_s: float = 15.0
+    connection_limit: int | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -38,6 +49,10 @@ class HeaderTimeoutH11Protocol(H11Protocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        if self.connection_limit is not None and len(self.connections) > self.connection_limit:
+            transport.write(busy_response(self.connection_limit))
+            transport.close()
+            return
         self._arm()
 
     def data_received(self, data: bytes) -> None:
@@ -61,11 +76,13 @@ class HeaderTimeoutH11Protocol(H11Protocol):
             self.transport.close()
 
 
-def protocol_class(header_timeout_s: float) -> type[HeaderTimeoutH11Protocol]:
-    return type("HeaderTimeoutH11Protocol", (HeaderTimeoutH11Protocol,), {"header_timeout_s": header_timeout_s})
+def protocol_class(header_timeout_s: float, connection_limit: int | None) -> type[HeaderTimeoutH11Protocol]:
+    return type("HeaderTimeoutH11Protocol", (HeaderTimeoutH11Protocol,),
+                {"header_timeout_s": header_timeout_s, "connection_limit": connection_limit})
 
 
 def uvicorn_options(limits: ServerLimits) -> dict[str, Any]:
-    """uvicorn.run / uvicorn.Config keyword arguments for the limits on connections."""
-    return {"http": protocol_class(limits.header_timeout_s), "timeout_keep_alive": limits.keep_alive_s,
-            "limit_concurrency": limits.limit_concurrency}
+    """uvicorn.run / uvicorn.Config keyword arguments for the limits on connections. One HTTP/1.1 connection
+    runs one request at a time, so bounding connections bounds requests (uvicorn's limit_concurrency)."""
+    return {"http": protocol_class(limits.header_timeout_s, limits.limit_concurrency),
+            "timeout_keep_alive": limits.keep_alive_s}
