@@ -70,6 +70,7 @@ def truthful(schema: dict[str, Any], checks: BodyChecks, model_name: str, vocab_
                 # With "stream": true: server-sent events, each a `data:` line of JSON (the last is [DONE]).
                 ok["text/event-stream"] = {"schema": {"type": "object", "required": ["data"],
                                                       "properties": {"data": {"type": "string"}}}}
+            responses["503"] = _error_response("more connections are open than the server keeps; retry later")
             if api_key and path != "/health":
                 responses["401"] = _error_response("no API key, or not this server's")
                 op["security"] = [{"bearer": []}]
