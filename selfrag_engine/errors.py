@@ -21,6 +21,10 @@ class RequestError(SelfragEngineError, ValueError):
     """A generation request cannot be served as given (empty prompt, too long for the context, bad params)."""
 
 
+class ContextLengthError(RequestError):
+    """A prompt, with room to generate, does not fit the model's context (vLLM's context_length_exceeded)."""
+
+
 class CacheCapacityError(SelfragEngineError, RuntimeError):
     """A request can never fit in the KV cache pool, however many other sequences are preempted."""
 

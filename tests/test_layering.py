@@ -15,6 +15,7 @@ it only runs later). Layers, lowest first; a module may import its own layer and
 | 7 | selfrag | `selfrag/` |
 | 8 | tiny | `tiny/` |
 | 9 | entrypoints | `entrypoints/`, the package facade `selfrag_engine/__init__.py`, `__main__`, `cmake_dir` |
+|   |             | (the server's guards among them: `server_limits`, `body_guard`, `openai_errors`, `prompt_prep`, `finite`, `admission`, `access`, `slow_clients`, `openapi_schema`, `serve_options`) |
 
 The facade resolves its exports lazily (by name, through importlib), which is why importing a kernel does not
 load the engine; its ast-visible imports are only importlib's.

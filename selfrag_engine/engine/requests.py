@@ -13,7 +13,7 @@ import torch
 from selfrag_engine.engine.sampling_inputs import check_servable
 from selfrag_engine.engine.sampling_params import SamplingParams
 from selfrag_engine.engine.sequence import Sequence
-from selfrag_engine.errors import CacheCapacityError, RequestError
+from selfrag_engine.errors import CacheCapacityError, ContextLengthError, RequestError
 from selfrag_engine.tokenizer import Tokenizer
 
 
@@ -92,8 +92,8 @@ class Requests:
 
     def check_fits(self, num_tokens: int, max_new_tokens: int, what: str) -> None:
         if num_tokens >= self.max_model_len:
-            raise RequestError(f"{what} has {num_tokens} tokens, which leaves no room to generate within the "
-                               f"model's context of {self.max_model_len} tokens")
+            raise ContextLengthError(f"{what} has {num_tokens} tokens, which leaves no room to generate within the "
+                                     f"model's context of {self.max_model_len} tokens")
         needed = min(num_tokens + max_new_tokens, self.max_model_len)
         capacity = self.pool_blocks * self.block_size
         if needed > capacity:
@@ -105,7 +105,7 @@ class Requests:
         """A new request, in the table (the caller hands it to the scheduler)."""
         check_servable(params, self.vocab_size)
         if scores and len(token_ids) > self.max_model_len:
-            raise RequestError(f"{len(token_ids)} tokens exceed the model's context of {self.max_model_len}")
+            raise ContextLengthError(f"{len(token_ids)} tokens exceed the model's context of {self.max_model_len}")
         self.check_fits(len(token_ids) - scores, params.max_tokens, "scored sequence" if scores else "prompt")
         seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,),
                                                                              generator=self._seed_rng))

@@ -19,6 +19,7 @@ from selfrag_engine.entrypoints.model_args import (
     model_name,
     resolve_model_arg,
 )
+from selfrag_engine.entrypoints.serve_options import add_serve_options
 from selfrag_engine.errors import RequestError, SelfragEngineError
 from selfrag_engine.hub import resolve_model
 from selfrag_engine.weights.convert import convert_bin_to_safetensors
@@ -100,8 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--served-model-name", default=None,
                    help="the model id clients name (default: the Hugging Face id, or the directory's name)")
     s.add_argument("--num-blocks", type=int, default=None, help="KV cache blocks (default: from the memory budget)")
-    s.add_argument("--max-pending", type=int, default=256, help="requests and queries in flight before 429")
+    s.add_argument("--max-pending", type=int, default=256,
+                   help="rows (sequences) of requests and queries in flight before 429")
     s.add_argument("--quiet", action="store_true")
+    add_serve_options(s)
     s.set_defaults(func=_serve)
     return parser
 

@@ -13,8 +13,10 @@
   as server-sent events as they settle, then the answer); the same through chat completions with an extra
   body field `selfrag: {...}` (the last user message is the question).
 - `GET /health`, `GET /metrics` (Prometheus text).
-Bad bodies get HTTP 400 with an OpenAI-style error object naming the field; over the admission bound, 429 with
-Retry-After.
+Bad bodies get HTTP 400 with an OpenAI-style error object naming the field (`openai_errors`); each request's
+work is bounded before it reaches the engine (`server_limits`, `body_guard`, `prompt_prep`), admission is
+counted in rows with a per-request share (`admission`: 429 with a Retry-After from the queue), and the API
+key, hosts and origins are `access`'s.
 """
 from __future__ import annotations
 
@@ -28,8 +30,7 @@ from typing import Any, Callable, Literal
 import torch
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import PlainTextResponse, StreamingResponse
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -43,14 +44,17 @@ from pydantic import BaseModel, ConfigDict, Field
 from selfrag_engine.engine.llm_engine import Engine
 from selfrag_engine.engine.loop import EngineLoop, RequestHandle
 from selfrag_engine.engine.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
-from selfrag_engine.errors import (
-    CacheCapacityError,
-    Cancelled,
-    DeadlineExceeded,
-    QueueFullError,
-    RequestError,
-    SelfragEngineError,
-)
+from selfrag_engine.entrypoints.access import Access, install_access
+from selfrag_engine.entrypoints.admission import Admission, AdmissionGate
+from selfrag_engine.entrypoints.body_guard import BodyGuard
+from selfrag_engine.entrypoints.finite import require_finite
+from selfrag_engine.entrypoints.openai_errors import FieldError, install_error_handlers
+from selfrag_engine.entrypoints.openai_errors import error_response as _error_response
+from selfrag_engine.entrypoints.openapi_schema import install_openapi
+from selfrag_engine.entrypoints.prompt_prep import prepare_prompts
+from selfrag_engine.entrypoints.server_limits import BodyChecks, ModelBounds, ServerLimits, longest_token_chars
+from selfrag_engine.entrypoints.slow_clients import uvicorn_options
+from selfrag_engine.errors import RequestError
 from selfrag_engine.retrieval.batched import BatchedSearch, SearchStats
 from selfrag_engine.retrieval.passages import Passage
 from selfrag_engine.selfrag.evaluate import long_form_trace, short_form_trace
@@ -63,7 +67,8 @@ from selfrag_engine.selfrag.short_form import SelfRAG
 
 class _Body(BaseModel):
     # Fields OpenAI defines that this server does not use (user, frequency_penalty at 0, ...) are accepted.
-    model_config = ConfigDict(extra="allow")
+    # Strict: `true` is not a count, "5" not a number, 2.0 not an integer, as /openapi.json says.
+    model_config = ConfigDict(extra="allow", strict=True)
 
 
 class CompletionBody(_Body):
@@ -129,26 +134,6 @@ class ChatBody(_Body):
     selfrag: SelfRAGOptions | None = None
 
 
-# -- errors -------------------------------------------------------------------------------------------------
-
-def _error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
-           headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}},
-                        status_code=status, headers=headers)
-
-
-def _error_response(e: BaseException) -> JSONResponse:
-    if isinstance(e, QueueFullError):
-        return _error(429, str(e), kind="rate_limit_exceeded", headers={"Retry-After": "1"})
-    if isinstance(e, DeadlineExceeded):
-        return _error(408, str(e), kind="timeout")
-    if isinstance(e, Cancelled):
-        return _error(499, str(e), kind="cancelled")
-    if isinstance(e, (RequestError, CacheCapacityError, SelfragEngineError)):
-        return _error(400, str(e))
-    return _error(500, f"{type(e).__name__}: {e}", kind="server_error")
-
-
 # -- the app ----------------------------------------------------------------------------------------------
 
 class _Metrics:
@@ -181,10 +166,15 @@ class _Metrics:
         self.search_seen = (queries, batches)
 
 
-def build_app(loop: EngineLoop, model_name: str, retriever: Any = None) -> FastAPI:
+def build_app(loop: EngineLoop, model_name: str, retriever: Any = None, limits: ServerLimits | None = None,
+              access: Access | None = None) -> FastAPI:
     """The server's ASGI app over `loop` (which it does not close). Concurrent users' searches of `retriever`
-    go in batches (`BatchedSearch`)."""
-    app = FastAPI(title="selfrag-engine", version="0.1.0")
+    go in batches (`BatchedSearch`). `limits` bound each request's work (`server_limits`); `access` sets the
+    API key, hosts and origins (`access`; default: none, any host)."""
+    limits = limits or ServerLimits()
+    access = access or Access()
+    docs = {} if access.enable_docs else {"docs_url": None, "redoc_url": None}
+    app = FastAPI(title="selfrag-engine", version="0.1.0", **docs)
     metrics = _Metrics()
     if retriever is not None and not isinstance(retriever, BatchedSearch):
         retriever = BatchedSearch(retriever)
@@ -194,18 +184,7 @@ def build_app(loop: EngineLoop, model_name: str, retriever: Any = None) -> FastA
     app.state.loop = loop
     app.state.metrics = metrics
 
-    @app.exception_handler(RequestValidationError)
-    async def _bad_body(request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {}
-        loc = [p for p in first.get("loc", ()) if p != "body"]
-        # The top-level field: a union's member names or a list index below it say less than the field.
-        param = loc[0] if loc and isinstance(loc[0], str) else None
-        where = ".".join(str(p) for p in loc) or "body"
-        return _error(400, f"{where}: {first.get('msg', 'invalid request body')}", param)
-
-    @app.exception_handler(SelfragEngineError)
-    async def _named(request: Request, exc: SelfragEngineError) -> JSONResponse:
-        return _error_response(exc)
+    install_error_handlers(app)
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -234,7 +213,8 @@ def build_app(loop: EngineLoop, model_name: str, retriever: Any = None) -> FastA
 
     def _check_model(name: str | None) -> None:
         if name is not None and name != model_name:
-            raise RequestError(f"model '{name}' is not served here (this server serves '{model_name}')")
+            raise FieldError("model", f"model '{name}' is not served here (this server serves '{model_name}')",
+                             code="model_not_found")
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, request: Request):
@@ -242,7 +222,7 @@ def build_app(loop: EngineLoop, model_name: str, retriever: Any = None) -> FastA
         _check_model(body.model)
         if body.echo:
             raise RequestError("echo is not supported")
-        prompts = _prompts(body.prompt)
+        prompts = await prepare_prompts(engine, _prompts(body.prompt), body.max_tokens)
         params = _params(body, body.max_tokens, body.logprobs)
         handles = await _admitted(_submit(loop, prompts, params, body.n, body.timeout))
         rid = f"cmpl-{uuid.uuid4().hex}"
@@ -267,8 +247,8 @@ def build_app(loop: EngineLoop, model_name: str, retriever: Any = None) -> FastA
         created = int(time.time())
         if body.selfrag is not None:
             if body.stream:
-                raise RequestError("stream: Self-RAG answers stream from /v1/selfrag (long-form segments), not "
-                                   "from chat completions")
+                raise FieldError("stream", "stream: Self-RAG answers stream from /v1/selfrag (long-form segments), "
+                                           "not from chat completions", code="unsupported")
             opts = body.selfrag
             question = opts.question or _last_user(body.messages)
             result = await _selfrag(request, loop, retriever, question, opts)
@@ -282,10 +262,11 @@ def build_app(loop: EngineLoop, model_name: str, retriever: Any = None) -> FastA
         if body.logprobs and top is None:
             top = 0
         max_tokens = body.max_completion_tokens or body.max_tokens
+        [prompt_ids] = await prepare_prompts(engine, [prompt], max_tokens, what="messages")
         if max_tokens is None:
-            max_tokens = max(1, engine.max_model_len - len(tok.encode(prompt, add_bos=True)))
+            max_tokens = max(1, engine.max_model_len - len(prompt_ids))
         params = _params(body, max_tokens, top)
-        handles = await _admitted(_submit(loop, [prompt], params, body.n, body.timeout))
+        handles = await _admitted(_submit(loop, [prompt_ids], params, body.n, body.timeout))
         if body.stream:
             return _stream(request, handles, metrics, start, "chat", lambda i, d: {
                 "id": rid, "object": "chat.completion.chunk", "created": created, "model": model_name,
@@ -311,6 +292,15 @@ def build_app(loop: EngineLoop, model_name: str, retriever: Any = None) -> FastA
         metrics.latency.labels("selfrag").observe(time.perf_counter() - start)
         return result
 
+    # Outermost last: the request counter, then CORS, host and key checks, the body's bounds, admission.
+    admission = Admission(loop.max_pending)
+    app.state.admission = admission
+    bounds = ModelBounds(engine.max_model_len, longest_token_chars(tok))
+    app.add_middleware(AdmissionGate, admission=admission)
+    checks = BodyChecks.resolve(limits, bounds, admission.capacity)
+    app.add_middleware(BodyGuard, checks=checks)
+    install_openapi(app, checks, model_name, engine.config.vocab_size, bool(access.api_key), retriever is not None)
+    install_access(app, access)
     app.add_middleware(_CountRequests, counter=metrics.requests)
     app.state.count_tokens = metrics.tokens
     return app
@@ -339,7 +329,9 @@ class _CountRequests:
         try:
             await self.app(scope, receive, counting_send)
         finally:
-            self.counter.labels(scope["path"], str(status["code"])).inc()
+            # The route's template, never the raw path: a client's random paths must not grow the metrics.
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            self.counter.labels(route, str(status["code"])).inc()
 
 
 async def _on_loop(loop: EngineLoop, fn, *args):
@@ -367,7 +359,7 @@ def _params(body: CompletionBody | ChatBody, max_tokens: int, logprobs: int | No
         max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
         top_k=max(body.top_k, 0), seed=body.seed, stop=stop,
         stop_token_ids=list(getattr(body, "stop_token_ids", None) or []),
-        ignore_eos=bool(getattr(body, "ignore_eos", False)), logprobs=logprobs,
+        ignore_eos=bool(getattr(body, "ignore_eos", False)), logprobs=logprobs or None,  # 0: the chosen token only
         skip_special_tokens=body.skip_special_tokens,
         include_stop_str_in_output=bool(getattr(body, "include_stop_str_in_output", False)))
 
@@ -549,15 +541,23 @@ def _selfrag_program(retriever: Any, question: str, opts: SelfRAGOptions,
     segments go to on_segment as they settle."""
     if not question.strip():
         raise RequestError("question: the question is empty")
+    if opts.compat == "released" and opts.threshold is None:
+        # The reference scripts read an undefined variable without one (short form, or a long-form segment
+        # with [No Retrieval] inside): refused up front, whatever the model would generate.
+        raise FieldError("threshold", "threshold: compat 'released' needs a threshold (the reference scripts fail "
+                                      "without one)")
     passages = None
     if opts.passages is not None:
+        if not opts.passages:
+            raise FieldError("passages", "passages: the list is empty; give passages, or leave the field out")
         passages = []
         for i, p in enumerate(opts.passages):
             if "text" not in p:
                 raise RequestError(f"passages.{i}: a passage needs a 'text' (and may have a 'title')")
             passages.append(Passage(title=p.get("title", ""), text=p["text"], id=p.get("id")))
     if passages is None and retriever is None and opts.mode != "never":
-        raise RequestError("passages: give passages, or start the server with --index, or use mode 'never'")
+        raise FieldError("passages", "passages: give passages, or start the server with --index, or use mode "
+                                     "'never'", code="passages_required")
 
     def program(engine):
         if opts.form == "short":
@@ -568,27 +568,30 @@ def _selfrag_program(retriever: Any, question: str, opts: SelfRAGOptions,
             branches = [{"passage": {"title": b.passage.title, "text": b.passage.text}, "text": b.text,
                          "relevance": b.relevance, "grounding": b.grounding, "utility": b.utility,
                          "final": b.final} for b in ans.branches]
-            return {"answer": ans.answer, "retrieved": ans.retrieved,
-                    "retrieval_probability": ans.retrieval_probability, "branches": branches, "best": ans.best,
-                    "citations": None, "trace": trace,
-                    "usage": {"completion_tokens": ans.num_generated_tokens}}
+            return require_finite({"answer": ans.answer, "retrieved": ans.retrieved,
+                                   "retrieval_probability": ans.retrieval_probability, "branches": branches,
+                                   "best": ans.best, "citations": None, "trace": trace,
+                                   "usage": {"completion_tokens": ans.num_generated_tokens}}, _SCORE_INPUTS)
         kwargs = {k: getattr(opts, k) for k in ("beam_width", "max_depth") if getattr(opts, k) is not None}
         rag = LongFormSelfRAG(engine, retriever=retriever, scoring=_scoring(opts, "long"), ndocs=opts.ndocs,
                               max_new_tokens=opts.max_tokens, mode=opts.mode, compat=opts.compat, **kwargs)
         ans = rag.answer(question, passages, on_segment=on_segment)
         citations = [None if c is None else {"title": c.title, "text": c.text} for c in ans.citations]
-        return {"answer": ans.answer, "retrieved": ans.retrieved, "retrieval_probability": None,
-                "branches": [], "best": None, "citations": citations, "trace": long_form_trace(ans),
-                "usage": {"completion_tokens": ans.num_generated_tokens}}
+        return require_finite({"answer": ans.answer, "retrieved": ans.retrieved, "retrieval_probability": None,
+                               "branches": [], "best": None, "citations": citations, "trace": long_form_trace(ans),
+                               "usage": {"completion_tokens": ans.num_generated_tokens}}, _SCORE_INPUTS)
 
     return program
 
 
+_SCORE_INPUTS = ("w_rel", "w_sup", "w_use")
+
+
 def _segment_body(s: Segment) -> dict[str, Any]:
-    return {"text": s.text, "depth": s.depth,
+    return require_finite({"text": s.text, "depth": s.depth,
             "passage": None if s.passage is None else {"title": s.passage.title, "text": s.passage.text},
             "relevance": s.relevance, "grounding": s.grounding, "utility": s.utility, "final": s.final,
-            "score": s.score}
+            "score": s.score}, _SCORE_INPUTS)
 
 
 def _selfrag_stream(loop: EngineLoop, retriever: Any, question: str, opts: SelfRAGOptions, metrics: _Metrics,
@@ -651,9 +654,11 @@ def serve(args) -> int:
                                     quantization=args.quantization, progress=not args.quiet,
                                     **({"num_blocks": args.num_blocks} if args.num_blocks else {}))
     name = args.served_model_name or Path(args.model).resolve().name
+    limits, access = ServerLimits.from_args(args), Access.from_args(args)
     with EngineLoop(engine, max_pending=args.max_pending) as loop:
-        app = build_app(loop, name, retriever)
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info")
+        app = build_app(loop, name, retriever, limits, access)
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info",
+                    ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile, **uvicorn_options(limits))
     if retriever is not None:
         retriever.close()
     return 0

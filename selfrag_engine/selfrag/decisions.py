@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from selfrag_engine.errors import RequestError
+from selfrag_engine.errors import ContextLengthError, RequestError
 from selfrag_engine.retrieval.passages import Passage
 from selfrag_engine.selfrag.critique import Decoded, Reader
 from selfrag_engine.selfrag.prompts import format_passage
@@ -55,7 +55,7 @@ def unfit_passage(prefix_len: int, suffixes: Sequence[Sequence[int]], docs: Sequ
     or None when every one fits. Neither passage nor instruction is ever cut."""
     for i, (suffix, doc) in enumerate(zip(suffixes, docs)):
         if prefix_len + len(suffix) >= max_model_len:
-            return RequestError(f"passage {i} ({doc.title!r}, {len(suffix)} tokens) leaves no room to generate "
-                                f"after the {prefix_len}-token prompt within the model's context of "
-                                f"{max_model_len} tokens")
+            return ContextLengthError(f"passage {i} ({doc.title!r}, {len(suffix)} tokens) leaves no room to "
+                                      f"generate after the {prefix_len}-token prompt within the model's context "
+                                      f"of {max_model_len} tokens")
     return None

@@ -1,0 +1,173 @@
+"""`/openapi.json` as the server behaves: what FastAPI generates from the request models, corrected where the
+server answers otherwise.
+
+- Errors are 400 (never FastAPI's 422) with OpenAI's error object; 401 where a key is required, 408, 413 and
+  429 where the server answers them; `/metrics` is Prometheus text, not JSON; a streamed response is
+  `text/event-stream`.
+- The bodies carry the bounds the server checks: the served model's name, the limits of `server_limits`,
+  token ids within the vocabulary, the context for `max_tokens`, the passage's `text`, a question with
+  something in it, the counts that fit one request's share of the admission rows.
+- Rules across fields that a JSON schema cannot state in a usable form are listed in each body's
+  `x-cross-field-rules`: the 400 the server answers for each carries the `code` named there.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from selfrag_engine.entrypoints.openai_errors import ERROR_SCHEMA
+from selfrag_engine.entrypoints.server_limits import BodyChecks
+
+# The largest integer the server parses (`ServerLimits.max_int_digits` digits).
+_INT_CAP = 10 ** 40 - 1
+TOP_K_MAX = 2 ** 31 - 1
+
+CROSS_FIELD_RULES = {
+    "context_length_exceeded": "the prompt's tokens plus max_tokens fit the model's context (the messages' "
+                               "characters, together, fit it too)",
+    "too_many_rows": "n x prompts (or ndocs x beam_width) fit one request's share of the server's row slots",
+    "passages_required": "/v1/selfrag needs passages unless the server has an index or mode is 'never'",
+    "non_finite": "the Self-RAG scores the weights make stay finite",
+    "unsupported": "a Self-RAG chat answer does not stream (stream from /v1/selfrag)",
+}
+
+
+def install_openapi(app: FastAPI, checks: BodyChecks, model_name: str, vocab_size: int, api_key: bool,
+                    has_index: bool) -> None:
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            truthful(schema, checks, model_name, vocab_size, api_key, has_index)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _error_response(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": copy.deepcopy(ERROR_SCHEMA)}}}
+
+
+def truthful(schema: dict[str, Any], checks: BodyChecks, model_name: str, vocab_size: int, api_key: bool,
+             has_index: bool) -> None:
+    comps = schema.setdefault("components", {}).setdefault("schemas", {})
+    comps.pop("HTTPValidationError", None)
+    comps.pop("ValidationError", None)
+    for path, ops in schema.get("paths", {}).items():
+        for method, op in ops.items():
+            responses = op.setdefault("responses", {})
+            responses.pop("422", None)
+            if method == "post":
+                responses["400"] = _error_response("the body is invalid or beyond a limit; `param` names the field")
+                responses["408"] = _error_response("the body did not arrive in time, or the request passed its "
+                                                   "`timeout`")
+                responses["413"] = _error_response("the body is larger than the server reads")
+                responses["429"] = _error_response("the server's row slots are taken; retry after Retry-After")
+                ok = responses.get("200", {}).setdefault("content", {})
+                # With "stream": true: server-sent events, each a `data:` line of JSON (the last is [DONE]).
+                ok["text/event-stream"] = {"schema": {"type": "object", "required": ["data"],
+                                                      "properties": {"data": {"type": "string"}}}}
+            responses["503"] = _error_response("more connections are open than the server keeps; retry later")
+            if api_key and path != "/health":
+                responses["401"] = _error_response("no API key, or not this server's")
+                op["security"] = [{"bearer": []}]
+    if api_key:
+        schema["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+    metrics = schema["paths"].get("/metrics", {}).get("get")
+    if metrics is not None:
+        metrics["responses"]["200"]["content"] = {"text/plain": {"schema": {"type": "string"}}}
+
+    ctx = checks.max_model_len
+    chars, rows, limits = checks.max_prompt_chars, checks.max_request_rows, checks.limits
+    text = {"type": "string", "minLength": 1, "maxLength": chars}
+    token_ids = {"type": "array", "minItems": 1, "maxItems": ctx - 1,
+                 "items": {"type": "integer", "minimum": 0, "maximum": vocab_size - 1}}
+    max_tokens = {"type": "integer", "minimum": 1, "maximum": max(1, ctx - 2)}
+    stop = {"anyOf": [{"type": "string", "minLength": 1, "maxLength": limits.max_stop_chars},
+                      {"type": "array", "maxItems": limits.max_stop,
+                       "items": {"type": "string", "minLength": 1, "maxLength": limits.max_stop_chars}},
+                      {"type": "null"}]}
+    model = {"anyOf": [{"type": "string", "enum": [model_name]}, {"type": "null"}]}
+    n = {"type": "integer", "minimum": 1, "maximum": min(64, rows), "default": 1}
+
+    def props(name: str) -> dict[str, Any]:
+        return comps[name]["properties"]
+
+    def cross(name: str, *codes: str) -> None:
+        comps[name]["x-cross-field-rules"] = {c: CROSS_FIELD_RULES[c] for c in codes}
+
+    def cap_integers(node: Any) -> None:
+        """An integer with no bound gets the parser's, so the schema admits no number the server refuses."""
+        if isinstance(node, dict):
+            if node.get("type") == "integer":
+                node.setdefault("maximum", _INT_CAP)
+                node.setdefault("minimum", -_INT_CAP)
+            for v in node.values():
+                cap_integers(v)
+        elif isinstance(node, list):
+            for v in node:
+                cap_integers(v)
+
+    if "CompletionBody" in comps:
+        p = props("CompletionBody")
+        p["model"] = model
+        p["prompt"] = {"anyOf": [text, token_ids,
+                                 {"type": "array", "minItems": 1, "maxItems": limits.max_prompts, "items": text},
+                                 {"type": "array", "minItems": 1, "maxItems": limits.max_prompts,
+                                  "items": token_ids}]}
+        p["max_tokens"] = {**max_tokens, "default": 16}
+        p["stop"] = stop
+        p["stop_token_ids"] = {"anyOf": [{"type": "array", "maxItems": limits.max_stop, "items": {
+            "type": "integer", "minimum": 0, "maximum": vocab_size - 1}}, {"type": "null"}]}
+        p["n"] = n
+        p["top_k"] = {"type": "integer", "minimum": -1, "maximum": TOP_K_MAX, "default": -1}
+        p["echo"] = {"type": "boolean", "enum": [False], "default": False}
+        cross("CompletionBody", "context_length_exceeded", "too_many_rows")
+    if "Message" in comps:
+        p = props("Message")
+        p["content"] = {"type": "string", "maxLength": chars}
+        # A user message says something (the last one is the instruction).
+        comps["Message"]["if"] = {"required": ["role"], "properties": {"role": {"const": "user"}}}
+        comps["Message"]["then"] = {"properties": {"content": {"pattern": r"\S"}}}
+    if "ChatBody" in comps:
+        p = props("ChatBody")
+        p["model"] = model
+        p["messages"] = {"type": "array", "minItems": 1, "maxItems": limits.max_messages,
+                         "items": {"$ref": "#/components/schemas/Message"},
+                         "contains": {"type": "object", "required": ["role"],
+                                      "properties": {"role": {"const": "user"}}}}
+        p["max_tokens"] = {"anyOf": [max_tokens, {"type": "null"}]}
+        p["max_completion_tokens"] = {"anyOf": [max_tokens, {"type": "null"}]}
+        p["stop"] = stop
+        p["n"] = n
+        p["top_k"] = {"type": "integer", "minimum": -1, "maximum": TOP_K_MAX, "default": -1}
+        cross("ChatBody", "context_length_exceeded", "too_many_rows", "non_finite", "unsupported")
+    if "SelfRAGOptions" in comps:
+        p = props("SelfRAGOptions")
+        p["question"] = {"anyOf": [{**text, "pattern": r"\S"}, {"type": "null"}]}
+        p["passages"] = {"anyOf": [{"type": "array", "minItems": 1, "maxItems": limits.max_passages, "items": {
+            "type": "object", "required": ["text"], "additionalProperties": {"type": "string", "maxLength": chars},
+            "properties": {"title": {"type": "string", "maxLength": chars},
+                           "text": {"type": "string", "maxLength": chars}}}}, {"type": "null"}]}
+        p["ndocs"] = {"type": "integer", "minimum": 1, "maximum": min(64, rows), "default": 5}
+        p["max_tokens"] = {**max_tokens, "default": 100}
+        # compat 'released' expands depths 1..max_depth-1 of the long form: it needs max_depth >= 2.
+        # compat 'released' needs a threshold.
+        comps["SelfRAGOptions"]["allOf"] = [
+            {"if": {"required": ["compat", "form"], "properties": {"compat": {"const": "released"},
+                                                                  "form": {"const": "long"}}},
+             "then": {"properties": {"max_depth": {"anyOf": [{"type": "integer", "minimum": 2}, {"type": "null"}]}}}},
+            {"if": {"required": ["compat"], "properties": {"compat": {"const": "released"}}},
+             "then": {"properties": {"threshold": {"type": "number"}}}}]
+        cross("SelfRAGOptions", "context_length_exceeded", "too_many_rows", "non_finite",
+              *(() if has_index else ("passages_required",)))
+    selfrag_op = schema["paths"].get("/v1/selfrag", {}).get("post")
+    if selfrag_op is not None:
+        body = selfrag_op["requestBody"]["content"]["application/json"]
+        body["schema"] = {"allOf": [{"$ref": "#/components/schemas/SelfRAGOptions"},
+                                    {"type": "object", "required": ["question"],
+                                     "properties": {"question": {**text, "pattern": r"\S"}}}]}
+    cap_integers(comps)
