@@ -30,10 +30,23 @@ from selfrag_engine.engine.sequence import Status
 from selfrag_engine.engine.speculative import draft_tokens_option
 from selfrag_engine.engine.stepping import Stepper
 from selfrag_engine.errors import EngineConfigError, RequestError, SchedulingError
+from selfrag_engine.layers.attention import FP8_KV_DTYPE
+from selfrag_engine.models.kv_scales import fp8_kv_scales
 from selfrag_engine.tokenizer import Tokenizer
 from selfrag_engine.weights.loader import load_model
 
 __all__ = ["Engine", "RequestOutput"]
+
+
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+
+
+def _kv_cache_dtype(value: object, model_dtype: torch.dtype) -> torch.dtype:
+    """"auto": the model's dtype; "fp8" (or "fp8_e4m3", as vLLM names it): float8 e4m3 with static scales."""
+    if value not in KV_CACHE_DTYPES:
+        raise EngineConfigError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {value!r}"
+                                + (" (only the e4m3 format is supported)" if value == "fp8_e5m2" else ""))
+    return model_dtype if value == "auto" else FP8_KV_DTYPE
 
 
 def _positive(**options: object) -> None:
@@ -64,7 +77,7 @@ class Engine:
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 4096, max_model_len: int | None = None,
                  enable_prefix_caching: bool = True, use_kernels: bool | None = None, enforce_eager: bool = False,
                  cuda_graph_max_batch: int = 64, overlap: bool | None = None, num_draft_tokens: int | None = None,
-                 seed: int = 0):
+                 kv_cache_dtype: str = "auto", seed: int = 0):
         _positive(block_size=block_size, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
         num_draft_tokens = draft_tokens_option(num_draft_tokens, model.rope_cos.device)
         self.model = model
@@ -74,16 +87,22 @@ class Engine:
         self.dtype = model.model.embed_tokens.weight.dtype
         self.max_model_len = min(max_model_len or self.config.max_position_embeddings,
                                  self.config.max_position_embeddings)
+        self.kv_cache_dtype = _kv_cache_dtype(kv_cache_dtype, self.dtype)
         if num_blocks is None:
-            num_blocks = num_blocks_for_budget(self.config, block_size, self.dtype, self.device,
+            num_blocks = num_blocks_for_budget(self.config, block_size, self.kv_cache_dtype, self.device,
                                                kv_cache_bytes, gpu_memory_utilization)
         _positive(num_blocks=num_blocks)
         self.block_size = block_size
-        self.kv_caches = allocate_kv_caches(self.config, num_blocks, block_size, self.dtype, self.device)
+        scales = fp8_kv_scales(model) if self.kv_cache_dtype == FP8_KV_DTYPE else None
+        self.kv_caches = allocate_kv_caches(self.config, num_blocks, block_size, self.kv_cache_dtype, self.device,
+                                            scales)
         self.scheduler = Scheduler(BlockManager(num_blocks, block_size, enable_prefix_caching), max_num_seqs,
                                    max_num_batched_tokens)
         # The one backend decision: every layer of the model, the runner and the sampler ask it.
         self.backend = choose_backend(self.device, use_kernels)
+        if self.backend.kernels and self.kv_cache_dtype == FP8_KV_DTYPE:
+            raise EngineConfigError("kv_cache_dtype='fp8' runs on the torch path (use_kernels=False) in this version: "
+                                    "the Triton attention kernels read fp16/bf16/fp32 pools")
         model.set_backend(self.backend)
         self.runner = ModelRunner(model, self.kv_caches, block_size, self.device, self.backend)
         if self.backend == TRITON and not enforce_eager:
@@ -108,7 +127,8 @@ class Engine:
         Engine options (README lists them): block_size, num_blocks or kv_cache_bytes or gpu_memory_utilization,
         max_num_seqs, max_num_batched_tokens, max_model_len, enable_prefix_caching, use_kernels (default: on
         CUDA), enforce_eager (no CUDA graphs), cuda_graph_max_batch, overlap (default: on CUDA),
-        num_draft_tokens (exact speculative decoding, 0 = off; default: 4 on CUDA, off on the CPU), seed.
+        num_draft_tokens (exact speculative decoding, 0 = off; default: 4 on CUDA, off on the CPU),
+        kv_cache_dtype ("auto": the model's dtype; "fp8": float8 e4m3 keys and values, twice the tokens), seed.
         """
         dev = device_of(device)
         tokenizer = Tokenizer.from_pretrained(path)
@@ -268,7 +288,14 @@ class Engine:
 
     @locked
     def cache_stats(self) -> dict[str, int]:
-        return self.scheduler.cache_stats()
+        """Blocks by state, and the pool's size: `kv_cache_bytes` (all layers' keys and values, scales
+        included), `kv_bytes_per_token`, `kv_capacity_tokens` (num_blocks * block_size)."""
+        stats = self.scheduler.cache_stats()
+        per_token = sum(2 * c.k[0, 0].numel() * c.k.element_size() for c in self.kv_caches)
+        scale_bytes = sum(2 * c.k_scale.numel() * c.k_scale.element_size() for c in self.kv_caches if c.fp8)
+        stats.update(kv_cache_bytes=per_token * stats["num_blocks"] * stats["block_size"] + scale_bytes,
+                     kv_bytes_per_token=per_token, kv_capacity_tokens=stats["num_blocks"] * stats["block_size"])
+        return stats
 
     @locked
     def speculation_stats(self) -> dict[str, float]:
