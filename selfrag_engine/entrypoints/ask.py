@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from selfrag_engine.engine.llm_engine import Engine
+from selfrag_engine.engine.llm_engine import KV_CACHE_DTYPES, Engine
 from selfrag_engine.entrypoints.index import snippet
 from selfrag_engine.errors import RequestError
 from selfrag_engine.retrieval.passages import read_passages
@@ -74,7 +74,8 @@ def _ask(args: argparse.Namespace) -> int:
     scoring = (ScoringConfig.paper(**overrides) if args.compat == "paper"
                else ScoringConfig.released(form="short", **overrides))
     engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype,
-                                    quantization=args.quantization, progress=not args.quiet)
+                                    quantization=args.quantization, progress=not args.quiet,
+                                    kv_cache_dtype=args.kv_cache_dtype)
     rag = SelfRAG(engine, retriever=retriever, scoring=scoring, ndocs=args.ndocs,
                   max_new_tokens=args.max_new_tokens, mode=args.mode, compat=args.compat)
     ans = rag.answer(question, passages)
@@ -107,6 +108,7 @@ def register(subparsers: Any) -> None:
     a.add_argument("--device", default="cpu")
     a.add_argument("--dtype", default=None)
     a.add_argument("--quantization", default=None, choices=[None, "fp8"])
+    a.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES, help="auto: the model's dtype; fp8: e4m3 keys and values, twice the tokens per byte")
     a.add_argument("--json", action="store_true", help="print the full trace as one JSON object")
     a.add_argument("--quiet", action="store_true")
     a.set_defaults(func=_ask)

@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from selfrag_engine.engine.llm_engine import Engine
+from selfrag_engine.engine.llm_engine import KV_CACHE_DTYPES, Engine
 from selfrag_engine.engine.sampling_params import SamplingParams
 from selfrag_engine.entrypoints.ask import register as register_ask
 from selfrag_engine.entrypoints.eval import register as register_eval
@@ -17,7 +17,8 @@ from selfrag_engine.weights.quantize import quantize_checkpoint
 
 def _generate(args: argparse.Namespace) -> int:
     engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype,
-                                    quantization=args.quantization, progress=not args.quiet)
+                                    quantization=args.quantization, progress=not args.quiet,
+                                    kv_cache_dtype=args.kv_cache_dtype)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, stop=args.stop or [], logprobs=args.logprobs,
                             skip_special_tokens=not args.keep_special_tokens)
@@ -63,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--logprobs", type=int, default=None, help="top-n log-probabilities per step")
     g.add_argument("--keep-special-tokens", action="store_true", help="keep reflection tokens in the text")
+    g.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES, help="auto: the model's dtype; fp8: e4m3 keys and values, twice the tokens per byte")
     g.add_argument("--json", action="store_true", help="one JSON object per prompt")
     g.add_argument("--quiet", action="store_true")
     g.set_defaults(func=_generate)
@@ -93,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default=None)
     s.add_argument("--quantization", default=None, choices=["fp8"])
     s.add_argument("--num-blocks", type=int, default=None, help="KV cache blocks (default: from the memory budget)")
+    s.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES, help="auto: the model's dtype; fp8: e4m3 keys and values, twice the tokens per byte")
     s.add_argument("--max-pending", type=int, default=256, help="requests and queries in flight before 429")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=_serve)

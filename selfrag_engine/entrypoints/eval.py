@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from selfrag_engine.engine.llm_engine import Engine
+from selfrag_engine.engine.llm_engine import KV_CACHE_DTYPES, Engine
 from selfrag_engine.errors import RequestError
 from selfrag_engine.retrieval.retriever import Retriever
 from selfrag_engine.selfrag.decisions import MODES
@@ -37,7 +37,8 @@ def _run(args: argparse.Namespace) -> int:
     examples = read_examples(args.input, preset, args.limit)
     retriever = Retriever.load(args.index) if args.index else None
     engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype,
-                                    quantization=args.quantization, progress=not args.quiet)
+                                    quantization=args.quantization, progress=not args.quiet,
+                                    kv_cache_dtype=args.kv_cache_dtype)
     runner = build_runner(engine, preset, ndocs=args.ndocs, mode=args.mode, threshold=args.threshold,
                           max_new_tokens=args.max_new_tokens, compat=args.compat, beam_width=args.beam_width,
                           max_depth=args.max_depth, retriever=retriever if preset.form == "long" else None)
@@ -78,5 +79,6 @@ def register(subparsers: Any) -> None:
     e.add_argument("--device", default="cpu")
     e.add_argument("--dtype", default=None)
     e.add_argument("--quantization", default=None, choices=[None, "fp8"])
+    e.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES, help="auto: the model's dtype; fp8: e4m3 keys and values, twice the tokens per byte")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=_run)
