@@ -20,6 +20,9 @@ Cascade: one launch runs two kinds of programs side by side: prefix programs, wh
 group times the query heads of one kv head and which read the group's shared prefix once, and suffix programs,
 which run the paged decode over each row's own keys from the prefix end to its context length. The merge
 kernel then combines the prefix and suffix partials by log-sum-exp.
+
+Any head_dim up to 256: tiles span BLOCK_D = the next power of two, lanes past head_dim load as zeros and are
+never stored (see `head_dim.py`); the partials are stored head_dim wide.
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 from selfrag_engine.kernels import Target, as_target, target_of
+from selfrag_engine.kernels.head_dim import MAX_HEAD_DIM, head_block, with_d_mask
 
 __all__ = ["paged_decode_attention", "cascade_decode_attention", "default_num_splits"]
 
@@ -38,20 +42,27 @@ _MIN_KEYS_PER_SPLIT = 256
 def _attend_range(q, k_base, v_base, table_row, lo, hi, qk_scale,
                   stride_kb, stride_ks, stride_vb, stride_vs,
                   ROWS: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                  DOT_PREC: tl.constexpr):
-    """Unnormalized attention of q [ROWS, D] over keys lo..hi-1 of one table row: (acc, running max, sum)."""
-    offs_d = tl.arange(0, HEAD_DIM)
+                  BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Unnormalized attention of q [ROWS, BLOCK_D] over keys lo..hi-1 of one table row: (acc, running max, sum)."""
+    offs_d = tl.arange(0, BLOCK_D)
     m_i = tl.full([ROWS], float("-inf"), tl.float32)
     l_i = tl.zeros([ROWS], tl.float32)
-    acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
+    acc = tl.zeros([ROWS, BLOCK_D], tl.float32)
     for start in range(lo, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         key_ok = offs_n < hi
         blk = tl.load(table_row + offs_n // BLOCK_SIZE, mask=key_ok, other=0).to(tl.int64)
         slot_in_blk = offs_n % BLOCK_SIZE
         # Masked loads: slots past the context may hold stale data (even NaN) that 0 * x would let through.
+        # The lane masks inline, not through with_d_mask: a nested call per tile is slow in the interpreter.
+        if HEAD_DIM != BLOCK_D:
+            k_mask = key_ok[None, :] & (offs_d[:, None] < HEAD_DIM)
+            v_mask = key_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+        else:
+            k_mask = key_ok[None, :]
+            v_mask = key_ok[:, None]
         k = tl.load(k_base + blk[None, :] * stride_kb + slot_in_blk[None, :] * stride_ks + offs_d[:, None],
-                    mask=key_ok[None, :], other=0.0)
+                    mask=k_mask, other=0.0)
         s = tl.dot(q, k, input_precision=DOT_PREC) * qk_scale
         s = tl.where(key_ok[None, :], s, float("-inf"))
         # Each tile holds at least one real key, so m_new is finite and exp2(-inf - m_new) is a clean 0.
@@ -60,22 +71,24 @@ def _attend_range(q, k_base, v_base, table_row, lo, hi, qk_scale,
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(v_base + blk[:, None] * stride_vb + slot_in_blk[:, None] * stride_vs + offs_d[None, :],
-                    mask=key_ok[:, None], other=0.0)
+                    mask=v_mask, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         m_i = m_new
     return acc, m_i, l_i
 
 
 @triton.jit
-def _store_partial(acc, m_i, l_i, part_o_ptr, part_lse_ptr, part_index, row_ok, HEAD_DIM: tl.constexpr):
+def _store_partial(acc, m_i, l_i, part_o_ptr, part_lse_ptr, part_index, row_ok, HEAD_DIM: tl.constexpr,
+                   BLOCK_D: tl.constexpr):
     """Writes acc / l and its base-2 lse at flat partial index part_index [ROWS] (index of (b, h, split))."""
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)
     empty = l_i == 0.0
     lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
     o = acc / tl.where(empty, 1.0, l_i)[:, None]
     idx = part_index.to(tl.int64)
     tl.store(part_lse_ptr + idx, lse, mask=row_ok)
-    tl.store(part_o_ptr + idx[:, None] * HEAD_DIM + offs_d[None, :], o, mask=row_ok[:, None])
+    tl.store(part_o_ptr + idx[:, None] * HEAD_DIM + offs_d[None, :], o,
+             mask=with_d_mask(row_ok[:, None], offs_d[None, :], HEAD_DIM, BLOCK_D))
 
 
 @triton.jit
@@ -85,17 +98,18 @@ def _decode_kernel(
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
     num_heads, num_splits,
     GROUP: tl.constexpr, ROWS: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    HEAD_DIM: tl.constexpr, DIRECT: tl.constexpr, DOT_PREC: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DIRECT: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)
     rows = tl.arange(0, ROWS)
     row_ok = rows < GROUP
     heads = kv_head * GROUP + rows
+    io_mask = with_d_mask(row_ok[:, None], offs_d[None, :], HEAD_DIM, BLOCK_D)
     q = tl.load(q_ptr + seq.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
-                mask=row_ok[:, None], other=0.0)
+                mask=io_mask, other=0.0)
     ctx = tl.load(ctx_ptr + seq)
     per_split = tl.cdiv(tl.cdiv(ctx, num_splits), BLOCK_N) * BLOCK_N
     lo = split * per_split
@@ -103,23 +117,23 @@ def _decode_kernel(
     acc, m_i, l_i = _attend_range(q, k_ptr + kv_head * stride_kh, v_ptr + kv_head * stride_vh,
                                   bt_ptr + seq.to(tl.int64) * stride_bt, lo, hi, qk_scale,
                                   stride_kb, stride_ks, stride_vb, stride_vs,
-                                  ROWS, BLOCK_SIZE, BLOCK_N, HEAD_DIM, DOT_PREC)
+                                  ROWS, BLOCK_SIZE, BLOCK_N, HEAD_DIM, BLOCK_D, DOT_PREC)
     if DIRECT:
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(out_ptr + seq.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
-                 o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+                 o.to(out_ptr.dtype.element_ty), mask=io_mask)
     else:
         part_index = (seq * num_heads + heads) * num_splits + split
-        _store_partial(acc, m_i, l_i, part_o_ptr, part_lse_ptr, part_index, row_ok, HEAD_DIM)
+        _store_partial(acc, m_i, l_i, part_o_ptr, part_lse_ptr, part_index, row_ok, HEAD_DIM, BLOCK_D)
 
 
 @triton.jit
 def _merge_kernel(part_o_ptr, part_lse_ptr, out_ptr, stride_ob, stride_oh, num_heads, num_splits,
-                  BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr):
+                  BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
     seq = tl.program_id(0)
     head = tl.program_id(1)
     offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)
     split_ok = offs_s < num_splits
     base = ((seq * num_heads + head) * num_splits).to(tl.int64)
     lse = tl.load(part_lse_ptr + base + offs_s, mask=split_ok, other=float("-inf"))
@@ -128,10 +142,16 @@ def _merge_kernel(part_o_ptr, part_lse_ptr, out_ptr, stride_ob, stride_oh, num_h
     mx = tl.max(lse, axis=0)
     mx = tl.where(mx == float("-inf"), 0.0, mx)
     w = tl.exp2(lse - mx)
-    o = tl.load(part_o_ptr + (base + offs_s)[:, None] * HEAD_DIM + offs_d[None, :], mask=split_ok[:, None], other=0.0)
+    o = tl.load(part_o_ptr + (base + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
+                mask=with_d_mask(split_ok[:, None], offs_d[None, :], HEAD_DIM, BLOCK_D), other=0.0)
     total = tl.sum(w, axis=0)
     merged = tl.sum(w[:, None] * o, axis=0) / tl.where(total > 0, total, 1.0)
-    tl.store(out_ptr + seq.to(tl.int64) * stride_ob + head * stride_oh + offs_d, merged.to(out_ptr.dtype.element_ty))
+    if HEAD_DIM != BLOCK_D:
+        tl.store(out_ptr + seq.to(tl.int64) * stride_ob + head * stride_oh + offs_d,
+                 merged.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
+    else:
+        tl.store(out_ptr + seq.to(tl.int64) * stride_ob + head * stride_oh + offs_d,
+                 merged.to(out_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -140,7 +160,7 @@ def _cascade_prefix_program(
     stride_qb, stride_qh, stride_qd, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
     num_heads, num_kv_heads, row_tiles, prefix_splits, total_splits,
     GROUP: tl.constexpr, ROWS: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """Rows = every branch of one group x the query heads of one kv head, over one split of the shared prefix."""
     split = pid % prefix_splits
@@ -152,13 +172,14 @@ def _cascade_prefix_program(
     g_lo = tl.load(gs_ptr + group)
     branches = tl.load(gs_ptr + group + 1) - g_lo
     if row_tile * ROWS < branches * GROUP:
-        offs_d = tl.arange(0, HEAD_DIM)
+        offs_d = tl.arange(0, BLOCK_D)
         r = row_tile * ROWS + tl.arange(0, ROWS)
         row_ok = (r // GROUP) < branches
         seq = g_lo + r // GROUP
         heads = kv_head * GROUP + r % GROUP
         q = tl.load(q_ptr + seq.to(tl.int64)[:, None] * stride_qb + heads[:, None] * stride_qh
-                    + offs_d[None, :] * stride_qd, mask=row_ok[:, None], other=0.0)
+                    + offs_d[None, :] * stride_qd,
+                    mask=with_d_mask(row_ok[:, None], offs_d[None, :], HEAD_DIM, BLOCK_D), other=0.0)
         prefix_len = tl.load(pb_ptr + group) * BLOCK_SIZE
         per_split = tl.cdiv(tl.cdiv(prefix_len, prefix_splits), BLOCK_N) * BLOCK_N
         lo = split * per_split
@@ -167,9 +188,9 @@ def _cascade_prefix_program(
         acc, m_i, l_i = _attend_range(q, k_ptr + kv_head * stride_kh, v_ptr + kv_head * stride_vh,
                                       bt_ptr + g_lo.to(tl.int64) * stride_bt, lo, hi, qk_scale,
                                       stride_kb, stride_ks, stride_vb, stride_vs,
-                                      ROWS, BLOCK_SIZE, BLOCK_N, HEAD_DIM, DOT_PREC)
+                                      ROWS, BLOCK_SIZE, BLOCK_N, HEAD_DIM, BLOCK_D, DOT_PREC)
         part_index = (seq * num_heads + heads) * total_splits + split
-        _store_partial(acc, m_i, l_i, part_o_ptr, part_lse_ptr, part_index, row_ok, HEAD_DIM)
+        _store_partial(acc, m_i, l_i, part_o_ptr, part_lse_ptr, part_index, row_ok, HEAD_DIM, BLOCK_D)
 
 
 @triton.jit
@@ -178,7 +199,7 @@ def _cascade_suffix_program(
     stride_qb, stride_qh, stride_qd, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
     num_heads, num_kv_heads, num_groups, prefix_splits, suffix_splits, total_splits,
     GROUP: tl.constexpr, ROWS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """Paged decode of one row's own keys (prefix end to context end) for the query heads of one kv head."""
     split = pid % suffix_splits
@@ -195,18 +216,18 @@ def _cascade_suffix_program(
     per_split = tl.cdiv(tl.cdiv(suffix_len, suffix_splits), BLOCK_N) * BLOCK_N
     lo = prefix_len + split * per_split
     hi = tl.minimum(lo + per_split, ctx)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)
     rows = tl.arange(0, ROWS)
     row_ok = rows < GROUP
     heads = kv_head * GROUP + rows
     q = tl.load(q_ptr + seq.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
-                mask=row_ok[:, None], other=0.0)
+                mask=with_d_mask(row_ok[:, None], offs_d[None, :], HEAD_DIM, BLOCK_D), other=0.0)
     acc, m_i, l_i = _attend_range(q, k_ptr + kv_head * stride_kh, v_ptr + kv_head * stride_vh,
                                   bt_ptr + seq.to(tl.int64) * stride_bt, lo, hi, qk_scale,
                                   stride_kb, stride_ks, stride_vb, stride_vs,
-                                  ROWS, BLOCK_SIZE, BLOCK_N, HEAD_DIM, DOT_PREC)
+                                  ROWS, BLOCK_SIZE, BLOCK_N, HEAD_DIM, BLOCK_D, DOT_PREC)
     part_index = (seq * num_heads + heads) * total_splits + prefix_splits + split
-    _store_partial(acc, m_i, l_i, part_o_ptr, part_lse_ptr, part_index, row_ok, HEAD_DIM)
+    _store_partial(acc, m_i, l_i, part_o_ptr, part_lse_ptr, part_index, row_ok, HEAD_DIM, BLOCK_D)
 
 
 @triton.jit
@@ -216,7 +237,8 @@ def _cascade_kernel(
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
     num_heads, num_kv_heads, num_groups, row_tiles, prefix_splits, suffix_splits, num_prefix_programs,
     GROUP: tl.constexpr, ROWS_P: tl.constexpr, ROWS_S: tl.constexpr, BLOCK_G: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
     # One launch for both kinds of programs, prefix ones first: they carry the most keys each. The two kinds
     # live in separate functions because the branches of a runtime `if` may not bind names of different types.
@@ -227,13 +249,13 @@ def _cascade_kernel(
             pid, q_ptr, k_ptr, v_ptr, part_o_ptr, part_lse_ptr, bt_ptr, gs_ptr, pb_ptr, qk_scale,
             stride_qb, stride_qh, stride_qd, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
             stride_bt, num_heads, num_kv_heads, row_tiles, prefix_splits, total_splits,
-            GROUP, ROWS_P, BLOCK_SIZE, BLOCK_N, HEAD_DIM, DOT_PREC)
+            GROUP, ROWS_P, BLOCK_SIZE, BLOCK_N, HEAD_DIM, BLOCK_D, DOT_PREC)
     else:
         _cascade_suffix_program(
             pid - num_prefix_programs, q_ptr, k_ptr, v_ptr, part_o_ptr, part_lse_ptr, bt_ptr, ctx_ptr, gs_ptr,
             pb_ptr, qk_scale, stride_qb, stride_qh, stride_qd, stride_kb, stride_ks, stride_kh, stride_vb,
             stride_vs, stride_vh, stride_bt, num_heads, num_kv_heads, num_groups, prefix_splits, suffix_splits,
-            total_splits, GROUP, ROWS_S, BLOCK_G, BLOCK_SIZE, BLOCK_N, HEAD_DIM, DOT_PREC)
+            total_splits, GROUP, ROWS_S, BLOCK_G, BLOCK_SIZE, BLOCK_N, HEAD_DIM, BLOCK_D, DOT_PREC)
 
 
 def _target_programs(target: Target) -> int:
@@ -257,7 +279,7 @@ def default_num_splits(batch: int, num_kv_heads: int, max_context_len: int,
 def _block_n(head_dim: int, block_size: int, target: Target) -> int:
     if target.interpreter:
         return max(16, block_size)
-    return max(64 if head_dim <= 128 else 32, block_size)
+    return max(64 if head_block(head_dim) <= 128 else 32, block_size)
 
 
 def _rows(n: int) -> int:
@@ -280,7 +302,7 @@ def _check_common(q, k_cache, v_cache, block_tables, context_lens) -> tuple[int,
            "k_cache and v_cache must both be [num_blocks, block_size, kv_heads, head_dim]")
     _, block_size, num_kv_heads, pool_dim = k_cache.shape
     _check(pool_dim == head_dim, f"pool head_dim {pool_dim} differs from q head_dim {head_dim}")
-    _check(head_dim >= 16 and head_dim & (head_dim - 1) == 0, f"head_dim must be a power of two >= 16, got {head_dim}")
+    _check(1 <= head_dim <= MAX_HEAD_DIM, f"head_dim must be in 1..{MAX_HEAD_DIM}, got {head_dim}")
     _check(block_size & (block_size - 1) == 0, f"block_size must be a power of two, got {block_size}")
     _check(num_heads % num_kv_heads == 0, f"num_heads {num_heads} is not a multiple of kv heads {num_kv_heads}")
     _check(q.dtype in (torch.float16, torch.bfloat16, torch.float32), f"unsupported dtype {q.dtype}")
@@ -301,7 +323,8 @@ def _merge(part_o, part_lse, out, num_splits: int) -> None:
     batch, num_heads, head_dim = out.shape
     _merge_kernel[(batch, num_heads)](
         part_o, part_lse, out, out.stride(0), out.stride(1), num_heads, num_splits,
-        BLOCK_S=max(2, triton.next_power_of_2(num_splits)), HEAD_DIM=head_dim, num_warps=4,
+        BLOCK_S=max(2, triton.next_power_of_2(num_splits)), HEAD_DIM=head_dim, BLOCK_D=head_block(head_dim),
+        num_warps=4,
     )
 
 
@@ -338,7 +361,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         num_heads, num_splits,
         GROUP=group, ROWS=_rows(group), BLOCK_SIZE=block_size, BLOCK_N=_block_n(head_dim, block_size, target),
-        HEAD_DIM=head_dim, DIRECT=direct, DOT_PREC=_dot_prec(q.dtype), num_warps=4, num_stages=2,
+        HEAD_DIM=head_dim, BLOCK_D=head_block(head_dim), DIRECT=direct, DOT_PREC=_dot_prec(q.dtype), num_warps=4, num_stages=2,
     )
     if not direct:
         _merge(part_o, part_lse, out, num_splits)
@@ -396,7 +419,7 @@ def cascade_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
         num_heads, num_kv_heads, num_groups, row_tiles, prefix_splits, suffix_splits, num_prefix_programs,
         GROUP=group, ROWS_P=rows_p, ROWS_S=_rows(group), BLOCK_G=max(2, triton.next_power_of_2(num_groups)),
         BLOCK_SIZE=block_size, BLOCK_N=_block_n(head_dim, block_size, target), HEAD_DIM=head_dim,
-        DOT_PREC=_dot_prec(q.dtype), num_warps=4, num_stages=2,
+        BLOCK_D=head_block(head_dim), DOT_PREC=_dot_prec(q.dtype), num_warps=4, num_stages=2,
     )
     _merge(part_o, part_lse, out, total_splits)
     return out

@@ -14,6 +14,10 @@ sequence with a cached prefix (q_len < context_len) and a fresh prompt go throug
 kv head h // (Hq // Hkv). One launch; grid = (query tiles of the longest sequence, Hq, B). Scores and the
 online softmax run in float32 (base 2, with log2(e) folded into the scale); P is cast to the value dtype for
 the second product, as flash attention does.
+
+Any head_dim up to 256: the tiles span BLOCK_D = the next power of two (>= 16, what `tl.dot` takes), the lanes
+past head_dim are loaded as zeros (they add nothing to q.k nor to p.v) and never stored. A power-of-two
+head_dim compiles without the extra mask.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 from selfrag_engine.kernels import Target, as_target, target_of
+from selfrag_engine.kernels.head_dim import MAX_HEAD_DIM, head_block, with_d_mask
 
 __all__ = ["prefill_attention"]
 
@@ -31,9 +36,9 @@ _LOG2E = 1.4426950408889634
 def _prefill_tile(acc, m_i, l_i, q, start, hi, q_pos, k_base, v_base, table_row,
                   stride_ks, stride_kb, stride_vs, stride_vb, qk_scale,
                   CAUSAL_MASK: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-                  HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr):
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
     offs_n = start + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)
     if CAUSAL_MASK:
         key_ok = offs_n < hi
         blk = tl.load(table_row + offs_n // BLOCK_SIZE, mask=key_ok, other=0).to(tl.int64)
@@ -44,7 +49,13 @@ def _prefill_tile(acc, m_i, l_i, q, start, hi, q_pos, k_base, v_base, table_row,
     v_ptrs = v_base + blk[:, None] * stride_vb + slot_in_blk[:, None] * stride_vs + offs_d[None, :]
     if CAUSAL_MASK:
         # Masked loads: slots past the context may hold stale data (even NaN) that 0 * x would let through.
-        k = tl.load(k_ptrs, mask=key_ok[None, :], other=0.0)
+        # The lane masks inline, not through with_d_mask: a nested call per tile is slow in the interpreter.
+        if HEAD_DIM != BLOCK_D:
+            k = tl.load(k_ptrs, mask=key_ok[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
+        else:
+            k = tl.load(k_ptrs, mask=key_ok[None, :], other=0.0)
+    elif HEAD_DIM != BLOCK_D:
+        k = tl.load(k_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
     else:
         k = tl.load(k_ptrs)
     s = tl.dot(q, k, input_precision=DOT_PREC) * qk_scale
@@ -56,7 +67,12 @@ def _prefill_tile(acc, m_i, l_i, q, start, hi, q_pos, k_base, v_base, table_row,
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
     if CAUSAL_MASK:
-        v = tl.load(v_ptrs, mask=key_ok[:, None], other=0.0)
+        if HEAD_DIM != BLOCK_D:
+            v = tl.load(v_ptrs, mask=key_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        else:
+            v = tl.load(v_ptrs, mask=key_ok[:, None], other=0.0)
+    elif HEAD_DIM != BLOCK_D:
+        v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
     else:
         v = tl.load(v_ptrs)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
@@ -70,7 +86,7 @@ def _prefill_kernel(
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
     num_m_tiles,
     GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     # Reversed so that the last query tiles, which see the most keys, are scheduled first.
     m_tile = num_m_tiles - 1 - tl.program_id(0)
@@ -83,11 +99,12 @@ def _prefill_kernel(
         ctx = tl.load(ctx_ptr + seq)
         kv_head = head // GROUP
         offs_m = m0 + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, HEAD_DIM)
+        offs_d = tl.arange(0, BLOCK_D)
         row_ok = offs_m < q_len
         rows = (q_start + offs_m).to(tl.int64)
+        io_mask = with_d_mask(row_ok[:, None], offs_d[None, :], HEAD_DIM, BLOCK_D)
         q = tl.load(q_ptr + rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :] * stride_qd,
-                    mask=row_ok[:, None], other=0.0)
+                    mask=io_mask, other=0.0)
         first_pos = ctx - q_len + m0
         q_pos = first_pos + tl.arange(0, BLOCK_M)
         # Keys before the tile's first query are visible to every row: no mask needed there.
@@ -99,19 +116,19 @@ def _prefill_kernel(
         table_row = bt_ptr + seq.to(tl.int64) * stride_bt
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         for start in range(0, full_end, BLOCK_N):
             acc, m_i, l_i = _prefill_tile(acc, m_i, l_i, q, start, hi, q_pos, k_base, v_base, table_row,
                                           stride_ks, stride_kb, stride_vs, stride_vb, qk_scale,
-                                          False, BLOCK_SIZE, BLOCK_N, HEAD_DIM, DOT_PREC)
+                                          False, BLOCK_SIZE, BLOCK_N, HEAD_DIM, BLOCK_D, DOT_PREC)
         for start in range(full_end, hi, BLOCK_N):
             acc, m_i, l_i = _prefill_tile(acc, m_i, l_i, q, start, hi, q_pos, k_base, v_base, table_row,
                                           stride_ks, stride_kb, stride_vs, stride_vb, qk_scale,
-                                          True, BLOCK_SIZE, BLOCK_N, HEAD_DIM, DOT_PREC)
+                                          True, BLOCK_SIZE, BLOCK_N, HEAD_DIM, BLOCK_D, DOT_PREC)
         # Every real row sees key first_pos at least, so l_i > 0 there; padded rows are never stored.
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(out_ptr + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+                 out.to(out_ptr.dtype.element_ty), mask=io_mask)
 
 
 def launch_config(max_q_len: int, head_dim: int, block_size: int, dtype: torch.dtype,
@@ -130,11 +147,12 @@ def launch_config(max_q_len: int, head_dim: int, block_size: int, dtype: torch.d
         block_m = 64
     else:
         block_m = 128
-    block_n = max(64 if head_dim <= 128 else 32, block_size)
+    block_d = head_block(head_dim)
+    block_n = max(64 if block_d <= 128 else 32, block_size)
     if dtype == torch.float32:
         block_m, block_n = min(block_m, 64), max(32, block_size)
-    num_warps = 8 if block_m * head_dim >= 128 * 128 else 4
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=3 if head_dim <= 128 else 2)
+    num_warps = 8 if block_m * block_d >= 128 * 128 else 4
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=3 if block_d <= 128 else 2)
 
 
 def _check(cond: bool, message: str) -> None:
@@ -155,7 +173,7 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
            "k_cache and v_cache must both be [num_blocks, block_size, kv_heads, head_dim]")
     _, block_size, num_kv_heads, pool_dim = k_cache.shape
     _check(pool_dim == head_dim, f"pool head_dim {pool_dim} differs from q head_dim {head_dim}")
-    _check(head_dim >= 16 and head_dim & (head_dim - 1) == 0, f"head_dim must be a power of two >= 16, got {head_dim}")
+    _check(1 <= head_dim <= MAX_HEAD_DIM, f"head_dim must be in 1..{MAX_HEAD_DIM}, got {head_dim}")
     _check(block_size & (block_size - 1) == 0, f"block_size must be a power of two, got {block_size}")
     _check(num_heads % num_kv_heads == 0, f"num_heads {num_heads} is not a multiple of kv heads {num_kv_heads}")
     _check(q.dtype in (torch.float16, torch.bfloat16, torch.float32), f"unsupported dtype {q.dtype}")
@@ -184,7 +202,7 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         num_m_tiles,
-        GROUP=num_heads // num_kv_heads, BLOCK_SIZE=block_size, HEAD_DIM=head_dim,
+        GROUP=num_heads // num_kv_heads, BLOCK_SIZE=block_size, HEAD_DIM=head_dim, BLOCK_D=head_block(head_dim),
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
         **cfg,
     )

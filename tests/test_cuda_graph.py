@@ -21,6 +21,39 @@ def test_cpu_engine_has_no_graphs():
     assert engine.runner.graphs is None
 
 
+@pytest.mark.parametrize("error", [ValueError("head_dim must be a power of two"), AssertionError("layout"),
+                                   RuntimeError("CUDA error: operation not permitted when stream is capturing")])
+def test_failed_capture_of_any_kind_decodes_eagerly(error, monkeypatch):
+    """Whatever capture raises (a kernel's ValueError, a compile error, CUDA's RuntimeError), the engine keeps
+    running eagerly with a warning that names the error; the decision is driven here on the CPU by a fake
+    capture, since a real one needs CUDA."""
+    from selfrag_engine.engine import cuda_graph
+    engine = Engine.from_pretrained(tiny_checkpoint(seed=1), progress=False)
+
+    def failing_capture(self):
+        self.graphs[1] = object()  # part of the ladder captured before the failure
+        raise error
+
+    monkeypatch.setattr(cuda_graph.DecodeGraphs, "capture", failing_capture)
+    with pytest.warns(RuntimeWarning, match=f"decoding eagerly: {type(error).__name__}"):
+        engine.runner.capture_graphs(4, engine.max_model_len)
+    assert engine.runner.graphs is None
+    out = engine.generate([[5, 6, 7]], SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))
+    assert len(out[0].token_ids) == 3
+
+
+def test_interrupt_during_capture_is_not_swallowed(monkeypatch):
+    from selfrag_engine.engine import cuda_graph
+    engine = Engine.from_pretrained(tiny_checkpoint(seed=1), progress=False)
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cuda_graph.DecodeGraphs, "capture", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        engine.runner.capture_graphs(4, engine.max_model_len)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_graphed_decode_equals_eager(dtype):

@@ -467,6 +467,94 @@ def test_cascade_head_dim_128_default_splits(poisoned_alloc):
     assert_close(out, ref, torch.float16)
 
 
+# ------------------------------------------------------------------------------------------ any head size
+
+
+# Llama-2 (128), the embedded tiny model (48), and the non-power-of-two sizes other families use (80, 96).
+HEAD_DIMS = [48, 64, 80, 96, 128]
+
+
+def _assert_f64(actual, expected_f64, dtype):
+    """Kernel output against the float64 reference, at the dtype's tolerance."""
+    assert not torch.isnan(actual).any(), "output has NaN: unwritten lanes or a read past a context"
+    torch.testing.assert_close(actual.double().cpu(), expected_f64, **TOL[dtype])
+
+
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+def test_rotary_and_store_kv_any_head_dim(head_dim, poisoned_alloc):
+    gen = _gen(30 + head_dim)
+    tokens, heads, kv_heads, block_size, num_blocks = 5, 4, 2, 8, 3
+    q = _randn((tokens, heads, head_dim), torch.float32, gen)
+    k = _randn((tokens, kv_heads, head_dim), torch.float32, gen)
+    v = _randn((tokens, kv_heads, head_dim), torch.float32, gen)
+    cos, sin = rope_tables(64, head_dim)
+    positions = torch.randint(0, 64, (tokens,), generator=gen).to(DEVICE)
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:tokens].to(DEVICE)
+    shape = (num_blocks, block_size, kv_heads, head_dim)
+    k_cache = torch.full(shape, float("nan"), device=DEVICE)
+    v_cache = torch.full(shape, float("nan"), device=DEVICE)
+    q_in = q.clone()
+    rotary_and_store_kv(q, k, v, positions, cos, sin, k_cache, v_cache, slots)
+    _assert_f64(q, ref_rotary(q_in, positions, cos, sin, torch.float64), torch.float32)
+    _assert_f64(k_cache.view(-1, kv_heads, head_dim)[slots], ref_rotary(k, positions, cos, sin, torch.float64),
+                torch.float32)
+    assert torch.equal(v_cache.view(-1, kv_heads, head_dim)[slots], v)
+
+
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_prefill_any_head_dim(head_dim, dtype, poisoned_alloc):
+    gen = _gen(31 + head_dim)
+    q_lens, ctx_lens = [5, 17, 1], [5, 20, 9]
+    pool = make_pool(ctx_lens, 8, 2, head_dim, dtype, gen)
+    q = _randn((sum(q_lens), 4, head_dim), dtype, gen)
+    cu = torch.tensor([0] + q_lens).cumsum(0).to(torch.int32).to(DEVICE)
+    scale = head_dim ** -0.5
+    out = prefill_attention(q, pool.k_cache, pool.v_cache, pool.block_tables, cu, pool.context_lens, scale,
+                            max(q_lens))
+    assert out.shape == q.shape
+    _assert_f64(out, ref_attention(q, pool.k_cache, pool.v_cache, pool.block_tables, q_lens, ctx_lens, scale,
+                                   compute=torch.float64), dtype)
+
+
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_paged_decode_any_head_dim(head_dim, num_splits, poisoned_alloc):
+    ctx_lens = [1, 17, 40]
+    gen = _gen(32 + head_dim)
+    pool = make_pool(ctx_lens, 8, 1, head_dim, torch.float16, gen)
+    q = _randn((3, 4, head_dim), torch.float16, gen)
+    scale = head_dim ** -0.5
+    out = paged_decode_attention(q, pool.k_cache, pool.v_cache, pool.block_tables, pool.context_lens, scale,
+                                 num_splits=num_splits)
+    _assert_f64(out, ref_attention(q, pool.k_cache, pool.v_cache, pool.block_tables, [1] * 3, ctx_lens, scale,
+                                   compute=torch.float64), torch.float16)
+
+
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+def test_cascade_any_head_dim(head_dim, poisoned_alloc):
+    gen = _gen(33 + head_dim)
+    pool, group_start, prefix_blocks = make_cascade_pool([(2, [3, 9, 1]), (0, [6])], 8, 1, head_dim,
+                                                         torch.float16, gen)
+    q = _randn((4, 2, head_dim), torch.float16, gen)
+    scale = head_dim ** -0.5
+    out = cascade_decode_attention(q, pool.k_cache, pool.v_cache, pool.block_tables, pool.context_lens,
+                                   group_start, prefix_blocks, scale, prefix_splits=2)
+    _assert_f64(out, ref_attention(q, pool.k_cache, pool.v_cache, pool.block_tables, [1] * 4, pool.ctx_lens, scale,
+                                   compute=torch.float64), torch.float16)
+
+
+def test_head_dim_past_the_largest_tile_is_refused():
+    q = torch.randn(1, 1, 264, device=DEVICE)
+    pool = torch.zeros(1, 8, 1, 264, device=DEVICE)
+    one = torch.ones(1, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="head_dim must be in 1..256"):
+        paged_decode_attention(q, pool, pool, torch.zeros(1, 1, dtype=torch.int32, device=DEVICE), one, 0.1)
+    with pytest.raises(ValueError, match="head_dim must be in 1..256"):
+        prefill_attention(q, pool, pool, torch.zeros(1, 1, dtype=torch.int32, device=DEVICE),
+                          torch.tensor([0, 1], dtype=torch.int32, device=DEVICE), one, 0.1, 1)
+
+
 # --------------------------------------------------------------------------------------------- benchmark
 
 

@@ -105,12 +105,23 @@ class DecodeGraphs:
 
 
 def capture_decode_graphs(model, kv_caches: list[KVCache], max_batch: int, max_model_len: int, block_size: int,
-                          device: torch.device) -> DecodeGraphs | None:
-    """Captured decode graphs, or None (eager decode, with a warning) when capture fails on this setup."""
-    graphs = DecodeGraphs(model, kv_caches, max_batch, max_model_len, block_size, device)
+                          device: torch.device, graphs_type: type = DecodeGraphs) -> DecodeGraphs | None:
+    """Captured decode graphs, or None (eager decode, with a warning) when capture fails on this setup.
+
+    Any exception counts as a failed capture, not only CUDA's RuntimeError: the warm-up run compiles the
+    kernels and plans their launches, so a kernel's ValueError, a Triton compile error or an out-of-memory
+    error surfaces here too, and an engine that decodes eagerly beats one that dies in its constructor (the
+    eager path raises the same error again at the first step if it is real). `graphs_type` lets a test drive
+    this decision on the CPU with a fake.
+    """
+    graphs = graphs_type(model, kv_caches, max_batch, max_model_len, block_size, device)
     try:
         graphs.capture()
-    except RuntimeError as e:
-        warnings.warn(f"CUDA graph capture of the decode step failed, decoding eagerly: {e}", RuntimeWarning)
+    except Exception as e:  # noqa: BLE001 - see the docstring
+        warnings.warn(f"CUDA graph capture of the decode step failed, decoding eagerly: "
+                      f"{type(e).__name__}: {e}", RuntimeWarning, stacklevel=2)
+        # Drop what was captured: the graphs and their memory pool go with the object.
+        graphs.graphs.clear()
+        graphs.logits.clear()
         return None
     return graphs
