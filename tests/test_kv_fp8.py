@@ -266,8 +266,3 @@ def test_speculation_equals_plain_decoding(path):
         assert x.token_ids == y.token_ids
         assert x.token_logprobs == pytest.approx(y.token_logprobs, abs=1e-4)
     assert spec.cache_stats()["used"] == 0
-
-
-def test_kernels_refuse_fp8_until_they_read_it(path):
-    with pytest.raises(EngineConfigError, match="fp8"):
-        Engine.from_pretrained(path, progress=False, kv_cache_dtype="fp8", use_kernels=True, num_blocks=8)

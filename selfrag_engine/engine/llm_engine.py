@@ -100,9 +100,10 @@ class Engine:
                                    max_num_batched_tokens)
         # The one backend decision: every layer of the model, the runner and the sampler ask it.
         self.backend = choose_backend(self.device, use_kernels)
-        if self.backend.kernels and self.kv_cache_dtype == FP8_KV_DTYPE:
-            raise EngineConfigError("kv_cache_dtype='fp8' runs on the torch path (use_kernels=False) in this version: "
-                                    "the Triton attention kernels read fp16/bf16/fp32 pools")
+        if self.backend == TRITON and self.kv_cache_dtype == FP8_KV_DTYPE and \
+                torch.cuda.get_device_capability(self.device) < (8, 9):
+            raise EngineConfigError("kv_cache_dtype='fp8' on the Triton kernels needs a GPU with an e4m3 type "
+                                    "(sm_89 or later: Ada, Hopper); use kv_cache_dtype='auto' here")
         model.set_backend(self.backend)
         self.runner = ModelRunner(model, self.kv_caches, block_size, self.device, self.backend)
         if self.backend == TRITON and not enforce_eager:

@@ -8,8 +8,9 @@ An FP8 pool (`kv_cache_dtype="fp8"`) holds float8 e4m3 keys and values with one 
 kv head (`KVCache.k_scale`, `v_scale`; engine/kv_cache.py chooses them before any write): a stored byte is
 x / scale rounded to e4m3, so a block's bytes depend on its tokens only, never on which branch wrote it, and
 forked branches and the prefix cache share blocks exactly as with fp16. The scales are powers of two, so
-dividing and multiplying by them is exact and the only rounding is the one to e4m3. Reads dequantize to
-float32 (value = stored * scale) and attend in float32.
+dividing and multiplying by them is exact and the only rounding is the one to e4m3. The torch path's reads
+dequantize to float32 (value = stored * scale) and attend in float32; the kernels convert the bytes exactly to
+q's dtype as they load them and fold the scales into their math (kernels/kv_fp8.py).
 """
 from __future__ import annotations
 
@@ -240,9 +241,12 @@ def paged_attention(q: torch.Tensor, cache: KVCache, meta: AttentionMetadata, sc
         suffix_splits = decode_attention.default_num_splits(q.shape[0], cache.k.shape[2], c.max_suffix_len, q.device)
         return decode_attention.cascade_decode_attention(
             q, cache.k, cache.v, meta.block_tables, meta.context_lens, c.group_start, c.prefix_blocks, scale,
-            max_group_size=c.max_group_size, max_context_len=meta.max_context_len, suffix_splits=suffix_splits)
+            max_group_size=c.max_group_size, max_context_len=meta.max_context_len, suffix_splits=suffix_splits,
+            k_scale=cache.k_scale, v_scale=cache.v_scale)
     if meta.is_decode:
         return decode_attention.paged_decode_attention(q, cache.k, cache.v, meta.block_tables, meta.context_lens,
-                                                       scale, max_context_len=meta.max_context_len)
+                                                       scale, max_context_len=meta.max_context_len,
+                                                       k_scale=cache.k_scale, v_scale=cache.v_scale)
     return prefill_attention.prefill_attention(q, cache.k, cache.v, meta.block_tables, meta.cu_seqlens_q,
-                                               meta.context_lens, scale, meta.max_q_len)
+                                               meta.context_lens, scale, meta.max_q_len,
+                                               k_scale=cache.k_scale, v_scale=cache.v_scale)

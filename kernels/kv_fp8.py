@@ -1,4 +1,9 @@
-"""float32 -> float8 e4m3fn encoding with integer ops, for kernels that store FP8 (the KV store).
+"""The FP8 KV cache in the kernels: float32 -> e4m3fn encoding with integer ops (the KV store writes it), and
+the pool and scale checks every attention wrapper shares.
+
+A pool of float8 e4m3fn holds x / scale[kv head]; the attention kernels load it natively (fp8 -> q's dtype is
+exact) and fold the scales into their math: k's into the q.k scale, v's into the output, so no pass and no
+per-element multiply is added.
 
 A cast (`x.to(tl.float8e4nv)`) would do on a GPU, but Triton's interpreter rounds it wrongly and does not
 saturate, so the tests could not check it; these integer ops give the same bytes as torch's cast (round to
@@ -15,7 +20,29 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["e4m3_bits", "quantize_e4m3"]
+__all__ = ["FP8_KV", "e4m3_bits", "kv_pool_args", "quantize_e4m3"]
+
+FP8_KV = torch.float8_e4m3fn
+
+
+def kv_pool_args(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor | None,
+                 v_scale: torch.Tensor | None) -> tuple[bool, torch.Tensor, torch.Tensor]:
+    """Checks a pool against q: q's dtype, or float8 e4m3fn with float32 scales [kv_heads] on q's device.
+    Returns (fp8, k_scale, v_scale), the scales replaced by k_cache itself (never read) when not fp8."""
+    fp8 = k_cache.dtype == FP8_KV
+    if not (k_cache.dtype in (q.dtype, FP8_KV) and v_cache.dtype == k_cache.dtype):
+        raise ValueError(f"pool dtype {k_cache.dtype}/{v_cache.dtype} differs from q dtype {q.dtype} (and is not "
+                         f"float8_e4m3fn)")
+    if not fp8:
+        if k_scale is not None or v_scale is not None:
+            raise ValueError(f"k_scale and v_scale are for float8 pools, the pool is {k_cache.dtype}")
+        return False, k_cache, k_cache
+    heads = k_cache.shape[2]
+    for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if s is None or s.shape != (heads,) or s.dtype != torch.float32 or s.device != q.device:
+            raise ValueError(f"a float8 pool needs {name} float32 [{heads}] on {q.device}, got "
+                             f"{None if s is None else (tuple(s.shape), s.dtype, s.device)}")
+    return True, k_scale, v_scale
 
 
 @triton.jit
