@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                        what="our lower bound with the fp16 KV cache over the one with the FP8 cache")
 
     def plot(path: Path) -> None:
-        fig, (ax, ax2) = pyplot().subplots(1, 2, figsize=(12, 3.8))
+        fig, (ax, ax2) = pyplot().subplots(1, 2, figsize=(13, 4.8))
         rows = [r for r in results if r["metric"] == "selfrag_design_ceiling_vs_reference"]
         labels = [f"{r['config']['mode']}\nspec {r['config']['speculation']}" for r in rows]
         ax.bar(range(len(rows)), [r["value"] for r in rows])
@@ -297,7 +297,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                                            r["config"]["context"]) == g and r["config"]["kv_cache"] == kv)
                     for g in groups]
             ax2.bar([i + (j - 0.5) * 0.4 for i in range(len(groups))], vals, 0.4, label=f"ours, {kv} KV")
-        ax2.set_xticks(range(len(groups)), [f"{m}\nK={k} ctx {c}" for m, k, c in groups], fontsize=6)
+        ax2.set_xticks(range(len(groups)), [f"{m} K={k} ctx {c}" for m, k, c in groups], fontsize=7, rotation=50,
+                       ha="right")
         ax2.axhline(1.0, color="k", lw=0.8)
         ax2.set_ylabel("reference (fp16 KV) / ours")
         ax2.set_title("longer contexts, 10 branches, FP8 KV", fontsize=9)
