@@ -46,7 +46,7 @@ GPU_PY := $(abspath $(GPU_VENV))/bin/python
 # fused decode's whole-model check, slow when interpreted, runs in `make test` only).
 REHEARSAL_TESTS := tests/test_kernels_attention.py tests/test_kernels_elementwise.py tests/test_sampler.py \
 	tests/test_fp8.py tests/test_fp8_norm_gemv.py tests/test_fp8_silu_gemv.py tests/test_model_parity.py \
-	tests/test_testing_checkpoint.py tests/test_tokenizer.py
+	tests/test_testing_checkpoint.py tests/test_tokenizer.py tests/test_tiny_on_kernels.py tests/test_bench_session.py
 
 $(GPU_VENV)/.deps: requirements-gpu-image.txt
 	rm -rf $(GPU_VENV)
@@ -58,15 +58,18 @@ $(GPU_VENV)/.deps: requirements-gpu-image.txt
 
 # What a lent GPU machine runs, rehearsed on the CPU under the image's versions: (a) every Triton kernel compiled
 # ahead of time for sm_90a at its Llama-2-7B launch configurations, under the development triton and the image's
-# (bench/results/aot-sm90-triton<version>.{json,md}); (b) the GPU session script in smoke mode over every stage,
-# the headline included; its first call installs the tree into .venv-gpu-image itself, as on the GPU machine
+# (bench/results/aot-sm90-triton<version>.{json,md}); (b) the GPU session script in smoke mode: the plan (each
+# prepared call inside 8 minutes cold by its estimate), the tests, and the two headline calls, each of which fails
+# if it leaves more than 8 files under $OUT; its first call installs the tree into .venv-gpu-image itself, as on the GPU machine
 # (and rebuilds the C++ extension in place, so nothing else runs then); (c) the interpreter kernel tests and the
 # transformers oracles under triton 3.6 and transformers 5. The compiles run beside (b) and (c), one core each.
 rehearse-gpu-image: install $(GPU_VENV)/.deps
 	rm -rf out/rehearsal && mkdir -p out/rehearsal
 	SMOKE=1 PYTHON=$(GPU_PY) OUT=$(abspath out/rehearsal/first) bash bench/gpu_session.sh scheduler
 	$(PY) bench/aot_compile.py >out/rehearsal/aot-dev.log 2>&1 & aot=$$!; \
-	SMOKE=1 PYTHON=$(GPU_PY) OUT=$(abspath out/rehearsal/session) bash bench/gpu_session.sh tests headline; \
+	SMOKE=1 PYTHON=$(GPU_PY) OUT=$(abspath out/rehearsal/session) bash bench/gpu_session.sh plan tests \
+	&& SMOKE=1 PYTHON=$(GPU_PY) OUT=$(abspath out/rehearsal/headline1) bash bench/gpu_session.sh headline1 \
+	&& SMOKE=1 PYTHON=$(GPU_PY) OUT=$(abspath out/rehearsal/headline2) bash bench/gpu_session.sh headline2; \
 	session=$$?; wait $$aot; compiled=$$?; cat out/rehearsal/aot-dev.log; [ $$session = 0 ] && [ $$compiled = 0 ]
 	$(GPU_PY) bench/aot_compile.py >out/rehearsal/aot-image.log 2>&1 & aot=$$!; \
 	$(GPU_PY) -m pytest -q -ra $(REHEARSAL_TESTS) -k "not test_model_decode_fused_equals_unfused_and_torch"; \

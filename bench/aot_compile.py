@@ -39,7 +39,12 @@ from typing import Callable, Iterator
 # Compiled, not interpreted; and a fresh cache, so that ptxas runs (and reports) for every kernel and nothing is
 # kept outside the repository. Both before triton or a kernel module is imported.
 os.environ.pop("TRITON_INTERPRET", None)
-_CACHE_DIR = tempfile.mkdtemp(prefix="selfrag-aot-triton-cache-")
+# `--cache-dir DIR` keeps the cache instead, e.g. `.triton-cache` for a GPU session to carry (gpu_session.sh uses
+# it when present); read here, before triton is imported, as the cache directory is.
+_KEEP = sys.argv[sys.argv.index("--cache-dir") + 1] if "--cache-dir" in sys.argv[:-1] else None
+_CACHE_DIR = os.path.abspath(_KEEP) if _KEEP else tempfile.mkdtemp(prefix="selfrag-aot-triton-cache-")
+if _KEEP:
+    shutil.rmtree(_CACHE_DIR, ignore_errors=True)  # fresh, so that ptxas runs and reports for every kernel
 os.environ["TRITON_CACHE_DIR"] = _CACHE_DIR
 warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
 
@@ -473,6 +478,9 @@ def write(entries: list[Compiled], failures: list[str], out_dir: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=RESULTS_DIR, help="results directory (default bench/results)")
+    ap.add_argument("--cache-dir", type=Path, default=None,
+                    help="keep the Triton cache of the compiled kernels there (emptied first), for a GPU session "
+                         "to carry; by default a temporary one, removed at the end")
     args = ap.parse_args(argv)
     recorder = Recorder()
     t0 = time.perf_counter()
@@ -485,7 +493,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{time.perf_counter() - start:6.1f} s  {len(recorder.compiled) - before:3d} new  {label}",
                       flush=True)
     finally:
-        shutil.rmtree(_CACHE_DIR, ignore_errors=True)
+        if not _KEEP:
+            shutil.rmtree(_CACHE_DIR, ignore_errors=True)
     seconds = time.perf_counter() - t0
     entries = sorted(recorder.compiled.values(), key=lambda e: (e.kernel, json.dumps(e.config, sort_keys=True),
                                                                   json.dumps(e.dtypes, sort_keys=True),

@@ -73,6 +73,17 @@ def if_importable(build: Callable[[], T], what: str) -> T | None:
         return None
 
 
+# transformers compiles a model's forward by itself when `generate` runs a static cache on CUDA (30-90 s per
+# batch shape, and again for each new one): a benchmark measures transformers as run, eager, unless it compiles
+# on purpose (decode.py --hf-compile). Every `generate` call of a benchmark goes through hf_generate.
+HF_GENERATE_KWARGS = {"disable_compile": True}
+
+
+def hf_generate(hf: Any, **kwargs: Any) -> Any:
+    """hf.generate(**kwargs) with transformers' automatic compilation off (HF_GENERATE_KWARGS)."""
+    return hf.generate(**HF_GENERATE_KWARGS, **kwargs)
+
+
 def interpret_kernels() -> None:
     """Runs the Triton kernels in the interpreter (no CUDA). Read when the kernels are decorated, so it must be
     called before their modules are first imported."""
@@ -163,11 +174,27 @@ def copy_bandwidth_gbps(device: str, nbytes: int = 1 << 30) -> float:
 # ---- results ------------------------------------------------------------------------------------------
 
 
+# (bench, device, out_dir, results) of the benchmark whose rows `record` writes out as they come; see autosave.
+_autosave: tuple[str, str, Path | None, list[dict]] | None = None
+
+
+def autosave(bench: str, device: str, results: list[dict], out_dir: Path | None = None) -> None:
+    """From now on every `record` into `results` also rewrites the results file (JSON and markdown, no plot):
+    a benchmark stopped by its time limit keeps every figure it measured. `write_results` at the end writes
+    the same files again, with the plot."""
+    global _autosave
+    _autosave = (bench, device, out_dir, results)
+
+
 def record(results: list[dict], metric: str, value: float, unit: str, **config: Any) -> None:
-    """Appends one result row (the schema of `write_results`) and prints it."""
+    """Appends one result row (the schema of `write_results`) and prints it; writes the results file too when
+    `autosave` was called for this list."""
     results.append({"metric": metric, "value": value, "unit": unit, "config": config})
     shown = ", ".join(f"{k}={v}" for k, v in config.items())
     print(f"{metric:38s} {value:12.4g} {unit:10s} {shown}", flush=True)
+    if _autosave is not None and _autosave[3] is results:
+        bench, device, out_dir, _ = _autosave
+        write_results(bench, device, results, out_dir, quiet=True)
 
 
 def pyplot() -> Any:
@@ -191,7 +218,7 @@ def _slug(text: str) -> str:
 
 
 def write_results(bench: str, device: str, results: list[dict], out_dir: Path | None = None,
-                  plot: Callable[[Path], None] | None = None) -> Path:
+                  plot: Callable[[Path], None] | None = None, quiet: bool = False) -> Path:
     """Write the JSON, a markdown table and (if `plot` is given) a PNG, and say where; returns the JSON path."""
     out_dir = Path(out_dir) if out_dir is not None else RESULTS_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -207,7 +234,10 @@ def write_results(bench: str, device: str, results: list[dict], out_dir: Path | 
         "results": results,
     }
     json_path = out_dir / f"{stem}.json"
-    json_path.write_text(json.dumps(doc, indent=2) + "\n")
+    # Written beside and renamed: a run killed mid-write leaves the previous complete file.
+    tmp = json_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    tmp.replace(json_path)
     lines = [f"# {bench} on {name} ({doc['date']})", "", f"`{doc['command']}`", "",
              "| metric | value | unit | config |", "|---|---|---|---|"]
     for r in results:
@@ -218,5 +248,6 @@ def write_results(bench: str, device: str, results: list[dict], out_dir: Path | 
     (out_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
     if plot is not None:
         plot(out_dir / f"{stem}.png")
-    print(f"wrote {json_path}", flush=True)
+    if not quiet:
+        print(f"wrote {json_path}", flush=True)
     return json_path

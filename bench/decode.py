@@ -7,8 +7,14 @@ Hugging Face transformers on the same weights, with the bandwidth floor measured
 Batch-1 decode reads every weight once per token, so the floor of a step is (weight bytes + the batch's KV
 bytes) over the device's copy bandwidth; `decode_floor_fraction` is that floor over the measured step time.
 A step is `Engine.step()` as a user drives it: scheduling, the model, sampling, and the host reading the
-tokens back. transformers runs `generate` with its static cache (compiled when `--hf-compile` works on the
-image); its per-token time is (t(1 + n tokens) - t(1 token)) / n, so its prefill is not counted.
+tokens back. Every decode figure is of plain decoding (`num_draft_tokens=0`): a speculative verify step emits
+several tokens, so tokens per second would not be batch x 1000 / step ms. Speculation is measured in rows of
+its own (`spec_*`, FP8 batch 1: step time, tokens per step, draft tokens accepted per verify step), on the
+random-weight model whose drafts are seldom right, so they show the cost of a verify step more than its gain
+(bench/spec.py counts the gain on the trained tiny model). transformers runs `generate` with its static cache,
+eager (its automatic torch.compile off, `bench.common.hf_generate`; compiled when `--hf-compile` works on the
+image); its per-token time is (t(1 + n tokens) - t(1 token)) / n, so its prefill is not counted. Every row is
+written to the results file as soon as it is measured (`bench.common.autosave`).
 
 Headline metrics: decode_fp8_bs1_tokens_per_s, decode_fp8_bs1_floor_fraction (context 512),
 decode_speedup_vs_transformers (our FP8 graphed batch 1 over transformers FP16 batch 1, context 512), and
@@ -27,17 +33,23 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import (bench_parser, copy_bandwidth_gbps, cpu_for_smoke, if_importable,  # noqa: E402
-                          parse_bench_args, pyplot, record, save_figure, timed_ms, write_results)
+from bench.common import (autosave, bench_parser, copy_bandwidth_gbps, cpu_for_smoke, hf_generate,  # noqa: E402
+                          if_importable, parse_bench_args, pyplot, record, save_figure, timed_ms, write_results)
 from bench.workload import (LLAMA2_7B, SMOKE, bench_tokenizer, hf_sharing_weights, kv_bytes_per_token,  # noqa: E402
                             random_llama, weight_bytes_per_token)
 from selfrag_engine.engine.llm_engine import Engine  # noqa: E402
 from selfrag_engine.engine.sampling_params import SamplingParams  # noqa: E402
+from selfrag_engine.engine.speculative import DEFAULT_NUM_DRAFT_TOKENS  # noqa: E402
+
+SPEC_DRAFT_TOKENS = DEFAULT_NUM_DRAFT_TOKENS
 
 
-def make_engine(model, tokenizer, kv_bytes: int, max_batched: int, eager: bool, overlap: bool | None = None) -> Engine:
+def make_engine(model, tokenizer, kv_bytes: int, max_batched: int, eager: bool, overlap: bool | None = None,
+                num_draft_tokens: int = 0) -> Engine:
+    """An engine with an explicit KV budget; speculation off unless num_draft_tokens says otherwise."""
     return Engine(model, tokenizer, kv_cache_bytes=kv_bytes, max_num_batched_tokens=max_batched,
-                  enable_prefix_caching=False, enforce_eager=eager, overlap=overlap)
+                  enable_prefix_caching=False, enforce_eager=eager, overlap=overlap,
+                  num_draft_tokens=num_draft_tokens)
 
 
 def steps_ms(engine: Engine, steps: int) -> float:
@@ -98,7 +110,7 @@ def hf_decode_ms(hf, batch: int, context: int, steps: int, device: str, seed: in
 
     def generate(n: int) -> None:
         with torch.inference_mode():
-            hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+            hf_generate(hf, input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
                         cache_implementation="static", pad_token_id=0, eos_token_id=None)
 
     def run(n: int) -> float:
@@ -133,6 +145,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     warmup = 1 if smoke else 8
     branch_prompt, branch_passage = (12, 20) if smoke else (60, 150)
     results: list[dict] = []
+    autosave("decode", device, results, args.out)
     tokenizer = bench_tokenizer(cfg)
 
     bandwidth = copy_bandwidth_gbps(device, nbytes=(64 << 20) if smoke else (1 << 30))
@@ -234,6 +247,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if "overlap_speedup" in fp8:
         add("decode_overlap_speedup", fp8["overlap_speedup"], "x", dtype="fp8", batch=b1, context=c0,
             cuda_graphs="off" if graphed else "on")
+    # Speculation in rows of its own, after the headline figures: FP8, batch 1, the default draft length.
+    spec = make_engine(model, tokenizer, kv_budget, max_batched, eager=False, num_draft_tokens=SPEC_DRAFT_TOKENS)
+    before = spec.speculation_stats()
+    spec_ms = decode_step_ms(spec, b1, c0, steps, warmup, seed=b1 * 7919 + c0)
+    after = spec.speculation_stats()
+    delta = {k: after[k] - before[k] for k in ("forward_passes", "verify_passes", "tokens", "drafted", "accepted")}
+    spec_config = dict(dtype="fp8", batch=b1, context=c0, num_draft_tokens=SPEC_DRAFT_TOKENS, weights="random")
+    add("spec_decode_ms_per_step", spec_ms, "ms", **spec_config)
+    add("spec_tokens_per_step", delta["tokens"] / max(delta["forward_passes"], 1.0), "tokens", **spec_config)
+    add("spec_accepted_per_verify", delta["accepted"] / max(delta["verify_passes"], 1.0), "tokens", **spec_config)
+    del spec
     del fp16
 
     def plot(path: Path) -> None:

@@ -28,6 +28,9 @@ from selfrag_engine.engine.sampling_params import SamplingParams  # noqa: E402
 from selfrag_engine.testing import write_tiny_checkpoint  # noqa: E402
 from selfrag_engine.tiny.assets import default_corpus_path, default_model_dir  # noqa: E402
 
+# Both engines share the device: each gets this pool, not a share of the card.
+KV_BYTES = 256 << 20
+
 PROMPTS = [
     "Where was {name} born?", "What is the occupation of {name}?", "In what year was {name} born?",
     "What is 7 plus 5?", "Write 'green garden' in capital letters.", "Hello there!",
@@ -97,8 +100,10 @@ def main(argv: list[str] | None = None) -> int:
         path = default_model_dir()
     # The reference runs in the dtype the FP8 model's activations use: fp16 on CUDA, float32 on the CPU.
     dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
-    ref = Engine.from_pretrained(path, device=args.device, dtype=dtype, progress=False)
-    fp8 = Engine.from_pretrained(path, device=args.device, dtype=dtype, quantization="fp8", progress=False)
+    # An explicit KV budget: the two engines share the device.
+    ref = Engine.from_pretrained(path, device=args.device, dtype=dtype, progress=False, kv_cache_bytes=KV_BYTES)
+    fp8 = Engine.from_pretrained(path, device=args.device, dtype=dtype, quantization="fp8", progress=False,
+                                 kv_cache_bytes=KV_BYTES)
     prompts = default_prompts(ref, n_prompts)
     rel, agreement, per_position = measure(ref, fp8, prompts, max_tokens)
     positions = len(per_position)

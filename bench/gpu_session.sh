@@ -1,29 +1,38 @@
 #!/usr/bin/env bash
-# What a lent GPU machine is for (run from the repository root):
+# What a lent GPU machine is for. A lease is 15 minutes of device time, at most 10 per command, on a bare
+# machine with an empty Triton cache: run these two prepared calls first, in this order, from the repository
+# root. Each ends by itself, archive written, inside 8 minutes cold by its own estimate:
 #
-#   bash bench/gpu_session.sh headline      # one call: every headline figure, about 6 minutes on an H100/H200
+#   bash bench/gpu_session.sh headline1   # decode (FP16/FP8, batch 1 and 5, context 512, transformers beside
+#                                         # it), gemm, sampler, then a summary of their headline metrics
+#   bash bench/gpu_session.sh headline2   # selfrag, attention, fp8_accuracy, their summary, then the fast-path
+#                                         # GPU tests in whatever time is left (stopped by SIGINT, failures shown)
 #
-# or stage by stage, each call well inside the device tool's ten-minute limit:
+# `bash bench/gpu_session.sh plan` prints each call's stages, limits and cold estimate (bench/session_plan.py:
+# cold compiles counted from the sm_90a AOT table of the image's triton, ~2 s each; CI checks the plan).
+# Later leases, stage by stage: `tests` (the whole pytest -m gpu), `decode`, `selfrag`, `attention`, `gemm`,
+# `sampler`, `fp8_accuracy`, `scheduler`; `headline` runs headline1 then headline2 in one call (for a machine
+# without the ten-minute limit).
 #
-#   bash bench/gpu_session.sh tests                          # the whole pytest -m gpu
-#   bash bench/gpu_session.sh attention gemm sampler fp8_accuracy
-#   bash bench/gpu_session.sh decode
-#   bash bench/gpu_session.sh selfrag scheduler
-#
-# `headline` runs, in this order: the GPU tests that guard the fast paths (CUDA graphs, overlapped stepping, FP8
-# kernels, attention kernels, the sampler); decode (FP16 and FP8, batch 1 and 5, context 512, transformers
-# beside it); gemm; sampler; attention; selfrag; fp8_accuracy; then a summary that fails when a headline metric
-# of DEVELOPERS.md is missing. Every stage runs under its own `timeout` (its limit is printed with it; STAGE_TIMEOUT
-# overrides them all), and `headline` keeps the stages' limits inside HEADLINE_BUDGET seconds (default 540), so a
-# hang costs one stage, never the lease, and the archive is always written.
+# The deadline is counted from this script's start, the build included: SESSION_BUDGET seconds (default 460,
+# twice that for `headline`; tripled with SMOKE=1). A stage's limit is cut to what is left, a stage with under
+# 20 s left is skipped, and the archive is rewritten after every stage. Every stage runs under `timeout`: pytest
+# gets SIGINT (it stops and prints its failures, --tb=short), the benchmarks SIGTERM, and SIGKILL follows 10-20 s
+# later, to the stage's whole process group, so a hang costs one stage, never the lease. STAGE_TIMEOUT overrides
+# every stage's limit. The benchmarks write their results file after every measurement.
 #
 # Every call first makes `selfrag_engine` importable for the machine's python3: when `import
 # selfrag_engine.kernels, selfrag_engine._C` fails it installs the working tree in editable mode, offline (the
 # image has torch, triton, pybind11, setuptools and the test dependencies, and no network). If that fails, the
-# first line printed says so. Each stage's output goes to a log; the logs and the results the benchmarks wrote
-# (under $OUT/bench/results) are packed into $OUT/gpu-session.tar.gz after every stage, one file, since the
-# device tool brings back only a few. Unpack it in the repository root: the results land in bench/results/.
-# SMOKE=1 passes --smoke to the benchmarks (a check of this script on the CPU; limits are then tripled).
+# first line printed says so. Logs and results are kept outside $OUT and packed into $OUT/gpu-session.tar.gz,
+# the only file under $OUT (the device tool brings back at most 8, two folders deep); unpack it in the
+# repository root: the results land in bench/results/, the logs in logs/.
+#
+# Triton: TRITON_DEFAULT_FP_FUSION=1, pinned (as kernels/__init__.py pins it). When the call carries a folder
+# `.triton-cache` (a cache of sm_90a kernels compiled ahead of time on a CPU machine under the image's triton,
+# `bench/aot_compile.py --cache-dir .triton-cache`), it is the Triton cache: versions.log says how many entries
+# came with it and each stage's log how many were compiled there, i.e. whether the carried ones were hit.
+# SMOKE=1 passes --smoke to the benchmarks (a check of this script on the CPU).
 set -u
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -34,39 +43,52 @@ if [ "${SMOKE:-0}" = 1 ]; then
   SMOKE_ARGS=(--smoke)
   SCALE=3
 fi
-LOGS="$OUT/logs"
-RESULTS="$OUT/bench/results"
+mkdir -p "$OUT"
+WORK=$(mktemp -d)
+LOGS="$WORK/logs"
+RESULTS="$WORK/bench/results"
 ARCHIVE="$OUT/gpu-session.tar.gz"
 mkdir -p "$LOGS" "$RESULTS"
 STATUS=0
-DEADLINE=""  # seconds since start (bash's SECONDS) by which every stage must have ended; set by `headline`
+BUDGET=${SESSION_BUDGET:-460}
+case " $* " in *" headline "*) BUDGET=${SESSION_BUDGET:-920} ;; esac
+DEADLINE=$((BUDGET * SCALE))  # seconds since the start (bash's SECONDS) by which every stage has ended
+export TRITON_DEFAULT_FP_FUSION=${TRITON_DEFAULT_FP_FUSION:-1}
+if [ -d .triton-cache ]; then
+  export TRITON_CACHE_DIR="$PWD/.triton-cache"
+fi
+CACHE_DIR=${TRITON_CACHE_DIR:-$HOME/.triton/cache}
+cache_entries() {  # compiled kernels in the Triton cache (one group file each)
+  find "$CACHE_DIR" -name '__grp__*.json' 2>/dev/null | wc -l
+}
 
 pack() {
-  tar -czf "$ARCHIVE.tmp" -C "$OUT" bench logs && mv "$ARCHIVE.tmp" "$ARCHIVE"
+  tar -czf "$ARCHIVE.tmp" -C "$WORK" bench logs && mv "$ARCHIVE.tmp" "$ARCHIVE"
 }
 
 # stage NAME LIMIT_SECONDS COMMAND...: runs COMMAND under `timeout` with its output in logs/NAME.log, prints one
-# status line and the log's last $TAIL lines (6), and repacks the archive. timeout kills the stage's whole process group
-# (SIGTERM, then SIGKILL 10 s later), so children such as pytest workers go with it.
+# status line and the log's last $TAIL lines (6), and repacks the archive. timeout signals the stage's whole
+# process group ($SIGNAL, TERM unless set; KILL $GRACE seconds later, 10 unless set), so children such as pytest
+# workers go with it.
 stage() {
   local name=$1 limit=$2
   shift 2
   limit=${STAGE_TIMEOUT:-$((limit * SCALE))}
-  if [ -n "$DEADLINE" ]; then
-    local left=$((DEADLINE - SECONDS))
-    if [ "$left" -lt 20 ]; then
-      printf '== %-14s skipped: the session budget is spent\n' "$name" | tee "$LOGS/$name.log"
-      STATUS=1
-      pack
-      return
-    fi
-    [ "$limit" -gt "$left" ] && limit=$left
+  local left=$((DEADLINE - SECONDS))
+  if [ "$left" -lt 20 ]; then
+    printf '== %-14s skipped: the session budget is spent\n' "$name" | tee "$LOGS/$name.log"
+    STATUS=1
+    pack
+    return
   fi
-  local start=$SECONDS
-  timeout -k 10 "$limit" "$@" >"$LOGS/$name.log" 2>&1
+  [ "$limit" -gt "$left" ] && limit=$left
+  local start=$SECONDS before
+  before=$(cache_entries)
+  timeout -s "${SIGNAL:-TERM}" -k "${GRACE:-10}" "$limit" "$@" >"$LOGS/$name.log" 2>&1
   local rc=$?
+  echo "gpu_session: Triton cache entries compiled in this stage: $(($(cache_entries) - before))" >>"$LOGS/$name.log"
   local note=""
-  if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
+  if [ $rc -eq 124 ] || [ $rc -eq 137 ] || { [ "${SIGNAL:-TERM}" = INT ] && [ $((SECONDS - start)) -ge "$limit" ]; }; then
     note="  TIMED OUT after ${limit}s (killed)"
     echo "gpu_session: stage $name killed after its ${limit}s limit" >>"$LOGS/$name.log"
   fi
@@ -82,11 +104,19 @@ bench() {  # bench NAME LIMIT [ARGS...]: bench/NAME.py writing into $RESULTS
   stage "$name" "$limit" "$PY" "bench/$name.py" --out "$RESULTS" "${SMOKE_ARGS[@]}" "$@"
 }
 
-# The fast paths whose correctness the headline figures rest on: graphs, overlap, FP8, attention, sampler, the
-# kernels against the torch path, and the tiny Self-RAG model's answers with all of them on.
-FAST_PATH_TESTS=(tests/test_cuda_graph.py tests/test_engine_overlap.py tests/test_engine_cascade.py tests/test_fp8.py
-                 tests/test_kernels_attention.py tests/test_kernels_elementwise.py tests/test_sampler.py
-                 tests/test_model_parity.py tests/test_tiny_model.py)
+# pytest under a stage: SIGINT at the limit (pytest stops and reports what failed so far), short tracebacks.
+pytest_stage() {  # pytest_stage NAME LIMIT PYTEST_ARGS...
+  local name=$1 limit=$2
+  shift 2
+  SIGNAL=INT GRACE=20 stage "$name" "$limit" "$PY" -m pytest -q -ra --tb=short -p no:cacheprovider "$@"
+}
+
+# The fast paths whose correctness the headline figures rest on, kernels first (each compiles little), then
+# what runs them together: the tiny model on the kernels, graphs, overlap, cascade, the model against the
+# torch path and the tiny Self-RAG model's answers.
+FAST_PATH_TESTS=(tests/test_kernels_attention.py tests/test_kernels_elementwise.py tests/test_sampler.py tests/test_fp8.py
+                 tests/test_tiny_on_kernels.py tests/test_cuda_graph.py tests/test_engine_overlap.py
+                 tests/test_engine_cascade.py tests/test_model_parity.py tests/test_tiny_model.py)
 
 # Every headline metric of DEVELOPERS.md's table, read back from the results files; exits 1 when one is missing.
 # The table is read, not copied, so a metric added there is asked for here. Rows recorded on the CPU (`device
@@ -95,15 +125,16 @@ SUMMARY_PY=$(cat <<'EOF'
 import json, re, sys
 from pathlib import Path
 
-results, developers = Path(sys.argv[1]), Path(sys.argv[2])
+results, developers, only = Path(sys.argv[1]), Path(sys.argv[2]), set(sys.argv[3:])
 table = re.search(r"^\| bench \| metrics \|\n\|---\|---\|\n((?:\|.*\n)+)", developers.read_text(), re.M)
 if table is None:
     sys.exit(f"no '| bench | metrics |' table in {developers}")
 headline = {}
 for row in table.group(1).splitlines():
     bench, metrics = (cell.strip() for cell in row.strip("|").split("|", 1))
-    if 'device "cpu"' not in metrics:
-        headline[bench.strip("`")] = re.findall(r"`(\w+)`", metrics)
+    bench = bench.strip("`")
+    if 'device "cpu"' not in metrics and (not only or bench in only):
+        headline[bench] = re.findall(r"`(\w+)`", metrics)
 missing = []
 for bench, metrics in headline.items():
     docs = [json.loads(p.read_text()) for p in sorted(results.glob(f"{bench}-*.json"))]
@@ -141,32 +172,46 @@ import torch, triton
 print("torch", torch.__version__, "triton", triton.__version__, "cuda", torch.version.cuda)
 print("device", torch.cuda.get_device_name() if torch.cuda.is_available() else "none")
 EOF
+echo "Triton cache $CACHE_DIR: $(cache_entries) entries at the start; TRITON_DEFAULT_FP_FUSION=$TRITON_DEFAULT_FP_FUSION" \
+  >>"$LOGS/versions.log"
 cat "$LOGS/versions.log"
 pack
 
+# run_call CALL: the stages bench/session_plan.py lists for the call, with their limits (the plan needs only the
+# standard library, so any python3 reads it, before or without the build).
+run_call() {
+  local call=$1 name limit benches=()
+  while read -r name limit; do
+    case $name in
+      decode) bench decode "$limit" --batches 1,5 --contexts 512; benches+=(decode) ;;
+      selfrag) bench selfrag "$limit" --repeats 3; benches+=(selfrag) ;;
+      gemm | sampler | attention | fp8_accuracy) bench "$name" "$limit"; benches+=("$name") ;;
+      summary) TAIL=40 stage "summary-$call" "$limit" "$PY" -c "$SUMMARY_PY" "$RESULTS" DEVELOPERS.md "${benches[@]}" ;;
+      fast-path-tests) pytest_stage fast-path-tests "$limit" -m gpu "${FAST_PATH_TESTS[@]}" ;;
+      *) echo "gpu_session: no plan for $call (logs/plan.log)"; STATUS=1 ;;
+    esac
+  done < <(python3 bench/session_plan.py --stages "$call" 2>>"$LOGS/plan.log" || echo "plan-failed 0")
+}
+
 for s in "$@"; do
   case $s in
-    tests) stage tests 540 "$PY" -m pytest -q -ra -m gpu tests ;;
+    plan) stage plan 30 python3 bench/session_plan.py ;;
+    tests) pytest_stage tests 540 -m gpu tests ;;
     attention | decode | fp8_accuracy | gemm | sampler | scheduler | selfrag) bench "$s" 540 ;;
-    headline)
-      DEADLINE=$((SECONDS + ${HEADLINE_BUDGET:-540} * SCALE))
-      # Limits: about twice what each stage should take on an H100/H200 (Triton compiling its kernels on first
-      # use is most of the tests' and decode's time), ~6 minutes in all; the budget caps their sum.
-      stage fast-path-tests 120 "$PY" -m pytest -q -ra -m gpu "${FAST_PATH_TESTS[@]}"
-      bench decode 150 --batches 1,5 --contexts 512
-      bench gemm 60
-      bench sampler 40
-      bench attention 60
-      bench selfrag 90 --repeats 3
-      bench fp8_accuracy 40
-      TAIL=40 stage summary 20 "$PY" -c "$SUMMARY_PY" "$RESULTS" DEVELOPERS.md
-      DEADLINE=""
-      ;;
-    *) echo "unknown stage $s (headline, tests, attention, decode, fp8_accuracy, gemm, sampler, scheduler, selfrag)"
+    headline1 | headline2) run_call "$s" ;;
+    headline) run_call headline1; run_call headline2 ;;
+    *) echo "unknown stage $s (headline1, headline2, plan, tests, attention, decode, fp8_accuracy, gemm, sampler," \
+         "scheduler, selfrag, headline)"
        STATUS=1 ;;
   esac
 done
 
 pack
-echo "packed $(find "$RESULTS" -type f | wc -l) result files and the logs into $ARCHIVE"
+rm -rf "$WORK"
+files=$(find "$OUT" -type f | wc -l)
+echo "packed the results and logs into $ARCHIVE ($files file(s) under \$OUT, $SECONDS s since the start)"
+if [ "$files" -gt 8 ]; then
+  echo "gpu_session: $files files under \$OUT: the device tool brings back at most 8"
+  STATUS=1
+fi
 exit $STATUS

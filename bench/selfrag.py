@@ -36,8 +36,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import (bench_parser, cpu_for_smoke, if_importable, median_ms, parse_bench_args,  # noqa: E402
-                          pyplot, record, save_figure, write_results)
+from bench.common import (autosave, bench_parser, cpu_for_smoke, hf_generate, if_importable, median_ms,  # noqa: E402
+                          parse_bench_args, pyplot, record, save_figure, write_results)
 from bench.workload import LLAMA2_7B, SMOKE, bench_tokenizer, hf_sharing_weights, random_llama  # noqa: E402
 from selfrag_engine.engine.llm_engine import Engine  # noqa: E402
 from selfrag_engine.engine.sampling_params import SamplingParams  # noqa: E402
@@ -134,7 +134,7 @@ def run_transformers(hf, tokenizer, question: str, passages: list[Passage], max_
         _ = p_ret / max(p_ret + p_no, 1e-30)
         seqs = [prompt + tokenizer.encode(format_passage(p.title, p.text), add_bos=False) for p in passages]
         ids, mask = _left_pad(seqs, 0, device)
-        out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+        out = hf_generate(hf, input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                           output_scores=True, return_dict_in_generate=True, pad_token_id=0,
                           eos_token_id=tokenizer.eos_id)
         # Group probabilities at every step, as the critique needs them.
@@ -165,6 +165,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     shape = {"k": k, "prompt_tokens": n_prompt, "passage_tokens": round(statistics.mean(n_passage)),
              "max_new_tokens": new_tokens, "vocab": cfg["vocab_size"], "dtype": str(dtype).removeprefix("torch.")}
     results: list[dict] = []
+    autosave("selfrag", device, results, args.out)
 
     def add(metric: str, value: float, unit: str, **config) -> None:
         record(results, metric, value, unit, **shape, **config)

@@ -40,7 +40,7 @@ def fingerprint(a: Answer) -> tuple:
 def run(num_draft_tokens: int, cases, device: str) -> tuple[list[Answer], list[dict], float]:
     """Answers every case one by one; returns the answers, each question's counter deltas and the seconds."""
     engine = Engine.from_pretrained(default_checkpoint_dir(), device=device, progress=False,
-                                    num_draft_tokens=num_draft_tokens)
+                                    num_draft_tokens=num_draft_tokens, kv_cache_bytes=256 << 20)
     rag = SelfRAG(engine, max_new_tokens=MAX_NEW_TOKENS)
     answers, deltas = [], []
     start = time.perf_counter()

@@ -22,6 +22,13 @@ import torch
 # change would not take effect anyway. The launch heuristics that differ in the interpreter ask this.
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
+# Compiled GPU math with fused multiply-adds, triton's default up to 3.9 (3.10 turns it off, and 3.9 warns while
+# it is unset): pinned, so that the image's triton and a later one compile the same arithmetic, the sm_90a AOT
+# tables and a Triton cache compiled ahead of time match what runs, and the GPU tests' tolerances hold. Set
+# before any kernel compiles (it is read at compile time and is part of triton's cache key); a value the user
+# set stays.
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
 
 @dataclass(frozen=True)
 class Target:

@@ -17,6 +17,11 @@ _ROOT = Path(tempfile.mkdtemp(prefix="selfrag-test-ckpt-"))
 atexit.register(shutil.rmtree, _ROOT, ignore_errors=True)
 
 
+# Every engine a GPU test builds passes this KV budget (or num_blocks): a test takes what it needs, never a share
+# of the card, so the engines of one process (and the frames pytest keeps of a failed test) all fit.
+GPU_KV_CACHE_BYTES = 256 << 20
+
+
 def tiny_checkpoint(**kwargs) -> Path:
     """A tiny HF checkpoint written once per process for each distinct set of options."""
     key = json.dumps(kwargs, sort_keys=True, default=str)

@@ -4,7 +4,7 @@ import torch
 
 from selfrag_engine import Engine, SamplingParams
 from selfrag_engine.engine.cuda_graph import batch_size_ladder
-from tests.helpers import tiny_checkpoint
+from tests.helpers import GPU_KV_CACHE_BYTES, tiny_checkpoint
 
 
 def test_batch_size_ladder():
@@ -58,7 +58,7 @@ def test_interrupt_during_capture_is_not_swallowed(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_graphed_decode_equals_eager(dtype):
     path = tiny_checkpoint(seed=11, num_key_value_heads=2, max_position_embeddings=1024)
-    kw = dict(device="cuda", dtype=dtype, progress=False, max_num_seqs=20)
+    kw = dict(device="cuda", dtype=dtype, progress=False, max_num_seqs=20, kv_cache_bytes=GPU_KV_CACHE_BYTES)
     graphed = Engine.from_pretrained(path, **kw)
     eager = Engine.from_pretrained(path, enforce_eager=True, **kw)
     assert graphed.runner.graphs is not None and eager.runner.graphs is None
@@ -80,6 +80,7 @@ def test_graphed_forked_branches_equal_eager():
     outs = []
     for eager in (False, True):
         engine = Engine.from_pretrained(path, device="cuda", dtype=torch.float16, progress=False,
+                                        kv_cache_bytes=GPU_KV_CACHE_BYTES,
                                         enforce_eager=eager)
         parent = engine.add_request(list(range(3, 200)), SamplingParams(max_tokens=1, temperature=0.0),
                                     keep_cache=True)

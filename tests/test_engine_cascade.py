@@ -11,7 +11,7 @@ import torch
 
 import selfrag_engine.kernels.decode_attention as decode_kernels
 from selfrag_engine import Engine, SamplingParams
-from tests.helpers import tiny_checkpoint
+from tests.helpers import GPU_KV_CACHE_BYTES, tiny_checkpoint
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 BLOCK = 8
@@ -19,6 +19,8 @@ BLOCK = 8
 
 def make_engine(path, **kw) -> Engine:
     """An engine whose KV pool starts as NaN, so a read of a slot nobody wrote cannot go unnoticed."""
+    if "num_blocks" not in kw:
+        kw.setdefault("kv_cache_bytes", GPU_KV_CACHE_BYTES)
     engine = Engine.from_pretrained(path, progress=False, **kw)
     for cache in engine.kv_caches:
         cache.k.fill_(float("nan"))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from selfrag_engine import Engine, SamplingParams
-from tests.helpers import tiny_checkpoint
+from tests.helpers import GPU_KV_CACHE_BYTES, tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -17,6 +17,8 @@ def path():
 def make_engine(path, overlap: bool, **kw) -> Engine:
     """An engine whose KV pool starts as NaN, so a read of a slot nobody wrote cannot go unnoticed, and that
     counts the steps it launched ahead."""
+    if "num_blocks" not in kw:
+        kw.setdefault("kv_cache_bytes", GPU_KV_CACHE_BYTES)
     engine = Engine.from_pretrained(path, progress=False, overlap=overlap, **kw)
     for cache in engine.kv_caches:
         cache.k.fill_(float("nan"))
@@ -199,7 +201,8 @@ def test_overlapped_graphed_decode_equals_plain_on_cuda():
               for i, n in enumerate(torch.randint(1, 40, (9,), generator=gen))]
     outs = []
     for overlap in (False, True):
-        engine = Engine.from_pretrained(path, device="cuda", dtype=torch.float16, progress=False, overlap=overlap)
+        engine = Engine.from_pretrained(path, device="cuda", dtype=torch.float16, progress=False, overlap=overlap,
+                                        kv_cache_bytes=GPU_KV_CACHE_BYTES)
         assert engine.runner.graphs is not None
         outs.append(engine.generate(prompts, params))
         assert engine.cache_stats()["used"] == 0
@@ -216,7 +219,8 @@ def test_overlapped_decode_steps_do_not_wait_for_the_device(branches):
     import warnings
 
     path = tiny_checkpoint(seed=33, max_position_embeddings=1024)
-    engine = Engine.from_pretrained(path, device="cuda", dtype=torch.float16, progress=False, overlap=True)
+    engine = Engine.from_pretrained(path, device="cuda", dtype=torch.float16, progress=False, overlap=True,
+                                    kv_cache_bytes=GPU_KV_CACHE_BYTES)
     parent = engine.add_request(list(range(3, 100)), SamplingParams(max_tokens=1, temperature=0.0), keep_cache=True)
     engine.run([parent])
     params = SamplingParams(max_tokens=60, temperature=0.7, seed=1, ignore_eos=True, reflection=True, logprobs=2)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from selfrag_engine import Engine, SamplingParams
-from tests.helpers import hf_model, rel_err, tiny_checkpoint
+from tests.helpers import GPU_KV_CACHE_BYTES, hf_model, rel_err, tiny_checkpoint
 
 CONFIGS = [
     dict(seed=1),
@@ -77,8 +77,10 @@ def test_logprobs_equal_transformers():
 
 def _kernel_vs_reference(device: str, dtype: torch.dtype, tol: float):
     path = tiny_checkpoint(seed=9, num_key_value_heads=2, torch_dtype=dtype)
-    ref = Engine.from_pretrained(path, device=device, dtype=dtype, progress=False, use_kernels=False)
-    fast = Engine.from_pretrained(path, device=device, dtype=dtype, progress=False, use_kernels=True)
+    ref = Engine.from_pretrained(path, device=device, dtype=dtype, progress=False, use_kernels=False,
+                                 kv_cache_bytes=GPU_KV_CACHE_BYTES)
+    fast = Engine.from_pretrained(path, device=device, dtype=dtype, progress=False, use_kernels=True,
+                                  kv_cache_bytes=GPU_KV_CACHE_BYTES)
     for cache in fast.kv_caches:
         cache.k.fill_(float("nan"))
         cache.v.fill_(float("nan"))

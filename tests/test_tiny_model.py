@@ -21,6 +21,7 @@ from selfrag_engine.tiny.evaluate import (
     _passages, answer_all, instruction_cases, phrasing_breakdown, score_instructions, score_world, world_and_split,
     world_cases,
 )
+from tests.helpers import GPU_KV_CACHE_BYTES
 
 MODEL = default_model_dir()
 NUM_QUESTIONS = 96
@@ -46,7 +47,8 @@ def rag(request):
 
     torch.set_num_threads(2)
     dtype = torch.float16 if request.param == "cuda" else None
-    return SelfRAG(Engine.from_pretrained(MODEL, device=request.param, dtype=dtype, progress=False),
+    return SelfRAG(Engine.from_pretrained(MODEL, device=request.param, dtype=dtype, progress=False,
+                                          kv_cache_bytes=GPU_KV_CACHE_BYTES),
                    max_new_tokens=40)
 
 

@@ -12,26 +12,52 @@ from selfrag_engine.engine.transfer import to_device
 from selfrag_engine.layers.attention import KVCache
 
 
-def bytes_per_block(config: LlamaConfig, block_size: int, dtype: torch.dtype) -> int:
+# The pool of an engine off CUDA, where no device memory is shared with other engines.
+CPU_KV_CACHE_BYTES = 512 << 20
+
+
+def kv_bytes_per_token(config: LlamaConfig, dtype: torch.dtype) -> int:
+    """Bytes one token's keys and values take in the pool, over all layers (the one place the pool's element
+    size enters the sizing)."""
     elem = torch.empty((), dtype=dtype).element_size()
-    return 2 * config.num_hidden_layers * block_size * config.num_key_value_heads * config.head_dim * elem
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * elem
+
+
+def bytes_per_block(config: LlamaConfig, block_size: int, dtype: torch.dtype) -> int:
+    return block_size * kv_bytes_per_token(config, dtype)
+
+
+def blocks_needed(max_num_seqs: int, max_model_len: int, block_size: int) -> int:
+    """Blocks for max_num_seqs sequences all at max_model_len tokens: more can never be in use at once."""
+    return max_num_seqs * -(-max_model_len // block_size)
 
 
 def num_blocks_for_budget(config: LlamaConfig, block_size: int, dtype: torch.dtype, device: torch.device,
-                          kv_cache_bytes: int | None, gpu_memory_utilization: float) -> int:
-    """Blocks that fit: an explicit byte budget, or on CUDA the given fraction of the device memory minus
-    what is already allocated (weights) and a reserve for activations."""
+                          kv_cache_bytes: int | None, gpu_memory_utilization: float, *,
+                          max_num_seqs: int, max_model_len: int) -> int:
+    """Blocks of the pool: an explicit byte budget, or by default what the engine can use at most
+    (`blocks_needed`), capped on CUDA by gpu_memory_utilization of the device memory free now and elsewhere
+    by CPU_KV_CACHE_BYTES.
+
+    Sized from the free memory, not the card's total, and from the need, not the whole card: a second engine
+    in the same process (a test, a benchmark comparing two) still finds memory, and a small model does not
+    take a card's worth of blocks (and their bookkeeping in the block manager).
+    """
     per_block = bytes_per_block(config, block_size, dtype)
     if kv_cache_bytes is None:
-        if device.type != "cuda":
-            kv_cache_bytes = 512 << 20
+        if not 0.0 < gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
+        need = blocks_needed(max_num_seqs, max_model_len, block_size) * per_block
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            cap = int(free * gpu_memory_utilization)
+            where = f"{gpu_memory_utilization} of the {free} bytes free on {device}"
         else:
-            if not 0.0 < gpu_memory_utilization <= 1.0:
-                raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
-            total = torch.cuda.get_device_properties(device).total_memory
-            activation_reserve = 1 << 30
-            kv_cache_bytes = int(total * gpu_memory_utilization) - torch.cuda.memory_allocated(device) \
-                - activation_reserve
+            cap, where = CPU_KV_CACHE_BYTES, "the CPU default"
+        if cap < per_block:
+            raise ValueError(f"the KV cache budget ({cap} bytes, {where}) holds no block of {per_block} bytes; "
+                             "free device memory, or pass kv_cache_bytes or num_blocks")
+        kv_cache_bytes = min(need, cap)
     num_blocks = int(kv_cache_bytes) // per_block
     if num_blocks < 1:
         raise ValueError(f"the KV cache budget ({kv_cache_bytes} bytes) holds no block of {per_block} bytes")

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from selfrag_engine.backend import TRITON, choose_backend, device_of
 from selfrag_engine.config import LlamaConfig
 from selfrag_engine.engine.block_manager import BlockManager
-from selfrag_engine.engine.kv_cache import allocate_kv_caches, num_blocks_for_budget
+from selfrag_engine.engine.kv_cache import allocate_kv_caches, kv_bytes_per_token, num_blocks_for_budget
 from selfrag_engine.engine.lock import FairLock, locked
 from selfrag_engine.engine.model_runner import ModelRunner
 from selfrag_engine.engine.output import RequestOutput, request_output
@@ -90,7 +90,8 @@ class Engine:
         self.kv_cache_dtype = _kv_cache_dtype(kv_cache_dtype, self.dtype)
         if num_blocks is None:
             num_blocks = num_blocks_for_budget(self.config, block_size, self.kv_cache_dtype, self.device,
-                                               kv_cache_bytes, gpu_memory_utilization)
+                                               kv_cache_bytes, gpu_memory_utilization,
+                                               max_num_seqs=max_num_seqs, max_model_len=self.max_model_len)
         _positive(num_blocks=num_blocks)
         self.block_size = block_size
         scales = fp8_kv_scales(model) if self.kv_cache_dtype == FP8_KV_DTYPE else None
@@ -292,7 +293,7 @@ class Engine:
         """Blocks by state, and the pool's size: `kv_cache_bytes` (all layers' keys and values, scales
         included), `kv_bytes_per_token`, `kv_capacity_tokens` (num_blocks * block_size)."""
         stats = self.scheduler.cache_stats()
-        per_token = sum(2 * c.k[0, 0].numel() * c.k.element_size() for c in self.kv_caches)
+        per_token = kv_bytes_per_token(self.config, self.kv_cache_dtype)
         scale_bytes = sum(2 * c.k_scale.numel() * c.k_scale.element_size() for c in self.kv_caches if c.fp8)
         stats.update(kv_cache_bytes=per_token * stats["num_blocks"] * stats["block_size"] + scale_bytes,
                      kv_bytes_per_token=per_token, kv_capacity_tokens=stats["num_blocks"] * stats["block_size"])
