@@ -284,10 +284,11 @@ def default_num_splits(batch: int, num_kv_heads: int, max_context_len: int,
     return max(1, min(wanted, by_length, 64))
 
 
-def _block_n(head_dim: int, block_size: int, target: Target) -> int:
+def _block_n(head_dim: int, block_size: int, target: Target, narrow: bool = False) -> int:
+    """Keys per tile. `narrow`: half the tile, where the wide one spills (bench/aot_compile.py)."""
     if target.interpreter:
         return max(16, block_size)
-    return max(64 if head_block(head_dim) <= 128 else 32, block_size)
+    return max(64 if head_block(head_dim) <= 128 and not narrow else 32, block_size)
 
 
 def _rows(n: int) -> int:
@@ -370,7 +371,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         num_heads, num_splits,
-        GROUP=group, ROWS=_rows(group), BLOCK_SIZE=block_size, BLOCK_N=_block_n(head_dim, block_size, target),
+        GROUP=group, ROWS=_rows(group), BLOCK_SIZE=block_size,
+        # e4m3 -> bf16 goes through float32 on sm_90: at 64 keys a tile the split kernel spills 16 bytes.
+        BLOCK_N=_block_n(head_dim, block_size, target, narrow=fp8 and q.dtype == torch.bfloat16),
         HEAD_DIM=head_dim, BLOCK_D=head_block(head_dim), DIRECT=direct, DOT_PREC=_dot_prec(q.dtype), KV_FP8=fp8,
         num_warps=4, num_stages=2,
     )
