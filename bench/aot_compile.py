@@ -438,12 +438,11 @@ def _fmt_dtypes(dtypes: dict) -> str:
     return "; ".join(f"{', '.join(names)}: {dtype}" for dtype, names in by.items())
 
 
-def write(entries: list[Compiled], failures: list[str], out_dir: Path, only: str | None = None) -> Path:
+def write(entries: list[Compiled], failures: list[str], out_dir: Path) -> Path:
     """The JSON and markdown tables; nothing in them depends on the run's timing, so a rerun that compiles the
     same kernels rewrites the same files."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"aot-sm90-triton{triton.__version__}" + (f"-{re.sub(r'[^a-z0-9]+', '-', only.lower()).strip('-')}"
-                                                      if only else "")
+    stem = f"aot-sm90-triton{triton.__version__}"
     json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
     doc = {
         "target": "cuda sm_90a (compute capability 9.0, warp 32), launches planned for 132 SMs (H100, H200)",
@@ -482,16 +481,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache-dir", type=Path, default=None,
                     help="keep the Triton cache of the compiled kernels there (emptied first), for a GPU session "
                          "to carry; by default a temporary one, removed at the end")
-    ap.add_argument("--only", default=None, help="compile only the scenarios whose label contains this text (e.g. "
-                                                 "'fp8 KV'); the table is then named aot-sm90-triton<version>-<text>")
     args = ap.parse_args(argv)
     recorder = Recorder()
     t0 = time.perf_counter()
     try:
         with compiling_launches(recorder), torch.inference_mode():
             for label, decode, launches in scenarios():
-                if args.only and args.only not in label:
-                    continue
                 before, start = len(recorder.compiled), time.perf_counter()
                 with recorder.scenario(label, decode):
                     launches()
@@ -505,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                   json.dumps(e.dtypes, sort_keys=True),
                                                                   e.specialized))
     failures = recorder.failures + check(entries)
-    path = write(entries, failures, args.out, args.only)
+    path = write(entries, failures, args.out)
     print(f"triton {triton.__version__}: {len(entries)} kernels compiled for sm_90a in {seconds:.0f} s; wrote {path}")
     for f in failures:
         print("FAIL", f)
