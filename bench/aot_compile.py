@@ -2,12 +2,14 @@
 on a machine without a GPU, with each compiled kernel's registers, spills and shared memory.
 
     python bench/aot_compile.py            # writes bench/results/aot-sm90-triton<version>.{json,md}
+    python bench/aot_compile.py --only "tiny model" --out /tmp/aot   # some scenarios only, written elsewhere
 
 How: a one-layer Llama-2-7B-shaped model (hidden 4096, 32 heads x 128, intermediate 11008, vocab 32016) is built
 on the meta device, and the engine's own code runs it with the Triton backend: the decode forward of every CUDA
 graph the engine captures, eager decode and cascade (forked Self-RAG branches) decode steps, chunked prefills,
 passages over a cached prompt, and the sampler with and without the reflection groups and at every top-n, for
-fp16 and bf16 activations with fp16 and FP8 weights, batches 1, 5 and 16 and contexts 512 and 4096, block 16.
+fp16 and bf16 activations with fp16 and FP8 weights, batches 1, 5 and 16 and contexts 512 and 4096, block 16;
+and the embedded tiny model (head_dim 48, its attention tiles padded to 64) decoding and prefilling in fp16.
 Inside `planning_for(H100)` the launch functions in kernels/ choose their configurations for an H100's 132 SMs
 and compute capability 9.0, and triton's launch is replaced by its warm-up: it compiles with the JIT's own
 argument specialization, for a stand-in driver that reports sm_90a, and returns without launching. The autotuned
@@ -73,6 +75,7 @@ from selfrag_engine.layers.attention import FP8_KV_DTYPE, AttentionMetadata, KVC
 from selfrag_engine.layers.fp8_linear import replace_linears_with_fp8  # noqa: E402
 from selfrag_engine.layers.sampler import ReflectionGroups, sample  # noqa: E402
 from selfrag_engine.models.llama import Llama  # noqa: E402
+from selfrag_engine.tiny.assets import default_model_dir  # noqa: E402
 from selfrag_engine.vocab import ADDED_TOKENS, GROUPS  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -252,10 +255,11 @@ def compiling_launches(recorder: Recorder) -> Iterator[None]:
 META = torch.device("meta")
 
 
-def build_model(dtype: torch.dtype, fp8: bool, kv_fp8: bool = False) -> tuple[Llama, list[KVCache], LlamaConfig]:
-    """One decoder layer of Llama-2-7B on the meta device, set to run the Triton kernels; with kv_fp8 its pool is
-    float8 e4m3 with per-head scales (kv_cache_dtype="fp8")."""
-    config = LlamaConfig.from_dict({**LLAMA2_7B, "num_hidden_layers": 1})
+def build_model(dtype: torch.dtype, fp8: bool, shape: dict = LLAMA2_7B,
+                kv_fp8: bool = False) -> tuple[Llama, list[KVCache], LlamaConfig]:
+    """One decoder layer of Llama-2-7B (or of `shape`) on the meta device, set to run the Triton kernels; with
+    kv_fp8 its pool is float8 e4m3 with per-head scales (kv_cache_dtype="fp8")."""
+    config = LlamaConfig.from_dict({**shape, "num_hidden_layers": 1})
     with torch.device(META):
         model = Llama(config)
     model.to(dtype)
@@ -362,7 +366,7 @@ def scenarios() -> Iterator[tuple[str, bool, Callable[[], None]]]:
             tag = f"{dname}/{'fp8' if fp8 else 'fp16'} weights" + (", fp8 KV" if kv_fp8 else "")
 
             def model(fp8=fp8, kv_fp8=kv_fp8) -> tuple[Llama, list[KVCache], LlamaConfig]:
-                return build_model(dtype, fp8, kv_fp8)
+                return build_model(dtype, fp8, kv_fp8=kv_fp8)
 
             def graphs(m=model) -> None:
                 net, kv, _ = m()
@@ -402,6 +406,32 @@ def scenarios() -> Iterator[tuple[str, bool, Callable[[], None]]]:
                     net, kv, _ = m()
                     prefill_step(net, kv, [q], [q])
                 yield f"prefill of a {q}-token prompt, {tag}", False, short
+    # The embedded tiny model (head_dim 48: the attention tiles padded to 64), as `make demo`, the server and
+    # fp8_accuracy run it on a GPU: fp16 activations, fp16 and FP8 weights.
+    tiny = json.loads((default_model_dir() / "config.json").read_text())
+    tiny_len = tiny["max_position_embeddings"]
+    for fp8 in (False, True):
+        tag = f"tiny model (head_dim {tiny['hidden_size'] // tiny['num_attention_heads']}), " \
+              f"fp16/{'fp8' if fp8 else 'fp16'} weights"
+
+        def tiny_model(fp8=fp8) -> tuple[Llama, list[KVCache], LlamaConfig]:
+            return build_model(torch.float16, fp8, tiny)
+
+        def tiny_decode(m=tiny_model) -> None:
+            net, kv, _ = m()
+            g = DecodeGraphs(net, kv, graph_batch, tiny_len, BLOCK_SIZE, META)
+            for b in g.sizes:
+                g._forward(b)
+            decode_step(net, kv, [100])
+            decode_step(net, kv, [101 + i for i in range(5)], groups_of=5)
+        yield f"CUDA graph, eager and cascade decode, {tag}", True, tiny_decode
+
+        def tiny_prefill(m=tiny_model) -> None:
+            net, kv, _ = m()
+            prefill_step(net, kv, [60], [60])
+            prefill_step(net, kv, [40] * 5, [100] * 5)
+        yield f"prefill of a prompt and 5 passages, {tag}", False, tiny_prefill
+
     vocab = LLAMA2_7B["vocab_size"]
     for groups in (None, reflection_groups(vocab)):
         for b in BATCHES:
@@ -478,6 +508,9 @@ def write(entries: list[Compiled], failures: list[str], out_dir: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=RESULTS_DIR, help="results directory (default bench/results)")
+    ap.add_argument("--only", default=None, metavar="TEXT",
+                    help="compile only the scenarios whose label contains TEXT (e.g. 'tiny model'); the tables then "
+                         "hold only those, so write them elsewhere with --out")
     ap.add_argument("--cache-dir", type=Path, default=None,
                     help="keep the Triton cache of the compiled kernels there (emptied first), for a GPU session "
                          "to carry; by default a temporary one, removed at the end")
@@ -487,6 +520,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with compiling_launches(recorder), torch.inference_mode():
             for label, decode, launches in scenarios():
+                if args.only and args.only not in label:
+                    continue
                 before, start = len(recorder.compiled), time.perf_counter()
                 with recorder.scenario(label, decode):
                     launches()

@@ -4,9 +4,9 @@
 # root. Each ends by itself, archive written, inside 8 minutes cold by its own estimate:
 #
 #   bash bench/gpu_session.sh headline1   # decode (FP16/FP8, batch 1 and 5, context 512, transformers beside
-#                                         # it), gemm, sampler, then a summary of their headline metrics
-#   bash bench/gpu_session.sh headline2   # selfrag, attention, fp8_accuracy, their summary, then the fast-path
-#                                         # GPU tests in whatever time is left (stopped by SIGINT, failures shown)
+#                                         # it), selfrag, attention, then a summary of their headline metrics
+#   bash bench/gpu_session.sh headline2   # gemm, sampler, fp8_accuracy, their summary, then the fast-path GPU
+#                                         # tests in whatever time is left (stopped by SIGINT, failures shown)
 #
 # `bash bench/gpu_session.sh plan` prints each call's stages, limits and cold estimate (bench/session_plan.py:
 # cold compiles counted from the sm_90a AOT table of the image's triton, ~2 s each; CI checks the plan).

@@ -36,7 +36,11 @@ with no logit inside the bracket skip the pivot work, so later passes cost a rea
 starts from a bracket whose lower end provably holds mass >= top_p (tokens below it hold less than
 1 - top_p in total), which keeps the first pass on the head of the distribution.
 
-Rows need at least one finite logit; NaN logits are not supported.
+Non-finite logits have defined results (the torch path, layers/sampler.py, gives the same): a NaN logit counts
+as -inf (never drawn, probability 0, log-probability -inf); +inf counts as the largest finite float32, so a
+row's +inf tokens share its mass evenly and its lse stays finite (~3.4e38); a row with no finite logit (all
+-inf or NaN) has no distribution: its token is 0, its top-n ids are 0..n-1, its lse is -inf and every
+log-probability of the row (token, groups, top-n) is NaN, its group probabilities 0. No id is ever -1.
 """
 from __future__ import annotations
 
@@ -54,6 +58,8 @@ _BLOCK_S = 256     # tile of the pivot passes, whose [tile, NPIV] intermediates 
 _NPIV = 16         # pivots per search pass, the bracket's upper end included
 _MAX_ITERS = 48    # guard for pathological float spacing; a typical search ends in a handful of passes
 _NUM_WARPS = 8
+# Non-finite logits, as every load reads them: NaN counts as -inf, +inf as the largest finite float32.
+_FLT_MAX: tl.constexpr = tl.constexpr(3.4028234663852886e38)
 # Left to itself, ptxas holds this kernel to 128 registers a thread on sm_90 (room for two programs per SM) and
 # then spills whenever top-n is asked for: 16-32 bytes stored and 40-56 loaded per thread under triton 3.6 and
 # 3.9. A decode batch has fewer rows than the GPU has SMs, so a second resident program buys nothing; without the
@@ -99,6 +105,7 @@ def _search_threshold(row_ptr, vocab, lo, hi, f_hi, target, rel_frac, m, inv_t,
         for start in range(0, vocab, BLOCK):
             cols = start + offs
             x = tl.load(row_ptr + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32)
+            x = tl.where(x == x, tl.minimum(x, _FLT_MAX), float("-inf"))
             inr = (x >= lo) & (x < hi)
             if tl.max(inr.to(tl.int32), axis=0) > 0:
                 if COUNT:
@@ -170,6 +177,7 @@ def _fused_sample_kernel(
     for start in range(0, vocab, BLOCK_V):
         cols = start + offs_v
         x = tl.load(row_ptr + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32)
+        x = tl.where(x == x, tl.minimum(x, _FLT_MAX), float("-inf"))
         up = x > m_v
         m_new = tl.maximum(m_v, x)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -214,6 +222,7 @@ def _fused_sample_kernel(
                 for start in range(0, vocab, BLOCK_V):
                     cols = start + offs_v
                     x = tl.load(row_ptr + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32)
+                    x = tl.where(x == x, tl.minimum(x, _FLT_MAX), float("-inf"))
                     z_keep += tl.sum(tl.where(x >= thr, tl.exp((x - m) * inv_t), 0.0), axis=0)
         if p < 1.0:
             # With top-k, top-p runs over the top-k set: its mass is F(thr), measured in the search's first
@@ -234,6 +243,7 @@ def _fused_sample_kernel(
         while (found == 0) & (start < vocab):
             cols = start + offs_v
             x = tl.load(row_ptr + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32)
+            x = tl.where(x == x, tl.minimum(x, _FLT_MAX), float("-inf"))
             w = tl.where(x >= thr, tl.exp((x - m) * inv_t), 0.0)
             t_sum = tl.sum(w, axis=0)
             if acc + t_sum > goal:
@@ -247,6 +257,7 @@ def _fused_sample_kernel(
         # If the scan's total rounds below u * z_keep (a ~1e-7 event), the most likely token stands in.
     tl.store(tok_ptr + row, token.to(tl.int64))
     x_tok = tl.load(row_ptr + token).to(tl.float32)
+    x_tok = tl.where(x_tok == x_tok, tl.minimum(x_tok, _FLT_MAX), float("-inf"))
     tl.store(lp_ptr + row, x_tok - lse)
 
     if GPAD > 0:
@@ -254,6 +265,7 @@ def _fused_sample_kernel(
         gmask = g < n_gtok
         gid = tl.load(gids_ptr + g, mask=gmask, other=0)
         gx = tl.load(row_ptr + gid, mask=gmask, other=float("-inf")).to(tl.float32)
+        gx = tl.where(gx == gx, tl.minimum(gx, _FLT_MAX), float("-inf"))
         q = tl.arange(0, NGPAD)
         ends = tl.load(goff_ptr + 1 + q, mask=q < n_groups, other=2147483647)
         grp = tl.sum((g[:, None] >= ends[None, :]).to(tl.int32), axis=1)
@@ -287,6 +299,7 @@ def _fused_sample_kernel(
             cols = start + offs_s
             valid = cols < vocab
             x = tl.load(row_ptr + cols, mask=valid, other=float("-inf")).to(tl.float32)
+            x = tl.where(x == x, tl.minimum(x, _FLT_MAX), float("-inf"))
             gt = valid & (x > t_n)
             eq = valid & (x == t_n)
             r_gt = base_gt + tl.cumsum(gt.to(tl.int32), axis=0) - 1

@@ -186,7 +186,7 @@ def test_gpu_session_stage_timeouts_kill_the_stage_and_go_on(tmp_path):
                          env=dict(env, SESSION_BUDGET="22"), capture_output=True, text=True, timeout=120)
     assert run.returncode == 1
     lines = [line for line in run.stdout.splitlines() if line.startswith("== ")]
-    assert [line.split()[1] for line in lines] == ["decode", "gemm", "sampler", "summary-headline1"], run.stdout
+    assert [line.split()[1] for line in lines] == ["decode", "selfrag", "attention", "summary-headline1"], run.stdout
     limit = int(lines[0].split("(limit ")[1].split("s)")[0])
     assert 18 <= limit <= 22 and f"TIMED OUT after {limit}s (killed)" in lines[0], lines[0]
     assert all(line.endswith("skipped: the session budget is spent") for line in lines[1:]), run.stdout
@@ -226,6 +226,9 @@ def test_gpu_session_plan_fits_each_call_in_8_minutes():
     assert {"decode", "gemm", "sampler", "attention", "selfrag", "fp8_accuracy"} <= benches
     # The counts are read from the table, not written down: decode launches dozens of kernels cold.
     assert 30 <= sp.cold_compiles(sp.STAGES["decode"], table) <= 106
+    # What an earlier stage of the call compiled is a cache hit: selfrag after decode compiles less than alone.
+    decode = sp.compiled_by(sp.STAGES["decode"], table)
+    assert sp.cold_compiles(sp.STAGES["selfrag"], table, decode) < sp.cold_compiles(sp.STAGES["selfrag"], table)
     # A plan over its limit is reported.
     slow = dict(table, kernels=table["kernels"] * 3)
     assert any("over 480 s" in p for p in sp.check(slow))

@@ -451,6 +451,51 @@ def test_kernel_wrapper_checks_group_tables():
             fused_sample(*args, (torch.tensor([1, 50], **i32), torch.tensor([0, 2], **i32)))
 
 
+FLT_MAX = torch.finfo(torch.float32).max
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_non_finite_logits_have_defined_results(backend, dtype, poisoned):
+    """NaN counts as -inf, +inf as the largest finite float32, and a row with no finite logit has token 0,
+    top-n ids 0..n-1, lse -inf and NaN log-probabilities: never a -1 id, on either backend."""
+    vocab, top_n = 64, 4
+    gen = torch.Generator().manual_seed(21)
+    x = torch.randn(7, vocab, generator=gen, dtype=torch.float64) * 2.0
+    x[0, torch.rand(vocab, generator=gen) < 0.3] = float("nan")
+    x[0, int(x[0].nan_to_num(nan=-1e9).argmax())] = float("nan")  # the largest logit is NaN: never drawn
+    x[1] = x[0]
+    x[2, 7] = float("inf")                                           # one +inf: every draw is that token
+    x[3, [9, 3]] = float("inf")                                      # two: the mass splits between them
+    x[4, [9, 3]] = float("inf")
+    x[5] = float("nan")                                              # no finite logit
+    x[6] = NEG_INF
+    logits = x.to(dtype).to(DEVICE)
+    t = torch.tensor([0.0, 0.9, 0.7, 0.0, 1.0, 1.0, 0.0], device=DEVICE)
+    p = torch.tensor([1.0, 0.9, 0.95, 1.0, 1.0, 0.9, 1.0], device=DEVICE)
+    k = torch.tensor([0, 5, 0, 0, 0, 3, 0], dtype=torch.int32, device=DEVICE)
+    out = run(backend, logits, t, p, k, seeds_for(7), GROUPS, top_n)
+
+    tokens, ids = out.tokens.cpu(), out.topn_ids.cpu()
+    assert ((tokens >= 0) & (tokens < vocab)).all() and ((ids >= 0) & (ids < vocab)).all()
+    # Rows 0-4: the float64 reference of the logits read as the sampler defines them.
+    finite = x.to(dtype).double().nan_to_num(nan=NEG_INF, posinf=FLT_MAX)[:5]
+    ref = ref_sample(finite, t[:5], p[:5], k[:5], GROUPS, top_n)
+    check_against_ref(type(out)(*(f[:5] for f in (out.tokens, out.logprobs, out.lse, out.group_logprobs,
+                                                   out.group_probs, out.topn_ids, out.topn_logprobs))),
+                      ref, t[:5], GROUPS, top_n, lp_tol=1e-4)
+    assert not torch.isnan(x[0, tokens[0]]) and not torch.isnan(x[1, tokens[1]])
+    assert tokens[2] == 7 and tokens[3] == 3 and int(tokens[4]) in (3, 9)
+    assert torch.isfinite(out.lse[:5]).all()
+    # Rows 5-6: no distribution.
+    assert tokens[5:].tolist() == [0, 0]
+    assert ids[5:].tolist() == [[0, 1, 2, 3]] * 2
+    assert out.lse[5:].cpu().tolist() == [NEG_INF, NEG_INF]
+    for lp in (out.logprobs[5:], out.topn_logprobs[5:], out.group_logprobs[5:]):
+        assert torch.isnan(lp).all()
+    assert (out.group_probs[5:] == 0).all()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_batch(backend):
     e = torch.empty(0, device=DEVICE)

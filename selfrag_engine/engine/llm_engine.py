@@ -27,7 +27,7 @@ from selfrag_engine.engine.sampling_inputs import reflection_groups
 from selfrag_engine.engine.sampling_params import SamplingParams
 from selfrag_engine.engine.scheduler import Scheduler
 from selfrag_engine.engine.sequence import Status
-from selfrag_engine.engine.speculative import draft_tokens_option
+from selfrag_engine.engine.runtime_plan import plan_runtime
 from selfrag_engine.engine.stepping import Stepper
 from selfrag_engine.errors import EngineConfigError, RequestError, SchedulingError
 from selfrag_engine.layers.attention import FP8_KV_DTYPE
@@ -79,7 +79,12 @@ class Engine:
                  cuda_graph_max_batch: int = 64, overlap: bool | None = None, num_draft_tokens: int | None = None,
                  kv_cache_dtype: str = "auto", seed: int = 0):
         _positive(block_size=block_size, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
-        num_draft_tokens = draft_tokens_option(num_draft_tokens, model.rope_cos.device)
+        # The one backend decision, and what follows from it and the device: every layer of the model, the
+        # runner and the sampler ask the backend; graphs, overlap and speculation follow the plan.
+        plan = plan_runtime(model.rope_cos.device, choose_backend(model.rope_cos.device, use_kernels),
+                            enforce_eager=enforce_eager, overlap=overlap, num_draft_tokens=num_draft_tokens,
+                            max_num_seqs=max_num_seqs, cuda_graph_max_batch=cuda_graph_max_batch)
+        num_draft_tokens = plan.num_draft_tokens
         self.model = model
         self.config: LlamaConfig = model.config
         self.tokenizer = tokenizer
@@ -99,19 +104,18 @@ class Engine:
                                             scales)
         self.scheduler = Scheduler(BlockManager(num_blocks, block_size, enable_prefix_caching), max_num_seqs,
                                    max_num_batched_tokens)
-        # The one backend decision: every layer of the model, the runner and the sampler ask it.
-        self.backend = choose_backend(self.device, use_kernels)
+        self.backend = plan.backend
         if self.backend == TRITON and self.kv_cache_dtype == FP8_KV_DTYPE and \
                 torch.cuda.get_device_capability(self.device) < (8, 9):
             raise EngineConfigError("kv_cache_dtype='fp8' on the Triton kernels needs a GPU with an e4m3 type "
                                     "(sm_89 or later: Ada, Hopper); use kv_cache_dtype='auto' here")
         model.set_backend(self.backend)
         self.runner = ModelRunner(model, self.kv_caches, block_size, self.device, self.backend)
-        if self.backend == TRITON and not enforce_eager:
-            self.runner.capture_graphs(min(max_num_seqs, cuda_graph_max_batch), self.max_model_len)
+        if plan.capture_graphs:
+            self.runner.capture_graphs(plan.graph_max_batch, self.max_model_len)
         self.reflection_groups = reflection_groups(tokenizer)
         # On the CPU nothing runs asynchronously, so overlapping would only waste the steps it drops.
-        self.overlap = self.device.type == "cuda" if overlap is None else overlap
+        self.overlap = plan.overlap
         self.requests = Requests(tokenizer, self.config.vocab_size, self.max_model_len, num_blocks, block_size, seed)
         self.seqs = self.requests.seqs
         self.num_draft_tokens = num_draft_tokens

@@ -16,11 +16,17 @@ import torch
 from selfrag_engine.layers.sampler import SamplerOutput
 
 
+def uses_pinned_transfers(device: torch.device | str) -> bool:
+    """Whether copies between the host and `device` go through pinned memory without a sync (CUDA only:
+    elsewhere a copy is synchronous anyway). The decision; the copies themselves are CUDA's."""
+    return torch.device(device).type == "cuda"
+
+
 def to_device(values: list | np.ndarray, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """values (a list of numbers or a numpy array) as a tensor of `dtype` on `device`, without a sync."""
     host = torch.from_numpy(np.ascontiguousarray(values)) if isinstance(values, np.ndarray) else \
         torch.tensor(values, dtype=dtype)
-    if torch.device(device).type != "cuda":
+    if not uses_pinned_transfers(device):
         return host.to(device=device, dtype=dtype)
     # From pinned memory the copy is a plain DMA queued on the stream; torch's pinned-memory cache keeps the
     # buffer until the copy has run.
@@ -31,7 +37,7 @@ def copy_to_host(out: SamplerOutput) -> tuple[SamplerOutput, torch.cuda.Event | 
     """The sampler's output copied to the host behind the work queued so far (into pinned memory), and an
     event marking the copies done: the host waits once per step, not once per row and field, and not for the
     steps queued after this one. On the CPU: `out` itself and no event."""
-    if out.tokens.device.type != "cuda":
+    if not uses_pinned_transfers(out.tokens.device):
         return out, None
     moved = {f.name: None if getattr(out, f.name) is None else getattr(out, f.name).to("cpu", non_blocking=True)
              for f in fields(out)}

@@ -16,7 +16,10 @@ between them (greedy results are identical).
 - top_n may be anything up to the vocabulary. Up to MAX_TOP_N the fused kernel returns it in its pass; beyond,
   a device top-k over the raw logits does (`top_n_logprobs`), the kernel then asked for none. Either way the
   order is descending with ties to the lower id.
-- Rows need at least one finite logit.
+- Non-finite logits: a NaN logit counts as -inf (never drawn, probability 0); +inf counts as the largest
+  finite float32 (a row's +inf tokens share its mass, its lse stays finite); a row with no finite logit (all
+  -inf or NaN) has no distribution: token 0, top-n ids 0..n-1, lse -inf, every log-probability of the row NaN
+  and its group probabilities 0. No id is ever -1, on either backend.
 """
 from __future__ import annotations
 
@@ -130,6 +133,12 @@ def _check_args(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Te
         raise ValueError(f"top_n={top_n} exceeds the vocabulary size {logits.shape[1]}")
 
 
+def finite_logits(logits: torch.Tensor) -> torch.Tensor:
+    """logits in float32 as the sampler reads them: NaN as -inf, +inf as the largest finite float32."""
+    return torch.nan_to_num(logits.float(), nan=float("-inf"), posinf=torch.finfo(torch.float32).max,
+                            neginf=float("-inf"))
+
+
 def top_n_logprobs(logits: torch.Tensor, lse: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids [B, n] int64, log-probabilities [B, n] fp32) of each row's n largest raw logits, descending with
     ties to the lower id, on the logits' device and without a host sync. lse: [B] the rows' log-sum-exp.
@@ -137,7 +146,7 @@ def top_n_logprobs(logits: torch.Tensor, lse: torch.Tensor, n: int) -> tuple[tor
     torch.topk finds the n-th largest value but orders ties arbitrarily, so the set is rebuilt from it: every
     token above that value, then the lowest ids equal to it until there are n; the final order is a stable
     sort of those ids (taken in id order) by value."""
-    x = logits.float()
+    x = finite_logits(logits)
     batch, vocab = x.shape
     if n == 0 or batch == 0:
         return (torch.empty(batch, n, dtype=torch.int64, device=x.device),
@@ -183,7 +192,7 @@ def sample_torch(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.T
     sampled row seeded with its seed)."""
     _check_args(logits, temperature, top_p, top_k, seeds, top_n)
     _check_groups(groups, logits.shape[1])
-    x = logits.float()
+    x = finite_logits(logits)
     batch, vocab = x.shape
     lse = torch.logsumexp(x, dim=-1)
     tokens = x.argmax(dim=-1)
