@@ -261,9 +261,10 @@ def _cascade_kernel(
     else:
         _cascade_suffix_program(
             pid - num_prefix_programs, q_ptr, k_ptr, v_ptr, part_o_ptr, part_lse_ptr, bt_ptr, ctx_ptr, gs_ptr,
-            pb_ptr, ks_ptr, vs_ptr, qk_scale, stride_qb, stride_qh, stride_qd, stride_kb, stride_ks, stride_kh, stride_vb,
-            stride_vs, stride_vh, stride_bt, num_heads, num_kv_heads, num_groups, prefix_splits, suffix_splits,
-            total_splits, GROUP, ROWS_S, BLOCK_G, BLOCK_SIZE, BLOCK_N, HEAD_DIM, BLOCK_D, DOT_PREC, KV_FP8)
+            pb_ptr, ks_ptr, vs_ptr, qk_scale, stride_qb, stride_qh, stride_qd, stride_kb, stride_ks, stride_kh,
+            stride_vb, stride_vs, stride_vh, stride_bt, num_heads, num_kv_heads, num_groups, prefix_splits,
+            suffix_splits, total_splits, GROUP, ROWS_S, BLOCK_G, BLOCK_SIZE, BLOCK_N, HEAD_DIM, BLOCK_D, DOT_PREC,
+            KV_FP8)
 
 
 def _target_programs(target: Target) -> int:
@@ -372,7 +373,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         num_heads, num_splits,
         GROUP=group, ROWS=_rows(group), BLOCK_SIZE=block_size,
-        # e4m3 -> bf16 goes through float32 on sm_90: at 64 keys a tile the split kernel spills 16 bytes.
+        # e4m3 -> bf16 goes through float32 on sm_90: at 64 keys a tile the split kernel spills (as does the
+        # cascade under triton 3.6).
         BLOCK_N=_block_n(head_dim, block_size, target, narrow=fp8 and q.dtype == torch.bfloat16),
         HEAD_DIM=head_dim, BLOCK_D=head_block(head_dim), DIRECT=direct, DOT_PREC=_dot_prec(q.dtype), KV_FP8=fp8,
         num_warps=4, num_stages=2,
@@ -435,7 +437,8 @@ def cascade_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         num_heads, num_kv_heads, num_groups, row_tiles, prefix_splits, suffix_splits, num_prefix_programs,
         GROUP=group, ROWS_P=rows_p, ROWS_S=_rows(group), BLOCK_G=max(2, triton.next_power_of_2(num_groups)),
-        BLOCK_SIZE=block_size, BLOCK_N=_block_n(head_dim, block_size, target), HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size, HEAD_DIM=head_dim,
+        BLOCK_N=_block_n(head_dim, block_size, target, narrow=fp8 and q.dtype == torch.bfloat16),
         BLOCK_D=head_block(head_dim), DOT_PREC=_dot_prec(q.dtype), KV_FP8=fp8, num_warps=4, num_stages=2,
     )
     _merge(part_o, part_lse, out, total_splits)
