@@ -71,7 +71,7 @@ from selfrag_engine.engine.prefix_groups import shared_prefix_groups  # noqa: E4
 from selfrag_engine.kernels import H100, planning_for  # noqa: E402
 from selfrag_engine.kernels.activation import silu_and_mul  # noqa: E402
 from selfrag_engine.kernels.sampling import MAX_TOP_N  # noqa: E402
-from selfrag_engine.layers.attention import AttentionMetadata, KVCache  # noqa: E402
+from selfrag_engine.layers.attention import FP8_KV_DTYPE, AttentionMetadata, KVCache  # noqa: E402
 from selfrag_engine.layers.fp8_linear import replace_linears_with_fp8  # noqa: E402
 from selfrag_engine.layers.sampler import ReflectionGroups, sample  # noqa: E402
 from selfrag_engine.models.llama import Llama  # noqa: E402
@@ -255,8 +255,10 @@ def compiling_launches(recorder: Recorder) -> Iterator[None]:
 META = torch.device("meta")
 
 
-def build_model(dtype: torch.dtype, fp8: bool, shape: dict = LLAMA2_7B) -> tuple[Llama, list[KVCache], LlamaConfig]:
-    """One decoder layer of Llama-2-7B (or of `shape`) on the meta device, set to run the Triton kernels."""
+def build_model(dtype: torch.dtype, fp8: bool, shape: dict = LLAMA2_7B,
+                kv_fp8: bool = False) -> tuple[Llama, list[KVCache], LlamaConfig]:
+    """One decoder layer of Llama-2-7B (or of `shape`) on the meta device, set to run the Triton kernels; with
+    kv_fp8 its pool is float8 e4m3 with per-head scales (kv_cache_dtype="fp8")."""
     config = LlamaConfig.from_dict({**shape, "num_hidden_layers": 1})
     with torch.device(META):
         model = Llama(config)
@@ -266,7 +268,12 @@ def build_model(dtype: torch.dtype, fp8: bool, shape: dict = LLAMA2_7B) -> tuple
         replace_linears_with_fp8(model)
     model.set_backend(TRITON)
     shape = (4096, BLOCK_SIZE, config.num_key_value_heads, config.head_dim)
-    kv = [KVCache(torch.empty(shape, dtype=dtype, device=META), torch.empty(shape, dtype=dtype, device=META))]
+    if kv_fp8:
+        scale = torch.empty(config.num_key_value_heads, dtype=torch.float32, device=META)
+        kv = [KVCache(torch.empty(shape, dtype=FP8_KV_DTYPE, device=META),
+                      torch.empty(shape, dtype=FP8_KV_DTYPE, device=META), scale, scale)]
+    else:
+        kv = [KVCache(torch.empty(shape, dtype=dtype, device=META), torch.empty(shape, dtype=dtype, device=META))]
     return model.eval(), kv, config
 
 
@@ -307,7 +314,8 @@ def decode_step(model: Llama, kv: list[KVCache], context_lens: list[int], groups
     meta = decode_metadata(tables, context_lens, np.arange(batch, dtype=np.int64), META, cascade)
     _step(model, kv, meta, batch)
     # Not on the model's path (its MLP multiplies in torch), compiled at the decode shape all the same.
-    silu_and_mul(torch.empty(batch, 2 * model.config.intermediate_size, dtype=kv[0].k.dtype, device=META))
+    act = model.model.embed_tokens.weight.dtype
+    silu_and_mul(torch.empty(batch, 2 * model.config.intermediate_size, dtype=act, device=META))
 
 
 def prefill_step(model: Llama, kv: list[KVCache], q_lens: list[int], context_lens: list[int]) -> None:
@@ -353,11 +361,12 @@ def scenarios() -> Iterator[tuple[str, bool, Callable[[], None]]]:
     graph_batch = min(_engine_default("max_num_seqs"), _engine_default("cuda_graph_max_batch"))
     max_len = LLAMA2_7B["max_position_embeddings"]
     for dname, dtype in DTYPES.items():
-        for fp8 in (False, True):
-            tag = f"{dname}/{'fp8' if fp8 else 'fp16'} weights"
+        # The FP8 KV cache with FP8 weights only: the attention and KV-store kernels do not see the weights.
+        for fp8, kv_fp8 in ((False, False), (True, False), (True, True)):
+            tag = f"{dname}/{'fp8' if fp8 else 'fp16'} weights" + (", fp8 KV" if kv_fp8 else "")
 
-            def model() -> tuple[Llama, list[KVCache], LlamaConfig]:
-                return build_model(dtype, fp8)
+            def model(fp8=fp8, kv_fp8=kv_fp8) -> tuple[Llama, list[KVCache], LlamaConfig]:
+                return build_model(dtype, fp8, kv_fp8=kv_fp8)
 
             def graphs(m=model) -> None:
                 net, kv, _ = m()

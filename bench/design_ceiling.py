@@ -27,6 +27,13 @@ of ~150 tokens, a ~55-token prompt, 100 new tokens):
 The headline leaves the reference's host-side dict building out (a strict lower bound of our advantage); a
 second row adds it at a per-entry cost timed on this machine, said in its config.
 
+Longer contexts and more branches, with an FP8 KV cache: the same counts for K = 5 and 10 passages with the
+context of every branch ending at 512 and 4096 tokens (the passages made long enough), our side with the
+fp16 cache and with the FP8 one (one byte a K/V element, and each row's per-head scales read once per layer
+and pass); the reference keeps its fp16 cache (vLLM 0.2.6 has no FP8 one).
+`selfrag_design_ceiling_by_shape_vs_reference` is the reference over ours at each shape and cache,
+`selfrag_design_ceiling_fp8_kv_gain` ours with fp16 over ours with FP8.
+
     python bench/design_ceiling.py               # bench/results/design_ceiling-cpu-<date>.{json,md,png}
     python bench/design_ceiling.py --smoke --out DIR
 """
@@ -66,9 +73,14 @@ def weight_bytes(cfg: dict, linear_bytes: int = 1, head_bytes: int = 2) -> int:
 
 
 def kv_bytes_per_token(cfg: dict, elem_bytes: int = 2) -> int:
-    """K and V of one context token, every layer, at bf16."""
+    """K and V of one context token, every layer, at bf16 (elem_bytes 1: FP8)."""
     head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
     return 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * head_dim * elem_bytes
+
+
+def kv_scale_bytes_per_row(cfg: dict) -> int:
+    """An FP8 cache's float32 scales of K and V, one per layer and kv head, that a row's attention reads."""
+    return 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * 4
 
 
 @dataclass(frozen=True)
@@ -89,6 +101,7 @@ class Shape:
     draft_logprobs: int = REFERENCE_DRAFT_LOGPROBS
     branch_logprobs: int = REFERENCE_BRANCH_LOGPROBS
     long_form_logprobs: int = REFERENCE_LONG_FORM_LOGPROBS
+    kv_scale_bytes: int = 0     # per row and pass: an FP8 cache's scales
 
 
 @dataclass
@@ -117,6 +130,7 @@ class Work:
         ctx = sum(c * steps + steps * (steps - 1) // 2 for c in contexts) - (rows - 1) * shared * steps
         self.forwards += passes
         self.hbm_bytes += passes * s.weight_bytes + passes_per_token * ctx * s.kv_bytes
+        self.hbm_bytes += passes * rows * s.kv_scale_bytes
         self.hbm_bytes += rows * steps * (s.kv_bytes + logits_passes * s.vocab * 4)
         self.host_entries += rows * steps * logprobs
         self.host_bytes += rows * steps * logprobs * BYTES_PER_HOST_ENTRY
@@ -241,15 +255,54 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    ref.seconds(s, per_entry) / ours.seconds(s, per_entry), "x",
                    host_dicts=f"{per_entry * 1e9:.1f} ns per entry, timed on this machine", **cfg)
 
+    # Longer contexts and more branches, ours with the fp16 and the FP8 cache (speculation as measured, if it is).
+    ppt, why = settings[-1][1], settings[-1][2]
+    fp8_kv = {"fp16": {}, "fp8": dict(kv_bytes=kv_bytes_per_token(LLAMA2_7B, 1),
+                                      kv_scale_bytes=kv_scale_bytes_per_row(LLAMA2_7B))}
+    for k in (5, 10):
+        for context in (512, 4096):
+            shape = dataclasses.replace(base, k=k, passes_per_token=ppt,
+                                        passage_tokens=context - base.prompt_tokens - base.new_tokens)
+            for mode, short_mode in (("adaptive", "adaptive"), ("always", "always"), ("long_form", None)):
+                ref = reference_short(shape, short_mode) if short_mode else reference_long(shape)
+                ours_s = {}
+                for kv, fields in fp8_kv.items():
+                    s = dataclasses.replace(shape, **fields)
+                    ours = ours_short(s, short_mode) if short_mode else ours_long(s)
+                    ours_s[kv] = ours.seconds(s)
+                    cfg = dict(shape_cfg, k=k, context=context, passage_tokens=shape.passage_tokens, mode=mode,
+                               kv_cache=kv, passes_per_token=ppt, passes_source=why,
+                               ours_ms=round(ours_s[kv] * 1e3, 3), reference_ms=round(ref.seconds(shape) * 1e3, 3),
+                               reference_kv_cache="fp16")
+                    record(results, "selfrag_design_ceiling_by_shape_vs_reference", ref.seconds(shape) / ours_s[kv],
+                           "x", host_dicts="not counted", **cfg)
+                record(results, "selfrag_design_ceiling_fp8_kv_gain", ours_s["fp16"] / ours_s["fp8"], "x",
+                       k=k, context=context, mode=mode, passes_per_token=ppt,
+                       what="our lower bound with the fp16 KV cache over the one with the FP8 cache")
+
     def plot(path: Path) -> None:
-        fig, ax = pyplot().subplots(figsize=(7, 3.5))
+        fig, (ax, ax2) = pyplot().subplots(1, 2, figsize=(13, 4.8))
         rows = [r for r in results if r["metric"] == "selfrag_design_ceiling_vs_reference"]
         labels = [f"{r['config']['mode']}\nspec {r['config']['speculation']}" for r in rows]
         ax.bar(range(len(rows)), [r["value"] for r in rows])
         ax.set_xticks(range(len(rows)), labels, fontsize=8)
         ax.axhline(1.0, color="k", lw=0.8)
         ax.set_ylabel("reference / ours (lower bounds)")
-        ax.set_title("selfrag_design_ceiling_vs_reference, Llama-2-7B on H200")
+        ax.set_title("selfrag_design_ceiling_vs_reference, Llama-2-7B on H200", fontsize=9)
+        by_shape = [r for r in results if r["metric"] == "selfrag_design_ceiling_by_shape_vs_reference"]
+        groups = sorted({(r["config"]["mode"], r["config"]["k"], r["config"]["context"]) for r in by_shape},
+                        key=lambda g: (g[0], g[1], g[2]))
+        for j, kv in enumerate(("fp16", "fp8")):
+            vals = [next(r["value"] for r in by_shape if (r["config"]["mode"], r["config"]["k"],
+                                                           r["config"]["context"]) == g and r["config"]["kv_cache"] == kv)
+                    for g in groups]
+            ax2.bar([i + (j - 0.5) * 0.4 for i in range(len(groups))], vals, 0.4, label=f"ours, {kv} KV")
+        ax2.set_xticks(range(len(groups)), [f"{m} K={k} ctx {c}" for m, k, c in groups], fontsize=7, rotation=50,
+                       ha="right")
+        ax2.axhline(1.0, color="k", lw=0.8)
+        ax2.set_ylabel("reference (fp16 KV) / ours")
+        ax2.set_title("longer contexts, 10 branches, FP8 KV", fontsize=9)
+        ax2.legend(fontsize=8)
         save_figure(fig, path)
 
     write_results("design_ceiling", "cpu", results, args.out, plot)

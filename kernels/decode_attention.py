@@ -2,7 +2,8 @@
 
 Shapes and dtypes
   q                [B, Hq, D]  fp16 / bf16 / fp32, one query per sequence (any strides)
-  k_cache, v_cache [num_blocks, block_size, Hkv, D], q's dtype, last dim contiguous
+  k_cache, v_cache [num_blocks, block_size, Hkv, D], q's dtype, last dim contiguous; or float8 e4m3fn with
+                   k_scale, v_scale float32 [Hkv] (value = stored * scale; see kv_fp8.py)
   block_tables     int32 [B, max_blocks]; entries past a sequence's length are never read
   context_lens     int32 [B], tokens of each sequence including the new one (a row with 0 gets zeros)
   group_start      int32 [G+1] (cascade): rows group_start[g]:group_start[g+1] form group g; the groups cover
@@ -31,6 +32,7 @@ import triton
 import triton.language as tl
 from selfrag_engine.kernels import Target, as_target, target_of
 from selfrag_engine.kernels.head_dim import MAX_HEAD_DIM, head_block, with_d_mask
+from selfrag_engine.kernels.kv_fp8 import kv_pool_args
 
 __all__ = ["paged_decode_attention", "cascade_decode_attention", "default_num_splits"]
 
@@ -40,10 +42,14 @@ _MIN_KEYS_PER_SPLIT = 256
 
 @triton.jit
 def _attend_range(q, k_base, v_base, table_row, lo, hi, qk_scale,
-                  stride_kb, stride_ks, stride_vb, stride_vs,
+                  stride_kb, stride_ks, stride_vb, stride_vs, ks_ptr, vs_ptr, kv_head,
                   ROWS: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                  BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Unnormalized attention of q [ROWS, BLOCK_D] over keys lo..hi-1 of one table row: (acc, running max, sum)."""
+                  BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, KV_FP8: tl.constexpr):
+    """Unnormalized attention of q [ROWS, BLOCK_D] over keys lo..hi-1 of one table row: (acc, running max, sum).
+    A float8 pool is read as such, converted exactly to q's dtype, its kv head's k scale folded into qk_scale
+    and its v scale into acc."""
+    if KV_FP8:
+        qk_scale = qk_scale * tl.load(ks_ptr + kv_head)
     offs_d = tl.arange(0, BLOCK_D)
     m_i = tl.full([ROWS], float("-inf"), tl.float32)
     l_i = tl.zeros([ROWS], tl.float32)
@@ -63,7 +69,7 @@ def _attend_range(q, k_base, v_base, table_row, lo, hi, qk_scale,
             v_mask = key_ok[:, None]
         k = tl.load(k_base + blk[None, :] * stride_kb + slot_in_blk[None, :] * stride_ks + offs_d[:, None],
                     mask=k_mask, other=0.0)
-        s = tl.dot(q, k, input_precision=DOT_PREC) * qk_scale
+        s = tl.dot(q, k.to(q.dtype), input_precision=DOT_PREC) * qk_scale
         s = tl.where(key_ok[None, :], s, float("-inf"))
         # Each tile holds at least one real key, so m_new is finite and exp2(-inf - m_new) is a clean 0.
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -72,8 +78,10 @@ def _attend_range(q, k_base, v_base, table_row, lo, hi, qk_scale,
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(v_base + blk[:, None] * stride_vb + slot_in_blk[:, None] * stride_vs + offs_d[None, :],
                     mask=v_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PREC)
         m_i = m_new
+    if KV_FP8:
+        acc = acc * tl.load(vs_ptr + kv_head)
     return acc, m_i, l_i
 
 
@@ -93,12 +101,12 @@ def _store_partial(acc, m_i, l_i, part_o_ptr, part_lse_ptr, part_index, row_ok, 
 
 @triton.jit
 def _decode_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, part_o_ptr, part_lse_ptr, bt_ptr, ctx_ptr, qk_scale,
+    q_ptr, k_ptr, v_ptr, out_ptr, part_o_ptr, part_lse_ptr, bt_ptr, ctx_ptr, ks_ptr, vs_ptr, qk_scale,
     stride_qb, stride_qh, stride_qd, stride_ob, stride_oh,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
     num_heads, num_splits,
     GROUP: tl.constexpr, ROWS: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DIRECT: tl.constexpr, DOT_PREC: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DIRECT: tl.constexpr, DOT_PREC: tl.constexpr, KV_FP8: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -116,8 +124,8 @@ def _decode_kernel(
     hi = tl.minimum(lo + per_split, ctx)
     acc, m_i, l_i = _attend_range(q, k_ptr + kv_head * stride_kh, v_ptr + kv_head * stride_vh,
                                   bt_ptr + seq.to(tl.int64) * stride_bt, lo, hi, qk_scale,
-                                  stride_kb, stride_ks, stride_vb, stride_vs,
-                                  ROWS, BLOCK_SIZE, BLOCK_N, HEAD_DIM, BLOCK_D, DOT_PREC)
+                                  stride_kb, stride_ks, stride_vb, stride_vs, ks_ptr, vs_ptr, kv_head,
+                                  ROWS, BLOCK_SIZE, BLOCK_N, HEAD_DIM, BLOCK_D, DOT_PREC, KV_FP8)
     if DIRECT:
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(out_ptr + seq.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
@@ -156,11 +164,11 @@ def _merge_kernel(part_o_ptr, part_lse_ptr, out_ptr, stride_ob, stride_oh, num_h
 
 @triton.jit
 def _cascade_prefix_program(
-    pid, q_ptr, k_ptr, v_ptr, part_o_ptr, part_lse_ptr, bt_ptr, gs_ptr, pb_ptr, qk_scale,
+    pid, q_ptr, k_ptr, v_ptr, part_o_ptr, part_lse_ptr, bt_ptr, gs_ptr, pb_ptr, ks_ptr, vs_ptr, qk_scale,
     stride_qb, stride_qh, stride_qd, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
     num_heads, num_kv_heads, row_tiles, prefix_splits, total_splits,
     GROUP: tl.constexpr, ROWS: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, KV_FP8: tl.constexpr,
 ):
     """Rows = every branch of one group x the query heads of one kv head, over one split of the shared prefix."""
     split = pid % prefix_splits
@@ -187,19 +195,19 @@ def _cascade_prefix_program(
         # The group's first row's table stands for all: its prefix blocks are the shared ones.
         acc, m_i, l_i = _attend_range(q, k_ptr + kv_head * stride_kh, v_ptr + kv_head * stride_vh,
                                       bt_ptr + g_lo.to(tl.int64) * stride_bt, lo, hi, qk_scale,
-                                      stride_kb, stride_ks, stride_vb, stride_vs,
-                                      ROWS, BLOCK_SIZE, BLOCK_N, HEAD_DIM, BLOCK_D, DOT_PREC)
+                                      stride_kb, stride_ks, stride_vb, stride_vs, ks_ptr, vs_ptr, kv_head,
+                                      ROWS, BLOCK_SIZE, BLOCK_N, HEAD_DIM, BLOCK_D, DOT_PREC, KV_FP8)
         part_index = (seq * num_heads + heads) * total_splits + split
         _store_partial(acc, m_i, l_i, part_o_ptr, part_lse_ptr, part_index, row_ok, HEAD_DIM, BLOCK_D)
 
 
 @triton.jit
 def _cascade_suffix_program(
-    pid, q_ptr, k_ptr, v_ptr, part_o_ptr, part_lse_ptr, bt_ptr, ctx_ptr, gs_ptr, pb_ptr, qk_scale,
+    pid, q_ptr, k_ptr, v_ptr, part_o_ptr, part_lse_ptr, bt_ptr, ctx_ptr, gs_ptr, pb_ptr, ks_ptr, vs_ptr, qk_scale,
     stride_qb, stride_qh, stride_qd, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
     num_heads, num_kv_heads, num_groups, prefix_splits, suffix_splits, total_splits,
     GROUP: tl.constexpr, ROWS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, KV_FP8: tl.constexpr,
 ):
     """Paged decode of one row's own keys (prefix end to context end) for the query heads of one kv head."""
     split = pid % suffix_splits
@@ -224,21 +232,21 @@ def _cascade_suffix_program(
                 mask=with_d_mask(row_ok[:, None], offs_d[None, :], HEAD_DIM, BLOCK_D), other=0.0)
     acc, m_i, l_i = _attend_range(q, k_ptr + kv_head * stride_kh, v_ptr + kv_head * stride_vh,
                                   bt_ptr + seq.to(tl.int64) * stride_bt, lo, hi, qk_scale,
-                                  stride_kb, stride_ks, stride_vb, stride_vs,
-                                  ROWS, BLOCK_SIZE, BLOCK_N, HEAD_DIM, BLOCK_D, DOT_PREC)
+                                  stride_kb, stride_ks, stride_vb, stride_vs, ks_ptr, vs_ptr, kv_head,
+                                  ROWS, BLOCK_SIZE, BLOCK_N, HEAD_DIM, BLOCK_D, DOT_PREC, KV_FP8)
     part_index = (seq * num_heads + heads) * total_splits + prefix_splits + split
     _store_partial(acc, m_i, l_i, part_o_ptr, part_lse_ptr, part_index, row_ok, HEAD_DIM, BLOCK_D)
 
 
 @triton.jit
 def _cascade_kernel(
-    q_ptr, k_ptr, v_ptr, part_o_ptr, part_lse_ptr, bt_ptr, ctx_ptr, gs_ptr, pb_ptr, qk_scale,
+    q_ptr, k_ptr, v_ptr, part_o_ptr, part_lse_ptr, bt_ptr, ctx_ptr, gs_ptr, pb_ptr, ks_ptr, vs_ptr, qk_scale,
     stride_qb, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
     num_heads, num_kv_heads, num_groups, row_tiles, prefix_splits, suffix_splits, num_prefix_programs,
     GROUP: tl.constexpr, ROWS_P: tl.constexpr, ROWS_S: tl.constexpr, BLOCK_G: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, KV_FP8: tl.constexpr,
 ):
     # One launch for both kinds of programs, prefix ones first: they carry the most keys each. The two kinds
     # live in separate functions because the branches of a runtime `if` may not bind names of different types.
@@ -246,16 +254,17 @@ def _cascade_kernel(
     total_splits = prefix_splits + suffix_splits
     if pid < num_prefix_programs:
         _cascade_prefix_program(
-            pid, q_ptr, k_ptr, v_ptr, part_o_ptr, part_lse_ptr, bt_ptr, gs_ptr, pb_ptr, qk_scale,
+            pid, q_ptr, k_ptr, v_ptr, part_o_ptr, part_lse_ptr, bt_ptr, gs_ptr, pb_ptr, ks_ptr, vs_ptr, qk_scale,
             stride_qb, stride_qh, stride_qd, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
             stride_bt, num_heads, num_kv_heads, row_tiles, prefix_splits, total_splits,
-            GROUP, ROWS_P, BLOCK_SIZE, BLOCK_N, HEAD_DIM, BLOCK_D, DOT_PREC)
+            GROUP, ROWS_P, BLOCK_SIZE, BLOCK_N, HEAD_DIM, BLOCK_D, DOT_PREC, KV_FP8)
     else:
         _cascade_suffix_program(
             pid - num_prefix_programs, q_ptr, k_ptr, v_ptr, part_o_ptr, part_lse_ptr, bt_ptr, ctx_ptr, gs_ptr,
-            pb_ptr, qk_scale, stride_qb, stride_qh, stride_qd, stride_kb, stride_ks, stride_kh, stride_vb,
-            stride_vs, stride_vh, stride_bt, num_heads, num_kv_heads, num_groups, prefix_splits, suffix_splits,
-            total_splits, GROUP, ROWS_S, BLOCK_G, BLOCK_SIZE, BLOCK_N, HEAD_DIM, BLOCK_D, DOT_PREC)
+            pb_ptr, ks_ptr, vs_ptr, qk_scale, stride_qb, stride_qh, stride_qd, stride_kb, stride_ks, stride_kh,
+            stride_vb, stride_vs, stride_vh, stride_bt, num_heads, num_kv_heads, num_groups, prefix_splits,
+            suffix_splits, total_splits, GROUP, ROWS_S, BLOCK_G, BLOCK_SIZE, BLOCK_N, HEAD_DIM, BLOCK_D, DOT_PREC,
+            KV_FP8)
 
 
 def _target_programs(target: Target) -> int:
@@ -276,10 +285,11 @@ def default_num_splits(batch: int, num_kv_heads: int, max_context_len: int,
     return max(1, min(wanted, by_length, 64))
 
 
-def _block_n(head_dim: int, block_size: int, target: Target) -> int:
+def _block_n(head_dim: int, block_size: int, target: Target, narrow: bool = False) -> int:
+    """Keys per tile. `narrow`: half the tile, where the wide one spills (bench/aot_compile.py)."""
     if target.interpreter:
         return max(16, block_size)
-    return max(64 if head_block(head_dim) <= 128 else 32, block_size)
+    return max(64 if head_block(head_dim) <= 128 and not narrow else 32, block_size)
 
 
 def _rows(n: int) -> int:
@@ -306,8 +316,6 @@ def _check_common(q, k_cache, v_cache, block_tables, context_lens) -> tuple[int,
     _check(block_size & (block_size - 1) == 0, f"block_size must be a power of two, got {block_size}")
     _check(num_heads % num_kv_heads == 0, f"num_heads {num_heads} is not a multiple of kv heads {num_kv_heads}")
     _check(q.dtype in (torch.float16, torch.bfloat16, torch.float32), f"unsupported dtype {q.dtype}")
-    _check(k_cache.dtype == q.dtype and v_cache.dtype == q.dtype,
-           f"pool dtype {k_cache.dtype}/{v_cache.dtype} differs from q dtype {q.dtype}")
     _check(k_cache.stride(3) == 1 and v_cache.stride(3) == 1, "the pool's last dim must be contiguous")
     _check(block_tables.dim() == 2 and block_tables.shape[0] == batch and block_tables.dtype == torch.int32,
            f"block_tables must be int32 [{batch}, max_blocks]")
@@ -330,14 +338,17 @@ def _merge(part_o, part_lse, out, num_splits: int) -> None:
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
-                           num_splits: int | None = None, max_context_len: int | None = None) -> torch.Tensor:
-    """Attention of one query per sequence over its paged keys; returns [B, Hq, D] in q's dtype.
+                           num_splits: int | None = None, max_context_len: int | None = None,
+                           k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of one query per sequence over its paged keys; returns [B, Hq, D] in q's dtype. A float8
+    pool takes its scales k_scale, v_scale float32 [Hkv].
 
     num_splits: splits per sequence (None: default_num_splits). max_context_len only feeds that heuristic;
     when both are None it is read from context_lens, which synchronizes with the device.
     """
     batch, num_heads, head_dim, block_size, num_kv_heads = _check_common(q, k_cache, v_cache, block_tables,
                                                                           context_lens)
+    fp8, k_scale, v_scale = kv_pool_args(q, k_cache, v_cache, k_scale, v_scale)
     out = torch.empty((batch, num_heads, head_dim), dtype=q.dtype, device=q.device)
     if batch == 0:
         return out
@@ -355,13 +366,18 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         part_o = torch.empty((batch, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
         part_lse = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=q.device)
     _decode_kernel[(batch, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, out, part_o, part_lse, block_tables, context_lens, float(scale) * _LOG2E,
+        q, k_cache, v_cache, out, part_o, part_lse, block_tables, context_lens, k_scale, v_scale,
+        float(scale) * _LOG2E,
         q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         num_heads, num_splits,
-        GROUP=group, ROWS=_rows(group), BLOCK_SIZE=block_size, BLOCK_N=_block_n(head_dim, block_size, target),
-        HEAD_DIM=head_dim, BLOCK_D=head_block(head_dim), DIRECT=direct, DOT_PREC=_dot_prec(q.dtype), num_warps=4, num_stages=2,
+        GROUP=group, ROWS=_rows(group), BLOCK_SIZE=block_size,
+        # e4m3 -> bf16 goes through float32 on sm_90: at 64 keys a tile the split kernel spills (as does the
+        # cascade under triton 3.6).
+        BLOCK_N=_block_n(head_dim, block_size, target, narrow=fp8 and q.dtype == torch.bfloat16),
+        HEAD_DIM=head_dim, BLOCK_D=head_block(head_dim), DIRECT=direct, DOT_PREC=_dot_prec(q.dtype), KV_FP8=fp8,
+        num_warps=4, num_stages=2,
     )
     if not direct:
         _merge(part_o, part_lse, out, num_splits)
@@ -372,14 +388,17 @@ def cascade_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
                              block_tables: torch.Tensor, context_lens: torch.Tensor, group_start: torch.Tensor,
                              prefix_blocks: torch.Tensor, scale: float, *, max_group_size: int | None = None,
                              max_context_len: int | None = None, prefix_splits: int | None = None,
-                             suffix_splits: int = 1) -> torch.Tensor:
-    """Decode attention with each group's shared prefix read once for all its rows; returns [B, Hq, D].
+                             suffix_splits: int = 1, k_scale: torch.Tensor | None = None,
+                             v_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Decode attention with each group's shared prefix read once for all its rows; returns [B, Hq, D]. A float8
+    pool takes its scales k_scale, v_scale float32 [Hkv].
 
     max_group_size (rows in the largest group) sizes the prefix programs and max_context_len feeds the split
     heuristic; either one left None is read from the device tensors, which synchronizes.
     """
     batch, num_heads, head_dim, block_size, num_kv_heads = _check_common(q, k_cache, v_cache, block_tables,
                                                                           context_lens)
+    fp8, k_scale, v_scale = kv_pool_args(q, k_cache, v_cache, k_scale, v_scale)
     _check(group_start.dim() == 1 and group_start.dtype == torch.int32 and group_start.numel() >= 1,
            "group_start must be int32 [G+1]")
     num_groups = group_start.numel() - 1
@@ -412,14 +431,15 @@ def cascade_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
     num_suffix_programs = batch * num_kv_heads * suffix_splits
     _cascade_kernel[(num_prefix_programs + num_suffix_programs,)](
         q, k_cache, v_cache, part_o, part_lse, block_tables, context_lens, group_start, prefix_blocks,
-        float(scale) * _LOG2E,
+        k_scale, v_scale, float(scale) * _LOG2E,
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         num_heads, num_kv_heads, num_groups, row_tiles, prefix_splits, suffix_splits, num_prefix_programs,
         GROUP=group, ROWS_P=rows_p, ROWS_S=_rows(group), BLOCK_G=max(2, triton.next_power_of_2(num_groups)),
-        BLOCK_SIZE=block_size, BLOCK_N=_block_n(head_dim, block_size, target), HEAD_DIM=head_dim,
-        BLOCK_D=head_block(head_dim), DOT_PREC=_dot_prec(q.dtype), num_warps=4, num_stages=2,
+        BLOCK_SIZE=block_size, HEAD_DIM=head_dim,
+        BLOCK_N=_block_n(head_dim, block_size, target, narrow=fp8 and q.dtype == torch.bfloat16),
+        BLOCK_D=head_block(head_dim), DOT_PREC=_dot_prec(q.dtype), KV_FP8=fp8, num_warps=4, num_stages=2,
     )
     _merge(part_o, part_lse, out, total_splits)
     return out

@@ -3,7 +3,9 @@
 Shapes and dtypes
   q                [T, Hq, D]  fp16 / bf16 / fp32; the new tokens of sequence b are rows
                    cu_seqlens_q[b]:cu_seqlens_q[b+1] (any strides)
-  k_cache, v_cache [num_blocks, block_size, Hkv, D], q's dtype, contiguous; the new tokens' K/V already stored
+  k_cache, v_cache [num_blocks, block_size, Hkv, D], q's dtype, contiguous; the new tokens' K/V already stored;
+                   or float8 e4m3fn with k_scale, v_scale float32 [Hkv] (value = stored * scale; see kv_fp8.py:
+                   converted exactly to q's dtype as loaded, the scales folded into q.k's scale and the output)
   block_tables     int32 [B, max_blocks]; entries past a sequence's length are never read
   cu_seqlens_q     int32 [B+1]
   context_lens     int32 [B], tokens of each sequence including its new ones
@@ -26,6 +28,7 @@ import triton
 import triton.language as tl
 from selfrag_engine.kernels import Target, as_target, target_of
 from selfrag_engine.kernels.head_dim import MAX_HEAD_DIM, head_block, with_d_mask
+from selfrag_engine.kernels.kv_fp8 import kv_pool_args
 
 __all__ = ["prefill_attention"]
 
@@ -58,7 +61,7 @@ def _prefill_tile(acc, m_i, l_i, q, start, hi, q_pos, k_base, v_base, table_row,
         k = tl.load(k_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
     else:
         k = tl.load(k_ptrs)
-    s = tl.dot(q, k, input_precision=DOT_PREC) * qk_scale
+    s = tl.dot(q, k.to(q.dtype), input_precision=DOT_PREC) * qk_scale
     if CAUSAL_MASK:
         visible = (offs_n[None, :] <= q_pos[:, None]) & key_ok[None, :]
         s = tl.where(visible, s, float("-inf"))
@@ -75,18 +78,18 @@ def _prefill_tile(acc, m_i, l_i, q, start, hi, q_pos, k_base, v_base, table_row,
         v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
     else:
         v = tl.load(v_ptrs)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PREC)
     return acc, m_new, l_i
 
 
 @triton.jit
 def _prefill_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, bt_ptr, cu_ptr, ctx_ptr, qk_scale,
+    q_ptr, k_ptr, v_ptr, out_ptr, bt_ptr, cu_ptr, ctx_ptr, ks_ptr, vs_ptr, qk_scale,
     stride_qt, stride_qh, stride_qd, stride_ot, stride_oh,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
     num_m_tiles,
     GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, KV_FP8: tl.constexpr,
 ):
     # Reversed so that the last query tiles, which see the most keys, are scheduled first.
     m_tile = num_m_tiles - 1 - tl.program_id(0)
@@ -111,6 +114,8 @@ def _prefill_kernel(
         full_end = (first_pos // BLOCK_N) * BLOCK_N
         hi = tl.minimum(ctx, first_pos + BLOCK_M)
 
+        if KV_FP8:
+            qk_scale = qk_scale * tl.load(ks_ptr + kv_head)
         k_base = k_ptr + kv_head * stride_kh
         v_base = v_ptr + kv_head * stride_vh
         table_row = bt_ptr + seq.to(tl.int64) * stride_bt
@@ -125,6 +130,8 @@ def _prefill_kernel(
             acc, m_i, l_i = _prefill_tile(acc, m_i, l_i, q, start, hi, q_pos, k_base, v_base, table_row,
                                           stride_ks, stride_kb, stride_vs, stride_vb, qk_scale,
                                           True, BLOCK_SIZE, BLOCK_N, HEAD_DIM, BLOCK_D, DOT_PREC)
+        if KV_FP8:
+            acc = acc * tl.load(vs_ptr + kv_head)
         # Every real row sees key first_pos at least, so l_i > 0 there; padded rows are never stored.
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(out_ptr + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
@@ -162,8 +169,10 @@ def _check(cond: bool, message: str) -> None:
 
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                       cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, scale: float,
-                      max_q_len: int) -> torch.Tensor:
-    """Causal attention of q [T, Hq, D] over the paged pool; returns [T, Hq, D] in q's dtype.
+                      max_q_len: int, k_scale: torch.Tensor | None = None,
+                      v_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention of q [T, Hq, D] over the paged pool; returns [T, Hq, D] in q's dtype. A float8 pool
+    takes its scales k_scale, v_scale float32 [Hkv].
 
     max_q_len bounds the number of new tokens of any sequence (sizes the grid; no device sync here).
     """
@@ -177,8 +186,7 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     _check(block_size & (block_size - 1) == 0, f"block_size must be a power of two, got {block_size}")
     _check(num_heads % num_kv_heads == 0, f"num_heads {num_heads} is not a multiple of kv heads {num_kv_heads}")
     _check(q.dtype in (torch.float16, torch.bfloat16, torch.float32), f"unsupported dtype {q.dtype}")
-    _check(k_cache.dtype == q.dtype and v_cache.dtype == q.dtype,
-           f"pool dtype {k_cache.dtype}/{v_cache.dtype} differs from q dtype {q.dtype}")
+    fp8, k_scale, v_scale = kv_pool_args(q, k_cache, v_cache, k_scale, v_scale)
     _check(k_cache.stride(3) == 1 and v_cache.stride(3) == 1, "the pool's last dim must be contiguous")
     _check(block_tables.dim() == 2 and block_tables.dtype == torch.int32, "block_tables must be int32 [B, max_blocks]")
     batch = block_tables.shape[0]
@@ -197,13 +205,13 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     num_m_tiles = triton.cdiv(max_q_len, cfg["BLOCK_M"])
     grid = (num_m_tiles, num_heads, batch)
     _prefill_kernel[grid](
-        q, k_cache, v_cache, out, block_tables, cu_seqlens_q, context_lens, float(scale) * _LOG2E,
+        q, k_cache, v_cache, out, block_tables, cu_seqlens_q, context_lens, k_scale, v_scale, float(scale) * _LOG2E,
         q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         num_m_tiles,
         GROUP=num_heads // num_kv_heads, BLOCK_SIZE=block_size, HEAD_DIM=head_dim, BLOCK_D=head_block(head_dim),
-        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", KV_FP8=fp8,
         **cfg,
     )
     return out

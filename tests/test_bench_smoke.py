@@ -353,3 +353,21 @@ def test_search_bench_smoke(tmp_path):
         assert speedup == pytest.approx(qps[(c, "batched")] / qps[(c, "plain")], rel=1e-9)
     batched = [r for r in doc["results"] if r["metric"] == "search_qps" and r["config"]["way"] == "batched"]
     assert all(r["config"]["mean_batch"] >= 1 for r in batched)
+
+
+def test_kv_fp8_bench_smoke(tmp_path):
+    """The FP8 KV cache's accuracy and bytes: every headline metric, agreements as fractions, the bytes ratio
+    the quotient of the two counts it reports."""
+    from bench.kv_fp8 import main
+    main(["--smoke", "--out", str(tmp_path)])
+    doc = _load(tmp_path, "kv_fp8")
+    values = {r["metric"]: r["value"] for r in doc["results"]}
+    assert {"kv_fp8_greedy_agreement", "kv_fp8_selfrag_decision_agreement", "kv_bytes_per_step_ratio"} <= set(values)
+    assert 0.5 <= values["kv_fp8_greedy_agreement"] <= 1.0 and 0.0 <= values["kv_fp8_selfrag_decision_agreement"] <= 1.0
+    fp16 = {(r["config"]["branches"], r["config"]["context"]): r["value"] for r in doc["results"]
+            if r["metric"] == "kv_bytes_per_step_fp16_gb"}
+    fp8 = {(r["config"]["branches"], r["config"]["context"]): r["value"] for r in doc["results"]
+           if r["metric"] == "kv_bytes_per_step_fp8_gb"}
+    assert set(fp16) == {(5, 512), (5, 4096), (10, 512), (10, 4096)} == set(fp8)
+    assert values["kv_bytes_per_step_ratio"] == pytest.approx(max(fp8[c] / fp16[c] for c in fp16), rel=1e-6)
+    assert 0.5 < values["kv_bytes_per_step_ratio"] <= 0.52

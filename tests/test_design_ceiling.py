@@ -65,3 +65,15 @@ def test_long_form_by_hand():
     depth1 = (100 + 160) + 100 + (4 * 9 - 2 * 5) * 10 + 4 * (10 + 32)
     assert ours.forwards == 1 + (1 + 2) + (1 + 1)
     assert ours.hbm_bytes == (100 + 30) + depth0 + depth1
+
+
+def test_fp8_kv_by_hand():
+    """An FP8 cache: K/V at one byte an element, and each decoding row reads its scales once per pass."""
+    from bench.design_ceiling import kv_scale_bytes_per_row
+    from bench.workload import LLAMA2_7B
+    assert kv_bytes_per_token(LLAMA2_7B, 1) == 2**18
+    assert kv_scale_bytes_per_row(LLAMA2_7B) == 2 * 32 * 32 * 4
+    fp8 = dataclasses.replace(TINY, kv_bytes=5, kv_scale_bytes=3)
+    w = ours_short(fp8, "always")
+    # As test_ours_short_form_by_hand at half the K/V bytes, plus 2 passes x 2 rows x 3 bytes of scales.
+    assert w.hbm_bytes == (100 + 15) + (100 + 40) + 2 * 100 + (2 * (7 + 8) - 3 * 2) * 5 + 2 * 2 * (5 + 32) + 2 * 2 * 3

@@ -23,11 +23,11 @@ def _params(rng: random.Random) -> SamplingParams:
                           top_p=rng.choice([1.0, 0.9]), seed=rng.randrange(2**31), ignore_eos=rng.random() < 0.7)
 
 
-@pytest.mark.parametrize("overlap,seed", [(False, 7), (True, 8)])
-def test_random_operations_raise_only_named_errors_leak_nothing_and_match_alone(path, overlap, seed):
+@pytest.mark.parametrize("overlap,seed,kv_cache_dtype", [(False, 7, "auto"), (True, 8, "auto"), (False, 9, "fp8")])
+def test_random_operations_raise_only_named_errors_leak_nothing_and_match_alone(path, overlap, seed, kv_cache_dtype):
     rng = random.Random(seed)
     engine = Engine.from_pretrained(path, progress=False, overlap=overlap, block_size=4, num_blocks=40,
-                                    max_num_batched_tokens=20, max_num_seqs=5)
+                                    max_num_batched_tokens=20, max_num_seqs=5, kv_cache_dtype=kv_cache_dtype)
     vocab = engine.config.vocab_size
     specs: dict[int, tuple[list[int], SamplingParams]] = {}  # request -> the prompt and params run alone
     finished: dict[int, list[int]] = {}
@@ -101,7 +101,7 @@ def test_random_operations_raise_only_named_errors_leak_nothing_and_match_alone(
     engine.scheduler.block_manager.check_invariants()
 
     assert len(finished) >= 20, "the walk was meant to finish many requests"
-    ref = Engine.from_pretrained(path, progress=False)
+    ref = Engine.from_pretrained(path, progress=False, kv_cache_dtype=kv_cache_dtype)
     for rid, tokens in sorted(finished.items()):
         prompt, params = specs[rid]
         assert ref.generate([prompt], params)[0].token_ids == tokens, f"request {rid}"

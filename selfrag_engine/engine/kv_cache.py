@@ -1,4 +1,8 @@
-"""The KV pool tensors: one [num_blocks, block_size, kv_heads, head_dim] pair per layer, sized from a budget."""
+"""The KV pool tensors: one [num_blocks, block_size, kv_heads, head_dim] pair per layer, sized from a budget.
+
+The pool's dtype is the model's, or float8 e4m3 (`kv_cache_dtype="fp8"`: one byte per element, so a budget
+holds twice the blocks of fp16; the per-layer, per-head scales are a few bytes per layer, not per block, so
+copy-on-write and rollback copy bytes only)."""
 from __future__ import annotations
 
 import torch
@@ -61,10 +65,16 @@ def num_blocks_for_budget(config: LlamaConfig, block_size: int, dtype: torch.dty
 
 
 def allocate_kv_caches(config: LlamaConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
-                       device: torch.device) -> list[KVCache]:
+                       device: torch.device,
+                       scales: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> list[KVCache]:
+    """One pool per layer; an FP8 pool takes its layer's (k_scale, v_scale) [kv_heads] from `scales`."""
     shape = (num_blocks, block_size, config.num_key_value_heads, config.head_dim)
-    return [KVCache(torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
-            for _ in range(config.num_hidden_layers)]
+    caches = []
+    for layer in range(config.num_hidden_layers):
+        k_scale, v_scale = (None, None) if scales is None else (s.to(device) for s in scales[layer])
+        caches.append(KVCache(torch.empty(shape, dtype=dtype, device=device),
+                              torch.empty(shape, dtype=dtype, device=device), k_scale, v_scale))
+    return caches
 
 
 def copy_blocks(caches: list[KVCache], copies: list[tuple[int, int]]) -> None:
@@ -75,5 +85,6 @@ def copy_blocks(caches: list[KVCache], copies: list[tuple[int, int]]) -> None:
     src = to_device([s for s, _ in copies], torch.long, device)
     dst = to_device([d for _, d in copies], torch.long, device)
     for cache in caches:
-        cache.k.index_copy_(0, dst, cache.k.index_select(0, src))
-        cache.v.index_copy_(0, dst, cache.v.index_select(0, src))
+        # As bytes: torch has no CPU index ops for float8, and a copy is the same bytes whatever the dtype.
+        for pool in (cache.k.view(torch.uint8), cache.v.view(torch.uint8)):
+            pool.index_copy_(0, dst, pool.index_select(0, src))

@@ -15,10 +15,10 @@ from typing import Sequence as Seq
 import torch
 from tqdm.auto import tqdm
 
-from selfrag_engine.backend import choose_backend, device_of
+from selfrag_engine.backend import TRITON, choose_backend, device_of
 from selfrag_engine.config import LlamaConfig
 from selfrag_engine.engine.block_manager import BlockManager
-from selfrag_engine.engine.kv_cache import allocate_kv_caches, num_blocks_for_budget
+from selfrag_engine.engine.kv_cache import allocate_kv_caches, kv_bytes_per_token, num_blocks_for_budget
 from selfrag_engine.engine.lock import FairLock, locked
 from selfrag_engine.engine.model_runner import ModelRunner
 from selfrag_engine.engine.output import RequestOutput, request_output
@@ -31,11 +31,24 @@ from selfrag_engine.engine.runtime_plan import plan_runtime
 from selfrag_engine.engine.stepping import Stepper
 from selfrag_engine.errors import EngineConfigError, RequestError, SchedulingError
 from selfrag_engine.hub import resolve_model
+from selfrag_engine.layers.attention import FP8_KV_DTYPE
+from selfrag_engine.models.kv_scales import fp8_kv_scales
 from selfrag_engine.tokenizer import Tokenizer
 from selfrag_engine.weights.checkpoint import check_checkpoint_dir
 from selfrag_engine.weights.loader import load_model
 
 __all__ = ["Engine", "RequestOutput"]
+
+
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+
+
+def _kv_cache_dtype(value: object, model_dtype: torch.dtype) -> torch.dtype:
+    """"auto": the model's dtype; "fp8" (or "fp8_e4m3", as vLLM names it): float8 e4m3 with static scales."""
+    if value not in KV_CACHE_DTYPES:
+        raise EngineConfigError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {value!r}"
+                                + (" (only the e4m3 format is supported)" if value == "fp8_e5m2" else ""))
+    return model_dtype if value == "auto" else FP8_KV_DTYPE
 
 
 def _positive(**options: object) -> None:
@@ -66,7 +79,7 @@ class Engine:
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 4096, max_model_len: int | None = None,
                  enable_prefix_caching: bool = True, use_kernels: bool | None = None, enforce_eager: bool = False,
                  cuda_graph_max_batch: int = 64, overlap: bool | None = None, num_draft_tokens: int | None = None,
-                 seed: int = 0):
+                 kv_cache_dtype: str = "auto", seed: int = 0):
         _positive(block_size=block_size, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
         # The one backend decision, and what follows from it and the device: every layer of the model, the
         # runner and the sampler ask the backend; graphs, overlap and speculation follow the plan.
@@ -81,16 +94,23 @@ class Engine:
         self.dtype = model.model.embed_tokens.weight.dtype
         self.max_model_len = min(max_model_len or self.config.max_position_embeddings,
                                  self.config.max_position_embeddings)
+        self.kv_cache_dtype = _kv_cache_dtype(kv_cache_dtype, self.dtype)
         if num_blocks is None:
-            num_blocks = num_blocks_for_budget(self.config, block_size, self.dtype, self.device,
+            num_blocks = num_blocks_for_budget(self.config, block_size, self.kv_cache_dtype, self.device,
                                                kv_cache_bytes, gpu_memory_utilization,
                                                max_num_seqs=max_num_seqs, max_model_len=self.max_model_len)
         _positive(num_blocks=num_blocks)
         self.block_size = block_size
-        self.kv_caches = allocate_kv_caches(self.config, num_blocks, block_size, self.dtype, self.device)
+        scales = fp8_kv_scales(model) if self.kv_cache_dtype == FP8_KV_DTYPE else None
+        self.kv_caches = allocate_kv_caches(self.config, num_blocks, block_size, self.kv_cache_dtype, self.device,
+                                            scales)
         self.scheduler = Scheduler(BlockManager(num_blocks, block_size, enable_prefix_caching), max_num_seqs,
                                    max_num_batched_tokens)
         self.backend = plan.backend
+        if self.backend == TRITON and self.kv_cache_dtype == FP8_KV_DTYPE and \
+                torch.cuda.get_device_capability(self.device) < (8, 9):
+            raise EngineConfigError("kv_cache_dtype='fp8' on the Triton kernels needs a GPU with an e4m3 type "
+                                    "(sm_89 or later: Ada, Hopper); use kv_cache_dtype='auto' here")
         model.set_backend(self.backend)
         self.runner = ModelRunner(model, self.kv_caches, block_size, self.device, self.backend)
         if plan.capture_graphs:
@@ -118,7 +138,8 @@ class Engine:
         Engine options (README lists them): block_size, num_blocks or kv_cache_bytes or gpu_memory_utilization,
         max_num_seqs, max_num_batched_tokens, max_model_len, enable_prefix_caching, use_kernels (default: on
         CUDA), enforce_eager (no CUDA graphs), cuda_graph_max_batch, overlap (default: on CUDA),
-        num_draft_tokens (exact speculative decoding, 0 = off; default: 4 on CUDA, off on the CPU), seed.
+        num_draft_tokens (exact speculative decoding, 0 = off; default: 4 on CUDA, off on the CPU),
+        kv_cache_dtype ("auto": the model's dtype; "fp8": float8 e4m3 keys and values, twice the tokens), seed.
         """
         path = check_checkpoint_dir(resolve_model(path, revision, download=download))
         dev = device_of(device)
@@ -279,7 +300,14 @@ class Engine:
 
     @locked
     def cache_stats(self) -> dict[str, int]:
-        return self.scheduler.cache_stats()
+        """Blocks by state, and the pool's size: `kv_cache_bytes` (all layers' keys and values, scales
+        included), `kv_bytes_per_token`, `kv_capacity_tokens` (num_blocks * block_size)."""
+        stats = self.scheduler.cache_stats()
+        per_token = kv_bytes_per_token(self.config, self.kv_cache_dtype)
+        scale_bytes = sum(2 * c.k_scale.numel() * c.k_scale.element_size() for c in self.kv_caches if c.fp8)
+        stats.update(kv_cache_bytes=per_token * stats["num_blocks"] * stats["block_size"] + scale_bytes,
+                     kv_bytes_per_token=per_token, kv_capacity_tokens=stats["num_blocks"] * stats["block_size"])
+        return stats
 
     @locked
     def speculation_stats(self) -> dict[str, float]:

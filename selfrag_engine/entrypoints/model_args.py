@@ -1,5 +1,5 @@
 """The model and device options every command shares (`--model`, `--revision`, `--download`, `--device`,
-`--dtype`, `--quantization`), and the checks they get before any slow work."""
+`--dtype`, `--quantization`, `--kv-cache-dtype`), and the checks they get before any slow work."""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from selfrag_engine.backend import AUTO, device_of
-from selfrag_engine.engine.llm_engine import Engine
+from selfrag_engine.engine.llm_engine import KV_CACHE_DTYPES, Engine
 from selfrag_engine.hub import EMBEDDED_MODEL_NAMES, resolve_model
 from selfrag_engine.weights.checkpoint import check_checkpoint_dir
 
@@ -26,6 +26,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, model_required: bool
                         help="auto (the checkpoint's on CUDA, float32 on the CPU), float32, float16 or bfloat16")
     parser.add_argument("--quantization", default=NO_QUANTIZATION, type=str.lower, choices=QUANTIZATIONS,
                         help="fp8: e4m3 weights, per output channel (a pre-quantized checkpoint loads as such)")
+    parser.add_argument("--kv-cache-dtype", default="auto", type=str.lower, choices=KV_CACHE_DTYPES,
+                        help="auto: keys and values in the model's dtype; fp8: e4m3 keys and values, twice the "
+                             "tokens per byte")
 
 
 def add_hub_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,7 +54,8 @@ def resolve_model_arg(args: argparse.Namespace) -> Path:
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:
     """Engine.from_pretrained's keyword arguments for the parsed options ("auto" and "none" as None)."""
     return {"device": args.device, "dtype": None if args.dtype == AUTO else args.dtype,
-            "quantization": None if args.quantization == NO_QUANTIZATION else args.quantization}
+            "quantization": None if args.quantization == NO_QUANTIZATION else args.quantization,
+            "kv_cache_dtype": args.kv_cache_dtype}
 
 
 def load_engine(args: argparse.Namespace, **options: Any) -> Engine:

@@ -145,6 +145,9 @@ class _Metrics:
         self.running_rows = Gauge("selfrag_running_rows", "sequences the scheduler runs", registry=r)
         self.kv_used = Gauge("selfrag_kv_blocks_used", "KV cache blocks in use", registry=r)
         self.kv_free = Gauge("selfrag_kv_blocks_free", "KV cache blocks free", registry=r)
+        self.kv_capacity = Gauge("selfrag_kv_cache_capacity_tokens", "tokens the KV pool holds, by its dtype",
+                                 ["dtype"], registry=r)
+        self.kv_bytes = Gauge("selfrag_kv_cache_bytes", "bytes of the KV pool (keys, values, scales)", registry=r)
         self.tokens = Counter("selfrag_generated_tokens", "tokens generated for requests (rate() gives tokens/s)",
                               registry=r)
         self.tokens_seen = 0
@@ -197,6 +200,8 @@ def build_app(loop: EngineLoop, model_name: str, retriever: Any = None, limits: 
         metrics.running_rows.set(stats["running"])
         metrics.kv_used.set(stats["used"])
         metrics.kv_free.set(stats["free"])
+        metrics.kv_capacity.labels(stats["kv_dtype"]).set(stats["kv_capacity_tokens"])
+        metrics.kv_bytes.set(stats["kv_cache_bytes"])
         # Tokens of every request the loop streamed or answered, cancelled ones included up to their cut.
         seen = loop.stats.generated_tokens
         metrics.tokens.inc(seen - metrics.tokens_seen)
@@ -338,9 +343,11 @@ async def _on_loop(loop: EngineLoop, fn, *args):
     return await asyncio.wrap_future(loop.call(fn, *args))
 
 
-def _engine_stats(engine) -> dict[str, int]:
+def _engine_stats(engine) -> dict[str, int | str]:
     stats = engine.cache_stats()
-    return {"used": stats["used"], "free": stats["free"], "running": engine.num_running()}
+    return {"used": stats["used"], "free": stats["free"], "running": engine.num_running(),
+            "kv_capacity_tokens": stats["kv_capacity_tokens"], "kv_cache_bytes": stats["kv_cache_bytes"],
+            "kv_dtype": str(engine.kv_cache_dtype).removeprefix("torch.")}
 
 
 def _prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
@@ -652,6 +659,7 @@ def serve(args) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     engine = Engine.from_pretrained(args.model, device=device, dtype=args.dtype,
                                     quantization=args.quantization, progress=not args.quiet,
+                                    kv_cache_dtype=args.kv_cache_dtype,
                                     **({"num_blocks": args.num_blocks} if args.num_blocks else {}))
     name = args.served_model_name or Path(args.model).resolve().name
     limits, access = ServerLimits.from_args(args), Access.from_args(args)

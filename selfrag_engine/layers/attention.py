@@ -3,6 +3,14 @@
 Pool layout per layer: keys and values [num_blocks, block_size, kv_heads, head_dim]. Token i of a sequence
 lives in block `block_tables[b, i // block_size]` at offset `i % block_size` (flat slot
 block * block_size + offset). The torch code here is the CPU path and the oracle of the Triton kernels.
+
+An FP8 pool (`kv_cache_dtype="fp8"`) holds float8 e4m3 keys and values with one static scale per layer and
+kv head (`KVCache.k_scale`, `v_scale`; engine/kv_cache.py chooses them before any write): a stored byte is
+x / scale rounded to e4m3, so a block's bytes depend on its tokens only, never on which branch wrote it, and
+forked branches and the prefix cache share blocks exactly as with fp16. The scales are powers of two, so
+dividing and multiplying by them is exact and the only rounding is the one to e4m3. The torch path's reads
+dequantize to float32 (value = stored * scale) and attend in float32; the kernels convert the bytes exactly to
+q's dtype as they load them and fold the scales into their math (kernels/kv_fp8.py).
 """
 from __future__ import annotations
 
@@ -16,11 +24,38 @@ from selfrag_engine.backend import Backend
 from selfrag_engine.kernels import decode_attention, prefill_attention
 
 
+FP8_KV_DTYPE = torch.float8_e4m3fn
+FP8_KV_MAX = 448.0  # the largest finite e4m3 value
+
+
 @dataclass
 class KVCache:
-    """One layer's pool: k, v [num_blocks, block_size, kv_heads, head_dim]."""
+    """One layer's pool: k, v [num_blocks, block_size, kv_heads, head_dim] in the model's dtype, or float8 e4m3
+    with k_scale, v_scale float32 [kv_heads] (powers of two; a stored value times its head's scale)."""
     k: torch.Tensor
     v: torch.Tensor
+    k_scale: torch.Tensor | None = None
+    v_scale: torch.Tensor | None = None
+
+    @property
+    def fp8(self) -> bool:
+        return self.k_scale is not None
+
+
+def quantize_kv(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [T, kv_heads, D] -> float8 e4m3 of x / scale[head], saturated at +-448 (what cannot be represented is
+    clamped, never turned into NaN or inf)."""
+    return (x.float() / scale[:, None]).clamp_(-FP8_KV_MAX, FP8_KV_MAX).to(FP8_KV_DTYPE)
+
+
+def dequantize_kv(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """float8 x [..., kv_heads, D] -> float32 x * scale[head]."""
+    return x.float() * scale[:, None]
+
+
+def _bytes(pool: torch.Tensor) -> torch.Tensor:
+    """The pool as its index ops accept it: torch's CPU index_copy/index_select take no float8, but bytes."""
+    return pool.view(torch.uint8) if pool.dtype == FP8_KV_DTYPE else pool
 
 
 @dataclass
@@ -70,20 +105,22 @@ class AttentionMetadata:
 def store_kv(k: torch.Tensor, v: torch.Tensor, cache: KVCache, slot_mapping: torch.Tensor) -> None:
     """Writes k, v [T, kv_heads, head_dim] into the pool at slot_mapping [T] (negative slots skipped)."""
     num_blocks, block_size, kv_heads, head_dim = cache.k.shape
-    flat_k = cache.k.view(num_blocks * block_size, kv_heads, head_dim)
-    flat_v = cache.v.view(num_blocks * block_size, kv_heads, head_dim)
+    flat_k = _bytes(cache.k).view(num_blocks * block_size, kv_heads, head_dim)
+    flat_v = _bytes(cache.v).view(num_blocks * block_size, kv_heads, head_dim)
     keep = slot_mapping >= 0
     if not bool(keep.all()):
         slot_mapping, k, v = slot_mapping[keep], k[keep], v[keep]
-    flat_k.index_copy_(0, slot_mapping, k.to(cache.k.dtype))
-    flat_v.index_copy_(0, slot_mapping, v.to(cache.v.dtype))
+    if cache.fp8:
+        k, v = _bytes(quantize_kv(k, cache.k_scale)), _bytes(quantize_kv(v, cache.v_scale))
+    flat_k.index_copy_(0, slot_mapping, k.to(flat_k.dtype))
+    flat_v.index_copy_(0, slot_mapping, v.to(flat_v.dtype))
 
 
 def paged_attention_torch(q: torch.Tensor, cache: KVCache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """Causal attention of the new tokens q [T, Hq, D] over each sequence's cached prefix plus themselves.
 
     Query j of sequence b sits at position context_len - q_len + j and sees keys 0..that position.
-    Returns [T, Hq, D] in q's dtype.
+    Returns [T, Hq, D] in q's dtype. An FP8 pool is dequantized as it is gathered and attended in float32.
 
     Sequences of similar query length are padded into groups and attended with two batched matmuls per group,
     keys and values gathered head-major in one copy. A padded key position reads the sequence's own last key (written,
@@ -175,18 +212,23 @@ def _attend_group(q: torch.Tensor, cache: KVCache, plan: _GroupPlan, scale: floa
     rep = heads // kv_heads
     n, max_q, max_ctx = plan.n, plan.max_q, plan.max_ctx
     # Gathered head-major in one copy, as the matmuls read them: [Hkv, n, max_ctx, D].
-    k = cache.k.view(-1, head_dim).index_select(0, plan.kv_rows).view(kv_heads, n, max_ctx, head_dim)
-    v = cache.v.view(-1, head_dim).index_select(0, plan.kv_rows).view(kv_heads, n, max_ctx, head_dim)
+    k = _bytes(cache.k).view(-1, head_dim).index_select(0, plan.kv_rows).view(kv_heads, n, max_ctx, head_dim)
+    v = _bytes(cache.v).view(-1, head_dim).index_select(0, plan.kv_rows).view(kv_heads, n, max_ctx, head_dim)
+    dtype = q.dtype
+    if cache.fp8:
+        dtype = torch.float32
+        k = k.view(FP8_KV_DTYPE).float() * cache.k_scale[:, None, None, None]
+        v = v.view(FP8_KV_DTYPE).float() * cache.v_scale[:, None, None, None]
     # Queries [Hkv, n, rep * max_q, D], a kv head's `rep` query heads stacked along the rows.
     qg = q.index_select(0, plan.rows).view(n, max_q, kv_heads, rep, head_dim).permute(2, 0, 3, 1, 4)
-    qg = qg.reshape(kv_heads, n, rep * max_q, head_dim)
+    qg = qg.reshape(kv_heads, n, rep * max_q, head_dim).to(dtype)
     scores = torch.matmul(qg, k.transpose(-1, -2)) * scale
     scores = scores.masked_fill(plan.masked, float("-inf"))
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(dtype)
     probs = probs.nan_to_num(0.0) if plan.any_empty else probs
     o = torch.matmul(probs, v)  # [Hkv, n, rep * max_q, D]
     o = o.view(kv_heads, n, rep, max_q, head_dim).permute(1, 3, 0, 2, 4).reshape(n, max_q, heads, head_dim)
-    out[plan.out_rows] = o[plan.keep]
+    out[plan.out_rows] = o[plan.keep].to(q.dtype)
 
 
 def paged_attention(q: torch.Tensor, cache: KVCache, meta: AttentionMetadata, scale: float,
@@ -199,9 +241,12 @@ def paged_attention(q: torch.Tensor, cache: KVCache, meta: AttentionMetadata, sc
         suffix_splits = decode_attention.default_num_splits(q.shape[0], cache.k.shape[2], c.max_suffix_len, q.device)
         return decode_attention.cascade_decode_attention(
             q, cache.k, cache.v, meta.block_tables, meta.context_lens, c.group_start, c.prefix_blocks, scale,
-            max_group_size=c.max_group_size, max_context_len=meta.max_context_len, suffix_splits=suffix_splits)
+            max_group_size=c.max_group_size, max_context_len=meta.max_context_len, suffix_splits=suffix_splits,
+            k_scale=cache.k_scale, v_scale=cache.v_scale)
     if meta.is_decode:
         return decode_attention.paged_decode_attention(q, cache.k, cache.v, meta.block_tables, meta.context_lens,
-                                                       scale, max_context_len=meta.max_context_len)
+                                                       scale, max_context_len=meta.max_context_len,
+                                                       k_scale=cache.k_scale, v_scale=cache.v_scale)
     return prefill_attention.prefill_attention(q, cache.k, cache.v, meta.block_tables, meta.cu_seqlens_q,
-                                               meta.context_lens, scale, meta.max_q_len)
+                                               meta.context_lens, scale, meta.max_q_len,
+                                               k_scale=cache.k_scale, v_scale=cache.v_scale)

@@ -111,7 +111,8 @@ class Attention(ShardedLinears):
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
         if self.backend.kernels:
-            rotary_and_store_kv(q, k, v, positions, rope[0], rope[1], kv.k, kv.v, meta.slot_mapping)
+            rotary_and_store_kv(q, k, v, positions, rope[0], rope[1], kv.k, kv.v, meta.slot_mapping,
+                                kv.k_scale, kv.v_scale)
         else:
             cos, sin = rope[0][positions], rope[1][positions]
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
