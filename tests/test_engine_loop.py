@@ -103,7 +103,6 @@ def test_cancel_frees_blocks_and_bad_requests_fail_their_handle():
         bad = loop.submit([1] * (engine.max_model_len + 5), SamplingParams(max_tokens=4))
         with pytest.raises(RequestError):
             bad.result(timeout=30)
-        time.sleep(0.2)
         assert loop.call(engine.cache_stats).result(10)["used"] == 0
         assert loop.pending == 0
 
@@ -121,7 +120,6 @@ def test_deadline_and_admission_bound():
         h2.cancel()
         with pytest.raises(Cancelled):
             h2.result(timeout=60)
-        time.sleep(0.2)
         assert loop.pending == 0
         assert loop.call(engine.cache_stats).result(10)["used"] == 0
 
@@ -146,24 +144,58 @@ def test_selfrag_queries_from_threads_answer_as_alone():
     assert used == 0
 
 
+class _Gate:
+    """The engine view a program is handed, held at the first wait for its forked branches until the test
+    opens the gate: the program is then certainly still running, holding its branches' blocks."""
+
+    def __init__(self):
+        self._inner = None
+        self.held = threading.Event()
+        self.go = threading.Event()
+        self._forked = False
+
+    def bind(self, inner) -> "_Gate":
+        self._inner = inner
+        return self
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def fork(self, *args, **kwargs):
+        self._forked = True
+        return self._inner.fork(*args, **kwargs)
+
+    def _hold(self) -> None:
+        if self._forked and not self.held.is_set():
+            self.held.set()
+            assert self.go.wait(60), "the test never opened the gate"
+
+    def run(self, *args, **kwargs):
+        self._hold()
+        return self._inner.run(*args, **kwargs)
+
+    def run_until_any(self, *args, **kwargs):
+        self._hold()
+        return self._inner.run_until_any(*args, **kwargs)
+
+
 def test_cancelled_query_frees_its_branches():
     rng = random.Random(4)
     q, docs = question(rng), passages(rng, 4)
     engine = steered_engine()
-    started = threading.Event()
+    gate = _Gate()
 
     def program(e):
-        started.set()
-        return SelfRAG(e, ndocs=4, max_new_tokens=300, mode="always").answer(q, docs)
+        return SelfRAG(gate.bind(e), ndocs=4, max_new_tokens=300, mode="always").answer(q, docs)
 
     with EngineLoop(engine) as loop:
         f = loop.run_program(program)
-        started.wait(30)
-        time.sleep(0.3)
-        assert f.cancel()
+        assert gate.held.wait(60)
+        assert loop.call(engine.cache_stats).result(10)["used"] > 0  # the branches hold blocks
+        assert f.cancel()  # held at the gate: still running
+        gate.go.set()
         with pytest.raises(Cancelled):
             f.result(timeout=60)
-        time.sleep(0.3)
         assert loop.call(engine.cache_stats).result(10)["used"] == 0
         assert loop.pending == 0
 
@@ -173,16 +205,15 @@ def test_close_answers_a_query_waiting_on_the_loop():
     engine = steered_engine()
     rng = random.Random(5)
     q, docs = question(rng), passages(rng, 3)
-    started = threading.Event()
+    gate = _Gate()
 
     def program(e):
-        started.set()
-        return SelfRAG(e, ndocs=3, max_new_tokens=300, mode="always").answer(q, docs)
+        return SelfRAG(gate.bind(e), ndocs=3, max_new_tokens=300, mode="always").answer(q, docs)
 
     loop = EngineLoop(engine)
     f = loop.run_program(program)
-    started.wait(30)
-    time.sleep(0.2)
+    assert gate.held.wait(60)
     loop.close()
+    gate.go.set()
     with pytest.raises(Cancelled):
         f.result(timeout=60)

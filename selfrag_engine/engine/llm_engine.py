@@ -21,7 +21,7 @@ from selfrag_engine.engine.block_manager import BlockManager
 from selfrag_engine.engine.kv_cache import allocate_kv_caches, num_blocks_for_budget
 from selfrag_engine.engine.lock import FairLock, locked
 from selfrag_engine.engine.model_runner import ModelRunner
-from selfrag_engine.engine.output import RequestOutput, request_output
+from selfrag_engine.engine.output import Delta, RequestOutput, request_output, take_delta
 from selfrag_engine.engine.requests import Requests, batch_of
 from selfrag_engine.engine.sampling_inputs import reflection_groups
 from selfrag_engine.engine.sampling_params import SamplingParams
@@ -33,7 +33,7 @@ from selfrag_engine.errors import EngineConfigError, RequestError, SchedulingErr
 from selfrag_engine.tokenizer import Tokenizer
 from selfrag_engine.weights.loader import load_model
 
-__all__ = ["Engine", "RequestOutput"]
+__all__ = ["Delta", "Engine", "RequestOutput"]
 
 
 def _positive(**options: object) -> None:
@@ -186,6 +186,10 @@ class Engine:
         return self.requests.get(request_id).num_output_tokens
 
     @locked
+    def num_prompt_tokens(self, request_id: int) -> int:
+        return self.requests.get(request_id).num_prompt_tokens
+
+    @locked
     def has_work(self) -> bool:
         """Whether a step would compute something: requests are waiting or running."""
         return self.scheduler.has_work()
@@ -201,6 +205,15 @@ class Engine:
         """Runs one model step over the scheduled batch; returns the ids of requests that finished in it
         (see engine/stepping.py for overlapped steps and what an exception inside a step leaves)."""
         return [s.request_id for s in self.stepper.step()[0]]
+
+    @locked
+    def step_deltas(self) -> list[Delta]:
+        """Runs one model step; returns a `Delta` for every request it touched: the new token ids with their
+        log-probabilities, the text they made final, and the finish reason on a request's last delta. A
+        request's deltas, joined, are its output (`output(request_id).text`, `.token_ids`); the work per step
+        is that of the step's rows, whatever the length of the outputs or the number of requests waiting."""
+        self.stepper.step()
+        return [d for d in map(take_delta, self.stepper.touched) if d is not None]
 
     def run_until_any(self, request_ids: Iterable[int]) -> list[int]:
         """Steps until at least one listed request is done; returns the listed ones that are, those that

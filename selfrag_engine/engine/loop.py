@@ -24,6 +24,7 @@ from typing import Any, AsyncIterator, Callable, Iterable, Iterator, Sequence, T
 import torch
 
 from selfrag_engine.engine.llm_engine import Engine, RequestOutput
+from selfrag_engine.engine.output import Delta
 from selfrag_engine.engine.sampling_params import SamplingParams
 from selfrag_engine.errors import (
     Cancelled,
@@ -36,14 +37,6 @@ from selfrag_engine.errors import (
 T = TypeVar("T")
 
 
-@dataclass
-class Delta:
-    """New output of a streamed request since the previous delta."""
-    token_ids: list[int]
-    text: str  # the text added (the whole text so far minus what earlier deltas carried)
-    finish_reason: str | None = None  # set on the last delta
-
-
 class RequestHandle:
     """A request submitted to the loop: wait for it (`result`, `await handle`), stream it (`deltas`,
     `async for delta in handle`) or `cancel` it. Thread-safe."""
@@ -51,15 +44,15 @@ class RequestHandle:
     def __init__(self, loop: "EngineLoop", deadline: float | None):
         self._loop = loop
         self.request_id: int | None = None
+        self.num_prompt_tokens: int | None = None  # once the engine took the request
         self.deadline = deadline
         self.future: Future[RequestOutput] = Future()
         self.accepted: Future[int] = Future()  # the request id once the engine took the request
         self._events: list[Delta] = []
         self._cond = threading.Condition()
         self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
-        self._sent_tokens = 0
-        self._sent_text = ""
         self.cancelled = False
+        self._on_finish: Callable[[], None] | None = None  # frees the admission slot, before the future is done
 
     # -- consumer side ----------------------------------------------------------------------------------
 
@@ -133,6 +126,8 @@ class RequestHandle:
         with self._cond:
             if self.future.done():
                 return
+            if self._on_finish is not None:
+                self._on_finish()
             if error is not None:
                 self.future.set_exception(error)
             else:
@@ -218,7 +213,7 @@ class EngineLoop:
         self._check_running()
         self._admit()
         handle = RequestHandle(self, None if timeout_s is None else time.monotonic() + timeout_s)
-        handle.future.add_done_callback(lambda _: self._release_slot())
+        handle._on_finish = self._release_slot
         params = params or SamplingParams()
 
         def add() -> None:
@@ -231,6 +226,7 @@ class EngineLoop:
                 handle._finish(None, e)
                 return
             handle.request_id = rid
+            handle.num_prompt_tokens = self.engine.num_prompt_tokens(rid)
             handle.accepted.set_result(rid)
             self._handles[rid] = handle
             self.stats.submitted += 1
@@ -324,14 +320,15 @@ class EngineLoop:
             if self.engine.has_work():
                 t0 = time.perf_counter()
                 try:
-                    finished = self.engine.step()
+                    deltas = self.engine.step_deltas()
                 except Exception as e:  # noqa: BLE001 - every waiter learns of it; the loop goes on
                     self._fail_all(e)
-                    finished = []
+                    deltas = []
                 self.stats.step_seconds += time.perf_counter() - t0
+                finished = [d.request_id for d in deltas if d.finished]
                 for order, rid in enumerate(finished):
                     self._finished_at[rid] = (self.stats.steps, order)
-                self._publish(finished)
+                self._publish(deltas)
                 self._wake_waiters(set(finished))
                 with self._stepped:
                     self.stats.steps += 1
@@ -365,27 +362,20 @@ class EngineLoop:
                 keep.append((ids, event))
         self._waiters = keep
 
-    def _publish(self, finished: Iterable[int]) -> None:
-        """Pushes each streamed request's new tokens; completes the finished ones."""
-        done = set(finished)
-        for rid, handle in list(self._handles.items()):
-            if not self.engine.is_done(rid) and handle._sent_tokens == self.engine.num_output_tokens(rid):
-                continue
-            out = self.engine.output(rid)
-            new_ids = out.token_ids[handle._sent_tokens:]
-            text = out.text
-            # Text is whole-sequence decoding; a delta carries what was added since the last one.
-            added = text[len(handle._sent_text):] if text.startswith(handle._sent_text) else text
-            is_done = rid in done or self.engine.is_done(rid)
-            if new_ids or is_done:
-                handle._sent_tokens = len(out.token_ids)
-                handle._sent_text = text
-                self.stats.generated_tokens += len(new_ids)
-                handle._push(Delta(list(new_ids), added, out.finish_reason if is_done else None))
-            if is_done:
-                del self._handles[rid]
-                self._finished_at.pop(rid, None)
-                self.engine.forget(rid)
+    def _publish(self, deltas: Iterable[Delta]) -> None:
+        """Hands each streamed request its step's delta; completes the finished ones. Only the requests the
+        step touched are visited."""
+        for d in deltas:
+            handle = self._handles.get(d.request_id)
+            if handle is None:
+                continue  # a program's request: its program reads it
+            self.stats.generated_tokens += len(d.token_ids)
+            handle._push(d)
+            if d.finished:
+                del self._handles[d.request_id]
+                self._finished_at.pop(d.request_id, None)
+                out = self.engine.output(d.request_id)
+                self.engine.forget(d.request_id)
                 handle._finish(out, None)
 
     def _abort(self, handle: RequestHandle, error: BaseException) -> None:
