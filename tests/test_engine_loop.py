@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import random
 import threading
-import time
 
 import pytest
+import torch
 
 from selfrag_engine import Engine, SamplingParams
 from selfrag_engine.engine.loop import EngineLoop
-from selfrag_engine.errors import Cancelled, DeadlineExceeded, QueueFullError, RequestError
+from selfrag_engine.errors import Cancelled, DeadlineExceeded, QueueFullError, RequestError, SchedulingError
 from selfrag_engine.selfrag.short_form import SelfRAG
 from tests.helpers import tiny_checkpoint
 from tests.selfrag_fixtures import CKPT, passages, question, steered_engine
@@ -217,3 +217,42 @@ def test_close_answers_a_query_waiting_on_the_loop():
     gate.go.set()
     with pytest.raises(Cancelled):
         f.result(timeout=60)
+
+
+def test_programs_see_the_engine_client_contract():
+    """A program's view and the bare engine are both EngineClients and answer alike: a scored prompt, an
+    error of a one-way operation surfacing where the program waits, a stall named instead of a hang."""
+    from selfrag_engine.engine.client import EngineClient
+
+    engine = _engine()
+    alone = _engine()
+    assert isinstance(alone, EngineClient)
+    ids = [5, 17, 40, 2, 99, 7]
+    expected = alone.score(ids)
+
+    def scoring(e):
+        assert isinstance(e, EngineClient)
+        rid = e.add_request(ids, SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))
+        logits = e.score(ids)  # joins the steps of the running request
+        out = e.run([rid])[0]
+        return logits, out.token_ids
+
+    def bad(e):
+        rid = e.add_request([1] * (engine.max_model_len + 5), SamplingParams(max_tokens=4))  # returns at once
+        return e.run([rid])
+
+    def stalled(e):
+        rid = e.add_request(ids, SamplingParams(max_tokens=500, temperature=0.0, ignore_eos=True))
+        e.release(rid)  # aborted: it will never finish
+        return e.run([rid])
+
+    with EngineLoop(engine) as loop:
+        logits, tokens = loop.run_program(scoring).result(120)
+        with pytest.raises(RequestError):
+            loop.run_program(bad).result(60)
+        with pytest.raises(SchedulingError):
+            loop.run_program(stalled).result(60)
+        assert loop.call(engine.cache_stats).result(10)["used"] == 0
+        assert loop.pending == 0
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)  # batched with another row
+    assert tokens == alone.generate(ids, SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))[0].token_ids

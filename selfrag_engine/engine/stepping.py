@@ -158,6 +158,7 @@ class Stepper:
                     at += c.num_tokens
                     if c.samples:
                         self.scheduler.finish(c.seq, keep_cache=False)
+                        c.seq.finish_reason = "length"  # every position scored: its whole length
                         finished.append(c.seq)
                         self.touched.append(c.seq)
                 elif c.samples:
