@@ -256,3 +256,18 @@ def test_programs_see_the_engine_client_contract():
         assert loop.pending == 0
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)  # batched with another row
     assert tokens == alone.generate(ids, SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))[0].token_ids
+
+
+def test_a_handle_whose_future_a_client_cancelled_still_frees_its_slot():
+    """What asyncio does when an awaiting client goes away: the handle's future is cancelled from outside,
+    then the handle; the request is aborted and its admission slot and blocks are freed all the same."""
+    engine = _engine()
+    with EngineLoop(engine, max_pending=1) as loop:
+        h = loop.submit(list(range(3, 60)), SamplingParams(max_tokens=500, temperature=0.0, ignore_eos=True))
+        h.accepted.result(30)
+        assert h.future.cancel()
+        h.cancel()
+        assert loop.call(engine.cache_stats).result(30)["used"] == 0  # runs after the abort
+        assert loop.pending == 0
+        again = loop.submit([3, 4, 5], SamplingParams(max_tokens=2))  # the one slot is free again
+        assert len(again.result(60).token_ids) == 2

@@ -31,6 +31,7 @@ class RequestHandle:
         self._cond = threading.Condition()
         self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
         self.cancelled = False
+        self._finished = False  # set once, by the loop, when the request is over (whatever its future says)
         self._on_finish: Callable[[], None] | None = None  # frees the admission slot, before the future is done
 
     # -- consumer side ----------------------------------------------------------------------------------
@@ -43,7 +44,7 @@ class RequestHandle:
 
     def cancel(self) -> None:
         """Aborts the request; its blocks are freed at the next step. A finished request stays finished."""
-        if not self.future.done():
+        if not self._finished:
             self.cancelled = True
             self._abort(self)
 
@@ -103,14 +104,18 @@ class RequestHandle:
             else:
                 self.accepted.set_result(self.request_id)
         with self._cond:
-            if self.future.done():
+            if self._finished:
                 return
+            self._finished = True
             if self._on_finish is not None:
                 self._on_finish()
-            if error is not None:
-                self.future.set_exception(error)
-            else:
-                self.future.set_result(out)
+            # An asyncio wrapper of the future may have cancelled it (a client that went away): the request is
+            # finished all the same, and its slot freed above.
+            if not self.future.done():
+                if error is not None:
+                    self.future.set_exception(error)
+                else:
+                    self.future.set_result(out)
             self._cond.notify_all()
             waiters = list(self._async_waiters)
         for loop, event in waiters:
