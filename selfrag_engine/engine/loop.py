@@ -21,6 +21,7 @@ every KV block of the request, or of a program's requests, at the next step.
 """
 from __future__ import annotations
 
+import heapq
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -67,6 +68,7 @@ class EngineLoop:
         # Loop thread only: the streamed requests' handles and the programs' requests, by request id.
         self._handles: dict[int, RequestHandle] = {}
         self._owners: dict[int, ProgramState] = {}
+        self._deadlines: list[tuple[float, int, RequestHandle]] = []  # a heap, loop thread only
         self._programs: set[ProgramState] = set()  # running programs (added and removed under _ops_lock)
         self._pending = 0  # admitted requests and programs not yet finished
         self._pending_lock = threading.Lock()
@@ -119,6 +121,8 @@ class EngineLoop:
             handle.num_prompt_tokens = self.engine.num_prompt_tokens(rid)
             handle.accepted.set_result(rid)
             self._handles[rid] = handle
+            if handle.deadline is not None:
+                heapq.heappush(self._deadlines, (handle.deadline, rid, handle))
             self.stats.submitted += 1
 
         self._post(add)
@@ -255,8 +259,7 @@ class EngineLoop:
         return True
 
     def _next_deadline(self) -> float | None:
-        deadlines = [h.deadline for h in self._handles.values() if h.deadline is not None]
-        return None if not deadlines else max(0.0, min(deadlines) - time.monotonic())
+        return None if not self._deadlines else max(0.0, self._deadlines[0][0] - time.monotonic())
 
     def _publish(self, deltas: Iterable[Delta]) -> None:
         """Hands each streamed request its step's delta and completes the finished ones; gives each program the
@@ -284,12 +287,13 @@ class EngineLoop:
         handle._finish(None, error)
 
     def _expire(self) -> None:
-        if not self._handles:
-            return
+        """Aborts the requests past their deadline: the heap's top, not every handle."""
         now = time.monotonic()
-        for handle in [h for h in self._handles.values() if h.deadline is not None and now > h.deadline]:
-            self.stats.expired += 1
-            self._abort(handle, DeadlineExceeded(f"request {handle.request_id} passed its deadline"))
+        while self._deadlines and self._deadlines[0][0] < now:
+            _, rid, handle = heapq.heappop(self._deadlines)
+            if self._handles.get(rid) is handle:
+                self.stats.expired += 1
+                self._abort(handle, DeadlineExceeded(f"request {rid} passed its deadline"))
 
     def _fail_all(self, error: BaseException) -> None:
         """A step raised: every streamed request fails with the error and is freed, and every program fails
