@@ -303,7 +303,9 @@ class EngineLoop:
         with self._ops_lock:
             programs = list(self._programs)
         for state in programs:
-            release_all(self.engine, list(state.ids))
+            with state.cond:
+                ids = list(state.ids)
+            release_all(self.engine, ids)
             failed = RuntimeError(f"a model step failed: {error}")
             failed.__cause__ = error
             state.fail(failed)

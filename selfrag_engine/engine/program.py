@@ -100,7 +100,8 @@ class ProgramView:
             for rid in ids:
                 owners[rid] = state
 
-        state.ids.update(ids)
+        with state.cond:
+            state.ids.update(ids)
         self._post(run)
 
     def add_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
@@ -114,8 +115,10 @@ class ProgramView:
              params: SamplingParams | Sequence[SamplingParams], prefix_len: int | None = None,
              keep_cache: bool = False) -> list[int]:
         self._state.check()
-        suffixes = list(suffixes)
-        rids = [self._engine.next_request_id() for _ in suffixes]
+        if not isinstance(suffixes, str):  # one string is refused by the engine, naming the mistake
+            suffixes = list(suffixes)
+        n = 1 if isinstance(suffixes, str) else len(suffixes)
+        rids = [self._engine.next_request_id() for _ in range(n)]
         self._send(rids, lambda: self._engine.fork(request_id, suffixes, params, prefix_len, keep_cache,
                                                    request_ids=rids))
         return rids
@@ -125,8 +128,8 @@ class ProgramView:
 
     def forget(self, request_id: int) -> None:
         state = self._state
-        state.ids.discard(request_id)
         with state.cond:
+            state.ids.discard(request_id)
             state.done.pop(request_id, None)
         self._post(lambda: forget_all(self._engine, [request_id], self._owners))
 
@@ -198,8 +201,9 @@ class ProgramView:
 
     def release_everything(self) -> None:
         """At the program's end (normal or not): every request it still holds is forgotten (one-way)."""
-        ids = list(self._state.ids)
-        self._state.ids.clear()
+        with self._state.cond:
+            ids = list(self._state.ids)
+            self._state.ids.clear()
         if ids:
             try:
                 self._post(lambda: forget_all(self._engine, ids, self._owners))
@@ -236,7 +240,8 @@ class ProgramHandle(Future):
         with state.cond:
             state.cancelled = True
             state.cond.notify_all()
-        self._free(list(state.ids))
+            ids = list(state.ids)
+        self._free(ids)
         return True
 
     def __await__(self):
