@@ -47,6 +47,8 @@ class Engine:
     - `add_request(prompt, params, keep_cache)` queues it and returns its id; `fork(request_id, suffixes,
       params, prefix_len, keep_cache)` makes new requests that continue a request's cached prefix.
     - `step()` runs one model step over every queued request and returns the ids that finished in it;
+      `step_deltas()` runs one and returns what it added to each request it touched (a `Delta`: new tokens,
+      the text they made final, the finish), what a stream is made of;
       `run(request_ids)` steps until the listed ones are done and returns their outputs;
       `run_until_any(request_ids)` steps until at least one of them is done.
     - `is_done(request_id)`: finished, or paused (finished with keep_cache, its KV blocks kept to fork from).
