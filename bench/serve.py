@@ -1,5 +1,12 @@
-"""Self-RAG short-form queries per second and latency through `selfrag-engine serve` at 1, 8 and 64 concurrent
-clients, side by side with the same queries answered one after another by `SelfRAG.answer` in one run.
+"""What a user of `selfrag-engine serve` feels, at 1, 8 and 64 concurrent clients, side by side with the same
+work done in process in one run:
+- streamed completions: time to the first token's text (TTFT) and between tokens (ITL), p50 and p99, read
+  chunk by chunk from the server-sent events;
+- Self-RAG short-form queries: queries per second and latency, against the same queries answered one after
+  another by `SelfRAG.answer` (the server's own cost: serve_selfrag_concurrency_speedup_c1, target >= 0.9;
+  at 64 clients, target >= 4), and the time to the first streamed event;
+- in process: N concurrent programs on an `EngineLoop` over `answer_batch` of the same N queries
+  (programs_vs_answer_batch_c64, target >= 0.95): what sharing steps through the loop costs.
 
     python bench/serve.py             # the embedded tiny model on the CPU; writes bench/results/serve-cpu-<date>.*
     python bench/serve.py --smoke --out /tmp/x
@@ -8,8 +15,8 @@ The server runs as a subprocess on 127.0.0.1; each client is a thread posting he
 tiny model with their five passages to /v1/selfrag over one kept-alive connection (the standard library's
 http.client: a light client, since it shares the machine's cores with the server). Every served answer is
 checked against the sequential one. Both sides use the same number of torch threads (`--threads`).
-Headline: serve_selfrag_qps_c64 and serve_selfrag_concurrency_speedup_c64 (qps at 64 clients over the
-sequential qps).
+Headline: serve_ttft_p50_ms_c8, serve_itl_p50_ms_c8, programs_vs_answer_batch_c64,
+serve_selfrag_concurrency_speedup_c1 and _c64 (qps over the sequential qps).
 """
 from __future__ import annotations
 
@@ -38,6 +45,8 @@ from bench.common import (  # noqa: E402
     write_results,
 )
 from selfrag_engine.engine.llm_engine import Engine  # noqa: E402
+from selfrag_engine.engine.loop import EngineLoop  # noqa: E402
+from selfrag_engine.selfrag.prompts import format_prompt  # noqa: E402
 from selfrag_engine.retrieval.passages import Passage  # noqa: E402
 from selfrag_engine.selfrag.short_form import SelfRAG  # noqa: E402
 from selfrag_engine.tiny.assets import default_model_dir  # noqa: E402
@@ -76,6 +85,48 @@ def percentile(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))]
 
 
+def stream_completion(conn: http.client.HTTPConnection, prompt: str, max_tokens: int) -> tuple[str, list[float]]:
+    """One streamed completion: its text and the arrival time of every chunk that carried text."""
+    body = json.dumps({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+                       "stream": True})
+    conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+    r = conn.getresponse()
+    if r.status != 200:
+        raise RuntimeError(f"/v1/completions answered {r.status}: {r.read()[:300]!r}")
+    text, times = [], []
+    while line := r.readline():
+        line = line.strip()
+        if not line.startswith(b"data: ") or line == b"data: [DONE]":
+            continue
+        piece = json.loads(line[6:])["choices"][0]["text"]
+        if piece:
+            times.append(time.perf_counter())
+            text.append(piece)
+    return "".join(text), times
+
+
+def programs_ratio(model: Path, queries: list, max_tokens: int, num_blocks: int) -> tuple[float, float]:
+    """In process: (qps of len(queries) concurrent programs on an EngineLoop, qps of one answer_batch of them),
+    every program's answer checked against the batch's."""
+    engine = Engine.from_pretrained(model, progress=False, num_blocks=num_blocks)
+    rag = SelfRAG(engine, max_new_tokens=max_tokens)
+    qs, docs = [q for q, _ in queries], [[Passage(**p) for p in d] for _, d in queries]
+    rag.answer_batch(qs[:2], docs[:2])  # warm-up
+    t0 = time.perf_counter()
+    batch = [a.answer for a in rag.answer_batch(qs, docs)]
+    batch_qps = len(qs) / (time.perf_counter() - t0)
+    with EngineLoop(engine, max_pending=len(qs) + 1, program_workers=len(qs)) as loop:
+        loop.run_program(lambda v: SelfRAG(v, max_new_tokens=max_tokens).answer(qs[0], docs[0])).result()
+        t0 = time.perf_counter()
+        handles = [loop.run_program(lambda v, q=q, d=d: SelfRAG(v, max_new_tokens=max_tokens).answer(q, d).answer)
+                   for q, d in zip(qs, docs)]
+        got = [h.result() for h in handles]
+        programs_qps = len(qs) / (time.perf_counter() - t0)
+    if got != batch:
+        raise AssertionError(f"{sum(a != b for a, b in zip(got, batch))} programs answered otherwise than the batch")
+    return programs_qps, batch_qps
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = bench_parser(__doc__, "8 queries per level, 1 and 8 clients: a check of the script")
     parser.add_argument("--queries", type=int, default=256, help="queries per concurrency level")
@@ -83,12 +134,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-blocks", type=int, default=12288,
                         help="KV cache blocks of both engines (the default holds 64 queries' branches without "
                              "preemption)")
+    parser.add_argument("--completion-tokens", type=int, default=32, help="tokens per streamed completion")
+    parser.add_argument("--completions", type=int, default=64, help="streamed completions per concurrency level")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help="torch threads of the sequential engine and of the server alike (default: torch's)")
     args = parse_bench_args(parser, argv, default_device=lambda smoke: "cpu")
     levels = (1, 8) if args.smoke else (1, 8, 64)
     num_queries = 8 if args.smoke else args.queries
     max_tokens = 12 if args.smoke else args.max_tokens
+    num_completions = 8 if args.smoke else args.completions
+    completion_tokens = 8 if args.smoke else args.completion_tokens
+    num_programs = 8 if args.smoke else 64
 
     world, split = world_and_split()
     cases = world_cases(world, split, num_queries, seed=11)
@@ -116,15 +172,48 @@ def main(argv: list[str] | None = None) -> int:
            threads=args.threads)
     record(results, "sequential_selfrag_p50_ms", statistics.median(seq_lat) * 1e3, "ms")
 
+    programs_qps, batch_qps = programs_ratio(model, queries[:num_programs], max_tokens, num_blocks)
+    record(results, f"answer_batch_qps_c{num_programs}", batch_qps, "queries/s", queries=num_programs)
+    record(results, f"programs_qps_c{num_programs}", programs_qps, "queries/s", queries=num_programs)
+    record(results, f"programs_vs_answer_batch_c{num_programs}", programs_qps / batch_qps, "x",
+           queries=num_programs, threads=args.threads)
+
     proc, base = start_server(model, num_blocks, args.threads)
     host, port_text = base.removeprefix("http://").split(":")
     port = int(port_text)
     qps_by_level, p99_by_level, p50_by_level = {}, {}, {}
+    ttft, itl = {}, {}  # level -> (p50, p99) in ms
+    prompts = [format_prompt(q) for q, _ in queries]
     try:
         with httpx.Client(base_url=base, timeout=600) as warm:
             warm.post("/v1/selfrag", json={"question": queries[0][0], "passages": queries[0][1],
                                            "max_tokens": max_tokens}).raise_for_status()
         for level in levels:
+            firsts: list[float] = []
+            gaps: list[float] = []
+
+            def streamer(worker: int) -> None:
+                conn = http.client.HTTPConnection(host, port, timeout=600)
+                try:
+                    for i in range(worker, num_completions, level):
+                        s = time.perf_counter()
+                        _, times = stream_completion(conn, prompts[i % len(prompts)], completion_tokens)
+                        if times:
+                            firsts.append(times[0] - s)
+                            gaps.extend(b - a for a, b in zip(times, times[1:]))
+                finally:
+                    conn.close()
+
+            with cf.ThreadPoolExecutor(level) as pool:
+                list(pool.map(streamer, range(level)))
+            ttft[level] = (percentile(firsts, 50) * 1e3, percentile(firsts, 99) * 1e3)
+            itl[level] = (percentile(gaps, 50) * 1e3, percentile(gaps, 99) * 1e3) if gaps else (0.0, 0.0)
+            for name, (p50, p99) in (("ttft", ttft[level]), ("itl", itl[level])):
+                record(results, f"serve_{name}_p50_ms_c{level}", p50, "ms", clients=level,
+                       completions=num_completions, tokens=completion_tokens)
+                record(results, f"serve_{name}_p99_ms_c{level}", p99, "ms", clients=level)
+
+            first_events: list[float] = [0.0] * len(queries)
             latencies: list[float] = [0.0] * len(queries)
             answers: list[str | None] = [None] * len(queries)
 
@@ -133,15 +222,25 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     for i in range(worker, len(queries), level):
                         q, docs = queries[i]
-                        body = json.dumps({"question": q, "passages": docs, "max_tokens": max_tokens})
+                        body = json.dumps({"question": q, "passages": docs, "max_tokens": max_tokens,
+                                           "stream": True})
                         s = time.perf_counter()
                         conn.request("POST", "/v1/selfrag", body, {"Content-Type": "application/json"})
                         r = conn.getresponse()
-                        data = r.read()
-                        latencies[i] = time.perf_counter() - s
                         if r.status != 200:
-                            raise RuntimeError(f"/v1/selfrag answered {r.status}: {data[:300]!r}")
-                        answers[i] = json.loads(data)["answer"]
+                            raise RuntimeError(f"/v1/selfrag answered {r.status}: {r.read()[:300]!r}")
+                        while line := r.readline():
+                            line = line.strip()
+                            if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                                continue
+                            event = json.loads(line[6:])
+                            if not first_events[i]:
+                                first_events[i] = time.perf_counter() - s
+                            if event.get("object") == "selfrag.answer":
+                                answers[i] = event["answer"]
+                            elif "error" in event:
+                                raise RuntimeError(f"/v1/selfrag failed: {event['error']}")
+                        latencies[i] = time.perf_counter() - s
                 finally:
                     conn.close()
 
@@ -157,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
             record(results, f"serve_selfrag_qps_c{level}", qps, "queries/s", clients=level, queries=len(queries))
             record(results, f"serve_selfrag_p50_ms_c{level}", p50_by_level[level], "ms", clients=level)
             record(results, f"serve_selfrag_p99_ms_c{level}", p99_by_level[level], "ms", clients=level)
+            record(results, f"serve_selfrag_first_event_p50_ms_c{level}", percentile(first_events, 50) * 1e3, "ms",
+                   clients=level)
             record(results, f"serve_selfrag_concurrency_speedup_c{level}", qps / seq_qps, "x", clients=level)
             record(results, f"serve_selfrag_mismatched_answers_c{level}", mismatched, "answers", clients=level)
             if mismatched:
@@ -170,16 +271,29 @@ def main(argv: list[str] | None = None) -> int:
 
     def plot(path: Path) -> None:
         plt = pyplot()
-        fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+        fig, (a, b, c) = plt.subplots(1, 3, figsize=(15, 4.2))
         xs = list(qps_by_level)
-        a.plot(xs, [qps_by_level[x] for x in xs], "o-", label="served")
-        a.axhline(seq_qps, color="gray", ls="--", label="SelfRAG.answer, one after another")
-        a.set(xscale="log", xlabel="concurrent clients", ylabel="queries / s", title="Self-RAG throughput")
+        ticks = dict(xscale="log", xticks=xs, xticklabels=[str(x) for x in xs], xlabel="concurrent clients")
+        speedup = [qps_by_level[x] / seq_qps for x in xs]
+        a.plot(xs, speedup, "o-", label="served / one after another in process")
+        a.axhline(1.0, color="gray", ls="--", lw=0.8)
+        a.set(ylabel="Self-RAG queries/s ratio", title="Self-RAG throughput through the server", ylim=(0, None),
+              **ticks)
+        a.minorticks_off()
         a.legend()
-        b.plot(xs, [p99_by_level[x] for x in xs], "o-", label="p99")
         b.plot(xs, [p50_by_level[x] for x in xs], "s-", label="p50")
-        b.set(xscale="log", xlabel="concurrent clients", ylabel="latency (ms)", title="Self-RAG latency")
+        b.plot(xs, [p99_by_level[x] for x in xs], "o-", label="p99")
+        b.set(ylabel="latency (ms)", title="Self-RAG query latency", ylim=(0, None), **ticks)
+        b.minorticks_off()
         b.legend()
+        for name, values, style in (("TTFT", ttft, "o-"), ("ITL", itl, "s-")):
+            c.plot(xs, [values[x][0] for x in xs], style, label=f"{name} p50")
+            c.plot(xs, [values[x][1] for x in xs], style, alpha=0.5, label=f"{name} p99")
+        c.set(ylabel="ms", title=f"streamed completions ({completion_tokens} tokens)", ylim=(0, None), **ticks)
+        c.minorticks_off()
+        c.legend()
+        fig.suptitle(f"{model.name} on {args.device}, {args.threads} torch threads; in process, "
+                     f"{num_programs} programs / answer_batch = {programs_qps / batch_qps:.2f}x")
         save_figure(fig, path)
 
     write_results("serve", args.device, results, out_dir=args.out, plot=plot)

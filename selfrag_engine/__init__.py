@@ -11,6 +11,9 @@ import importlib
 _EXPORTS = {
     "Engine": "selfrag_engine.engine.llm_engine",
     "RequestOutput": "selfrag_engine.engine.llm_engine",
+    "Delta": "selfrag_engine.engine.output",
+    "EngineLoop": "selfrag_engine.engine.loop",
+    "EngineClient": "selfrag_engine.engine.client",
     "SamplingParams": "selfrag_engine.engine.sampling_params",
     "LlamaConfig": "selfrag_engine.config",
     "Tokenizer": "selfrag_engine.tokenizer",

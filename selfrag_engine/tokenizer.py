@@ -26,13 +26,12 @@ from typing import Iterable, Sequence
 
 import sentencepiece as spm
 
+from selfrag_engine.detokenizer import IncrementalDetokenizer
 from selfrag_engine.errors import RequestError, TokenizerError
 from selfrag_engine.vocab import GROUPS, PARAGRAPH_CLOSE, PARAGRAPH_OPEN
 
 SPIECE_UNDERLINE = "▁"
 _SURROGATE = re.compile("[\ud800-\udfff]")
-# A SentencePiece byte-fallback piece, as the fast tokenizer's ByteFallback decoder recognises it.
-_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 # A serialized NormalizerSpec {add_dummy_prefix: false} as ModelProto field 3. Protobuf merges repeated
 # occurrences of a message field, so appending it to a model turns the dummy prefix off, which is what
 # transformers does (via protobuf's MergeFrom) for a non-legacy Llama tokenizer.
@@ -366,27 +365,7 @@ class Tokenizer:
         them ("[Irrelevant] I know.[Utility:1]</s>"), and text ending in U+FFFD (a character whose bytes
         have not all arrived) waits for the next token. skip_special_tokens leaves the special tokens out
         (`</s>` and the Self-RAG tokens among them), as vLLM's default does."""
-        seen = [int(i) for i in prompt_ids]
-        tokens: list[str] | None = None
-        prefix_offset = read_offset = 0
-        text = ""
-        for i in ids:
-            i = int(i)
-            seen.append(i)
-            skipped = skip_special_tokens and i in self._special_ids
-            if tokens is None:
-                tokens = [self.id_to_token(t) for t in seen if not (skip_special_tokens and t in self._special_ids)]
-                # vLLM: five tokens of context, and one more unless the first new token was skipped.
-                prefix_offset = max(len(tokens) - 6, 0)
-                read_offset = len(tokens) if skipped else max(len(tokens) - 1, 0)
-            elif not skipped:
-                tokens.append(self.id_to_token(i))
-            prefix_text = _fast_decode(tokens[prefix_offset:read_offset])
-            new_text = _fast_decode(tokens[prefix_offset:])
-            if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
-                text += new_text[len(prefix_text):]
-                prefix_offset, read_offset = read_offset, len(tokens)
-        return text
+        return IncrementalDetokenizer(self, list(prompt_ids), skip_special_tokens).add_all(ids)
 
     def _pieces_to_string(self, tokens: list[str]) -> str:
         """LlamaTokenizer.convert_tokens_to_string: SentencePiece decodes the runs between special tokens, each
@@ -527,31 +506,3 @@ def _clean_up_tokenization(text: str) -> str:
                           (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
         text = text.replace(before, after)
     return text
-
-
-def _fast_decode(tokens: list[str]) -> str:
-    """The decoder of transformers' LlamaTokenizerFast (legacy): '▁' -> ' ', runs of byte pieces fused into
-    UTF-8 (a run that is not valid UTF-8 gives one U+FFFD per byte), then one leading space stripped."""
-    parts: list[str] = []
-    run = bytearray()
-    for token in tokens:
-        token = token.replace(SPIECE_UNDERLINE, " ")
-        byte = _BYTE_PIECE.fullmatch(token)
-        if byte is not None:
-            run.append(int(byte.group(1), 16))
-            continue
-        if run:
-            parts.append(_bytes_text(run))
-            run.clear()
-        parts.append(token)
-    if run:
-        parts.append(_bytes_text(run))
-    text = "".join(parts)
-    return text[1:] if text.startswith(" ") else text
-
-
-def _bytes_text(run: bytearray) -> str:
-    try:
-        return run.decode("utf-8")
-    except UnicodeDecodeError:
-        return "\ufffd" * len(run)

@@ -302,6 +302,12 @@ def test_serve_bench_smoke(tmp_path):
     assert {"sequential_selfrag_qps", "serve_selfrag_qps_c8", "serve_selfrag_p99_ms_c8",
             "serve_selfrag_concurrency_speedup_c8"} <= set(values)
     assert values["serve_selfrag_mismatched_answers_c8"] == 0
+    # Streamed completions were read chunk by chunk: a first token, then gaps between tokens.
+    assert {"serve_ttft_p50_ms_c8", "serve_itl_p50_ms_c8", "serve_ttft_p99_ms_c1", "programs_vs_answer_batch_c8",
+            "serve_selfrag_concurrency_speedup_c1"} <= set(values)
+    assert 0 < values["serve_ttft_p50_ms_c8"] and 0 < values["serve_itl_p50_ms_c8"]
+    assert values["programs_vs_answer_batch_c8"] == pytest.approx(
+        values["programs_qps_c8"] / values["answer_batch_qps_c8"], rel=1e-9)
     assert values["serve_selfrag_concurrency_speedup_c8"] == pytest.approx(
         values["serve_selfrag_qps_c8"] / values["sequential_selfrag_qps"], rel=1e-9)
 

@@ -169,24 +169,30 @@ def test_cuda_device_without_cuda_is_a_named_error(path):
         Engine.from_pretrained(path, device="cuda", progress=False)
 
 
-def test_two_threads_generating_on_one_engine_get_what_each_gets_alone(path, ref):
+def test_two_threads_sharing_one_engine_through_its_loop_get_what_each_gets_alone(path, ref):
+    """An Engine has one owner; threads share it through an EngineLoop, whose thread alone steps it."""
+    from selfrag_engine.engine.loop import EngineLoop
+
     jobs = [(_prompts(10 + t, 3), [_greedy(12), SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9,
                                                                   seed=t, ignore_eos=True), _greedy(5)])
             for t in range(3)]
     expected = [_tokens(ref.generate(p, sp)) for p, sp in jobs]
     engine = Engine.from_pretrained(path, progress=False, max_num_batched_tokens=32, num_blocks=40, block_size=8)
-    for trial in range(3):
-        results: dict[int, object] = {}
+    with EngineLoop(engine) as loop:
+        for trial in range(3):
+            results: dict[int, object] = {}
 
-        def work(t: int) -> None:
-            try:
-                results[t] = _tokens(engine.generate(*jobs[t]))
-            except BaseException as e:  # noqa: BLE001 - reported by the assertion below
-                results[t] = e
-        threads = [threading.Thread(target=work, args=(t,)) for t in range(len(jobs))]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join(timeout=120)
-        assert [results.get(t) for t in range(len(jobs))] == expected, f"trial {trial}"
-        assert engine.cache_stats()["used"] == 0 and not engine.seqs
+            def work(t: int) -> None:
+                try:
+                    handles = [loop.submit(p, sp) for p, sp in zip(*jobs[t])]
+                    results[t] = [h.result(120).token_ids for h in handles]
+                except BaseException as e:  # noqa: BLE001 - reported by the assertion below
+                    results[t] = e
+            threads = [threading.Thread(target=work, args=(t,)) for t in range(len(jobs))]
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join(timeout=120)
+            assert [results.get(t) for t in range(len(jobs))] == expected, f"trial {trial}"
+            assert loop.call(engine.cache_stats).result(10)["used"] == 0
+            assert loop.call(lambda: not engine.seqs).result(10)

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import random
 import threading
-import time
 
 import pytest
+import torch
 
 from selfrag_engine import Engine, SamplingParams
 from selfrag_engine.engine.loop import EngineLoop
-from selfrag_engine.errors import Cancelled, DeadlineExceeded, QueueFullError, RequestError
+from selfrag_engine.errors import Cancelled, DeadlineExceeded, QueueFullError, RequestError, SchedulingError
 from selfrag_engine.selfrag.short_form import SelfRAG
 from tests.helpers import tiny_checkpoint
-from tests.selfrag_fixtures import CKPT, passages, question, steered_engine
+from tests.selfrag_fixtures import passages, question, steered_engine
 
 
 def _engine(**kw) -> Engine:
@@ -103,7 +103,6 @@ def test_cancel_frees_blocks_and_bad_requests_fail_their_handle():
         bad = loop.submit([1] * (engine.max_model_len + 5), SamplingParams(max_tokens=4))
         with pytest.raises(RequestError):
             bad.result(timeout=30)
-        time.sleep(0.2)
         assert loop.call(engine.cache_stats).result(10)["used"] == 0
         assert loop.pending == 0
 
@@ -121,7 +120,6 @@ def test_deadline_and_admission_bound():
         h2.cancel()
         with pytest.raises(Cancelled):
             h2.result(timeout=60)
-        time.sleep(0.2)
         assert loop.pending == 0
         assert loop.call(engine.cache_stats).result(10)["used"] == 0
 
@@ -146,24 +144,58 @@ def test_selfrag_queries_from_threads_answer_as_alone():
     assert used == 0
 
 
+class _Gate:
+    """The engine view a program is handed, held at the first wait for its forked branches until the test
+    opens the gate: the program is then certainly still running, holding its branches' blocks."""
+
+    def __init__(self):
+        self._inner = None
+        self.held = threading.Event()
+        self.go = threading.Event()
+        self._forked = False
+
+    def bind(self, inner) -> "_Gate":
+        self._inner = inner
+        return self
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def fork(self, *args, **kwargs):
+        self._forked = True
+        return self._inner.fork(*args, **kwargs)
+
+    def _hold(self) -> None:
+        if self._forked and not self.held.is_set():
+            self.held.set()
+            assert self.go.wait(60), "the test never opened the gate"
+
+    def run(self, *args, **kwargs):
+        self._hold()
+        return self._inner.run(*args, **kwargs)
+
+    def run_until_any(self, *args, **kwargs):
+        self._hold()
+        return self._inner.run_until_any(*args, **kwargs)
+
+
 def test_cancelled_query_frees_its_branches():
     rng = random.Random(4)
     q, docs = question(rng), passages(rng, 4)
     engine = steered_engine()
-    started = threading.Event()
+    gate = _Gate()
 
     def program(e):
-        started.set()
-        return SelfRAG(e, ndocs=4, max_new_tokens=300, mode="always").answer(q, docs)
+        return SelfRAG(gate.bind(e), ndocs=4, max_new_tokens=300, mode="always").answer(q, docs)
 
     with EngineLoop(engine) as loop:
         f = loop.run_program(program)
-        started.wait(30)
-        time.sleep(0.3)
-        assert f.cancel()
+        assert gate.held.wait(60)
+        assert loop.call(engine.cache_stats).result(10)["used"] > 0  # the branches hold blocks
+        assert f.cancel()  # held at the gate: still running
+        gate.go.set()
         with pytest.raises(Cancelled):
             f.result(timeout=60)
-        time.sleep(0.3)
         assert loop.call(engine.cache_stats).result(10)["used"] == 0
         assert loop.pending == 0
 
@@ -173,16 +205,69 @@ def test_close_answers_a_query_waiting_on_the_loop():
     engine = steered_engine()
     rng = random.Random(5)
     q, docs = question(rng), passages(rng, 3)
-    started = threading.Event()
+    gate = _Gate()
 
     def program(e):
-        started.set()
-        return SelfRAG(e, ndocs=3, max_new_tokens=300, mode="always").answer(q, docs)
+        return SelfRAG(gate.bind(e), ndocs=3, max_new_tokens=300, mode="always").answer(q, docs)
 
     loop = EngineLoop(engine)
     f = loop.run_program(program)
-    started.wait(30)
-    time.sleep(0.2)
+    assert gate.held.wait(60)
     loop.close()
+    gate.go.set()
     with pytest.raises(Cancelled):
         f.result(timeout=60)
+
+
+def test_programs_see_the_engine_client_contract():
+    """A program's view and the bare engine are both EngineClients and answer alike: a scored prompt, an
+    error of a one-way operation surfacing where the program waits, a stall named instead of a hang."""
+    from selfrag_engine.engine.client import EngineClient
+
+    engine = _engine()
+    alone = _engine()
+    assert isinstance(alone, EngineClient)
+    ids = [5, 17, 40, 2, 99, 7]
+    expected = alone.score(ids)
+
+    def scoring(e):
+        assert isinstance(e, EngineClient)
+        rid = e.add_request(ids, SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))
+        logits = e.score(ids)  # joins the steps of the running request
+        out = e.run([rid])[0]
+        return logits, out.token_ids
+
+    def bad(e):
+        rid = e.add_request([1] * (engine.max_model_len + 5), SamplingParams(max_tokens=4))  # returns at once
+        return e.run([rid])
+
+    def stalled(e):
+        rid = e.add_request(ids, SamplingParams(max_tokens=500, temperature=0.0, ignore_eos=True))
+        e.release(rid)  # aborted: it will never finish
+        return e.run([rid])
+
+    with EngineLoop(engine) as loop:
+        logits, tokens = loop.run_program(scoring).result(120)
+        with pytest.raises(RequestError):
+            loop.run_program(bad).result(60)
+        with pytest.raises(SchedulingError):
+            loop.run_program(stalled).result(60)
+        assert loop.call(engine.cache_stats).result(10)["used"] == 0
+        assert loop.pending == 0
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)  # batched with another row
+    assert tokens == alone.generate(ids, SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))[0].token_ids
+
+
+def test_a_handle_whose_future_a_client_cancelled_still_frees_its_slot():
+    """What asyncio does when an awaiting client goes away: the handle's future is cancelled from outside,
+    then the handle; the request is aborted and its admission slot and blocks are freed all the same."""
+    engine = _engine()
+    with EngineLoop(engine, max_pending=1) as loop:
+        h = loop.submit(list(range(3, 60)), SamplingParams(max_tokens=500, temperature=0.0, ignore_eos=True))
+        h.accepted.result(30)
+        assert h.future.cancel()
+        h.cancel()
+        assert loop.call(engine.cache_stats).result(30)["used"] == 0  # runs after the abort
+        assert loop.pending == 0
+        again = loop.submit([3, 4, 5], SamplingParams(max_tokens=2))  # the one slot is free again
+        assert len(again.result(60).token_ids) == 2

@@ -6,7 +6,7 @@ it only runs later). Layers, lowest first; a module may import its own layer and
 | rank | layer | modules |
 |---|---|---|
 | 0 | kernels | `selfrag_engine.kernels` (the top-level `kernels/` folder): imports nothing else of the package |
-| 1 | base | `errors`, `config`, `vocab`, `backend`, `tokenizer`, `hub` (model names), and `_C` (the C++ extension built from `csrc/`) |
+| 1 | base | `errors`, `config`, `vocab`, `backend`, `tokenizer`, `detokenizer`, `hub` (model names), and `_C` (the C++ extension built from `csrc/`) |
 | 2 | layers | `layers/`: attention with its metadata and KV cache view, sampler, FP8 linear |
 | 3 | models | `models/` |
 | 4 | weights | `weights/` (checkpoint reading, loading, quantization); `testing` (writes checkpoints) |
@@ -35,7 +35,7 @@ EXTENSIONS = frozenset({f"{PACKAGE}._C"})
 
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("kernels",),
-    ("errors", "config", "vocab", "backend", "tokenizer", "hub", "_C"),
+    ("errors", "config", "vocab", "backend", "tokenizer", "detokenizer", "hub", "_C"),
     ("layers",),
     ("models",),
     ("weights", "testing"),

@@ -11,7 +11,6 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -286,3 +285,123 @@ def test_a_client_that_hangs_up_frees_its_request(server):
 def _generated(base: str) -> float:
     text = httpx.get(f"{base}/metrics", timeout=10).text
     return float(re.search(r"^selfrag_generated_tokens_total (\S+)$", text, re.M).group(1))
+
+
+# ---- streams, chunk by chunk --------------------------------------------------------------------------------
+
+# The embedded model's greedy answer to this prompt is 32 tokens of digits and commas (and three reflection
+# tokens, skipped): nearly every token makes text of its own, and "8,no" ends it across three tokens.
+DIGITS = "Thastrai\nFounded in 1787, Thastrai is a"
+LONG = {"max_tokens": 32, "temperature": 0, "ignore_eos": True}
+
+
+def _sse(server: str, path: str, body: dict) -> list:
+    """Raw server-sent events: each `data:` line as JSON ("[DONE]" as is), checking the framing."""
+    with httpx.stream("POST", f"{server}{path}", json=body, timeout=120) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        raw = "".join(r.iter_text())
+    blocks = raw.split("\n\n")
+    assert blocks[-1] == "" and all(b.startswith("data: ") and "\n" not in b for b in blocks[:-1])
+    return [b[6:] if b == "data: [DONE]" else json.loads(b[6:]) for b in blocks[:-1]]
+
+
+@pytest.mark.parametrize("stop", [None, "8,no"])
+def test_a_streamed_completion_arrives_token_by_token(client, engine, stop):
+    whole = client.completions.create(model=NAME, prompt=DIGITS, stop=stop, max_tokens=32, temperature=0,
+                                      extra_body={"ignore_eos": True})
+    expected = engine.generate(DIGITS, SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True,
+                                                      stop=[stop] if stop else []))[0]
+    assert whole.choices[0].text == expected.text
+    if stop:
+        full = engine.generate(DIGITS, SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True))[0]
+        assert expected.text == full.text[:full.text.index(stop)] and len(full.token_ids) == 32
+    chunks = list(client.completions.create(model=NAME, prompt=DIGITS, stop=stop, max_tokens=32, temperature=0,
+                                            stream=True, extra_body={"ignore_eos": True}))
+    texts = [c.choices[0].text for c in chunks if c.choices and c.choices[0].text]
+    assert len(texts) >= 24
+    assert "".join(texts) == expected.text
+    assert chunks[-1].choices[0].finish_reason == expected.finish_reason
+    assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
+
+
+def test_a_streamed_chat_arrives_token_by_token(client, engine):
+    messages = [{"role": "user", "content": "Name a town."}]
+    from selfrag_engine.entrypoints.server import _chat_prompt, Message  # noqa: PLC0415 - the same prompt
+    prompt = _chat_prompt([Message(**m) for m in messages])
+    expected = engine.generate(prompt, SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True,
+                                                      skip_special_tokens=False))[0]
+    stream = client.chat.completions.create(model=NAME, messages=messages, max_tokens=32, temperature=0,
+                                            stream=True, extra_body={"ignore_eos": True,
+                                                                     "skip_special_tokens": False})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    texts = [c.choices[0].delta.content for c in chunks if c.choices[0].delta.content]
+    assert len(texts) == 32  # with special tokens kept, every token is text of its own
+    assert "".join(texts) == expected.text
+
+
+def test_raw_sse_logprobs_and_usage(server, engine):
+    expected = engine.generate(DIGITS, SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True,
+                                                      logprobs=2))[0]
+    events = _sse(server, "/v1/completions", {"prompt": DIGITS, **LONG, "logprobs": 2, "stream": True,
+                                              "stream_options": {"include_usage": True}})
+    assert events[-1] == "[DONE]"
+    usage = events[-2]
+    assert usage["choices"] == [] and usage["usage"] == {
+        "prompt_tokens": len(expected.prompt_token_ids), "completion_tokens": 32,
+        "total_tokens": len(expected.prompt_token_ids) + 32}
+    chunks = [e["choices"][0] for e in events[:-2]]
+    assert all("usage" not in e for e in events[:-2])
+    assert "".join(c["text"] for c in chunks) == expected.text
+    # Every chunk carries the log-probabilities of its own tokens, in order, as vLLM streams them.
+    token_lps = [lp for c in chunks for lp in c["logprobs"]["token_logprobs"]]
+    assert token_lps == pytest.approx(expected.token_logprobs, abs=1e-5)
+    assert [len(top) for c in chunks for top in c["logprobs"]["top_logprobs"]] == \
+        [len(step) for step in expected.logprobs]
+    offsets = [o for c in chunks for o in c["logprobs"]["text_offset"]]
+    assert offsets == sorted(offsets) and offsets[0] == 0
+    # Chat: logprobs per chunk, and the usage on the last chunk.
+    events = _sse(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], **LONG,
+                                                   "logprobs": True, "top_logprobs": 2, "stream": True,
+                                                   "stream_options": {"include_usage": True}})
+    content = [x for e in events[:-2] for x in e["choices"][0]["logprobs"]["content"]]
+    assert len(content) == 32 == events[-2]["usage"]["completion_tokens"]
+    assert all(len(x["top_logprobs"]) == 2 for x in content)
+    r = httpx.post(f"{server}/v1/completions", json={"prompt": "hi", "stream_options": {"include_usage": True}},
+                   timeout=30)
+    assert r.status_code == 400 and "stream_options" in r.json()["error"]["message"]
+
+
+def test_n_streams_interleaved_demultiplex_to_their_answers(client, engine):
+    expected = [engine.generate(DIGITS, SamplingParams(max_tokens=12, temperature=1.0, seed=3 + i,
+                                                       ignore_eos=True))[0].text for i in range(3)]
+    chunks = list(client.completions.create(model=NAME, prompt=DIGITS, max_tokens=12, temperature=1.0, seed=3,
+                                            n=3, stream=True, extra_body={"ignore_eos": True}))
+    assert all(len(c.choices) == 1 for c in chunks)
+    got = ["".join(c.choices[0].text for c in chunks if c.choices[0].index == i) for i in range(3)]
+    assert got == expected
+    assert [sum(1 for c in chunks if c.choices[0].index == i and c.choices[0].finish_reason) for i in range(3)] \
+        == [1, 1, 1]
+
+
+def test_a_client_that_hangs_up_mid_stream_frees_its_request(server):
+    body = {"prompt": format_prompt("Tell a very long story."), "max_tokens": 450, "temperature": 0,
+            "ignore_eos": True, "stream": True}
+    before = _generated(server)
+    with httpx.stream("POST", f"{server}/v1/completions", json=body, timeout=120) as r:
+        seen = 0
+        for line in r.iter_lines():
+            if line.startswith("data: ") and json.loads(line[6:])["choices"][0]["text"]:
+                seen += 1
+                if seen == 3:
+                    break  # text arrived before the end: hang up
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and (_used_blocks(server) != 0 or _in_flight(server) != 0):
+        time.sleep(0.1)
+    assert _used_blocks(server) == 0 and _in_flight(server) == 0
+    assert _generated(server) - before < 450
+
+
+def _in_flight(base: str) -> float:
+    text = httpx.get(f"{base}/metrics", timeout=10).text
+    return float(re.search(r"^selfrag_requests_in_flight (\S+)$", text, re.M).group(1))

@@ -119,7 +119,7 @@ def test_released_short_form_texts_are_vllms(steered):
         assert p.text == postprocess(tok.decode([t for t in p.token_ids if t not in control], skip_special_tokens=True))
     assert released.answer == released.branches[released.best].text
     closed = SelfRAG(steered, compat="released", **common).answer(q, docs, closed_set=True)
-    assert closed.answer == postprocess(closed.branches[closed.best].text)
+    assert closed.answer == _answer_option(closed.branches[closed.best].text)
 
 
 def toks_hf():
@@ -155,3 +155,90 @@ def test_released_long_form_unstripped_texts_keep_eos(steered):
     with pytest.raises(RequestError, match="mode='never'"):
         LongFormSelfRAG(steered, compat="released", mode="never")
     LongFormSelfRAG(steered, mode="never")  # the paper flavour serves it
+
+
+# The short-form script's post-processing (`postprocess_answer_option_conditioned`), as the script writes it.
+_CONTROL = ["[Fully supported]", "[Partially supported]", "[No support / Contradictory]", "[No Retrieval]",
+            "[Retrieval]", "[Irrelevant]", "[Relevant]", "<paragraph>", "</paragraph>", "[Utility:1]", "[Utility:2]",
+            "[Utility:3]", "[Utility:4]", "[Utility:5]"]
+
+
+def _answer_option(answer: str) -> str:
+    for token in _CONTROL:
+        answer = answer.replace(token, "")
+    return answer.replace("</s>", "").replace("\n", "").replace("<|endoftext|>", "")
+
+
+def test_released_strings_are_the_scripts_on_every_path(steered):
+    """No retrieval, closed sets and long-form finals: each answer string re-derived here as the reference
+    functions build it, from vLLM's text (the detokenizer above, over transformers' tokenizer) of the tokens
+    the engine generated, and the scores the engine reports."""
+    from selfrag_engine import SamplingParams
+    from selfrag_engine.selfrag.long_form import LongFormSelfRAG
+    from selfrag_engine.selfrag.prompts import format_passage
+    from selfrag_engine.selfrag.scoring import ScoringConfig
+    from selfrag_engine.selfrag.short_form import SelfRAG
+    from tests.selfrag_fixtures import passages, question
+
+    tok, hf = steered.tokenizer, toks_hf()
+    noret = tok.token_to_id("[No Retrieval]")
+    rng = random.Random(8)
+    qs = [question(rng) for _ in range(10)]
+    docs = [passages(rng, 3) for _ in qs]
+    prompts = [tok.encode(format_prompt(q)) for q in qs]
+
+    def context(i: int, doc) -> list[int]:
+        return prompts[i] + tok.encode(format_passage(doc.title, doc.text), add_bos=False)
+
+    def continuation(i: int, n: int) -> str:
+        """vLLM's text of the greedy answer after the prompt and "[No Retrieval]" (what the scripts generate)."""
+        ctx = prompts[i] + [noret]
+        ids = steered.generate([ctx], SamplingParams(max_tokens=n, temperature=0.0))[0].token_ids
+        return _vllm_text(hf, ctx, ids, True)
+
+    # Short form without retrieval: call_model_rerank_w_scores_batch post-processes the continuation.
+    never = SelfRAG(steered, compat="released", max_new_tokens=10, mode="never").answer_batch(qs)
+    assert [a.answer for a in never] == [_answer_option(continuation(i, 10)) for i in range(len(qs))]
+    # Closed sets: final scores summed per post-processed branch text; the best sum's text.
+    closed = SelfRAG(steered, compat="released", max_new_tokens=8, mode="always").answer_batch(
+        qs, docs, closed_set=True)
+    for i, a in enumerate(closed):
+        totals: dict[str, float] = {}
+        for b, doc in zip(a.branches, docs[i]):
+            key = _answer_option(_vllm_text(hf, context(i, doc), b.token_ids, True))
+            totals[key] = totals.get(key, 0.0) + b.final
+        assert a.answer == sorted(totals.items(), key=lambda kv: kv[1], reverse=True)[0][0]
+    # Long form: call_model_beam_batch joins the best path's texts, the root's empty one first.
+    long = LongFormSelfRAG(steered, compat="released", ndocs=3, max_new_tokens=12, mode="always",
+                           max_depth=3).answer_batch(qs[:6], docs[:6])
+    for i, a in enumerate(long):
+        kids = sorted((n for n in a.trace["nodes"] if n["depth"] == 1), key=lambda n: n["score"], reverse=True)
+        best = kids[0]
+        doc = next(d for d in docs[i] if d.title == best["title"])
+        pred = _vllm_text(hf, context(i, doc), best["token_ids"], True)
+        assert a.answer == " ".join(["", pred[:pred.index("[Retrieval]")] if "[Retrieval]" in pred else pred])
+    # Long form without retrieval: vLLM's text of the continuation up to the first blank line.
+    gated = LongFormSelfRAG(steered, compat="released", ndocs=3, max_new_tokens=12, mode="adaptive",
+                            scoring=ScoringConfig.released(form="long", threshold=0.0))
+    for i in range(3):
+        a = gated.answer(qs[i], docs[i])
+        assert not a.retrieved
+        assert a.answer == continuation(i, 12).split("\n\n")[0]
+
+
+def test_released_no_retrieval_answers_keep_the_first_words_space():
+    """On the embedded model, which writes words: the script's answer keeps vLLM's leading space."""
+    from selfrag_engine import Engine, SamplingParams
+    from selfrag_engine.selfrag.short_form import SelfRAG
+    from selfrag_engine.tiny.assets import default_model_dir, read_examples
+
+    engine = Engine.from_pretrained(default_model_dir(), progress=False)
+    hf = slow_llama_tokenizer().from_pretrained(default_model_dir(), legacy=True)
+    tok = engine.tokenizer
+    qs = [ex["question"] for ex in read_examples()["questions"][:5]]
+    answers = SelfRAG(engine, compat="released", max_new_tokens=12, mode="never").answer_batch(qs)
+    for q, a in zip(qs, answers):
+        ctx = tok.encode(format_prompt(q)) + [tok.token_to_id("[No Retrieval]")]
+        ids = engine.generate([ctx], SamplingParams(max_tokens=12, temperature=0.0))[0].token_ids
+        assert a.answer == _answer_option(_vllm_text(hf, ctx, ids, True))
+    assert sum(a.answer.startswith(" ") for a in answers) >= 3, [a.answer for a in answers]

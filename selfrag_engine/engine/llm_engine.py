@@ -19,9 +19,8 @@ from selfrag_engine.backend import TRITON, choose_backend, device_of
 from selfrag_engine.config import LlamaConfig
 from selfrag_engine.engine.block_manager import BlockManager
 from selfrag_engine.engine.kv_cache import allocate_kv_caches, kv_bytes_per_token, num_blocks_for_budget
-from selfrag_engine.engine.lock import FairLock, locked
 from selfrag_engine.engine.model_runner import ModelRunner
-from selfrag_engine.engine.output import RequestOutput, request_output
+from selfrag_engine.engine.output import Delta, RequestOutput, request_output, take_delta
 from selfrag_engine.engine.requests import Requests, batch_of
 from selfrag_engine.engine.sampling_inputs import reflection_groups
 from selfrag_engine.engine.sampling_params import SamplingParams
@@ -37,7 +36,7 @@ from selfrag_engine.tokenizer import Tokenizer
 from selfrag_engine.weights.checkpoint import check_checkpoint_dir
 from selfrag_engine.weights.loader import load_model
 
-__all__ = ["Engine", "RequestOutput"]
+__all__ = ["Delta", "Engine", "RequestOutput"]
 
 
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
@@ -63,6 +62,8 @@ class Engine:
     - `add_request(prompt, params, keep_cache)` queues it and returns its id; `fork(request_id, suffixes,
       params, prefix_len, keep_cache)` makes new requests that continue a request's cached prefix.
     - `step()` runs one model step over every queued request and returns the ids that finished in it;
+      `step_deltas()` runs one and returns what it added to each request it touched (a `Delta`: new tokens,
+      the text they made final, the finish), what a stream is made of;
       `run(request_ids)` steps until the listed ones are done and returns their outputs;
       `run_until_any(request_ids)` steps until at least one of them is done.
     - `is_done(request_id)`: finished, or paused (finished with keep_cache, its KV blocks kept to fork from).
@@ -70,8 +71,13 @@ class Engine:
     - `release(request_id)` frees its KV blocks (aborting it if unfinished; its output stays readable);
       `forget(request_id)` also drops its record. `generate` and `score` do the whole life in one call.
 
-    Every public method may be called from several threads: they take one engine lock, first come first
-    served, and `run`/`generate` step under it one step at a time, so other threads get in between steps.
+    An Engine has one owner: it is not thread-safe, and nothing in it waits or locks. To share one engine
+    between threads or coroutines, hand it to an `EngineLoop` (engine/loop.py), whose thread then is the only
+    one that steps it; requests and programs reach it through the loop's thread-safe handles.
+
+    Request ids are picked by the engine (`add_request` returns one) or by the caller (`request_id=`,
+    `request_ids=`, with ids from `next_request_id()`), so that a caller on another thread can name a request
+    before the engine has taken it.
     """
 
     def __init__(self, model, tokenizer: Tokenizer, *, block_size: int = 16, num_blocks: int | None = None,
@@ -123,7 +129,6 @@ class Engine:
         self.num_draft_tokens = num_draft_tokens
         self.stepper = Stepper(self.scheduler, self.runner, tokenizer, self.max_model_len, self.reflection_groups,
                                self.backend, self.overlap, num_draft_tokens)
-        self._lock = FairLock()
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "auto",
@@ -149,19 +154,22 @@ class Engine:
 
     # ---- requests -------------------------------------------------------------------------------
 
-    @locked
+    def next_request_id(self) -> int:
+        """A fresh request id, for `request_id=` / `request_ids=` (safe to call from any thread)."""
+        return self.requests.reserve_id()
+
     def add_request(self, prompt: str | Seq[int], params: SamplingParams | None = None,
-                    keep_cache: bool = False) -> int:
+                    keep_cache: bool = False, request_id: int | None = None) -> int:
         """Queues a prompt (text, encoded with BOS, or token ids); returns its request id. With keep_cache
         the finished request keeps its KV blocks so it can be forked; `release` frees them."""
-        seq = self.requests.new(self.requests.prompt_ids(prompt), params or SamplingParams(), keep_cache)
+        seq = self.requests.new(self.requests.prompt_ids(prompt), params or SamplingParams(), keep_cache,
+                                request_id=request_id)
         self.scheduler.add(seq)
         return seq.request_id
 
-    @locked
     def fork(self, request_id: int, suffixes: Iterable[str | Seq[int]],
              params: SamplingParams | Seq[SamplingParams], prefix_len: int | None = None,
-             keep_cache: bool = False) -> list[int]:
+             keep_cache: bool = False, request_ids: Seq[int] | None = None) -> list[int]:
         """New requests that continue from the request's first `prefix_len` tokens (default: all of them)
         followed by their own suffix, sharing its cached blocks. Text suffixes are encoded without BOS.
 
@@ -172,7 +180,7 @@ class Engine:
         self.stepper.cancel_in_flight(p)
         if p.status not in (Status.RUNNING, Status.PAUSED):
             raise RequestError(f"request {request_id} holds no KV cache to fork from (status {p.status.value})")
-        children = self.requests.branches(p, suffixes, params, prefix_len, keep_cache)
+        children = self.requests.branches(p, suffixes, params, prefix_len, keep_cache, request_ids)
         try:
             self.scheduler.fork(p, children)
         except BaseException:
@@ -181,7 +189,6 @@ class Engine:
             raise
         return [c.request_id for c in children]
 
-    @locked
     def release(self, request_id: int) -> None:
         """Frees a request's KV blocks (a paused fork parent, or an unfinished request, which is aborted)."""
         seq = self.requests.get(request_id)
@@ -192,47 +199,50 @@ class Engine:
             seq.finish_reason = seq.finish_reason or "abort"
         seq.status = Status.FINISHED
 
-    @locked
     def forget(self, request_id: int) -> None:
         """Drops the record of a request (its output can no longer be read), freeing its blocks if it holds any."""
         if self.requests.get(request_id).status != Status.FINISHED:
             self.release(request_id)
         del self.seqs[request_id]
 
-    @locked
     def is_done(self, request_id: int) -> bool:
         return self.requests.get(request_id).status in (Status.PAUSED, Status.FINISHED)
 
-    @locked
     def output(self, request_id: int) -> RequestOutput:
         return request_output(self.requests.get(request_id), self.reflection_groups)
 
-    @locked
     def has_request(self, request_id: int) -> bool:
         """Whether the engine still keeps a record of the request (not forgotten)."""
         return request_id in self.seqs
 
-    @locked
     def num_output_tokens(self, request_id: int) -> int:
         """Tokens generated so far: cheaper than `output` for a caller that polls for new ones."""
         return self.requests.get(request_id).num_output_tokens
 
-    @locked
+    def num_prompt_tokens(self, request_id: int) -> int:
+        return self.requests.get(request_id).num_prompt_tokens
+
     def has_work(self) -> bool:
         """Whether a step would compute something: requests are waiting or running."""
         return self.scheduler.has_work()
 
-    @locked
     def num_running(self) -> int:
         return len(self.scheduler.running)
 
     # ---- stepping -------------------------------------------------------------------------------
 
-    @locked
     def step(self) -> list[int]:
         """Runs one model step over the scheduled batch; returns the ids of requests that finished in it
         (see engine/stepping.py for overlapped steps and what an exception inside a step leaves)."""
         return [s.request_id for s in self.stepper.step()[0]]
+
+    def step_deltas(self) -> list[Delta]:
+        """Runs one model step; returns a `Delta` for every request it touched: the new token ids with their
+        log-probabilities, the text they made final, and the finish reason on a request's last delta. A
+        request's deltas, joined, are its output (`output(request_id).text`, `.token_ids`); the work per step
+        is that of the step's rows, whatever the length of the outputs or the number of requests waiting."""
+        self.stepper.step()
+        return [d for d in map(take_delta, self.stepper.touched) if d is not None]
 
     def run_until_any(self, request_ids: Iterable[int]) -> list[int]:
         """Steps until at least one listed request is done; returns the listed ones that are, those that
@@ -240,18 +250,17 @@ class Engine:
         can compute nothing while they wait."""
         ids = list(request_ids)
         while True:
-            with self._lock:
-                done = [i for i in ids if self.is_done(i)]
-                if done or not ids:
-                    return done
-                finished, progressed = self.stepper.step()
-                if not progressed:
-                    raise SchedulingError(f"requests {sorted(ids)} cannot make progress: the scheduler has "
-                                          f"nothing it can run ({len(self.scheduler.waiting)} waiting, "
-                                          f"{len(self.scheduler.running)} running)")
-                first = [s.request_id for s in finished if s.request_id in ids]
-                if first:
-                    return first + [i for i in ids if i not in first and self.is_done(i)]
+            done = [i for i in ids if self.is_done(i)]
+            if done or not ids:
+                return done
+            finished, progressed = self.stepper.step()
+            if not progressed:
+                raise SchedulingError(f"requests {sorted(ids)} cannot make progress: the scheduler has "
+                                      f"nothing it can run ({len(self.scheduler.waiting)} waiting, "
+                                      f"{len(self.scheduler.running)} running)")
+            first = [s.request_id for s in finished if s.request_id in ids]
+            if first:
+                return first + [i for i in ids if i not in first and self.is_done(i)]
 
     def run(self, request_ids: Iterable[int], progress: bool = False) -> list[RequestOutput]:
         """Steps until every listed request is done; returns their outputs in order."""
@@ -263,8 +272,7 @@ class Engine:
                 for i in done:
                     del pending[i]
                 bar.update(len(done))
-        with self._lock:
-            return [self.output(i) for i in ids]
+        return [self.output(i) for i in ids]
 
     def generate(self, prompts: str | Seq[int] | Seq[str | Seq[int]],
                  params: SamplingParams | Seq[SamplingParams] | None = None,
@@ -273,13 +281,11 @@ class Engine:
         prompts, params = batch_of(prompts, params)
         ids: list[int] = []
         try:
-            with self._lock:
-                ids = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
+            ids = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
             return self.run(ids, progress=progress)
         finally:
-            with self._lock:
-                for i in ids:
-                    self.forget(i)
+            for i in ids:
+                self.forget(i)
 
     # ---- scoring --------------------------------------------------------------------------------
 
@@ -287,18 +293,30 @@ class Engine:
     def score(self, token_ids: Seq[int] | str) -> torch.Tensor:
         """Logits [len, vocab] (float32) for every position of a prompt, computed through the paged cache in
         chunks of at most max_num_batched_tokens, as a request that samples nothing."""
-        with self._lock:
-            seq = self.requests.new(self.requests.prompt_ids(token_ids), SamplingParams(max_tokens=1),
-                                    keep_cache=False, scores=True)
-            self.scheduler.add(seq)
+        rid = self.add_scored(token_ids)
         try:
-            self.run([seq.request_id])
-            return torch.cat([seq.logits[k] for k in sorted(seq.logits)])
+            self.run([rid])
+            return self.scored_logits(rid)
         finally:
-            with self._lock:
-                self.forget(seq.request_id)
+            self.forget(rid)
 
-    @locked
+    def add_scored(self, token_ids: Seq[int] | str, request_id: int | None = None) -> int:
+        """Queues a prompt to be scored (`score` in parts, for a caller that steps the engine itself): once it
+        is done, `scored_logits` reads its logits."""
+        seq = self.requests.new(self.requests.prompt_ids(token_ids), SamplingParams(max_tokens=1),
+                                keep_cache=False, scores=True, request_id=request_id)
+        self.scheduler.add(seq)
+        return seq.request_id
+
+    def scored_logits(self, request_id: int) -> torch.Tensor:
+        seq = self.requests.get(request_id)
+        if not seq.scores or seq.status != Status.FINISHED:
+            raise RequestError(f"request {request_id} is not a scored prompt that is done")
+        return torch.cat([seq.logits[k] for k in sorted(seq.logits)])
+
+    def is_scored(self, request_id: int) -> bool:
+        return self.requests.get(request_id).scores
+
     def cache_stats(self) -> dict[str, int]:
         """Blocks by state, and the pool's size: `kv_cache_bytes` (all layers' keys and values, scales
         included), `kv_bytes_per_token`, `kv_capacity_tokens` (num_blocks * block_size)."""
@@ -309,7 +327,6 @@ class Engine:
                      kv_bytes_per_token=per_token, kv_capacity_tokens=stats["num_blocks"] * stats["block_size"])
         return stats
 
-    @locked
     def speculation_stats(self) -> dict[str, float]:
         """Model calls, tokens, drafted and accepted draft tokens so far (engine/speculative.py)."""
         return self.stepper.stats.as_dict()

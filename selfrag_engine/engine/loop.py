@@ -1,12 +1,19 @@
 """One thread that owns an engine's stepping, so that many users share each model step.
 
-Requests come from any thread or coroutine (`EngineLoop.submit`) and get a `RequestHandle`: a future of the
-final `RequestOutput`, a stream of token deltas (sync or async), and `cancel()`. Code that drives requests
-itself, as the Self-RAG algorithms do (add a prompt, fork K branches, wait, score), runs on a worker thread
-against a `SharedEngine`: an Engine-shaped view whose every call is carried out by the loop thread between
-steps, and whose `run` waits while the loop steps everything that is live. The rows of all users' requests,
-branches and tree nodes therefore meet in the same model steps, and only the loop thread ever touches the
-engine.
+The loop's thread is the only one that touches the engine. Everything else talks to it in messages:
+- `submit(prompt, params)` from any thread or coroutine returns a `RequestHandle` (engine/handles.py) at
+  once; each step's `Delta` of the request is pushed to it as soon as the step is done.
+- `run_program(program)` runs `program(view)` on a worker thread, where `view` is a `ProgramView`
+  (engine/program.py): an `EngineClient` whose operations are one-way messages and whose waits are woken by
+  the loop when the program's requests finish. So the rows of all users' requests, branches and tree nodes
+  meet in the same model steps.
+- `call(fn, ...)` runs fn on the loop's thread between two steps and returns a future (for reads such as
+  cache statistics).
+
+Each pass of the loop carries out the messages that came in, steps the engine once if it has work, and hands
+the step's deltas to the requests' handles and the finished requests' outputs to their programs; with
+nothing to do it sleeps until a message arrives (or a request's deadline). Only the requests a step touched
+are visited.
 
 Limits: at most `max_pending` requests and programs admitted at once (`QueueFullError` beyond), a per-request
 deadline (the request is aborted and its handle fails with `DeadlineExceeded`), and cancellation, which frees
@@ -14,175 +21,55 @@ every KV block of the request, or of a program's requests, at the next step.
 """
 from __future__ import annotations
 
-import asyncio
+import heapq
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Iterable, Iterator, Sequence, TypeVar
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Sequence, TypeVar
 
-import torch
-
-from selfrag_engine.engine.llm_engine import Engine, RequestOutput
+from selfrag_engine.engine.handles import Delta, RequestHandle
+from selfrag_engine.engine.llm_engine import Engine
+from selfrag_engine.engine.program import ProgramHandle, ProgramState, ProgramView, release_all
 from selfrag_engine.engine.sampling_params import SamplingParams
-from selfrag_engine.errors import (
-    Cancelled,
-    DeadlineExceeded,
-    QueueFullError,
-    RequestError,
-    SchedulingError,
-)
+from selfrag_engine.errors import Cancelled, DeadlineExceeded, QueueFullError, RequestError
 
 T = TypeVar("T")
 
-
-@dataclass
-class Delta:
-    """New output of a streamed request since the previous delta."""
-    token_ids: list[int]
-    text: str  # the text added (the whole text so far minus what earlier deltas carried)
-    finish_reason: str | None = None  # set on the last delta
-
-
-class RequestHandle:
-    """A request submitted to the loop: wait for it (`result`, `await handle`), stream it (`deltas`,
-    `async for delta in handle`) or `cancel` it. Thread-safe."""
-
-    def __init__(self, loop: "EngineLoop", deadline: float | None):
-        self._loop = loop
-        self.request_id: int | None = None
-        self.deadline = deadline
-        self.future: Future[RequestOutput] = Future()
-        self.accepted: Future[int] = Future()  # the request id once the engine took the request
-        self._events: list[Delta] = []
-        self._cond = threading.Condition()
-        self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
-        self._sent_tokens = 0
-        self._sent_text = ""
-        self.cancelled = False
-
-    # -- consumer side ----------------------------------------------------------------------------------
-
-    def result(self, timeout: float | None = None) -> RequestOutput:
-        return self.future.result(timeout)
-
-    def __await__(self):
-        return asyncio.wrap_future(self.future).__await__()
-
-    def cancel(self) -> None:
-        """Aborts the request; its blocks are freed at the next step. A finished request stays finished."""
-        if not self.future.done():
-            self.cancelled = True
-            self._loop._post(lambda: self._loop._abort(self, Cancelled("request cancelled")))
-
-    def deltas(self, timeout: float | None = None) -> Iterator[Delta]:
-        """The request's deltas as they come; raises the request's error, if it fails."""
-        i = 0
-        while True:
-            with self._cond:
-                while i >= len(self._events) and not self.future.done():
-                    if not self._cond.wait(timeout):
-                        raise TimeoutError("no output within the timeout")
-                batch, i = self._events[i:], len(self._events)
-                done = self.future.done()
-            yield from batch
-            if done and i >= len(self._events):
-                self.future.result()  # raises the failure, if any
-                return
-
-    async def __aiter__(self) -> AsyncIterator[Delta]:
-        loop = asyncio.get_running_loop()
-        event = asyncio.Event()
-        with self._cond:
-            self._async_waiters.append((loop, event))
-        i = 0
-        try:
-            while True:
-                with self._cond:
-                    batch, i = self._events[i:], len(self._events)
-                    done = self.future.done()
-                    if not batch and not done:
-                        event.clear()
-                for d in batch:
-                    yield d
-                if done and not batch:
-                    self.future.result()
-                    return
-                if not batch:
-                    await event.wait()
-        finally:
-            with self._cond:
-                self._async_waiters.remove((loop, event))
-
-    # -- loop side ----------------------------------------------------------------------------------------
-
-    def _push(self, delta: Delta) -> None:
-        with self._cond:
-            self._events.append(delta)
-            self._cond.notify_all()
-            waiters = list(self._async_waiters)
-        for loop, event in waiters:
-            loop.call_soon_threadsafe(event.set)
-
-    def _finish(self, out: RequestOutput | None, error: BaseException | None) -> None:
-        if not self.accepted.done():
-            if error is not None:
-                self.accepted.set_exception(error)
-            else:
-                self.accepted.set_result(self.request_id)
-        with self._cond:
-            if self.future.done():
-                return
-            if error is not None:
-                self.future.set_exception(error)
-            else:
-                self.future.set_result(out)
-            self._cond.notify_all()
-            waiters = list(self._async_waiters)
-        for loop, event in waiters:
-            loop.call_soon_threadsafe(event.set)
+__all__ = ["Delta", "EngineLoop", "LoopStats", "ProgramHandle", "ProgramView", "RequestHandle"]
 
 
 @dataclass
-class _Program:
-    """A worker-thread program's requests, so that cancelling it frees them all."""
-    ids: set[int] = field(default_factory=set)
-    cancelled: bool = False
-    deadline: float | None = None
-    error: BaseException | None = None  # a failed model step that held some of its requests
-    wake: threading.Event | None = None  # what the program waits on now, so that cancel() can wake it
+class LoopStats:
+    submitted: int = 0
+    rejected: int = 0
+    expired: int = 0
+    steps: int = 0
+    step_seconds: float = 0.0
+    generated_tokens: int = 0
 
 
 class EngineLoop:
-    """Owns `engine` from a background thread. `submit` / `call` / `run_program` from any thread.
+    """Owns `engine` from a background thread. `submit` / `run_program` / `call` from any thread.
 
     max_pending: requests (via submit) plus programs (via run_program) admitted at once.
     program_workers: threads that run programs; a program waiting on the loop holds one.
-    gather_s, gap_s: after carrying out calls, when nothing else runs, the loop waits up to gather_s for more
-        while they keep coming less than gap_s apart, so that a program's chain of calls (wait, output, fork)
-        joins one step.
-
-    A program waiting for its requests is woken when one of them finishes, not at every step.
     """
 
-    def __init__(self, engine: Engine, *, max_pending: int = 256, program_workers: int = 64,
-                 idle_wait_s: float = 0.05, gather_s: float = 0.02, gap_s: float = 0.003):
+    def __init__(self, engine: Engine, *, max_pending: int = 256, program_workers: int = 64):
         if max_pending < 1:
             raise RequestError(f"max_pending must be at least 1, got {max_pending}")
         self.engine = engine
         self.max_pending = max_pending
-        self._idle_wait_s = idle_wait_s
-        self._gather_s, self._gap_s = gather_s, gap_s
         self._ops: list[Callable[[], None]] = []
         self._ops_lock = threading.Lock()
         self._wake = threading.Event()
         self._stepped = threading.Condition()
+        # Loop thread only: the streamed requests' handles and the programs' requests, by request id.
         self._handles: dict[int, RequestHandle] = {}
-        # When each request finished: (step, place among that step's finished), for programs waiting on any.
-        self._finished_at: dict[int, tuple[int, int]] = {}
-        self._program_states: dict[int, _Program] = {}
-        # Programs waiting for some of their requests to finish: (ids, event). Loop thread only.
-        self._waiters: list[tuple[set[int], threading.Event]] = []
+        self._owners: dict[int, ProgramState] = {}
+        self._deadlines: list[tuple[float, int, RequestHandle]] = []  # a heap, loop thread only
+        self._programs: set[ProgramState] = set()  # running programs (added and removed under _ops_lock)
         self._pending = 0  # admitted requests and programs not yet finished
         self._pending_lock = threading.Lock()
         self._stop = False
@@ -217,8 +104,8 @@ class EngineLoop:
         """Queues a prompt; returns at once. Bad prompts and params fail the handle with RequestError."""
         self._check_running()
         self._admit()
-        handle = RequestHandle(self, None if timeout_s is None else time.monotonic() + timeout_s)
-        handle.future.add_done_callback(lambda _: self._release_slot())
+        handle = RequestHandle(self._cancel_request, None if timeout_s is None else time.monotonic() + timeout_s)
+        handle._on_finish = self._release_slot
         params = params or SamplingParams()
 
         def add() -> None:
@@ -231,16 +118,24 @@ class EngineLoop:
                 handle._finish(None, e)
                 return
             handle.request_id = rid
+            handle.num_prompt_tokens = self.engine.num_prompt_tokens(rid)
             handle.accepted.set_result(rid)
             self._handles[rid] = handle
+            if handle.deadline is not None:
+                heapq.heappush(self._deadlines, (handle.deadline, rid, handle))
             self.stats.submitted += 1
 
         self._post(add)
         return handle
 
+    def _cancel_request(self, handle: RequestHandle) -> None:
+        try:
+            self._post(lambda: self._abort(handle, Cancelled("request cancelled")))
+        except Cancelled:
+            pass  # the loop is closed: it answered every handle as it closed
+
     def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> Future[T]:
         """Runs fn(*args, **kwargs) on the loop thread between two steps."""
-        self._check_running()
         fut: Future[T] = Future()
 
         def op() -> None:
@@ -254,29 +149,38 @@ class EngineLoop:
         self._post(op)
         return fut
 
-    def run_program(self, program: Callable[["SharedEngine"], T], *, timeout_s: float | None = None
-                    ) -> "ProgramHandle[T]":
-        """Runs program(shared_engine) on a worker thread; its engine calls are carried out by the loop."""
+    def run_program(self, program: Callable[[ProgramView], T], *, timeout_s: float | None = None
+                    ) -> ProgramHandle:
+        """Runs program(view) on a worker thread; its engine operations are carried out by the loop."""
         self._check_running()
         self._admit()
-        state = _Program(deadline=None if timeout_s is None else time.monotonic() + timeout_s)
-        shared = SharedEngine(self, state)
-        self._program_states[id(state)] = state
+        state = ProgramState(None if timeout_s is None else time.monotonic() + timeout_s)
+        view = ProgramView(self.engine, self._post, state, self._owners)
+        with self._ops_lock:
+            self._programs.add(state)
 
         def body() -> T:
             try:
-                return program(shared)
+                return program(view)
             finally:
-                shared._release_all()
-                self._program_states.pop(id(state), None)
+                view.release_everything()
+                with self._ops_lock:
+                    self._programs.discard(state)
                 self._release_slot()
 
-        return ProgramHandle(self, state, self._workers.submit(body))
+        def free(ids: list[int]) -> None:
+            try:
+                self._post(lambda: release_all(self.engine, ids))
+            except Cancelled:
+                pass
+
+        return ProgramHandle(state, self._workers.submit(body), free)
 
     # -- the loop --------------------------------------------------------------------------------------------
 
     def _post(self, op: Callable[[], None]) -> None:
         with self._ops_lock:
+            self._check_running()
             self._ops.append(op)
         self._wake.set()
 
@@ -289,104 +193,92 @@ class EngineLoop:
     def _main(self) -> None:
         try:
             self._serve()
+        except BaseException as e:  # noqa: BLE001 - later calls learn of it
+            self._error = e
+            raise
         finally:
-            # Operations that came in while the loop stopped still get their answer, so no caller waits on
-            # a future nobody will complete; later calls are refused by _check_running.
-            while True:
-                with self._ops_lock:
-                    ops, self._ops = self._ops, []
-                if not ops:
-                    break
-                for op in ops:
-                    op()
+            # Operations that came in while the loop stopped still get their answer, so no caller waits on a
+            # future nobody will complete; every program learns that the loop is gone.
+            with self._ops_lock:
+                self._stop = True
+                ops, self._ops = self._ops, []
+                programs = list(self._programs)
+            for op in ops:
+                op()
+            for state in programs:
+                state.fail(Cancelled("the engine loop closed"))
             with self._stepped:
                 self._stepped.notify_all()
 
-    def _run_ops(self) -> int:
+    def _run_ops(self) -> None:
         self._wake.clear()
         with self._ops_lock:
             ops, self._ops = self._ops, []
         for op in ops:
             op()
-        return len(ops)
 
     def _serve(self) -> None:
         while not self._stop:
-            if self._run_ops() and not self.engine.has_work():
-                # A program answered here usually calls again at once (the output after a wait, the fork
-                # after the output): while calls keep coming, wait a moment for them, so that they join the
-                # next step instead of waiting one out. Only while the engine would idle: with work to run,
-                # the wait would hold every other row back, and a late call joins the step after.
-                until = time.perf_counter() + self._gather_s
-                while (left := until - time.perf_counter()) > 0 and self._wake.wait(min(left, self._gap_s)):
-                    self._run_ops()
+            self._run_ops()
+            if self._stop:
+                break
             self._expire()
             if self.engine.has_work():
-                t0 = time.perf_counter()
-                try:
-                    finished = self.engine.step()
-                except Exception as e:  # noqa: BLE001 - every waiter learns of it; the loop goes on
-                    self._fail_all(e)
-                    finished = []
-                self.stats.step_seconds += time.perf_counter() - t0
-                for order, rid in enumerate(finished):
-                    self._finished_at[rid] = (self.stats.steps, order)
-                self._publish(finished)
-                self._wake_waiters(set(finished))
-                with self._stepped:
-                    self.stats.steps += 1
-                    self._stepped.notify_all()
-            else:
-                self._wake_waiters(None)  # nothing runs: waiting programs re-check their state
-                with self._stepped:
-                    self._stepped.notify_all()
-                self._wake.wait(self._idle_wait_s)
-
-    def _watch(self, ids: Sequence[int], event: threading.Event, wait_for_all: bool) -> tuple[list[int], bool]:
-        """On the loop thread: (the listed requests already done, whether the engine has work). When the
-        caller is to wait (none done; with wait_for_all, not all done), `event` is set once one of the others
-        finishes, or when nothing is left to run."""
-        done = [i for i in ids if self.engine.is_done(i)]
-        work = self.engine.has_work()
-        if work and len(done) < len(ids) and (wait_for_all or not done):
-            finished = set(done)
-            self._waiters.append(({i for i in ids if i not in finished}, event))
-        return done, work
-
-    def _wake_waiters(self, finished: set[int] | None) -> None:
-        """Sets the events of the waiters with a request in `finished` (all of them when None)."""
-        if not self._waiters:
-            return
-        keep = []
-        for ids, event in self._waiters:
-            if finished is None or not ids.isdisjoint(finished):
-                event.set()
-            else:
-                keep.append((ids, event))
-        self._waiters = keep
-
-    def _publish(self, finished: Iterable[int]) -> None:
-        """Pushes each streamed request's new tokens; completes the finished ones."""
-        done = set(finished)
-        for rid, handle in list(self._handles.items()):
-            if not self.engine.is_done(rid) and handle._sent_tokens == self.engine.num_output_tokens(rid):
+                self._step()
+            elif not self._idle():
                 continue
-            out = self.engine.output(rid)
-            new_ids = out.token_ids[handle._sent_tokens:]
-            text = out.text
-            # Text is whole-sequence decoding; a delta carries what was added since the last one.
-            added = text[len(handle._sent_text):] if text.startswith(handle._sent_text) else text
-            is_done = rid in done or self.engine.is_done(rid)
-            if new_ids or is_done:
-                handle._sent_tokens = len(out.token_ids)
-                handle._sent_text = text
-                self.stats.generated_tokens += len(new_ids)
-                handle._push(Delta(list(new_ids), added, out.finish_reason if is_done else None))
-            if is_done:
-                del self._handles[rid]
-                self._finished_at.pop(rid, None)
-                self.engine.forget(rid)
-                handle._finish(out, None)
+            else:
+                self._wake.wait(self._next_deadline())
+
+    def _step(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            deltas = self.engine.step_deltas()
+        except Exception as e:  # noqa: BLE001 - every waiter learns of it; the loop goes on
+            self._fail_all(e)
+            deltas = []
+        self.stats.step_seconds += time.perf_counter() - t0
+        self._publish(deltas)
+        with self._stepped:
+            self.stats.steps += 1
+            self._stepped.notify_all()
+
+    def _idle(self) -> bool:
+        """Nothing to step. If no message is waiting either, a program still waiting for a request can never
+        see it finish: it is told so (SchedulingError). Returns whether the loop may sleep."""
+        with self._ops_lock:
+            if self._ops:
+                return False
+            for state in self._programs:
+                with state.cond:
+                    if state.waiting:
+                        state.stalled = True
+                        state.cond.notify_all()
+        with self._stepped:
+            self._stepped.notify_all()
+        return True
+
+    def _next_deadline(self) -> float | None:
+        return None if not self._deadlines else max(0.0, self._deadlines[0][0] - time.monotonic())
+
+    def _publish(self, deltas: Iterable[Delta]) -> None:
+        """Hands each streamed request its step's delta and completes the finished ones; gives each program the
+        outputs of its requests that finished. Only the requests the step touched are visited."""
+        for d in deltas:
+            rid = d.request_id
+            handle = self._handles.get(rid)
+            if handle is not None:
+                self.stats.generated_tokens += len(d.token_ids)
+                handle._push(d)
+                if d.finished:
+                    del self._handles[rid]
+                    out = self.engine.output(rid)
+                    self.engine.forget(rid)
+                    handle._finish(out, None)
+            elif d.finished and rid in self._owners:
+                state = self._owners[rid]
+                engine = self.engine
+                state.deliver(rid, engine.scored_logits(rid) if engine.is_scored(rid) else engine.output(rid))
 
     def _abort(self, handle: RequestHandle, error: BaseException) -> None:
         rid = handle.request_id
@@ -395,23 +287,28 @@ class EngineLoop:
         handle._finish(None, error)
 
     def _expire(self) -> None:
+        """Aborts the requests past their deadline: the heap's top, not every handle."""
         now = time.monotonic()
-        for handle in list(self._handles.values()):
-            if handle.deadline is not None and now > handle.deadline:
+        while self._deadlines and self._deadlines[0][0] < now:
+            _, rid, handle = heapq.heappop(self._deadlines)
+            if self._handles.get(rid) is handle:
                 self.stats.expired += 1
-                self._abort(handle, DeadlineExceeded(f"request {handle.request_id} passed its deadline"))
+                self._abort(handle, DeadlineExceeded(f"request {rid} passed its deadline"))
 
     def _fail_all(self, error: BaseException) -> None:
         """A step raised: every streamed request fails with the error and is freed, and every program fails
-        at its next engine call with its requests freed, so that a step that keeps raising cannot spin."""
+        where it waits, its requests freed, so that a step that keeps raising cannot spin."""
         for handle in list(self._handles.values()):
             self._abort(handle, error)
-        for state in list(self._program_states.values()):
-            state.error = error
-            _release(self.engine, list(state.ids))
-        self._wake_waiters(None)
-        with self._stepped:
-            self._stepped.notify_all()
+        with self._ops_lock:
+            programs = list(self._programs)
+        for state in programs:
+            with state.cond:
+                ids = list(state.ids)
+            release_all(self.engine, ids)
+            failed = RuntimeError(f"a model step failed: {error}")
+            failed.__cause__ = error
+            state.fail(failed)
 
     def wait_step(self, after: int, timeout: float | None = None) -> int:
         """Blocks until the loop has run a step past `after` (or found nothing to step); returns the count."""
@@ -424,7 +321,8 @@ class EngineLoop:
         return self.stats.steps
 
     def close(self, timeout: float = 10.0) -> None:
-        """Stops the loop; requests still in flight fail with Cancelled and are freed."""
+        """Stops the loop; requests still in flight fail with Cancelled and are freed, and programs still
+        running fail with Cancelled where they wait or at their next engine call."""
         if self._stop:
             return
 
@@ -433,9 +331,11 @@ class EngineLoop:
                 self._abort(handle, Cancelled("the engine loop closed"))
             self._stop = True
 
-        self._post(shutdown)
+        try:
+            self._post(shutdown)
+        except Cancelled:
+            return
         self._thread.join(timeout)
-        self._stop = True
         self._workers.shutdown(wait=False, cancel_futures=True)
 
     def __enter__(self) -> "EngineLoop":
@@ -443,190 +343,3 @@ class EngineLoop:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-@dataclass
-class LoopStats:
-    submitted: int = 0
-    rejected: int = 0
-    expired: int = 0
-    steps: int = 0
-    step_seconds: float = 0.0
-    generated_tokens: int = 0
-
-
-class ProgramHandle(Future):
-    """The future of a program's result; `cancel()` also stops the program at its next engine call and frees
-    every KV block its requests hold."""
-
-    def __init__(self, loop: EngineLoop, program: _Program, inner: Future):
-        super().__init__()
-        self._loop = loop
-        self._program = program
-        self._inner = inner
-        inner.add_done_callback(self._copy)
-
-    def _copy(self, inner: Future) -> None:
-        if self.done():
-            return
-        if inner.cancelled():
-            super().cancel()
-            self.set_running_or_notify_cancel()
-        elif inner.exception() is not None:
-            self.set_exception(inner.exception())
-        else:
-            self.set_result(inner.result())
-
-    def cancel(self) -> bool:
-        if self.done():
-            return False
-        self._program.cancelled = True
-        ids = list(self._program.ids)
-        self._loop._post(lambda: _release(self._loop.engine, ids))
-        wake = self._program.wake
-        if wake is not None:
-            wake.set()
-        with self._loop._stepped:
-            self._loop._stepped.notify_all()
-        return True
-
-    def __await__(self):
-        return asyncio.wrap_future(self).__await__()
-
-
-def _release(engine: Engine, ids: Iterable[int]) -> None:
-    for rid in ids:
-        if engine.has_request(rid) and not engine.is_done(rid):
-            engine.release(rid)
-
-
-class SharedEngine:
-    """An Engine-shaped view of an EngineLoop for a program on a worker thread: the attributes the
-    algorithms read (tokenizer, config, max_model_len, reflection_groups) are the engine's own, immutable
-    after construction; every method runs on the loop thread. `run` waits while the loop steps all users'
-    requests together."""
-
-    def __init__(self, loop: EngineLoop, state: _Program):
-        self._loop = loop
-        self._state = state
-        engine = loop.engine
-        self.tokenizer = engine.tokenizer
-        self.config = engine.config
-        self.max_model_len = engine.max_model_len
-        self.reflection_groups = engine.reflection_groups
-
-    def _check(self) -> None:
-        if self._state.error is not None:
-            raise RuntimeError(f"a model step failed: {self._state.error}") from self._state.error
-        if self._state.cancelled:
-            raise Cancelled("the query was cancelled")
-        if self._state.deadline is not None and time.monotonic() > self._state.deadline:
-            self._state.cancelled = True
-            raise DeadlineExceeded("the query passed its deadline")
-
-    def _do(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        return self._loop.call(fn, *args, **kwargs).result()
-
-    def add_request(self, prompt, params: SamplingParams | None = None, keep_cache: bool = False) -> int:
-        self._check()
-        rid = self._do(self._loop.engine.add_request, prompt, params, keep_cache=keep_cache)
-        self._state.ids.add(rid)
-        return rid
-
-    def fork(self, parent: int, suffixes, params, prefix_len: int | None = None, keep_cache: bool = False
-             ) -> list[int]:
-        self._check()
-        kids = self._do(self._loop.engine.fork, parent, suffixes, params, prefix_len=prefix_len,
-                        keep_cache=keep_cache)
-        self._state.ids.update(kids)
-        return kids
-
-    def release(self, request_id: int) -> None:
-        # Not waited for: the loop runs operations in order, so every later call sees it done.
-        self._loop._post(lambda: _release(self._loop.engine, [request_id]))
-
-    def forget(self, request_id: int) -> None:
-        self._state.ids.discard(request_id)
-        self._loop._post(lambda: _forget_all(self._loop.engine, [request_id], self._loop))
-
-    def is_done(self, request_id: int) -> bool:
-        return self._do(self._loop.engine.is_done, request_id)
-
-    def output(self, request_id: int) -> RequestOutput:
-        return self._do(self._loop.engine.output, request_id)
-
-    def has_work(self) -> bool:
-        return self._do(self._loop.engine.has_work)
-
-    def score(self, token_ids) -> torch.Tensor:
-        self._check()
-        return self._do(self._loop.engine.score, token_ids)
-
-    def step(self) -> list[int]:
-        """Waits for the loop's next step (the loop, not the program, steps); returns nothing finished:
-        a program re-reads its requests' state after it."""
-        self._check()
-        self._loop.wait_step(self._loop.steps, timeout=1.0)
-        return []
-
-    def _wait(self, ids: list[int], wait_for_all: bool) -> tuple[list[int], bool]:
-        """(the listed requests done, whether the engine has work), read between two steps. When none is
-        done (with wait_for_all: not all), waits until another finishes, woken by the loop rather than by
-        every step, or a second passes, so that cancellation and the deadline are checked."""
-        event = threading.Event()
-        self._state.wake = event
-        try:
-            done, work = self._do(self._loop._watch, ids, event, wait_for_all)
-            if work and len(done) < len(ids) and (wait_for_all or not done):
-                event.wait(1.0)
-            return done, work
-        finally:
-            self._state.wake = None
-
-    def run_until_any(self, request_ids: Iterable[int]) -> list[int]:
-        """As Engine.run_until_any: the listed requests done when called, in list order; else, once some
-        finish, those in the order they finished."""
-        ids = list(request_ids)
-        loop = self._loop
-        if not ids:
-            return []
-        waited = False
-        while True:
-            self._check()
-            done, work = self._wait(ids, wait_for_all=False)
-            if done:
-                if not waited:
-                    return done
-                order = self._do(lambda: {i: loop._finished_at.get(i, (0, 0)) for i in done})
-                return sorted(done, key=lambda i: order[i])
-            if not work:
-                raise SchedulingError(f"requests {ids} cannot make progress: nothing is scheduled")
-            waited = True
-
-    def run(self, request_ids: Iterable[int], progress: bool = False) -> list[RequestOutput]:
-        ids = list(request_ids)
-        while True:
-            self._check()
-            done, work = self._wait(ids, wait_for_all=True)
-            if len(done) == len(ids):
-                return self._do(lambda: [self._loop.engine.output(i) for i in ids])
-            if not work:
-                raise SchedulingError(f"requests {ids} cannot make progress: nothing is scheduled")
-
-    def _release_all(self) -> None:
-        """At the program's end (normal or not), every request it still holds is forgotten."""
-        ids = list(self._state.ids)
-        self._state.ids.clear()
-        if ids:
-            try:
-                self._do(_forget_all, self._loop.engine, ids, self._loop)
-            except Cancelled:
-                pass  # the loop is closed: nothing holds the blocks any more
-
-
-def _forget_all(engine: Engine, ids: Iterable[int], loop: "EngineLoop | None" = None) -> None:
-    for rid in ids:
-        if loop is not None:
-            loop._finished_at.pop(rid, None)
-        if engine.has_request(rid):
-            engine.forget(rid)

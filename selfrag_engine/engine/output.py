@@ -1,12 +1,22 @@
-"""What a request has produced: appending a sampled token (log-probabilities, reflection probabilities),
-stop conditions (EOS, stop tokens, stop strings, length), detokenizing, and the `RequestOutput` a caller reads."""
+"""The output processor: a sampled token appended to its request (log-probabilities, reflection probabilities),
+its text grown incrementally, the stop conditions (EOS, stop tokens, stop strings, length), and what a caller
+reads: a `Delta` per request per step (what the step added) and the `RequestOutput` (everything so far).
+
+Text is detokenized one token at a time (`IncrementalDetokenizer`: vLLM's text, the first word's leading space
+kept, a character split over byte pieces emitted once whole) and passed through the request's stop strings,
+which hold back the end that could still start one. So the deltas of a request, joined, are its final text,
+character for character, and no delta is ever taken back. Per token the work is bounded (a window of a few
+tokens, a held end shorter than the longest stop string), whatever the length of the answer.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from selfrag_engine.detokenizer import IncrementalDetokenizer
 from selfrag_engine.engine.sequence import Sequence
+from selfrag_engine.engine.stop_strings import StopStrings
 from selfrag_engine.layers.sampler import ReflectionGroups, SamplerOutput
 from selfrag_engine.tokenizer import Tokenizer
 
@@ -27,14 +37,55 @@ class RequestOutput:
     reflection_groups: ReflectionGroups | None
 
 
-def decode_output(tokenizer: Tokenizer, seq: Sequence) -> str:
-    return tokenizer.decode(seq.output_token_ids, skip_special_tokens=seq.params.skip_special_tokens)
+@dataclass
+class Delta:
+    """What one step added to a request: its new tokens (with their log-probabilities), the text they made final,
+    and, on the request's last delta, why it finished. A request's deltas, joined, are its output."""
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None = None  # set on the last delta only
+    stop_reason: str | int | None = None
+    request_id: int = -1
+    token_logprobs: list[float] = field(default_factory=list)
+    logprobs: list[dict[int, float]] | None = None  # per new token, the top-n and the chosen token, when asked
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class TextState:
+    """A request's text as it grows: the detokenizer, its stop strings and the final pieces so far."""
+    detok: IncrementalDetokenizer
+    stops: StopStrings | None
+    parts: list[str] = field(default_factory=list)
+
+    def snapshot(self) -> tuple:
+        return self.detok.snapshot(), None if self.stops is None else self.stops.held, len(self.parts)
+
+    def restore(self, state: tuple) -> None:
+        detok, held, n = state
+        self.detok.restore(detok)
+        if self.stops is not None:
+            self.stops.held = held
+        del self.parts[n:]
+
+
+def text_state(seq: Sequence, tokenizer: Tokenizer) -> TextState:
+    """The request's text state, made at its first token: the prompt's last tokens are the decoding context."""
+    if seq.text_state is None:
+        p = seq.params
+        seq.text_state = TextState(
+            IncrementalDetokenizer(tokenizer, seq.token_ids[:seq.num_prompt_tokens], p.skip_special_tokens),
+            StopStrings(p.stop, p.include_stop_str_in_output) if p.stop else None)
+    return seq.text_state
 
 
 def append_token(seq: Sequence, out: SamplerOutput, row: int, token: int, lp: float, tokenizer: Tokenizer,
                  max_model_len: int) -> bool:
     """Appends the token sampled in `out`'s row for seq; returns whether the request has finished (its
-    finish_reason, stop_reason and text then set)."""
+    finish_reason and stop_reason then set)."""
     p = seq.params
     seq.token_ids.append(token)
     seq.token_logprobs.append(lp)
@@ -51,28 +102,47 @@ def append_token(seq: Sequence, out: SamplerOutput, row: int, token: int, lp: fl
         seq.reflection_logprobs.append(out.group_logprobs[row])
 
     reason = None
-    if token == tokenizer.eos_id and not p.ignore_eos:
-        reason = ("stop", None)
-    elif token in p.stop_token_ids:
-        reason = ("stop", token)
-    elif p.stop:
-        text = decode_output(tokenizer, seq)
-        for s in p.stop:
-            at = text.find(s, max(0, len(seq.text) - len(s)))
-            if at >= 0:
-                seq.text = text[:at + len(s)] if p.include_stop_str_in_output else text[:at]
-                reason = ("stop", s)
-                break
-        else:
-            seq.text = text
-    if reason is None and (seq.num_output_tokens >= p.max_tokens or len(seq.token_ids) >= max_model_len):
-        reason = ("length", None)
+    state = text_state(seq, tokenizer) if p.detokenize else None
+    if state is not None:
+        piece = state.detok.add(token)
+        if state.stops is not None:
+            piece, hit = state.stops.feed(piece)
+            if hit is not None:
+                reason = ("stop", hit)
+        if piece:
+            state.parts.append(piece)
+    if reason is None:
+        if token == tokenizer.eos_id and not p.ignore_eos:
+            reason = ("stop", None)
+        elif token in p.stop_token_ids:
+            reason = ("stop", token)
+        elif seq.num_output_tokens >= p.max_tokens or len(seq.token_ids) >= max_model_len:
+            reason = ("length", None)
     if reason is None:
         return False
     seq.finish_reason, seq.stop_reason = reason
-    if p.detokenize and not (p.stop and reason[1] in p.stop):
-        seq.text = decode_output(tokenizer, seq)
+    if state is not None and state.stops is not None and not isinstance(reason[1], str):
+        held = state.stops.flush()  # not a stop string after all: the answer ends with it
+        if held:
+            state.parts.append(held)
     return True
+
+
+def take_delta(seq: Sequence) -> Delta | None:
+    """What seq gained since its last delta (None if nothing: no token, no text, no news of its finish)."""
+    n = seq.num_output_tokens
+    parts = seq.text_state.parts if seq.text_state is not None else ()
+    finished = seq.finish_reason is not None and not seq.finish_reported
+    if n == seq.reported_tokens and len(parts) == seq.reported_parts and not finished:
+        return None
+    new = seq.token_ids[seq.num_prompt_tokens + seq.reported_tokens:]
+    text = "".join(parts[seq.reported_parts:])
+    d = Delta(new, text, seq.finish_reason if finished else None, seq.stop_reason if finished else None,
+              seq.request_id, seq.token_logprobs[seq.reported_tokens:],
+              seq.top_logprobs[seq.reported_tokens:] if seq.params.logprobs is not None else None)
+    seq.reported_tokens, seq.reported_parts = n, len(parts)
+    seq.finish_reported = seq.finish_reported or finished
+    return d
 
 
 def request_output(seq: Sequence, groups: ReflectionGroups | None) -> RequestOutput:

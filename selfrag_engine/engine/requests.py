@@ -101,7 +101,24 @@ class Requests:
                                      f"{needed} tokens of KV cache but the whole pool holds {capacity} "
                                      f"({self.pool_blocks} blocks of {self.block_size})")
 
-    def new(self, token_ids: list[int], params: SamplingParams, keep_cache: bool, scores: bool = False) -> Sequence:
+    def reserve_id(self) -> int:
+        """A request id no request has (itertools.count's next is atomic, so any thread may reserve one)."""
+        return next(self._ids)
+
+    def _take_id(self, request_id: int | None) -> int:
+        if request_id is None:
+            request_id = next(self._ids)
+            while request_id in self.seqs:  # a caller may have picked it
+                request_id = next(self._ids)
+            return request_id
+        if isinstance(request_id, bool) or not isinstance(request_id, int) or request_id < 0:
+            raise RequestError(f"a request id is an integer >= 0, got {request_id!r}")
+        if request_id in self.seqs:
+            raise RequestError(f"request id {request_id} is already in use")
+        return request_id
+
+    def new(self, token_ids: list[int], params: SamplingParams, keep_cache: bool, scores: bool = False,
+            request_id: int | None = None) -> Sequence:
         """A new request, in the table (the caller hands it to the scheduler)."""
         check_servable(params, self.vocab_size)
         if scores and len(token_ids) > self.max_model_len:
@@ -109,13 +126,13 @@ class Requests:
         self.check_fits(len(token_ids) - scores, params.max_tokens, "scored sequence" if scores else "prompt")
         seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,),
                                                                              generator=self._seed_rng))
-        seq = Sequence(next(self._ids), token_ids, len(token_ids), params, seed, keep_cache, scores=scores)
+        seq = Sequence(self._take_id(request_id), token_ids, len(token_ids), params, seed, keep_cache, scores=scores)
         self.seqs[seq.request_id] = seq
         return seq
 
     def branches(self, parent: Sequence, suffixes: Iterable[str | Seq[int]],
                  params: SamplingParams | Seq[SamplingParams], prefix_len: int | None,
-                 keep_cache: bool) -> list[Sequence]:
+                 keep_cache: bool, request_ids: Seq[int] | None = None) -> list[Sequence]:
         """New requests continuing parent's first prefix_len tokens (default: all) with their suffixes. Every
         branch is checked before any is made, so a bad one leaves no half-made siblings behind."""
         prefix_len = len(parent.token_ids) if prefix_len is None else prefix_len
@@ -134,8 +151,15 @@ class Requests:
             if prefix_len + len(suffix) == parent.num_computed:
                 raise RequestError("a forked branch needs at least one token after the parent's computed prefix")
             self.check_fits(prefix_len + len(suffix), prm.max_tokens, "forked branch")
-        return [self.new(parent.token_ids[:prefix_len] + suffix, prm, keep_cache)
-                for suffix, prm in zip(suffix_ids, params)]
+        if request_ids is None:
+            request_ids = [None] * len(suffix_ids)
+        elif len(request_ids) != len(suffix_ids) or len(set(request_ids)) != len(request_ids):
+            raise RequestError(f"{len(suffix_ids)} suffixes need as many distinct request ids, got {request_ids!r}")
+        for rid in request_ids:
+            if rid is not None and rid in self.seqs:
+                raise RequestError(f"request id {rid} is already in use")
+        return [self.new(parent.token_ids[:prefix_len] + suffix, prm, keep_cache, request_id=rid)
+                for suffix, prm, rid in zip(suffix_ids, params, request_ids)]
 
     def get(self, request_id: int) -> Sequence:
         if isinstance(request_id, bool) or not isinstance(request_id, int) or request_id not in self.seqs:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 import torch
 
@@ -33,9 +34,18 @@ class Sequence:
     top_logprobs: list[dict[int, float]] = field(default_factory=list)
     reflection: list[torch.Tensor] = field(default_factory=list)  # per step: group-normalized probs [G]
     reflection_logprobs: list[torch.Tensor] = field(default_factory=list)  # per step: full-vocab logprobs [G]
-    text: str = ""
+    text_state: Any = None  # engine/output.py's TextState, made at the first token when detokenizing
     scores: bool = False  # a scored prompt (Engine.score): every position's logits are kept, nothing is sampled
     logits: dict[int, torch.Tensor] = field(default_factory=dict)  # scored: chunk start -> float32 [n, vocab]
+    # What the last delta (engine/output.py take_delta) covered: output tokens, text pieces, the finish.
+    reported_tokens: int = 0
+    reported_parts: int = 0
+    finish_reported: bool = False
+
+    @property
+    def text(self) -> str:
+        """The final text so far (without any end held back as the possible start of a stop string)."""
+        return "" if self.text_state is None else "".join(self.text_state.parts)
 
     @property
     def output_token_ids(self) -> list[int]:

@@ -52,7 +52,7 @@ class _Saved:
     seq: Sequence
     status: Status
     num_tokens: int
-    text: str
+    text: tuple | None
     finish_reason: str | None
     stop_reason: str | int | None
     cumulative_logprob: float
@@ -62,7 +62,8 @@ class _Saved:
 
     @classmethod
     def of(cls, s: Sequence) -> "_Saved":
-        return cls(s, s.status, len(s.token_ids), s.text, s.finish_reason, s.stop_reason, s.cumulative_logprob,
+        text = None if s.text_state is None else s.text_state.snapshot()
+        return cls(s, s.status, len(s.token_ids), text, s.finish_reason, s.stop_reason, s.cumulative_logprob,
                    len(s.top_logprobs), len(s.reflection), dict(s.logits))
 
     def restore(self) -> None:
@@ -72,7 +73,11 @@ class _Saved:
         del s.top_logprobs[self.num_top:]
         del s.reflection[self.num_reflection:]
         del s.reflection_logprobs[self.num_reflection:]
-        s.status, s.text, s.finish_reason, s.stop_reason = self.status, self.text, self.finish_reason, self.stop_reason
+        s.status, s.finish_reason, s.stop_reason = self.status, self.finish_reason, self.stop_reason
+        if self.text is None:
+            s.text_state = None
+        else:
+            s.text_state.restore(self.text)
         s.cumulative_logprob, s.logits = self.cumulative_logprob, self.logits
 
 
@@ -90,10 +95,13 @@ class Stepper:
         self.stats = SpeculationStats()
         self.pool = DraftPool(num_draft_tokens) if num_draft_tokens else None
         self.in_flight: Launched | None = None
+        self.touched: list[Sequence] = []  # the sequences the last step appended a token to, or finished
 
     def step(self) -> tuple[list[Sequence], bool]:
-        """One step; returns the sequences that finished in it and whether it computed anything at all."""
+        """One step; returns the sequences that finished in it and whether it computed anything at all.
+        `touched` then lists every sequence it appended to or finished (the output processor's input)."""
         sched = self.scheduler
+        self.touched = []
         saved = [_Saved.of(s) for s in [*sched.running, *sched.waiting]]
         try:
             finished, progressed = self._step()
@@ -102,6 +110,7 @@ class Stepper:
             for s in reversed(saved):
                 s.restore()
                 sched.requeue(s.seq)
+            self.touched = []
             raise
         if self.pool is not None:
             for s in finished:
@@ -117,6 +126,7 @@ class Stepper:
                 return [], False
             if (self.num_draft_tokens and speculable(batch)
                     and add_drafts(self.scheduler, batch, self.num_draft_tokens, self.max_model_len, self.pool)):
+                self.touched = [c.seq for c in batch.chunks]
                 return verify(batch, self.scheduler, self.runner, self.tokenizer, self.max_model_len, self.groups,
                               self.backend, self.stats), True
             cur = self._launch(batch, finished)
@@ -148,7 +158,9 @@ class Stepper:
                     at += c.num_tokens
                     if c.samples:
                         self.scheduler.finish(c.seq, keep_cache=False)
+                        c.seq.finish_reason = "length"  # every position scored: its whole length
                         finished.append(c.seq)
+                        self.touched.append(c.seq)
                 elif c.samples:
                     rows.append(at)
                     at += 1
@@ -198,6 +210,7 @@ class Stepper:
                 continue
             self.stats.row_passes += 1
             self.stats.tokens += 1
+            self.touched.append(seq)
             if cur.ahead:
                 # The step computed the K/V of the token it was launched without; the cache learns its id now.
                 self.scheduler.commit_reserved(seq, seq.token_ids[cur.starts[i]])

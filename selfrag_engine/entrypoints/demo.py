@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 from selfrag_engine.engine.llm_engine import Engine
 from selfrag_engine.entrypoints.ask import format_answer

@@ -43,6 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from selfrag_engine.engine.llm_engine import Engine
 from selfrag_engine.engine.loop import EngineLoop, RequestHandle
+from selfrag_engine.engine.output import Delta, RequestOutput
 from selfrag_engine.engine.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
 from selfrag_engine.entrypoints.access import Access, install_access
 from selfrag_engine.entrypoints.admission import Admission, AdmissionGate
@@ -71,6 +72,11 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
 
 
+class StreamOptions(_Body):
+    include_usage: bool = False  # a last chunk with the usage and no choices
+    continuous_usage_stats: bool = False  # vLLM's: the usage so far on every chunk
+
+
 class CompletionBody(_Body):
     model: str | None = None
     prompt: str | list[str] | list[int] | list[list[int]]
@@ -85,6 +91,7 @@ class CompletionBody(_Body):
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool = False
     stream: bool = False
+    stream_options: StreamOptions | None = None
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
@@ -129,6 +136,7 @@ class ChatBody(_Body):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     stream: bool = False
+    stream_options: StreamOptions | None = None
     skip_special_tokens: bool = True
     timeout: float | None = Field(None, gt=0)
     selfrag: SelfRAGOptions | None = None
@@ -221,10 +229,15 @@ def build_app(loop: EngineLoop, model_name: str, retriever: Any = None, limits: 
             raise FieldError("model", f"model '{name}' is not served here (this server serves '{model_name}')",
                              code="model_not_found")
 
+    def _check_stream_options(body: CompletionBody | ChatBody) -> None:
+        if body.stream_options is not None and not body.stream:
+            raise RequestError("stream_options: only allowed when stream is true")
+
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, request: Request):
         start = time.perf_counter()
         _check_model(body.model)
+        _check_stream_options(body)
         if body.echo:
             raise RequestError("echo is not supported")
         prompts = await prepare_prompts(engine, _prompts(body.prompt), body.max_tokens)
@@ -233,11 +246,16 @@ def build_app(loop: EngineLoop, model_name: str, retriever: Any = None, limits: 
         rid = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         if body.stream:
-            return _stream(request, handles, metrics, start, "completions", lambda i, d: {
-                "id": rid, "object": "text_completion", "created": created, "model": model_name,
-                "choices": [{"index": i, "text": d.text, "logprobs": None, "finish_reason": d.finish_reason}]})
+            def chunk(i: int, d: Delta, first: bool, offset: int) -> dict[str, Any]:
+                lp = _completion_logprobs(tok, d, offset) if body.logprobs is not None else None
+                return {"index": i, "text": d.text, "logprobs": lp, "finish_reason": d.finish_reason,
+                        "stop_reason": d.stop_reason}
+
+            return _stream(handles, metrics, start, "completions", body.stream_options, chunk,
+                           {"id": rid, "object": "text_completion", "created": created, "model": model_name},
+                           wants_logprobs=body.logprobs is not None, n=body.n)
         outs = await _gather(request, handles)
-        choices = [{"index": i, "text": o.text, "finish_reason": o.finish_reason,
+        choices = [{"index": i, "text": o.text, "finish_reason": o.finish_reason, "stop_reason": o.stop_reason,
                     "logprobs": _completion_logprobs(tok, o) if body.logprobs is not None else None}
                    for i, o in enumerate(outs)]
         metrics.latency.labels("completions").observe(time.perf_counter() - start)
@@ -248,6 +266,7 @@ def build_app(loop: EngineLoop, model_name: str, retriever: Any = None, limits: 
     async def chat(body: ChatBody, request: Request):
         start = time.perf_counter()
         _check_model(body.model)
+        _check_stream_options(body)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         if body.selfrag is not None:
@@ -273,15 +292,18 @@ def build_app(loop: EngineLoop, model_name: str, retriever: Any = None, limits: 
         params = _params(body, max_tokens, top)
         handles = await _admitted(_submit(loop, [prompt_ids], params, body.n, body.timeout))
         if body.stream:
-            return _stream(request, handles, metrics, start, "chat", lambda i, d: {
-                "id": rid, "object": "chat.completion.chunk", "created": created, "model": model_name,
-                "choices": [{"index": i, "delta": ({"role": "assistant", "content": d.text} if d.first
-                                                   else {"content": d.text}),
-                             "logprobs": None, "finish_reason": d.finish_reason}]})
+            def chunk(i: int, d: Delta, first: bool, offset: int) -> dict[str, Any]:
+                delta = {"role": "assistant", "content": d.text} if first else {"content": d.text}
+                lp = _chat_logprobs(tok, d, top) if body.logprobs else None
+                return {"index": i, "delta": delta, "logprobs": lp, "finish_reason": d.finish_reason, "stop_reason": d.stop_reason}
+
+            return _stream(handles, metrics, start, "chat", body.stream_options, chunk,
+                           {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model_name},
+                           wants_logprobs=bool(body.logprobs), n=body.n)
         outs = await _gather(request, handles)
         choices = [{"index": i, "message": {"role": "assistant", "content": o.text},
                     "logprobs": _chat_logprobs(tok, o, top) if body.logprobs else None,
-                    "finish_reason": o.finish_reason} for i, o in enumerate(outs)]
+                    "finish_reason": o.finish_reason, "stop_reason": o.stop_reason} for i, o in enumerate(outs)]
         metrics.latency.labels("chat").observe(time.perf_counter() - start)
         return {"id": rid, "object": "chat.completion", "created": created, "model": model_name,
                 "choices": choices, "usage": _usage(outs, 1, body.n)}
@@ -434,15 +456,17 @@ async def _gather(request: Request, handles: list[RequestHandle]):
         raise
 
 
-class _Chunk:
-    def __init__(self, text: str, finish_reason: str | None, first: bool):
-        self.text, self.finish_reason, self.first = text, finish_reason, first
+def _stream(handles: list[RequestHandle], metrics: _Metrics, start: float, endpoint: str,
+            options: StreamOptions | None, choice: Callable[[int, Delta, bool, int], dict[str, Any]],
+            head: dict[str, Any], wants_logprobs: bool, n: int) -> StreamingResponse:
+    """Server-sent events: a chunk for every step's delta of every choice, in arrival order, as soon as the
+    engine hands it over (its text what that step made final, its tokens' log-probabilities when asked), then,
+    with stream_options.include_usage, a chunk with the usage, then [DONE]. A delta with no text and no news is
+    not sent, unless it carries log-probabilities. A client that goes away cancels its requests, which frees
+    their blocks at the next step (the response's generator is closed and cancels them)."""
+    include_usage = options is not None and options.include_usage
+    continuous = options is not None and options.continuous_usage_stats
 
-
-def _stream(request: Request, handles: list[RequestHandle], metrics: _Metrics, start: float, endpoint: str,
-            event) -> StreamingResponse:
-    """Server-sent events of every choice's deltas, in arrival order, then [DONE]. A client that goes away
-    cancels its requests, which frees their blocks at the next step."""
     async def gen():
         queue: asyncio.Queue = asyncio.Queue()
 
@@ -456,7 +480,9 @@ def _stream(request: Request, handles: list[RequestHandle], metrics: _Metrics, s
 
         tasks = [asyncio.create_task(pump(i, h)) for i, h in enumerate(handles)]
         open_choices = len(handles)
-        first_seen: set[int] = set()
+        sent_first: set[int] = set()
+        offsets = [0] * len(handles)  # characters each choice has sent
+        completion = [0] * len(handles)
         try:
             while open_choices:
                 i, d, err = await queue.get()
@@ -467,11 +493,20 @@ def _stream(request: Request, handles: list[RequestHandle], metrics: _Metrics, s
                     body = json.loads(_error_response(err).body)
                     yield f"data: {json.dumps(body)}\n\n"
                     continue
-                if i not in first_seen and d.token_ids:
+                completion[i] += len(d.token_ids)
+                if not (d.text or d.finished or (wants_logprobs and d.token_ids)):
+                    continue
+                if i not in sent_first and d.text:
                     metrics.ttft.observe(time.perf_counter() - start)
-                chunk = _Chunk(d.text, d.finish_reason, i not in first_seen)
-                first_seen.add(i)
-                yield f"data: {json.dumps(event(i, chunk), ensure_ascii=False)}\n\n"
+                event = {**head, "choices": [choice(i, d, i not in sent_first, offsets[i])]}
+                sent_first.add(i)
+                offsets[i] += len(d.text)
+                if continuous:
+                    event["usage"] = _stream_usage(handles, n, completion)
+                yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
+            if include_usage:
+                event = {**head, "choices": [], "usage": _stream_usage(handles, n, completion)}
+                yield f"data: {json.dumps(event)}\n\n"
             yield "data: [DONE]\n\n"
             metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
         finally:
@@ -481,6 +516,13 @@ def _stream(request: Request, handles: list[RequestHandle], metrics: _Metrics, s
                 t.cancel()
 
     return StreamingResponse(gen(), media_type="text/event-stream")
+
+
+def _stream_usage(handles: list[RequestHandle], n: int, completion: list[int]) -> dict[str, int]:
+    # The n choices of a prompt are adjacent and share it: each prompt counts once.
+    prompt_tokens = sum(h.num_prompt_tokens or 0 for h in handles[::n])
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": sum(completion),
+            "total_tokens": prompt_tokens + sum(completion)}
 
 
 def _usage(outs, num_prompts: int, n: int) -> dict[str, int]:
@@ -494,9 +536,11 @@ def _token_str(tok, token_id: int) -> str:
     return tok.decode([token_id], skip_special_tokens=False)
 
 
-def _completion_logprobs(tok, out) -> dict[str, Any]:
+def _completion_logprobs(tok, out: RequestOutput | Delta, offset: int = 0) -> dict[str, Any]:
+    """OpenAI's completion logprobs of `out`'s tokens; a streamed chunk's offsets continue from `offset`, the
+    characters its choice sent before."""
     tokens = [_token_str(tok, t) for t in out.token_ids]
-    offsets, pos = [], 0
+    offsets, pos = [], offset
     for s in tokens:
         offsets.append(pos)
         pos += len(s)
@@ -507,7 +551,7 @@ def _completion_logprobs(tok, out) -> dict[str, Any]:
             "text_offset": offsets}
 
 
-def _chat_logprobs(tok, out, top: int | None) -> dict[str, Any]:
+def _chat_logprobs(tok, out: RequestOutput | Delta, top: int | None) -> dict[str, Any]:
     content = []
     for step, (t, lp) in enumerate(zip(out.token_ids, out.token_logprobs)):
         s = _token_str(tok, t)

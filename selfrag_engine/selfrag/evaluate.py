@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from selfrag_engine.engine.llm_engine import Engine
+from selfrag_engine.engine.client import EngineClient
 from selfrag_engine.errors import RequestError
 from selfrag_engine.selfrag.long_form import LongFormSelfRAG
 from selfrag_engine.selfrag.scoring import COMPATS, ScoringConfig
@@ -276,7 +276,7 @@ def _with_compat(cls: type, kwargs: dict[str, Any], compat: str) -> dict[str, An
     return kwargs
 
 
-def build_runner(engine: Engine, preset: Preset, *, ndocs: int | None = None, mode: str | None = None,
+def build_runner(engine: EngineClient, preset: Preset, *, ndocs: int | None = None, mode: str | None = None,
                  threshold: float | None = None, max_new_tokens: int | None = None, compat: str = "paper",
                  beam_width: int | None = None, max_depth: int | None = None,
                  retriever: Any = None) -> SelfRAG | LongFormSelfRAG:

@@ -44,7 +44,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from selfrag_engine.engine.llm_engine import Engine, RequestOutput
+from selfrag_engine.engine.client import EngineClient
+from selfrag_engine.engine.output import RequestOutput
 from selfrag_engine.engine.sampling_params import SamplingParams
 from selfrag_engine.errors import RequestError
 from selfrag_engine.retrieval.passages import Passage
@@ -162,7 +163,7 @@ class LongFormSelfRAG:
     """Long-form Self-RAG over an engine and an optional retriever (anything with `search(query, k) ->
     list[Passage]`); passages may also be given per question."""
 
-    def __init__(self, engine: Engine, retriever=None, scoring: ScoringConfig | None = None, ndocs: int = 5,
+    def __init__(self, engine: EngineClient, retriever=None, scoring: ScoringConfig | None = None, ndocs: int = 5,
                  max_new_tokens: int = 300, beam_width: int = 2, max_depth: int = 7, mode: str = "adaptive",
                  retrieval: str = "static", compat: str = "paper", quirks: ScriptQuirks | None = None):
         if engine.reflection_groups is None:
@@ -628,16 +629,19 @@ class LongFormSelfRAG:
                           self._trace(tree, best))
 
     def _released_answer(self, tree: _Tree, elapsed: float) -> LongAnswer:
+        """The script's final prediction as its tree search returns it: without retrieval, vLLM's text up to the
+        first blank line; with it, the path's texts joined with spaces, the root's empty one first, so the
+        answer starts with the join's space and vLLM's own (`"  Paris is ..."`). Segments are post-processed."""
         if tree.no_retrieval is not None:
             seg = Segment(postprocess(tree.no_retrieval), None, 0, None, None, None, None, None, [])
-            return LongAnswer(tree.question, postprocess(tree.no_retrieval, long_form=True), [seg], [None], None,
+            return LongAnswer(tree.question, tree.no_retrieval, [seg], [None], None,
                               False, tree.tokens, elapsed, self._trace(tree, None))
         deepest = [level for level in tree.levels[1:] if level][-1]
         best = deepest[0]
         path = best.path()
         joined = " ".join(n.text for n in path)
         segments = [self._segment(n) for n in self._answer_path(path)]
-        return LongAnswer(tree.question, postprocess(joined, long_form=True), segments,
+        return LongAnswer(tree.question, joined, segments,
                           [s.passage for s in segments], best.score, True, tree.tokens, elapsed,
                           self._trace(tree, best))
 

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from selfrag_engine.engine.llm_engine import Engine, RequestOutput
+from selfrag_engine.engine.client import EngineClient
+from selfrag_engine.engine.output import RequestOutput
 from selfrag_engine.engine.sampling_params import SamplingParams
 
 
 class Owned:
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: EngineClient):
         self.engine = engine
         self.ids: set[int] = set()
 

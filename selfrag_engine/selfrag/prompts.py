@@ -6,7 +6,8 @@ import re
 from selfrag_engine.errors import RequestError
 from selfrag_engine.vocab import GROUPS, PARAGRAPH_CLOSE, PARAGRAPH_OPEN
 
-__all__ = ["GROUPS", "PARAGRAPH_CLOSE", "PARAGRAPH_OPEN", "format_passage", "format_prompt", "postprocess"]
+__all__ = ["GROUPS", "PARAGRAPH_CLOSE", "PARAGRAPH_OPEN", "format_passage", "format_prompt", "postprocess",
+           "script_postprocess"]
 
 # What post-processing removes: every control token except [Continue to Use Evidence], and </s>.
 _STRIPPED = [t for g in GROUPS.values() for t in g if t != "[Continue to Use Evidence]"]
@@ -35,3 +36,11 @@ def postprocess(text: str, long_form: bool = False) -> str:
     if long_form:
         text = re.sub(r"([.!?])(\w)", r"\1 \2", text)
     return text
+
+
+def script_postprocess(text: str) -> str:
+    """The released short-form script's post-processing of an answer it returns: control tokens, </s> and
+    newlines removed, nothing else; vLLM's leading space stays (`" Paris is ..."`)."""
+    for token in _STRIPPED:
+        text = text.replace(token, "")
+    return text.replace("\n", "").replace("<|endoftext|>", "")

@@ -19,7 +19,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from selfrag_engine.engine.llm_engine import Engine, RequestOutput
+from selfrag_engine.engine.client import EngineClient
+from selfrag_engine.engine.output import RequestOutput
 from selfrag_engine.engine.sampling_params import SamplingParams
 from selfrag_engine.errors import RequestError
 from selfrag_engine.retrieval.passages import Passage
@@ -32,7 +33,7 @@ from selfrag_engine.selfrag.decisions import (
     unfit_passage,
 )
 from selfrag_engine.selfrag.owned import Owned
-from selfrag_engine.selfrag.prompts import GROUPS, format_prompt, postprocess
+from selfrag_engine.selfrag.prompts import GROUPS, format_prompt, postprocess, script_postprocess
 from selfrag_engine.selfrag.scoring import ScoringConfig, normalize_compat
 
 __all__ = ["Answer", "Branch", "Passage", "SelfRAG", "critique", "group_probs"]
@@ -72,7 +73,7 @@ def group_probs(out: RequestOutput, step: int) -> dict[str, dict[str, float]]:
     return {name: dict(zip(GROUPS[name], row[groups.span(name)].tolist())) for name in groups.names}
 
 
-def critique(out: RequestOutput, ids: dict[str, tuple[int, ...]], cfg: ScoringConfig, engine: Engine | None = None
+def critique(out: RequestOutput, ids: dict[str, tuple[int, ...]], cfg: ScoringConfig, engine: EngineClient | None = None
              ) -> tuple[float, float, float, float, float, dict[str, dict[str, float]]]:
     """(relevance, grounding, utility, seq score, final, probs read) of a retrieval branch's output. With a
     truncated config (top_logprobs), `engine` serves the rank pass a read may need."""
@@ -98,7 +99,7 @@ class SelfRAG:
     """Self-RAG inference over an engine and an optional retriever (anything with
     `search(query, k) -> list[Passage]`); passages may also be given per question."""
 
-    def __init__(self, engine: Engine, retriever=None, scoring: ScoringConfig | None = None,
+    def __init__(self, engine: EngineClient, retriever=None, scoring: ScoringConfig | None = None,
                  ndocs: int = 5, max_new_tokens: int = 100, mode: str = "adaptive", compat: str = "paper"):
         if engine.reflection_groups is None:
             raise RequestError("the engine's tokenizer has no Self-RAG reflection tokens ([Retrieval], "
@@ -245,8 +246,9 @@ class SelfRAG:
             draft = self._script_text(plan.draft.token_ids, plan.prompt)
         elapsed = time.perf_counter() - start
         if not plan.docs:
-            # The script post-processes the answer it returns without retrieval.
-            text = (postprocess(self._script_text(outs[0].token_ids, outs[0].prompt_token_ids)) if released
+            # The script post-processes the answer it returns without retrieval (its own way: the space that
+            # vLLM's text starts with stays).
+            text = (script_postprocess(self._script_text(outs[0].token_ids, outs[0].prompt_token_ids)) if released
                     else self._text(outs[0].token_ids))
             return Answer(plan.question, text, False, plan.gate, [], None, n_tokens, elapsed, draft)
         branches = []
@@ -257,7 +259,7 @@ class SelfRAG:
                                    c.final, c.probs))
         if closed_set:
             # Final scores summed per answer string; the script post-processes each branch's text for it.
-            key = postprocess if released else (lambda text: text)
+            key = script_postprocess if released else (lambda text: text)
             totals: dict[str, float] = {}
             for b in branches:
                 totals[key(b.text)] = totals.get(key(b.text), 0.0) + b.final
