@@ -271,3 +271,19 @@ def test_a_handle_whose_future_a_client_cancelled_still_frees_its_slot():
         assert loop.pending == 0
         again = loop.submit([3, 4, 5], SamplingParams(max_tokens=2))  # the one slot is free again
         assert len(again.result(60).token_ids) == 2
+
+
+def test_a_deadline_too_far_for_a_timed_wait_keeps_the_loop_serving():
+    """A client's `timeout` of 1e300 s is a deadline past what a timed wait takes: the loop still sleeps
+    while idle and wakes for the next request instead of dying."""
+    engine = _engine()
+    params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    with EngineLoop(engine) as loop:
+        gate = threading.Event()
+        held = loop.run_program(lambda view: gate.wait(120), timeout_s=1e300)
+        first = loop.submit([5, 6, 7], params, timeout_s=1e300).result(60)
+        # Idle now, with far deadlines behind it; a later request is still served.
+        second = loop.submit([5, 6, 7], params, timeout_s=1e300).result(60)
+        assert first.token_ids == second.token_ids and len(second.token_ids) == 3
+        gate.set()
+        assert held.result(60) is True

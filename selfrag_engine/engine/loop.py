@@ -49,6 +49,15 @@ class LoopStats:
     generated_tokens: int = 0
 
 
+def _deadline(timeout_s: float | None) -> float | None:
+    """The monotonic time a request or program must end by. A timeout longer than the longest timed wait the
+    platform takes (threading.TIMEOUT_MAX, ~292 years; a client's `timeout` of 1e300) is no deadline: every wait
+    on it stays a valid timed wait."""
+    if timeout_s is None or timeout_s >= threading.TIMEOUT_MAX:
+        return None
+    return time.monotonic() + timeout_s
+
+
 class EngineLoop:
     """Owns `engine` from a background thread. `submit` / `run_program` / `call` from any thread.
 
@@ -104,7 +113,7 @@ class EngineLoop:
         """Queues a prompt; returns at once. Bad prompts and params fail the handle with RequestError."""
         self._check_running()
         self._admit()
-        handle = RequestHandle(self._cancel_request, None if timeout_s is None else time.monotonic() + timeout_s)
+        handle = RequestHandle(self._cancel_request, _deadline(timeout_s))
         handle._on_finish = self._release_slot
         params = params or SamplingParams()
 
@@ -154,7 +163,7 @@ class EngineLoop:
         """Runs program(view) on a worker thread; its engine operations are carried out by the loop."""
         self._check_running()
         self._admit()
-        state = ProgramState(None if timeout_s is None else time.monotonic() + timeout_s)
+        state = ProgramState(_deadline(timeout_s))
         view = ProgramView(self.engine, self._post, state, self._owners)
         with self._ops_lock:
             self._programs.add(state)

@@ -24,6 +24,9 @@ from selfrag_engine.entrypoints.server_limits import BodyChecks
 # The largest integer the server parses (`ServerLimits.max_int_digits` digits).
 _INT_CAP = 10 ** 40 - 1
 TOP_K_MAX = 2 ** 31 - 1
+# "Says something": a character Python's str.strip() keeps (the server's test). ECMA's \S alone would admit
+# the separators \x1c-\x1f and \x85, which Python counts as whitespace.
+HAS_TEXT = r"[^\s\x1c-\x1f\x85]"
 
 CROSS_FIELD_RULES = {
     "context_length_exceeded": "the prompt's tokens plus max_tokens fit the model's context (the messages' "
@@ -32,6 +35,7 @@ CROSS_FIELD_RULES = {
     "passages_required": "/v1/selfrag needs passages unless the server has an index or mode is 'never'",
     "non_finite": "the Self-RAG scores the weights make stay finite",
     "unsupported": "a Self-RAG chat answer does not stream (stream from /v1/selfrag)",
+    "stream_options_without_stream": "stream_options only with stream: true",
 }
 
 
@@ -125,13 +129,13 @@ def truthful(schema: dict[str, Any], checks: BodyChecks, model_name: str, vocab_
         p["n"] = n
         p["top_k"] = {"type": "integer", "minimum": -1, "maximum": TOP_K_MAX, "default": -1}
         p["echo"] = {"type": "boolean", "enum": [False], "default": False}
-        cross("CompletionBody", "context_length_exceeded", "too_many_rows")
+        cross("CompletionBody", "context_length_exceeded", "too_many_rows", "stream_options_without_stream")
     if "Message" in comps:
         p = props("Message")
         p["content"] = {"type": "string", "maxLength": chars}
         # A user message says something (the last one is the instruction).
         comps["Message"]["if"] = {"required": ["role"], "properties": {"role": {"const": "user"}}}
-        comps["Message"]["then"] = {"properties": {"content": {"pattern": r"\S"}}}
+        comps["Message"]["then"] = {"properties": {"content": {"pattern": HAS_TEXT}}}
     if "ChatBody" in comps:
         p = props("ChatBody")
         p["model"] = model
@@ -144,10 +148,11 @@ def truthful(schema: dict[str, Any], checks: BodyChecks, model_name: str, vocab_
         p["stop"] = stop
         p["n"] = n
         p["top_k"] = {"type": "integer", "minimum": -1, "maximum": TOP_K_MAX, "default": -1}
-        cross("ChatBody", "context_length_exceeded", "too_many_rows", "non_finite", "unsupported")
+        cross("ChatBody", "context_length_exceeded", "too_many_rows", "non_finite", "unsupported",
+              "stream_options_without_stream")
     if "SelfRAGOptions" in comps:
         p = props("SelfRAGOptions")
-        p["question"] = {"anyOf": [{**text, "pattern": r"\S"}, {"type": "null"}]}
+        p["question"] = {"anyOf": [{**text, "pattern": HAS_TEXT}, {"type": "null"}]}
         p["passages"] = {"anyOf": [{"type": "array", "minItems": 1, "maxItems": limits.max_passages, "items": {
             "type": "object", "required": ["text"], "additionalProperties": {"type": "string", "maxLength": chars},
             "properties": {"title": {"type": "string", "maxLength": chars},
@@ -169,5 +174,5 @@ def truthful(schema: dict[str, Any], checks: BodyChecks, model_name: str, vocab_
         body = selfrag_op["requestBody"]["content"]["application/json"]
         body["schema"] = {"allOf": [{"$ref": "#/components/schemas/SelfRAGOptions"},
                                     {"type": "object", "required": ["question"],
-                                     "properties": {"question": {**text, "pattern": r"\S"}}}]}
+                                     "properties": {"question": {**text, "pattern": HAS_TEXT}}}]}
     cap_integers(comps)

@@ -231,7 +231,8 @@ def build_app(loop: EngineLoop, model_name: str, retriever: Any = None, limits: 
 
     def _check_stream_options(body: CompletionBody | ChatBody) -> None:
         if body.stream_options is not None and not body.stream:
-            raise RequestError("stream_options: only allowed when stream is true")
+            raise FieldError("stream_options", "stream_options: only allowed when stream is true",
+                             code="stream_options_without_stream")
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, request: Request):
