@@ -26,7 +26,8 @@ def _auto_compile_decision(generate_kwargs: dict) -> bool:
             pass
 
     config = transformers.GenerationConfig(**generate_kwargs)
-    on_cuda = types.SimpleNamespace(device=torch.device("cuda"))
+    # transformers 5 also reads the model's config (flash attention or not) once it would compile.
+    on_cuda = types.SimpleNamespace(device=torch.device("cuda"), config=transformers.LlamaConfig())
     decide = getattr(transformers.LlamaForCausalLM, "_valid_auto_compile_criteria", None)
     if decide is None:
         pytest.skip(f"transformers {transformers.__version__} decides its automatic compile elsewhere")
