@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -47,35 +45,19 @@ def test_generate_command_rejects_an_unknown_kv_cache_dtype(tmp_path):
     assert run.returncode == 2 and "--kv-cache-dtype" in run.stderr and "fp8_e5m2" in run.stderr
 
 
-def test_server_with_fp8_kv_answers_and_reports_its_pool(tmp_path, fp8_engine):
+def test_server_with_fp8_kv_answers_and_reports_its_pool(fp8_engine):
     openai = pytest.importorskip("openai", reason="the openai client is a test dependency of the server")
     httpx = pytest.importorskip("httpx")
     pytest.importorskip("fastapi", reason="fastapi and uvicorn are the serve extra")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "selfrag_engine", "serve", "--model", str(MODEL), "--port",
-                             str(port), "--device", "cpu", "--quiet", "--kv-cache-dtype", "fp8"], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"the server did not come up: {proc.stdout.read() if proc.poll() is not None else ''}")
-            time.sleep(0.2)
-        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
+    from tests.server_process import serve
+
+    with serve("--kv-cache-dtype", "fp8", model=MODEL) as server:
+        client = openai.OpenAI(base_url=f"{server.base}/v1", api_key="unused", max_retries=0, timeout=120)
         out = client.completions.create(model=client.models.list().data[0].id, prompt=PROMPT, max_tokens=12,
                                         temperature=0)
         want = fp8_engine.generate([PROMPT], SamplingParams(max_tokens=12, temperature=0.0))[0]
         assert out.choices[0].text == want.text
-        text = httpx.get(f"{base}/metrics", timeout=10).text
+        text = httpx.get(f"{server.base}/metrics", timeout=10).text
         capacity = re.search(r'^selfrag_kv_cache_capacity_tokens\{dtype="(\w+)"\} (\S+)$', text, re.M)
         assert capacity.group(1) == "float8_e4m3fn"
         # The same default budget as a float32 pool (the CPU's dtype) holds four times the tokens.
@@ -84,9 +66,3 @@ def test_server_with_fp8_kv_answers_and_reports_its_pool(tmp_path, fp8_engine):
         plain = Engine.from_pretrained(MODEL, progress=False, num_blocks=4)
         assert stats["kv_bytes_per_token"] * 4 == plain.cache_stats()["kv_bytes_per_token"]
         assert float(re.search(r"^selfrag_kv_cache_bytes (\S+)$", text, re.M).group(1)) == stats["kv_cache_bytes"]
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
