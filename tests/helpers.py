@@ -65,3 +65,17 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max |b|, in float64."""
     a, b = a.double(), b.double()
     return float((a - b).abs().max() / b.abs().max())
+
+
+def record_preemptions(engine) -> list:
+    """Wraps the engine's scheduler so that every sequence a step preempts is appended to the returned list."""
+    preempted: list = []
+    schedule = engine.scheduler.schedule
+
+    def watch():
+        batch = schedule()
+        preempted.extend(batch.preempted)
+        return batch
+
+    engine.scheduler.schedule = watch
+    return preempted

@@ -2,7 +2,7 @@
 import pytest
 
 from selfrag_engine import CacheCapacityError, Engine, RequestError, SamplingParams
-from tests.helpers import tiny_checkpoint
+from tests.helpers import record_preemptions, tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -128,15 +128,7 @@ def test_preemption_keeps_outputs(path):
     longest = max(len(roomy.tokenizer.encode(p)) for p in prompts) + 40
     # Room for the longest request and a little more: six running requests must take turns.
     tight = make_engine(path, num_blocks=-(-longest // 8) + 2, block_size=8)
-    preempted = []
-    schedule = tight.scheduler.schedule
-
-    def watch():
-        batch = schedule()
-        preempted.extend(batch.preempted)
-        return batch
-
-    tight.scheduler.schedule = watch
+    preempted = record_preemptions(tight)
     a = roomy.generate(prompts, _greedy(40, logprobs=1))
     b = tight.generate(prompts, _greedy(40, logprobs=1))
     assert preempted, "the pool was meant to be too small to hold every request at once"

@@ -19,7 +19,7 @@ from selfrag_engine.layers.attention import (
     store_kv,
 )
 from selfrag_engine.models.kv_scales import kv_bounds
-from tests.helpers import rel_err, tiny_checkpoint
+from tests.helpers import record_preemptions, rel_err, tiny_checkpoint
 
 
 def e4m3_round(x: torch.Tensor) -> torch.Tensor:
@@ -232,15 +232,7 @@ def test_chunked_prefill_and_preemption(path):
     roomy = make_engine(path)
     longest = max(len(roomy.tokenizer.encode(p)) for p in prompts) + 30
     tight = make_engine(path, num_blocks=-(-longest // 8) + 2, block_size=8, max_num_batched_tokens=7)
-    preempted = []
-    schedule = tight.scheduler.schedule
-
-    def watch():
-        batch = schedule()
-        preempted.extend(batch.preempted)
-        return batch
-
-    tight.scheduler.schedule = watch
+    preempted = record_preemptions(tight)
     a = roomy.generate(prompts, _greedy(30, logprobs=1))
     b = tight.generate(prompts, _greedy(30, logprobs=1))
     assert preempted, "the pool was meant to be too small to hold every request at once"
