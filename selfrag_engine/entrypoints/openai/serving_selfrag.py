@@ -18,26 +18,16 @@ from selfrag_engine.entrypoints.openai.protocol import SelfRAGOptions
 from selfrag_engine.entrypoints.openai.serving_engine import unless_gone
 from selfrag_engine.entrypoints.openai_errors import FieldError, error_response
 from selfrag_engine.errors import RequestError
-from selfrag_engine.retrieval.passages import Passage
-from selfrag_engine.selfrag.evaluate import long_form_trace, short_form_trace
-from selfrag_engine.selfrag.long_form import LongFormSelfRAG, Segment
-from selfrag_engine.selfrag.scoring import ScoringConfig
-from selfrag_engine.selfrag.short_form import SelfRAG
+from selfrag_engine.selfrag.long_form import Segment
+from selfrag_engine.selfrag.options import QueryOptions, answer_record, answer_trace, passages_from, segment_record
 
 _SCORE_INPUTS = ("w_rel", "w_sup", "w_use")
 
 
-def _scoring(opts: SelfRAGOptions, form: str) -> ScoringConfig:
-    knobs = {k: getattr(opts, k) for k in ("w_rel", "w_sup", "w_use", "use_seqscore") if getattr(opts, k) is not None}
-    knobs["threshold"] = opts.threshold
-    return (ScoringConfig.paper(**knobs) if opts.compat == "paper"
-            else ScoringConfig.released(form=form, **knobs))
-
-
 def selfrag_program(retriever: Any, question: str, opts: SelfRAGOptions,
                     on_segment: Callable[[Segment], None] | None = None) -> Callable[[Any], dict[str, Any]]:
-    """The program a Self-RAG request runs on the engine loop; its result is the response body. Long-form
-    segments go to on_segment as they settle."""
+    """The program a Self-RAG request runs on the engine loop; its result is the response body (the answer's
+    record, its trace and usage). Long-form segments go to on_segment as they settle."""
     if not question.strip():
         raise RequestError("question: the question is empty")
     if opts.compat == "released" and opts.threshold is None:
@@ -45,49 +35,25 @@ def selfrag_program(retriever: Any, question: str, opts: SelfRAGOptions,
         # with [No Retrieval] inside): refused up front, whatever the model would generate.
         raise FieldError("threshold", "threshold: compat 'released' needs a threshold (the reference scripts fail "
                                       "without one)")
-    passages = None
-    if opts.passages is not None:
-        if not opts.passages:
-            raise FieldError("passages", "passages: the list is empty; give passages, or leave the field out")
-        passages = []
-        for i, p in enumerate(opts.passages):
-            if "text" not in p:
-                raise RequestError(f"passages.{i}: a passage needs a 'text' (and may have a 'title')")
-            passages.append(Passage(title=p.get("title", ""), text=p["text"], id=p.get("id")))
+    if opts.passages is not None and not opts.passages:
+        raise FieldError("passages", "passages: the list is empty; give passages, or leave the field out")
+    passages = passages_from(opts.passages)
     if passages is None and retriever is None and opts.mode != "never":
         raise FieldError("passages", "passages: give passages, or start the server with --index, or use mode "
                                      "'never'", code="passages_required")
+    options = QueryOptions.from_mapping(opts.model_dump(), max_new_tokens="max_tokens")
 
     def program(engine):
-        if opts.form == "short":
-            rag = SelfRAG(engine, retriever=retriever, scoring=_scoring(opts, "short"), ndocs=opts.ndocs,
-                          max_new_tokens=opts.max_tokens, mode=opts.mode, compat=opts.compat)
-            ans = rag.answer(question, passages)
-            trace = short_form_trace(ans)
-            branches = [{"passage": {"title": b.passage.title, "text": b.passage.text}, "text": b.text,
-                         "relevance": b.relevance, "grounding": b.grounding, "utility": b.utility,
-                         "final": b.final} for b in ans.branches]
-            return require_finite({"answer": ans.answer, "retrieved": ans.retrieved,
-                                   "retrieval_probability": ans.retrieval_probability, "branches": branches,
-                                   "best": ans.best, "citations": None, "trace": trace,
-                                   "usage": {"completion_tokens": ans.num_generated_tokens}}, _SCORE_INPUTS)
-        kwargs = {k: getattr(opts, k) for k in ("beam_width", "max_depth") if getattr(opts, k) is not None}
-        rag = LongFormSelfRAG(engine, retriever=retriever, scoring=_scoring(opts, "long"), ndocs=opts.ndocs,
-                              max_new_tokens=opts.max_tokens, mode=opts.mode, compat=opts.compat, **kwargs)
-        ans = rag.answer(question, passages, on_segment=on_segment)
-        citations = [None if c is None else {"title": c.title, "text": c.text} for c in ans.citations]
-        return require_finite({"answer": ans.answer, "retrieved": ans.retrieved, "retrieval_probability": None,
-                               "branches": [], "best": None, "citations": citations, "trace": long_form_trace(ans),
+        ans = options.runner(engine, retriever).answer(question, passages, **(
+            {} if options.form == "short" else {"on_segment": on_segment}))
+        return require_finite({**answer_record(ans), "trace": answer_trace(ans),
                                "usage": {"completion_tokens": ans.num_generated_tokens}}, _SCORE_INPUTS)
 
     return program
 
 
 def _segment_body(s: Segment) -> dict[str, Any]:
-    return require_finite({"text": s.text, "depth": s.depth,
-            "passage": None if s.passage is None else {"title": s.passage.title, "text": s.passage.text},
-            "relevance": s.relevance, "grounding": s.grounding, "utility": s.utility, "final": s.final,
-            "score": s.score}, _SCORE_INPUTS)
+    return require_finite(segment_record(s), _SCORE_INPUTS)
 
 
 class ServingSelfRAG:
