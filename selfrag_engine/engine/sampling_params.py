@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from selfrag_engine.engine.sampling_defaults import default
 from selfrag_engine.errors import RequestError
 
 # The most top log-probabilities the fused sampling pass returns, and what the OpenAI-style API offers. A
@@ -15,7 +16,7 @@ MAX_TOP_K = 2**31 - 1
 
 @dataclass
 class SamplingParams:
-    """How to decode one request.
+    """How to decode one request. The defaults are vLLM's, from one table (engine/sampling_defaults.py).
 
     temperature 0 is greedy (ties to the lowest token id). top_k 0 disables top-k. `logprobs` asks for the
     top-n log-probabilities at every step (n >= 1, at most the vocabulary, checked when the request is made;
@@ -25,17 +26,17 @@ class SamplingParams:
     `reflection` returns, at every step, the Self-RAG reflection-token probabilities normalized within their
     groups (retrieval, relevance, grounding, utility), computed in the sampling pass.
     """
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
+    max_tokens: int = default("max_tokens")
+    temperature: float = default("temperature")
+    top_p: float = default("top_p")
+    top_k: int = default("top_k")
+    seed: int | None = default("seed")
     stop: list[str] | str | None = field(default_factory=list)  # None: no stop strings, as in vLLM
     stop_token_ids: list[int] | None = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None
     reflection: bool = False
-    skip_special_tokens: bool = True
+    skip_special_tokens: bool = default("skip_special_tokens")
     include_stop_str_in_output: bool = False
     detokenize: bool = True  # False leaves RequestOutput.text empty (token ids only; no stop strings)
 
