@@ -32,7 +32,7 @@ from selfrag_engine.entrypoints.openai.protocol import ChatBody, CompletionBody,
 from selfrag_engine.entrypoints.openai.serving_chat import OpenAIServingChat
 from selfrag_engine.entrypoints.openai.serving_completions import OpenAIServingCompletion
 from selfrag_engine.entrypoints.openai.serving_selfrag import ServingSelfRAG
-from selfrag_engine.entrypoints.openai_errors import install_error_handlers
+from selfrag_engine.entrypoints.openai_errors import error, install_error_handlers
 from selfrag_engine.entrypoints.openapi_schema import install_openapi
 from selfrag_engine.entrypoints.server_limits import BodyChecks, ModelBounds, ServerLimits, longest_token_chars
 from selfrag_engine.entrypoints.slow_clients import uvicorn_options
@@ -57,12 +57,23 @@ async def metrics_text(request: Request) -> PlainTextResponse:
     return PlainTextResponse(generate_latest(state.metrics.registry).decode(), media_type=CONTENT_TYPE_LATEST)
 
 
+def _card(state) -> dict[str, Any]:
+    return {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "selfrag-engine",
+            "max_model_len": state.loop.engine.max_model_len}
+
+
 @router.get("/v1/models")
 async def models(request: Request) -> dict[str, Any]:
+    return {"object": "list", "data": [_card(request.app.state)]}
+
+
+@router.get("/v1/models/{model_id:path}")
+async def model_card(model_id: str, request: Request):
     state = request.app.state
-    return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": int(time.time()),
-                                        "owned_by": "selfrag-engine",
-                                        "max_model_len": state.loop.engine.max_model_len}]}
+    if model_id != state.model_name:
+        return error(404, f"The model '{model_id}' does not exist (this server serves '{state.model_name}')",
+                     "model", kind="invalid_request_error", code="model_not_found")
+    return _card(state)
 
 
 @router.post("/v1/completions")
@@ -95,6 +106,7 @@ def build_app(loop: EngineLoop, model_name: str, retriever: Any = None, limits: 
     metrics = ServerMetrics()
     state = app.state
     state.loop, state.model_name, state.retriever, state.metrics = loop, model_name, retriever, metrics
+    state.created = int(time.time())
     state.serving_selfrag = ServingSelfRAG(loop, retriever, metrics)
     state.serving_completion = OpenAIServingCompletion(loop, model_name, metrics)
     state.serving_chat = OpenAIServingChat(loop, model_name, metrics, selfrag=state.serving_selfrag)

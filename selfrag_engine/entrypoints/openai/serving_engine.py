@@ -3,6 +3,7 @@ the engine loop, waiting for them while watching for the client to hang up, and 
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
@@ -30,30 +31,28 @@ class OpenAIServing:
                                       f"'{self.model_name}')", code="model_not_found")
 
 
-def check_stream_options(body: CompletionBody | ChatBody) -> None:
+def check_common(body: CompletionBody | ChatBody) -> None:
+    """The rules across fields both endpoints share."""
     if body.stream_options is not None and not body.stream:
         raise FieldError("stream_options", "stream_options: only allowed when stream is true",
                          code="stream_options_without_stream")
-
-
-def sampling_params(body: CompletionBody | ChatBody, max_tokens: int, logprobs: int | None) -> SamplingParams:
-    stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
-    return SamplingParams(
-        max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-        top_k=max(body.top_k, 0), seed=body.seed, stop=stop,
-        stop_token_ids=list(getattr(body, "stop_token_ids", None) or []),
-        ignore_eos=bool(getattr(body, "ignore_eos", False)), logprobs=logprobs or None,  # 0: the chosen token only
-        skip_special_tokens=body.skip_special_tokens,
-        include_stop_str_in_output=bool(getattr(body, "include_stop_str_in_output", False)))
+    if body.best_of is not None and body.best_of < body.n:
+        raise FieldError("best_of", f"best_of must be >= n, got best_of={body.best_of} and n={body.n}",
+                         code="best_of_below_n")
+    if body.best_of is not None and body.best_of > body.n and body.stream:
+        raise FieldError("best_of", "best_of: not with stream (the best choices are known at the end)",
+                         code="best_of_with_stream")
 
 
 def submit(loop: EngineLoop, prompts: list, params: SamplingParams, n: int,
            timeout: float | None) -> list[RequestHandle]:
-    """n choices per prompt (choice i of a seeded request draws with seed + i, so choices differ)."""
+    """n choices per prompt (choice i of a seeded request draws with seed + i, so choices differ), or, for
+    best_of above n, one request per prompt whose engine samples best_of and keeps the n best."""
+    copies = 1 if engine_ranks(params) else n
     handles: list[RequestHandle] = []
     try:
         for prompt in prompts:
-            for i in range(n):
+            for i in range(copies):
                 p = params
                 if params.seed is not None and i > 0:
                     p = SamplingParams(**{**params.__dict__, "seed": params.seed + i})
@@ -109,6 +108,34 @@ async def gather(request: Request, handles: list[RequestHandle]):
     except BaseException:
         cancel()
         raise
+
+
+def engine_ranks(params: SamplingParams) -> bool:
+    """Whether the engine samples best_of sequences and keeps the n best (else each choice is a request)."""
+    return (getattr(params, "best_of", None) or 1) > 1
+
+
+@dataclass
+class Choice:
+    """One choice of a response: a request's output, or one of the n samples a best_of request kept."""
+    prompt_token_ids: list[int]
+    text: str
+    token_ids: list[int]
+    token_logprobs: list[float]
+    logprobs: list[dict[int, float]] | None
+    finish_reason: str | None
+    stop_reason: str | int | None
+    prompt_logprobs: list | None
+
+
+def response_choices(outs: list, params: SamplingParams) -> list[Choice]:
+    """The response's choices, prompt by prompt."""
+    out: list[Choice] = []
+    for o in outs:
+        samples = o.outputs if engine_ranks(params) else [o]
+        out += [Choice(list(o.prompt_token_ids), c.text, list(c.token_ids), list(c.token_logprobs), c.logprobs,
+                       c.finish_reason, c.stop_reason, getattr(o, "prompt_logprobs", None)) for c in samples]
+    return out
 
 
 def usage(outs, num_prompts: int, n: int) -> dict[str, int]:
