@@ -141,6 +141,17 @@ def test_what_the_clients_send_by_default_is_accepted(server):
 # ---- logprobs --------------------------------------------------------------------------------------------
 
 
+def test_token_strings_align_with_a_cut_or_echoed_text():
+    from selfrag_engine.entrypoints.openai.logprobs import clip_to
+
+    # A stop string cut the text inside the second token; the third made no text.
+    assert clip_to([" Paris", " is\n", "It"], " Paris is") == [" Paris", " is", ""]
+    # An echoed text prompt has no BOS.
+    assert clip_to(["<s>", "###", " Instruction"], "### Instruction") == ["", "###", " Instruction"]
+    # Pieces that cannot make the text stay as the tokens made them.
+    assert clip_to([" a", " b"], " a c") == [" a", " b"]
+
+
 def _joins(tokens: list[str], offsets: list[int] | None, text: str) -> None:
     assert "".join(tokens) == text
     if offsets is not None:

@@ -25,17 +25,19 @@ def token_texts(tok, prompt_ids: Sequence[int], token_ids: Sequence[int], skip_s
 
 
 def clip_to(pieces: list[str], text: str) -> list[str]:
-    """The pieces cut where `text` ends (a stop string cut the text inside a token, or before the tokens that
-    made it), when the text is their prefix."""
-    joined = "".join(pieces)
-    if joined == text or not joined.startswith(text):
+    """The pieces aligned with `text`: a piece the text does not hold where it stands keeps only the part it
+    does hold (a stop string cut the text inside a token or before it; an echoed prompt has no `<s>`). Pieces
+    that cannot cover the text are left as they are."""
+    if "".join(pieces) == text:
         return pieces
     out, pos = [], 0
     for p in pieces:
-        keep = text[pos:pos + len(p)]
-        out.append(keep)
-        pos += len(keep)
-    return out
+        k = 0
+        while k < len(p) and pos + k < len(text) and p[k] == text[pos + k]:
+            k += 1
+        out.append(p[:k])
+        pos += k
+    return out if pos == len(text) else pieces
 
 
 def piece_text(tok, token_id: int) -> str:
