@@ -84,14 +84,16 @@ def run_processors(x: torch.Tensor, seqs: Seq[Sequence]) -> torch.Tensor:
 
 def token_counts(ids: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
     """int32 [R, V]: how often each token occurs in each row's ids, by one scatter on the device."""
-    width = max(map(len, ids), default=0)
-    padded = np.full((len(ids), max(width, 1)), vocab, dtype=np.int64)  # the pad id lands in a dropped column
+    width = max(1, max(map(len, ids), default=0))
+    # Padding adds 0 to token 0: the counts stay one contiguous [R, V] tensor.
+    padded = np.zeros((len(ids), 2, width), dtype=np.int64)
     for row, toks in enumerate(ids):
-        padded[row, :len(toks)] = toks
-    index = to_device(padded, torch.int64, device)
-    counts = torch.zeros(len(ids), vocab + 1, dtype=torch.int32, device=device)
-    counts.scatter_add_(1, index, torch.ones_like(index, dtype=torch.int32))
-    return counts[:, :vocab]
+        padded[row, 0, :len(toks)] = toks
+        padded[row, 1, :len(toks)] = 1
+    both = to_device(padded, torch.int64, device)
+    counts = torch.zeros(len(ids), vocab, dtype=torch.int32, device=device)
+    counts.scatter_add_(1, both[:, 0], both[:, 1].to(torch.int32))
+    return counts
 
 
 def logit_bias_rows(params: Seq[SamplingParams], vocab: int, device: torch.device) -> torch.Tensor:
