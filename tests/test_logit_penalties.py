@@ -227,3 +227,18 @@ def test_out_of_range_is_refused(field, value, match):
 def test_logit_bias_outside_the_vocabulary_is_refused(engine):
     with pytest.raises(RequestError, match="logit_bias keys must be token ids of the vocabulary"):
         engine.generate("hi", SamplingParams(logit_bias={engine.config.vocab_size: 1.0}))
+
+
+def test_triton_engine_equals_torch_engine(path):
+    """The whole engine on the Triton kernels (interpreted here) applies the hooks as the torch path does."""
+    fast = Engine.from_pretrained(path, dtype=torch.float32, progress=False, use_kernels=True)
+    ref = Engine.from_pretrained(path, dtype=torch.float32, progress=False, use_kernels=False)
+    # min_p=1 keeps only the top token: the two backends' random draws differ, the kept set does not.
+    params = [SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True, repetition_penalty=1.5,
+                             frequency_penalty=0.5, logit_bias={11: 2.0}),
+              SamplingParams(max_tokens=5, temperature=0.9, ignore_eos=True, min_p=1.0, presence_penalty=1.0,
+                             seed=4)]
+    a, b = fast.generate(PROMPTS, params), ref.generate(PROMPTS, params)
+    assert [o.token_ids for o in a] == [o.token_ids for o in b]
+    for x, y in zip(a, b):
+        assert x.token_logprobs == pytest.approx(y.token_logprobs, abs=1e-4)

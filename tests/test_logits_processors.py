@@ -47,6 +47,13 @@ def test_called_once_per_step_over_all_its_rows(engine):
         assert all(a != b for a, b in zip(o.token_ids, o.token_ids[1:]))  # pushed off its last token
 
 
+def steer(logits, output_token_ids):
+    """Lifts a token that depends on the step and on the last token generated."""
+    for r, ids in enumerate(output_token_ids):
+        logits[r, (7 * len(ids) + (ids[-1] if ids else 0)) % logits.shape[1]] += 6.0
+    return logits
+
+
 def test_effect_equals_transformers_generate(engine, path):
     from transformers import LogitsProcessorList
 
@@ -54,11 +61,11 @@ def test_effect_equals_transformers_generate(engine, path):
     prompt = "the the the cat sat on the mat"
     ids = engine.tokenizer.encode(prompt)
     ours = engine.generate(prompt, SamplingParams(max_tokens=N, temperature=0.0, ignore_eos=True, logprobs=1,
-                                                  logits_processors=[Recorder(push=6.0)]))[0]
+                                                  logits_processors=[steer]))[0]
     plain = engine.generate(prompt, SamplingParams(max_tokens=N, temperature=0.0, ignore_eos=True))[0]
 
     def hf_rule(input_ids, scores):  # the same rule over transformers' ids (prompt + generated)
-        return Recorder(push=6.0)(scores, [row[len(ids):].tolist() for row in input_ids])
+        return steer(scores, [row[len(ids):].tolist() for row in input_ids])
 
     x = torch.tensor([ids])
     with torch.no_grad():
