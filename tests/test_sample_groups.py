@@ -114,3 +114,19 @@ def test_n_refusals_in_the_engine(engine):
         engine.fork(rid, [[5]], SamplingParams())
     engine.forget(rid)
     assert engine.cache_stats()["used"] == 0
+
+
+def test_sampled_request_through_the_engine_loop(engine):
+    from selfrag_engine import EngineLoop
+
+    params = SamplingParams(n=2, max_tokens=6, temperature=1.0, seed=21, ignore_eos=True)
+    direct = engine.generate([PROMPT], params)[0]
+    with EngineLoop(engine) as loop:
+        handle = loop.submit(PROMPT, params)
+        deltas = list(handle.deltas(timeout=120))
+        out = handle.result(timeout=120)
+    assert [c.token_ids for c in out.outputs] == [c.token_ids for c in direct.outputs]
+    for i in range(2):
+        assert sum((d.token_ids for d in deltas if d.index == i), []) == out.outputs[i].token_ids
+    assert deltas[-1].finished and sum(d.finished for d in deltas) == 1
+    assert engine.cache_stats()["used"] == 0
