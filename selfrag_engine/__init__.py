@@ -11,6 +11,7 @@ import importlib
 _EXPORTS = {
     "Engine": "selfrag_engine.engine.llm_engine",
     "RequestOutput": "selfrag_engine.engine.llm_engine",
+    "CompletionOutput": "selfrag_engine.engine.output",
     "Delta": "selfrag_engine.engine.output",
     "EngineLoop": "selfrag_engine.engine.loop",
     "EngineClient": "selfrag_engine.engine.client",

@@ -7,7 +7,7 @@ it only runs later). Layers, lowest first; a module may import its own layer and
 |---|---|---|
 | 0 | kernels | `selfrag_engine.kernels` (the top-level `kernels/` folder): imports nothing else of the package |
 | 1 | base | `errors`, `config`, `vocab`, `backend`, `tokenizer`, `detokenizer`, `hub` (model names), and `_C` (the C++ extension built from `csrc/`) |
-| 2 | layers | `layers/`: attention with its metadata and KV cache view, sampler, FP8 linear |
+| 2 | layers | `layers/`: attention with its metadata and KV cache view, sampler, penalties, FP8 linear |
 | 3 | models | `models/` |
 | 4 | weights | `weights/` (checkpoint reading, loading, quantization); `testing` (writes checkpoints) |
 | 5 | engine | `engine/` |

@@ -117,6 +117,9 @@ class Requests:
             raise RequestError(f"request id {request_id} is already in use")
         return request_id
 
+    def check_servable(self, params: SamplingParams) -> None:
+        check_servable(params, self.vocab_size)
+
     def new(self, token_ids: list[int], params: SamplingParams, keep_cache: bool, scores: bool = False,
             request_id: int | None = None) -> Sequence:
         """A new request, in the table (the caller hands it to the scheduler)."""
@@ -148,6 +151,9 @@ class Requests:
             raise RequestError(f"{len(suffix_ids)} suffixes but {len(params)} sampling params")
         for suffix, prm in zip(suffix_ids, params):
             check_servable(prm, self.vocab_size)
+            if prm.prompt_logprobs is not None:
+                raise RequestError("prompt_logprobs is not served on a forked branch (its prefix is the parent's "
+                                   "cache, not computed again); ask for it on the parent's request")
             if prefix_len + len(suffix) == parent.num_computed:
                 raise RequestError("a forked branch needs at least one token after the parent's computed prefix")
             self.check_fits(prefix_len + len(suffix), prm.max_tokens, "forked branch")

@@ -7,6 +7,7 @@ import math
 import torch
 
 from selfrag_engine.backend import Backend
+from selfrag_engine.engine.logits_processing import process_logits
 from selfrag_engine.engine.sampling_params import SamplingParams
 from selfrag_engine.engine.sequence import Sequence
 from selfrag_engine.engine.transfer import to_device
@@ -63,6 +64,14 @@ def check_servable(params: SamplingParams, vocab_size: int) -> None:
     if any(not _is_int(t) or not 0 <= t < vocab_size for t in params.stop_token_ids):
         raise RequestError(f"stop_token_ids must be token ids of the vocabulary (size {vocab_size}), "
                            f"got {params.stop_token_ids!r}")
+    bad = [t for t in (params.logit_bias or ()) if not _is_int(t) or not 0 <= t < vocab_size]
+    if bad:
+        raise RequestError(f"logit_bias keys must be token ids of the vocabulary (size {vocab_size}), "
+                           f"got {bad[0]!r}")
+    if params.prompt_logprobs is not None and (not _is_int(params.prompt_logprobs)
+                                               or not 0 <= params.prompt_logprobs <= vocab_size):
+        raise RequestError(f"prompt_logprobs must be an integer between 0 and the vocabulary size {vocab_size}, "
+                           f"got {params.prompt_logprobs!r}")
 
 
 def sample_rows(logits: torch.Tensor, seqs: list[Sequence], groups: ReflectionGroups | None, backend: Backend,
@@ -75,8 +84,10 @@ def sample_rows(logits: torch.Tensor, seqs: list[Sequence], groups: ReflectionGr
     params = [s.params for s in seqs]
     top_n = max((p.logprobs or 0) for p in params)
     want_groups = groups is not None and any(p.reflection for p in params)
+    # Drawn from the processed logits (penalties, bias, min-p, logits processors); scored on the raw ones.
+    processed = process_logits(logits, seqs, backend, offsets)
     return sample(
-        logits,
+        logits if processed is None else processed,
         temperature=to_device([p.temperature for p in params], torch.float32, dev),
         top_p=to_device([p.top_p for p in params], torch.float32, dev),
         top_k=to_device([p.top_k for p in params], torch.int32, dev),
@@ -85,4 +96,5 @@ def sample_rows(logits: torch.Tensor, seqs: list[Sequence], groups: ReflectionGr
         groups=groups if want_groups else None,
         top_n=top_n,
         backend=backend,
+        raw_logits=None if processed is None else logits,
     )

@@ -136,8 +136,13 @@ def draft_limit(seq: Sequence, num_draft_tokens: int, max_model_len: int) -> int
 
 
 def speculable(batch: Batch) -> bool:
-    """Every chunk is a decode row: one known token, sampling the next."""
-    return bool(batch.chunks) and all(c.num_tokens == 1 and c.samples and not c.seq.scores for c in batch.chunks)
+    """Every chunk is a decode row: one known token, sampling the next; and no row's logits processing reads
+    its generated tokens (penalties, logits processors: a drafted position would need the drafts before it),
+    nor returns every prompt position (engine/prompt_logprobs.py). Otherwise the step runs plainly."""
+    return bool(batch.chunks) and all(c.num_tokens == 1 and c.samples and not c.seq.scores
+                                      and not c.seq.needs_all_rows and not c.seq.params.reads_history
+                                      and not c.seq.prefill_only
+                                      for c in batch.chunks)
 
 
 def add_drafts(scheduler: Scheduler, batch: Batch, num_draft_tokens: int, max_model_len: int,
