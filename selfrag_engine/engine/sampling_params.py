@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from selfrag_engine.engine.structured_output import StructuredOutput
 from selfrag_engine.errors import RequestError
 
 # The most top log-probabilities the fused sampling pass returns, and what the OpenAI-style API offers. A
@@ -24,6 +25,9 @@ class SamplingParams:
     truncation.
     `reflection` returns, at every step, the Self-RAG reflection-token probabilities normalized within their
     groups (retrieval, relevance, grounding, utility), computed in the sampling pass.
+    `structured` holds the output to a JSON schema, any JSON object, a regex, a choice or a grammar
+    (engine/structured_output.py; a dict of StructuredOutput's fields is taken too). The scores above stay those
+    of the unmasked logits.
     """
     max_tokens: int = 16
     temperature: float = 1.0
@@ -38,6 +42,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     detokenize: bool = True  # False leaves RequestOutput.text empty (token ids only; no stop strings)
+    structured: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         # Every field is checked here, where the caller can still be told, rather than inside a later step
@@ -63,6 +68,12 @@ class SamplingParams:
                 raise RequestError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.stop and not self.detokenize:
             raise RequestError("stop strings need detokenize=True")
+        if isinstance(self.structured, dict):
+            self.structured = StructuredOutput.from_dict(self.structured)
+        if self.structured is not None and not isinstance(self.structured, StructuredOutput):
+            raise RequestError(f"structured must be a StructuredOutput or None, got {type(self.structured).__name__}")
+        if self.structured is not None and self.ignore_eos:
+            raise RequestError("ignore_eos cannot be combined with structured output: EOS is how a grammar ends")
 
     @property
     def greedy(self) -> bool:

@@ -35,6 +35,7 @@ class Sequence:
     reflection: list[torch.Tensor] = field(default_factory=list)  # per step: group-normalized probs [G]
     reflection_logprobs: list[torch.Tensor] = field(default_factory=list)  # per step: full-vocab logprobs [G]
     text_state: Any = None  # engine/output.py's TextState, made at the first token when detokenizing
+    grammar: Any = None  # engine/structured_output.py's GrammarState, when params.structured is set
     scores: bool = False  # a scored prompt (Engine.score): every position's logits are kept, nothing is sampled
     logits: dict[int, torch.Tensor] = field(default_factory=dict)  # scored: chunk start -> float32 [n, vocab]
     # What the last delta (engine/output.py take_delta) covered: output tokens, text pieces, the finish.
