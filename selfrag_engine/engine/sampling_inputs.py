@@ -9,6 +9,7 @@ import torch
 from selfrag_engine.backend import Backend
 from selfrag_engine.engine.sampling_params import SamplingParams
 from selfrag_engine.engine.sequence import Sequence
+from selfrag_engine.engine.structured_output import constrain
 from selfrag_engine.engine.transfer import to_device
 from selfrag_engine.errors import RequestError
 from selfrag_engine.layers.sampler import ReflectionGroups, SamplerOutput, sample
@@ -75,14 +76,11 @@ def sample_rows(logits: torch.Tensor, seqs: list[Sequence], groups: ReflectionGr
     params = [s.params for s in seqs]
     top_n = max((p.logprobs or 0) for p in params)
     want_groups = groups is not None and any(p.reflection for p in params)
-    return sample(
-        logits,
-        temperature=to_device([p.temperature for p in params], torch.float32, dev),
-        top_p=to_device([p.top_p for p in params], torch.float32, dev),
-        top_k=to_device([p.top_k for p in params], torch.int32, dev),
-        seeds=to_device([step_seed(s.seed, s.num_output_tokens + o) for s, o in zip(seqs, offsets)], torch.int64,
-                        dev),
-        groups=groups if want_groups else None,
-        top_n=top_n,
-        backend=backend,
-    )
+    temperature = to_device([p.temperature for p in params], torch.float32, dev)
+    top_p = to_device([p.top_p for p in params], torch.float32, dev)
+    top_k = to_device([p.top_k for p in params], torch.int32, dev)
+    seeds = to_device([step_seed(s.seed, s.num_output_tokens + o) for s, o in zip(seqs, offsets)], torch.int64, dev)
+    out = sample(logits, temperature=temperature, top_p=top_p, top_k=top_k, seeds=seeds,
+                 groups=groups if want_groups else None, top_n=top_n, backend=backend)
+    # Structured output: the rows with a grammar redrawn from their masked logits (no drafts, none ahead).
+    return constrain(logits, [s.grammar for s in seqs], out, temperature, top_p, top_k, seeds, backend)
