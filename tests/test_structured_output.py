@@ -189,6 +189,34 @@ def test_reflection_probabilities_readable_under_a_grammar(engine, mixed):
     _no_leak(engine)
 
 
+def test_a_failed_step_rolls_the_grammar_back(engine, monkeypatch):
+    """A step that raises after a constrained row's token was appended leaves its matcher as before the step,
+    so the request carries on to the output it gets uninterrupted."""
+    from selfrag_engine.engine import stepping
+
+    params = _params(StructuredOutput(regex=REGEX), 1.0, seed=5)
+    ref = engine.generate(PROMPT, params)[0]
+    rid = engine.add_request(PROMPT, params)
+    real, calls = stepping.append_token, []
+
+    def failing(seq, *args, **kwargs):
+        done = real(seq, *args, **kwargs)
+        calls.append(seq.request_id)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return done
+
+    monkeypatch.setattr(stepping, "append_token", failing)
+    with pytest.raises(KeyboardInterrupt):
+        engine.run([rid])
+    monkeypatch.undo()
+    assert engine.requests.get(rid).grammar.num_accepted == 2
+    out = engine.run([rid])[0]
+    assert out.token_ids == ref.token_ids and re.fullmatch(REGEX, out.text)
+    engine.forget(rid)
+    _no_leak(engine)
+
+
 # ---- the bitmask, against a float64 reference ---------------------------------------------------------------
 
 
