@@ -15,7 +15,7 @@ from selfrag_engine.engine.sampling_params import SamplingParams
 from selfrag_engine.engine.structured_output import (Grammars, StructuredOutput, apply_bitmask, constrain,
                                                      fill_bitmask, mask_backend, xgrammar_vocab)
 from selfrag_engine.errors import RequestError
-from selfrag_engine.layers.sampler import sample_torch
+from selfrag_engine.layers.sampler import sample
 from selfrag_engine.tokenizer import Tokenizer
 from tests.helpers import tiny_checkpoint
 
@@ -252,7 +252,8 @@ def test_mask_backend_follows_the_engine_backend():
     assert mask_backend(TORCH, cuda) == "torch_native"
 
 
-def test_constrain_redraws_only_the_rows_with_a_grammar(engine):
+@pytest.mark.parametrize("backend", [TORCH, TRITON_INTERPRETED], ids=["torch", "triton-interpreted"])
+def test_constrain_redraws_only_the_rows_with_a_grammar(engine, backend):
     g = torch.Generator().manual_seed(99)
     tok = engine.tokenizer
     vocab = engine.config.vocab_size
@@ -263,9 +264,9 @@ def test_constrain_redraws_only_the_rows_with_a_grammar(engine):
     temperature = torch.tensor([0.0, 0.0, 1.0, 1.0])
     top_p, top_k = torch.tensor([1.0, 1.0, 0.9, 1.0]), torch.tensor([0, 0, 50, 0], dtype=torch.int32)
     seeds = torch.tensor([1, 2, 3, 4])
-    plain = sample_torch(logits, temperature, top_p, top_k, seeds)
-    out = constrain(logits, states, sample_torch(logits, temperature, top_p, top_k, seeds), temperature, top_p,
-                    top_k, seeds, TORCH)
+    plain = sample(logits, temperature, top_p, top_k, seeds, backend=backend)
+    out = constrain(logits, states, sample(logits, temperature, top_p, top_k, seeds, backend=backend), temperature,
+                    top_p, top_k, seeds, backend)
     for i in (0, 2):  # untouched
         assert out.tokens[i] == plain.tokens[i] and out.logprobs[i] == plain.logprobs[i]
     bitmask = fill_bitmask([states[1], states[3]], vocab)
@@ -275,7 +276,23 @@ def test_constrain_redraws_only_the_rows_with_a_grammar(engine):
     raw = torch.log_softmax(logits.double(), -1)
     for i in (1, 3):
         assert float(out.logprobs[i]) == pytest.approx(float(raw[i, out.tokens[i]]), abs=1e-5)
-    assert constrain(logits, [None] * 4, plain, temperature, top_p, top_k, seeds, TORCH) is plain
+    assert constrain(logits, [None] * 4, plain, temperature, top_p, top_k, seeds, backend) is plain
+
+
+def test_eos_is_allowed_only_where_the_grammar_may_end(engine):
+    tok = engine.tokenizer
+    grammars = Grammars(tok, engine.config.vocab_size)
+    state = grammars.state(StructuredOutput(choice=["no", "none"]))
+
+    def allows_eos() -> bool:
+        return bool(_reference_mask(torch.zeros(1, engine.config.vocab_size),
+                                    fill_bitmask([state], engine.config.vocab_size))[0, tok.eos_id] == 0)
+
+    assert not allows_eos()
+    for piece in ("n", "o"):
+        assert state.accept(tok.token_to_id(piece) if piece in xgrammar_vocab(tok) else tok.token_to_id(f"<0x{ord(piece):02X}>"))
+    assert state.completed and allows_eos()  # "no" is whole, and "none" may still follow
+    assert state.accept(tok.eos_id) and not state.accept(tok.eos_id)  # ended: nothing more is taken
 
 
 # ---- bad requests ------------------------------------------------------------------------------------------
