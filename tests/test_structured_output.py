@@ -17,7 +17,7 @@ from selfrag_engine.engine.structured_output import (Grammars, StructuredOutput,
 from selfrag_engine.errors import RequestError
 from selfrag_engine.layers.sampler import sample
 from selfrag_engine.tokenizer import Tokenizer
-from tests.helpers import tiny_checkpoint
+from tests.helpers import record_preemptions, tiny_checkpoint
 
 xgr = pytest.importorskip("xgrammar")
 jsonschema = pytest.importorskip("jsonschema")
@@ -141,6 +141,36 @@ def test_xgrammar_vocab_reads_pieces_as_text(engine):
         StructuredOutput(regex=re.escape(" " + tok.id_to_token(space_piece)[1:]) + "A")))
     assert matcher.accept_token(space_piece) and matcher.accept_token(tok.token_to_id("<0x41>"))
     assert matcher.is_completed()
+
+
+def test_preempted_and_forked_constrained_requests(ckpt_engine):
+    """A constrained request preempted and recomputed from its tokens keeps its matcher; branches forked off a
+    cached prompt each get their own."""
+    regex = r"[a-z]{3}( [0-9]{2}){3}"
+    prompts = [PROMPT.replace("river", word) for word in ("river", "stone", "field", "tower")]
+    params = [_params(StructuredOutput(regex=regex), 1.0, seed=40 + i, max_tokens=20)
+              if i % 2 else _params(None, 1.0, seed=40 + i, max_tokens=10) for i in range(len(prompts))]
+    roomy = ckpt_engine.generate(prompts, params)
+    # Two prompts fill the pool: their decoding must take turns.
+    prompt_blocks = -(-max(len(ckpt_engine.tokenizer.encode(p)) for p in prompts) // 8)
+    tight = Engine.from_pretrained(tiny_checkpoint(seed=5), device="cpu", progress=False,
+                                   num_blocks=2 * prompt_blocks, block_size=8, enable_prefix_caching=False)
+    preempted = record_preemptions(tight)
+    outs = tight.generate(prompts, params)
+    assert preempted, "the pool was meant to be too small to hold every request at once"
+    assert [o.token_ids for o in outs] == [o.token_ids for o in roomy]
+    assert all(re.fullmatch(regex, o.text) for o in outs[1::2])
+    _no_leak(tight)
+
+    parent = ckpt_engine.add_request(PROMPT, _params(None, max_tokens=1), keep_cache=True)
+    ckpt_engine.run([parent])
+    kids = ckpt_engine.fork(parent, ["Answer:", "Choose:"], _params(StructuredOutput(choice=CHOICES), 1.0, seed=2),
+                            prefix_len=len(ckpt_engine.tokenizer.encode(PROMPT)))
+    ckpt_engine.release(parent)
+    assert all(o.text in CHOICES and o.finish_reason == "stop" for o in ckpt_engine.run(kids))
+    for rid in (parent, *kids):
+        ckpt_engine.forget(rid)
+    _no_leak(ckpt_engine)
 
 
 # ---- speculation and overlap step aside ---------------------------------------------------------------------
