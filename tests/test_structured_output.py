@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 
 import pytest
 import torch
 
 from selfrag_engine.backend import TORCH, TRITON, TRITON_INTERPRETED
+from selfrag_engine.engine import structured_output
 from selfrag_engine.engine.llm_engine import Engine
 from selfrag_engine.engine.sampling_params import SamplingParams
 from selfrag_engine.engine.structured_output import (Grammars, StructuredOutput, apply_bitmask, constrain,
@@ -82,11 +84,26 @@ def _row_params(i: int) -> SamplingParams:
 
 @pytest.fixture(scope="module")
 def mixed(engine):
-    outs = engine.generate([PROMPT] * len(ROWS), [_row_params(i) for i in range(len(ROWS))])
-    return {name: out for (name, _, _), out in zip(ROWS, outs)}
+    calls = []
+    real = structured_output.apply_bitmask
+    structured_output.apply_bitmask = lambda logits, *a: calls.append(logits.shape[0]) or real(logits, *a)
+    try:
+        outs = engine.generate([PROMPT] * len(ROWS), [_row_params(i) for i in range(len(ROWS))])
+    finally:
+        structured_output.apply_bitmask = real
+    return {name: out for (name, _, _), out in zip(ROWS, outs)}, calls
+
+
+def test_one_mask_application_per_step_over_the_constrained_rows(mixed):
+    outs, calls = mixed
+    lengths = sorted(len(outs[name].token_ids) for name, so, _ in ROWS if so is not None)
+    # Every prompt is prefilled in the first step, so step k samples every row still running at k.
+    assert len(calls) == lengths[-1]
+    assert calls == [sum(n > k for n in lengths) for k in range(lengths[-1])]
 
 
 def test_constrained_outputs_parse_validate_and_match(engine, mixed):
+    mixed = mixed[0]
     for name, so, _ in ROWS:
         if so is not None:  # each grammar ended its output with EOS
             assert mixed[name].finish_reason == "stop" and mixed[name].stop_reason is None, (name, mixed[name].text)
@@ -100,6 +117,7 @@ def test_constrained_outputs_parse_validate_and_match(engine, mixed):
 
 
 def test_free_rows_unchanged_beside_constrained_rows(engine, mixed):
+    mixed = mixed[0]
     free = [i for i, (_, so, _) in enumerate(ROWS) if so is None]
     alone = engine.generate([PROMPT] * len(free), [_row_params(i) for i in free])
     for i, a in zip(free, alone):
@@ -201,6 +219,7 @@ def test_speculation_and_overlap_step_aside_for_constrained_rows(engine):
 
 
 def test_reflection_probabilities_readable_under_a_grammar(engine, mixed):
+    mixed = mixed[0]
     constrained, free = mixed["choice greedy"], mixed["free greedy"]
     groups = engine.reflection_groups
     probs = constrained.reflection_probs
@@ -360,6 +379,13 @@ def test_bad_structured_params_are_request_errors(engine):
         engine.add_request(PROMPT, SamplingParams(structured={"regex": "(("}))
     assert not engine.has_work()
     _no_leak(engine)
+
+
+def test_without_xgrammar_only_a_structured_request_fails(engine, monkeypatch):
+    monkeypatch.setitem(sys.modules, "xgrammar", None)  # as if not installed
+    assert engine.generate(PROMPT, _params(None, max_tokens=2))[0].finish_reason == "length"
+    with pytest.raises(RequestError, match="structured output needs the xgrammar package"):
+        SamplingParams(structured=StructuredOutput(regex="never [0-9] parsed before"))
 
 
 def test_compiled_grammars_are_cached_per_kind_and_spec(engine):
