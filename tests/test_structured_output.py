@@ -373,6 +373,10 @@ def test_bad_structured_params_are_request_errors(engine):
         SamplingParams(structured="json")
     with pytest.raises(RequestError, match="ignore_eos cannot be combined"):
         SamplingParams(structured=StructuredOutput(json_object=True), ignore_eos=True)
+    params = SamplingParams(structured=StructuredOutput(json_object=True))
+    params.ignore_eos = True  # set after the check: refused when the request is made
+    with pytest.raises(RequestError, match="ignore_eos cannot be combined"):
+        engine.add_request(PROMPT, params)
     # A dict of the fields is taken as one.
     assert SamplingParams(structured={"regex": "a+"}).structured == StructuredOutput(regex="a+")
     with pytest.raises(RequestError, match="invalid regex"):

@@ -130,8 +130,10 @@ class Requests:
                                                                              generator=self._seed_rng))
         grammar = None
         if params.structured is not None and not scores:
-            if not isinstance(params.structured, StructuredOutput) or params.ignore_eos:
-                raise RequestError("structured must be a StructuredOutput, without ignore_eos")
+            if not isinstance(params.structured, StructuredOutput):
+                raise RequestError(f"structured must be a StructuredOutput, got {type(params.structured).__name__}")
+            if params.ignore_eos:
+                raise RequestError("ignore_eos cannot be combined with structured output: EOS is how a grammar ends")
             grammar = self.grammars.state(params.structured)
         seq = Sequence(self._take_id(request_id), token_ids, len(token_ids), params, seed, keep_cache, scores=scores,
                        grammar=grammar)
