@@ -16,6 +16,7 @@ _EXPORTS = {
     "EngineLoop": "selfrag_engine.engine.loop",
     "EngineClient": "selfrag_engine.engine.client",
     "SamplingParams": "selfrag_engine.engine.sampling_params",
+    "StructuredOutput": "selfrag_engine.engine.structured_output",
     "LlamaConfig": "selfrag_engine.config",
     "Tokenizer": "selfrag_engine.tokenizer",
     "CheckpointError": "selfrag_engine.errors",

@@ -128,12 +128,14 @@ def append_token(seq: Sequence, out: SamplerOutput, row: int, token: int, lp: fl
         seq.reflection_logprobs.append(out.group_logprobs[row])
 
     reason = None
+    if seq.grammar is not None and not seq.grammar.accept(token):
+        reason = ("abort", "grammar")  # no allowed token had a finite logit: the request cannot go on
     state = text_state(seq, tokenizer) if p.detokenize else None
     if state is not None:
         piece = state.detok.add(token)
         if state.stops is not None:
             piece, hit = state.stops.feed(piece)
-            if hit is not None:
+            if hit is not None and reason is None:
                 reason = ("stop", hit)
         if piece:
             state.parts.append(piece)

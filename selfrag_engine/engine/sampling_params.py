@@ -5,6 +5,7 @@ import math
 from dataclasses import dataclass, field
 
 from selfrag_engine.engine.sampling_defaults import default
+from selfrag_engine.engine.structured_output import StructuredOutput
 from selfrag_engine.errors import RequestError
 
 # The most top log-probabilities the fused sampling pass returns, and what the OpenAI-style API offers. A
@@ -49,6 +50,9 @@ class SamplingParams:
     `prompt_logprobs` (vLLM's): 0 returns each prompt token's log-probability given the tokens before it, k > 0
     the top-k too (RequestOutput.prompt_logprobs); such a request computes its whole prompt (it does not read
     the prefix cache, as in vLLM).
+    `structured` holds the output to a JSON schema, any JSON object, a regex, a choice or a grammar
+    (engine/structured_output.py; a dict of StructuredOutput's fields is taken too). The scores above stay those
+    of the unmasked logits.
     """
     max_tokens: int = default("max_tokens")
     temperature: float = default("temperature")
@@ -63,15 +67,16 @@ class SamplingParams:
     skip_special_tokens: bool = default("skip_special_tokens")
     include_stop_str_in_output: bool = False
     detokenize: bool = True  # False leaves RequestOutput.text empty (token ids only; no stop strings)
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    min_p: float = 0.0
+    presence_penalty: float = default("presence_penalty")
+    frequency_penalty: float = default("frequency_penalty")
+    repetition_penalty: float = default("repetition_penalty")
+    min_p: float = default("min_p")
     logit_bias: dict[int, float] | None = None
     logits_processors: list | None = None
-    n: int = 1
+    n: int = default("n")
     best_of: int | None = None
     prompt_logprobs: int | None = None
+    structured: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         # Every field is checked here, where the caller can still be told, rather than inside a later step
@@ -124,6 +129,12 @@ class SamplingParams:
         if self.prompt_logprobs is not None and (not _is_int(self.prompt_logprobs) or self.prompt_logprobs < 0):
             raise RequestError(f"prompt_logprobs must be None or a count >= 0 (0: the prompt tokens' own "
                                f"log-probabilities), got {self.prompt_logprobs!r}")
+        if isinstance(self.structured, dict):
+            self.structured = StructuredOutput.from_dict(self.structured)
+        if self.structured is not None and not isinstance(self.structured, StructuredOutput):
+            raise RequestError(f"structured must be a StructuredOutput or None, got {type(self.structured).__name__}")
+        if self.structured is not None and self.ignore_eos:
+            raise RequestError("ignore_eos cannot be combined with structured output: EOS is how a grammar ends")
 
     @property
     def greedy(self) -> bool:

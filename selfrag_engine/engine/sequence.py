@@ -35,6 +35,7 @@ class Sequence:
     reflection: list[torch.Tensor] = field(default_factory=list)  # per step: group-normalized probs [G]
     reflection_logprobs: list[torch.Tensor] = field(default_factory=list)  # per step: full-vocab logprobs [G]
     text_state: Any = None  # engine/output.py's TextState, made at the first token when detokenizing
+    grammar: Any = None  # engine/structured_output.py's GrammarState, when params.structured is set
     scores: bool = False  # a scored prompt (Engine.score): every position's logits are kept, nothing is sampled
     # The prompt of a request sampled several times (n, best_of; engine/sample_groups.py): computed once into
     # the cache and paused there, sampling nothing; `lookahead` holds the prompt tokens its samples compute.

@@ -82,6 +82,8 @@ class _Saved:
             s.text_state.restore(self.text)
         s.cumulative_logprob, s.logits = self.cumulative_logprob, self.logits
         s.prompt_logprobs = self.prompt_logprobs
+        if s.grammar is not None:
+            s.grammar.rollback_to(self.num_tokens - s.num_prompt_tokens)
 
 
 class Stepper:
@@ -191,9 +193,10 @@ class Stepper:
         (see Scheduler.schedule_ahead), or when some sequence reaches its length limit with cur's token."""
         rows = [i for i, s in enumerate(cur.seqs) if s.request_id not in cur.dropped]
         seqs = [cur.seqs[i] for i in rows]
-        if not seqs or any(s.num_output_tokens + 1 >= s.params.max_tokens
+        # A row with a grammar needs cur's token on the host to mask its next one (structured_output.py);
+        # penalties and logits processors read it too: such rows step aside.
+        if not seqs or any(s.num_output_tokens + 1 >= s.params.max_tokens or s.grammar is not None
                            or len(s.token_ids) + 1 >= self.max_model_len or s.params.reads_history for s in seqs):
-            # (penalties and logits processors read the token not yet on the host: such rows step aside)
             return None
         batch = self.scheduler.schedule_ahead(seqs)
         if batch is None:
