@@ -127,6 +127,16 @@ def test_unknown_and_unusable_fields_are_refused_naming_them(server):
     _refused(server, "/v1/completions", _completion(logit_bias={"99999999": 5}), "logit_bias")
 
 
+def test_a_selfrag_chat_refuses_the_sampling_fields_it_does_not_read(server):
+    messages = [{"role": "user", "content": QUESTION}]
+    for field, value in (("temperature", 0.5), ("logprobs", True), ("max_tokens", 8), ("timeout", 30.0)):
+        _refused(server, "/v1/chat/completions",
+                 {"messages": messages, "selfrag": {"mode": "never", "max_tokens": 4}, field: value}, field)
+    r = _post(server, "/v1/chat/completions", {"messages": messages, "temperature": 1.0,
+                                               "selfrag": {"mode": "never", "max_tokens": 4}})
+    assert r.status_code == 200, r.text  # a field at its default value asks for nothing
+
+
 def test_what_the_clients_send_by_default_is_accepted(server):
     # LangChain's ChatOpenAI: model, stream, n, temperature (and stream_options when it streams).
     r = _post(server, "/v1/chat/completions", _chat(stream=False, n=1, temperature=0.7, user="u1"))

@@ -35,7 +35,8 @@ CROSS_FIELD_RULES = {
     "too_many_rows": "n x prompts (or ndocs x beam_width) fit one request's share of the server's row slots",
     "passages_required": "/v1/selfrag needs passages unless the server has an index or mode is 'never'",
     "non_finite": "the Self-RAG scores the weights make stay finite",
-    "unsupported": "a Self-RAG chat answer does not stream (stream from /v1/selfrag)",
+    "unsupported": "a Self-RAG chat answer does not stream (stream from /v1/selfrag) and takes its options in "
+                   "`selfrag` only (another sampling field at a value of its own is refused)",
     "stream_options_without_stream": "stream_options only with stream: true",
     "invalid_token_id": "logit_bias's keys are token ids of the served model (below its vocabulary size)",
     "invalid_grammar": "response_format's json_schema.schema, guided_json, guided_regex and guided_grammar compile "
