@@ -133,6 +133,8 @@ def truthful(schema: dict[str, Any], checks: BodyChecks, model_name: str, vocab_
 
     def sampling(p: dict[str, Any]) -> None:
         """The fields completions and chat share."""
+        p["stop_token_ids"] = {"anyOf": [{"type": "array", "maxItems": limits.max_stop, "items": {
+            "type": "integer", "minimum": 0, "maximum": vocab_size - 1}}, {"type": "null"}]}
         for name, neutral in NEUTRAL.items():
             if name not in ENGINE_FIELDS:
                 p[name] = {"type": "number", "enum": [neutral], "default": neutral}
@@ -162,8 +164,6 @@ def truthful(schema: dict[str, Any], checks: BodyChecks, model_name: str, vocab_
                                   "items": token_ids}]}
         p["max_tokens"] = {**max_tokens, "default": 16}
         p["stop"] = stop
-        p["stop_token_ids"] = {"anyOf": [{"type": "array", "maxItems": limits.max_stop, "items": {
-            "type": "integer", "minimum": 0, "maximum": vocab_size - 1}}, {"type": "null"}]}
         p["n"] = n
         p["top_k"] = {"type": "integer", "minimum": -1, "maximum": TOP_K_MAX, "default": -1}
         cross("CompletionBody", "context_length_exceeded", "too_many_rows", "stream_options_without_stream",
