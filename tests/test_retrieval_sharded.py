@@ -39,6 +39,26 @@ def _with_ties(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
     return emb
 
 
+def assert_same_top_k(whole: Retriever, queries: np.ndarray, got: list, k: int) -> int:
+    """`got` (the shards' merged top-k) is the unsharded index's top-k: the same passages, scores, rows and
+    order of ties, except where equal scores straddle the k-th place (faiss's choice among them is its own):
+    there the scores are the same and the rows come from the tied ones. Returns how many queries straddled."""
+    want, deeper = whole.search_embeddings(queries, k), whole.search_embeddings(queries, k + 1)
+    straddling = 0
+    for q, w, g, d in zip(queries, want, got, deeper):
+        assert [h.score for h in g] == [h.score for h in w]
+        if len(d) > k and d[k].score == w[-1].score:
+            straddling += 1
+            cut = w[-1].score
+            assert _key([h for h in g if h.score != cut]) == _key([h for h in w if h.score != cut])
+            tied = {h.row for h in whole.search_embeddings(q[None], len(whole))[0] if h.score == cut}
+            assert {h.row for h in g if h.score == cut} <= tied
+            assert [h.row for h in g if h.score == cut] == sorted((h.row for h in g if h.score == cut), reverse=True)
+        else:
+            assert _key(g) == _key(w)  # passages, scores, rows and the order of ties all equal
+    return straddling
+
+
 @pytest.mark.parametrize("num_shards", [2, 3])
 def test_flat_shards_return_the_unsharded_top_k_exactly(tmp_path, num_shards):
     rng = np.random.default_rng(1000 + num_shards)
@@ -53,20 +73,7 @@ def test_flat_shards_return_the_unsharded_top_k_exactly(tmp_path, num_shards):
     queries = np.concatenate([rng.standard_normal((40, dim)).astype(np.float32), emb[rng.choice(n, 30)]])
     straddling = 0
     for k in (1, 3, 5, 10, n + 5):
-        want, got = whole.search_embeddings(queries, k), sharded.search_embeddings(queries, k)
-        deeper = whole.search_embeddings(queries, k + 1)
-        for q, w, g, d in zip(queries, want, got, deeper):
-            assert [h.score for h in g] == [h.score for h in w]
-            if len(d) > k and d[k].score == w[-1].score:
-                # Equal scores across the k-th place: which of the tied rows make the cut is faiss's choice
-                # (it differs between its search paths); the merge keeps the lowest rows.
-                straddling += 1
-                cut = w[-1].score
-                assert _key([h for h in g if h.score != cut]) == _key([h for h in w if h.score != cut])
-                tied = {h.row for h in whole.search_embeddings(q[None], n)[0] if h.score == cut}
-                assert {h.row for h in g if h.score == cut} <= tied
-            else:
-                assert _key(g) == _key(w)  # passages, scores, rows and the order of ties all equal
+        straddling += assert_same_top_k(whole, queries, sharded.search_embeddings(queries, k), k)
     assert straddling > 0  # the queries do put ties across the k-th place
     # Ties exist among the answers, so the tie rule is exercised, not assumed.
     top = whole.search_embeddings(emb[:n // 2], 3)

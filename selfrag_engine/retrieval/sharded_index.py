@@ -11,10 +11,12 @@ that needs training (IVF, PQ) is trained once, on the same vectors as the unshar
 a copy of that trained index: the shards share the coarse quantizer and the codebooks, so searching them all
 and merging is searching their union as one index (faiss's `IndexShards` definition), with the same `nprobe`.
 
-Merge. Each shard returns its own top-k; the merged top-k takes, across all shards, the k best scores, ties
-broken as faiss's own search breaks them: the lowest rows make the cut, and among equal scores the highest
-row is listed first (what `IndexFlatIP` returns). A flat index sharded this way returns the same passages,
-scores and order as the unsharded one.
+Merge. Each shard returns its own top-k; the merged top-k takes, across all shards, the k best scores, and
+lists equal scores highest row first, as faiss lists them. A flat index sharded this way returns the same
+passages, scores and order as the unsharded one, with one exception faiss itself leaves open: when equal
+scores straddle the k-th place, which of the tied rows make the cut depends on faiss's search path and heap
+(the unsharded index's choice is not a rule one can reproduce); the merge keeps the lowest rows, and the
+scores are the same at every place.
 
 A shard that is missing or fails raises `IndexShardError` naming it, for every query that needed it (all of
 them: a query fans out to every shard); no query gets a partial top-k.
@@ -72,8 +74,8 @@ class IndexShardSearcher(Protocol):
 
 
 def merge_top_k(per_shard: Sequence[Sequence[Hit]], num_shards: int, k: int) -> list[Hit]:
-    """One query's hits from every shard (local rows) -> the global top-k (global rows), ordered as the
-    unsharded faiss index orders them."""
+    """One query's hits from every shard (local rows) -> the global top-k (global rows): the best scores,
+    the lowest rows among equal scores at the cut, listed highest row first among equal scores as faiss does."""
     candidates = [Hit(h.passage, h.score, h.row * num_shards + i)
                   for i, hits in enumerate(per_shard) for h in hits]
     best = sorted(candidates, key=lambda h: (-h.score, h.row))[:k]
