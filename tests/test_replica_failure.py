@@ -73,3 +73,15 @@ async def test_dead_replica_answers(anyio_backend):
 def test_the_proxy_callback_names_the_middleware():
     assert [m.cls for m in proxy_middlewares()] == [ReplicaFailure]
     assert all(isinstance(m, Middleware) for m in proxy_middlewares())
+
+
+def test_replica_options_are_checked_before_anything_loads(capsys):
+    from selfrag_engine.entrypoints.cli import main
+
+    for argv, message in ((["--max-replicas", "3"], "--max-replicas needs --replicas N"),
+                          (["--ray-address", "auto"], "--ray-address needs --replicas N"),
+                          (["--replicas", "0"], "--replicas must be at least 1, got 0"),
+                          (["--replicas", "3", "--max-replicas", "2"], "--max-replicas 2 is below --replicas 3"),
+                          (["--replicas", "2", "--shard-timeout", "0"], "--shard-timeout must be positive")):
+        assert main(["serve", "--model", "tiny", *argv]) == 2
+        assert message in capsys.readouterr().err

@@ -147,6 +147,7 @@ def check_port(host: str, port: int) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     check_serve_dependencies()
+    on_ray = check_replica_options(args)  # `--replicas`: on Ray Serve (the `ray` extra)
     check_port(args.host, args.port)
     path = resolve_model_arg(args)
     if args.index is not None:
@@ -161,7 +162,7 @@ def _serve(args: argparse.Namespace) -> int:
     args.model = str(path)
     options = engine_options(args)
     args.device, args.dtype, args.quantization = options["device"], options["dtype"], options["quantization"]
-    if check_replica_options(args):  # on Ray Serve (the `ray` extra)
+    if on_ray:
         from selfrag_engine.entrypoints.ray_serve import serve_command
 
         return serve_command(args)
