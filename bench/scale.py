@@ -139,7 +139,7 @@ def bench_shards(results: list[dict], vectors: int, dim: int, queries: int) -> d
     builder = _IndexBuilder(dim, "Flat", vectors, progress=False, pieces=2)
     builder.add(emb)
     shards = [Retriever(index, passages[i::2], None, gpu=False) for i, index in enumerate(builder.finish_pieces())]
-    sharded = ShardedRetriever(shards, None, dim, vectors)
+    sharded = ShardedRetriever(shards, None, dim, vectors, omp_threads=1)
     del emb
 
     def run(retriever) -> tuple[float, list]:

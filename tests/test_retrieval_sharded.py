@@ -26,6 +26,18 @@ def _passages(n: int) -> list[Passage]:
     return [Passage(f"title {i}", f"text {i}", f"id{i}") for i in range(n)]
 
 
+@pytest.fixture
+def one_faiss_thread():
+    """faiss's OpenMP threads spin on a loaded 2-core machine (k-means for minutes); one thread trains in
+    a second."""
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)
+
+
 def _key(hits):
     return [(h.passage.id, h.score, h.row) for h in hits]
 
@@ -60,14 +72,14 @@ def assert_same_top_k(whole: Retriever, queries: np.ndarray, got: list, k: int) 
 
 
 @pytest.mark.parametrize("num_shards", [2, 3])
-def test_flat_shards_return_the_unsharded_top_k_exactly(tmp_path, num_shards):
+def test_flat_shards_return_the_unsharded_top_k_exactly(tmp_path, num_shards, one_faiss_thread):
     rng = np.random.default_rng(1000 + num_shards)
     n, dim = 701, 24  # not a multiple of the shard count: the shards differ in size by one
     emb = _with_ties(rng, n, dim)
     passages = _passages(n)
     whole = Retriever.from_embeddings(passages, None, emb, None, progress=False, gpu=False)
     build_sharded(tmp_path / "s", passages, num_shards, None, embeddings=emb, progress=False)
-    sharded = ShardedRetriever.load(tmp_path / "s", gpu=False)
+    sharded = ShardedRetriever.load(tmp_path / "s", gpu=False, omp_threads=1)
     assert [len(s) for s in sharded.shards] == [len(range(i, n, num_shards)) for i in range(num_shards)]
     # Random queries, and queries equal to a repeated vector: ties at the top and across the k-th place.
     queries = np.concatenate([rng.standard_normal((40, dim)).astype(np.float32), emb[rng.choice(n, 30)]])
@@ -79,18 +91,6 @@ def test_flat_shards_return_the_unsharded_top_k_exactly(tmp_path, num_shards):
     top = whole.search_embeddings(emb[:n // 2], 3)
     assert any(len({h.score for h in hits}) < len(hits) for hits in top)
     sharded.close()
-
-
-@pytest.fixture
-def one_faiss_thread():
-    """faiss's OpenMP threads spin on a loaded 2-core machine (k-means for minutes); one thread trains in
-    a second."""
-    import faiss
-
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
 
 
 def test_ivf_pq_shards_equal_their_union_searched_as_one_index(tmp_path, one_faiss_thread):

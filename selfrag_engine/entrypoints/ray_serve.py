@@ -280,28 +280,41 @@ def start(args: Any) -> None:
         # The local cluster's proxy answers for a dead replica (`replica_failure`); a cluster started by
         # `ray start` gets the same from this variable in its nodes' environment (docs/DEPLOY.md).
         os.environ.setdefault(CALLBACK_ENV, CALLBACK)
-    ray.init(address=args.ray_address, ignore_reinit_error=True, log_to_driver=not args.quiet)
+    options = deployment_options(args)
+    local: dict[str, Any] = {}
+    if not args.ray_address:
+        # A local cluster counts at least the CPUs the deployments ask for, so a small machine still places
+        # them all (they then share its cores), rather than leaving replicas pending forever.
+        shards = index_shard_count(args.index) if args.index is not None else 0
+        asked = options.replicas * options.replica_cpus + shards * options.shard_replicas * options.shard_cpus
+        local["num_cpus"] = max(os.cpu_count() or 1, int(asked + 0.999))
+    ray.init(address=args.ray_address, ignore_reinit_error=True, log_to_driver=not args.quiet, **local)
     http = {"host": args.host, "port": args.port}
     if args.ssl_keyfile or args.ssl_certfile:
         http.update(ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile)
     serve.start(http_options=http)
-    serve.run(build_application(replica_config(args), deployment_options(args)), name=APP_NAME, route_prefix="/")
+    serve.run(build_application(replica_config(args), options), name=APP_NAME, route_prefix="/")
 
 
 def serve_command(args: Any) -> int:
-    """`selfrag-engine serve --replicas N`: runs until interrupted, then removes the application (and stops
-    the local cluster if this command started it)."""
-    start(args)
-    print(f"serving {args.served_model_name} on http://{args.host}:{args.port} with {args.replicas} replica(s) "
-          f"on Ray ({'cluster ' + args.ray_address if args.ray_address else 'a local cluster'})", flush=True)
+    """`selfrag-engine serve --replicas N`: runs until interrupted (SIGINT, SIGTERM), then removes the
+    application, and stops the local cluster if this command started it."""
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
+        start(args)
+        where = f"cluster {args.ray_address}" if args.ray_address else "a local cluster"
+        print(f"serving {args.served_model_name} on http://{args.host}:{args.port} with {args.replicas} "
+              f"replica(s) on Ray ({where})", flush=True)
         stop.wait()
     finally:
-        serve.delete(APP_NAME)
-        if not args.ray_address:
-            serve.shutdown()
-        ray.shutdown()
+        if ray.is_initialized():
+            try:
+                if args.ray_address:
+                    serve.delete(APP_NAME)
+                else:
+                    serve.shutdown()
+            finally:
+                ray.shutdown()
     return 0

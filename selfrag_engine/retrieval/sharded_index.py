@@ -18,6 +18,10 @@ scores straddle the k-th place, which of the tied rows make the cut depends on f
 (the unsharded index's choice is not a rule one can reproduce); the merge keeps the lowest rows, and the
 scores are the same at every place.
 
+Scores are bitwise the unsharded index's when each search runs faiss on one OpenMP thread (a retrieval
+replica of one CPU does: Ray sets its OMP_NUM_THREADS to 1); faiss's multi-threaded scan of a flat index may
+round the last bit of a score differently with the number of vectors it splits between threads.
+
 A shard that is missing or fails raises `IndexShardError` naming it, for every query that needed it (all of
 them: a query fans out to every shard); no query gets a partial top-k.
 
@@ -90,12 +94,18 @@ class _MissingShard:
         raise IndexShardError(self.message)
 
 
+def _set_omp_threads(n: int) -> None:
+    import faiss
+
+    faiss.omp_set_num_threads(n)
+
+
 class ShardedRetriever:
     """The query encoder plus N shard searchers; searches like a `Retriever` (`search`, `search_batch`,
     `search_with_scores`, `search_batch_with_scores`, `search_embeddings`), fanning out to the shards at once."""
 
     def __init__(self, shards: Sequence[IndexShardSearcher], encoder: Encoder | None, dim: int, count: int,
-                 names: Sequence[str] | None = None):
+                 names: Sequence[str] | None = None, omp_threads: int | None = None):
         if not shards:
             raise RequestError("a sharded index needs at least one shard")
         self.shards = list(shards)
@@ -103,7 +113,12 @@ class ShardedRetriever:
         self.dim, self.count = int(dim), int(count)
         self.names = list(names) if names is not None else [shard_dir_name(i, len(shards))
                                                           for i in range(len(shards))]
-        self._pool = ThreadPoolExecutor(max_workers=len(self.shards), thread_name_prefix="selfrag-shard")
+        # omp_threads: faiss's OpenMP threads in each fan-out thread (OpenMP's setting is per thread). One
+        # thread per search, here and in the unsharded index, gives bitwise the unsharded scores; faiss's
+        # multi-threaded scan of a flat index may round a score's last bit differently by the size it splits.
+        self._pool = ThreadPoolExecutor(max_workers=len(self.shards), thread_name_prefix="selfrag-shard",
+                                        initializer=None if omp_threads is None else _set_omp_threads,
+                                        initargs=() if omp_threads is None else (omp_threads,))
 
     @property
     def num_shards(self) -> int:
@@ -228,7 +243,7 @@ class ShardedRetriever:
 
     @classmethod
     def load(cls, directory: str | Path, encoder: Encoder | str | None = None, gpu: bool | None = None,
-             device: str | None = None) -> "ShardedRetriever":
+             device: str | None = None, omp_threads: int | None = None) -> "ShardedRetriever":
         """Every shard in this process. A shard that cannot be loaded is kept as a missing shard: the
         queries fail with its `IndexShardError` (each query needs every shard)."""
         meta = cls.read_manifest(directory)
@@ -241,7 +256,7 @@ class ShardedRetriever:
             except (IndexShardError, RequestError, CorpusError) as e:
                 shards.append(_MissingShard(e.args[0] if isinstance(e, IndexShardError)
                                             else f"index shard {i} of {n} cannot be loaded: {e}"))
-        return cls(shards, enc, meta["dim"], meta["count"], [shard_dir_name(i, n) for i in range(n)])
+        return cls(shards, enc, meta["dim"], meta["count"], [shard_dir_name(i, n) for i in range(n)], omp_threads)
 
 
 def build_sharded(directory: str | Path, passages: Sequence[Passage], num_shards: int, encoder: Encoder | None,
