@@ -17,7 +17,9 @@ replicas would (`ShardedRetriever`'s fan-out; faiss releases the GIL; one OpenMP
 `search_sharded_speedup_2` = qps(2 shards) / qps(unsharded); every merged top-k is checked against the
 unsharded top-k (same scores at every place, same rows but where ties straddle the k-th place).
 
-On a machine with other work on its cores the replicas' ratio is what those cores gave; record on a quiet one.
+The replicas' ratio needs cores beyond the replicas' own: Ray's HTTP proxy and the client process run
+beside them, and a tiny model's query costs less than its HTTP round trip. On a 2-core machine the second
+replica takes the core the proxy and the clients used; record on a quiet machine with at least 4 cores.
 """
 from __future__ import annotations
 
