@@ -51,3 +51,13 @@ class DeadlineExceeded(SelfragEngineError, RuntimeError):
 
 class Cancelled(SelfragEngineError, RuntimeError):
     """A request or query was cancelled (by its caller, a disconnected client, or the loop closing)."""
+
+
+class Unavailable(SelfragEngineError, RuntimeError):
+    """A part of a deployment the request needs (an engine replica, an index shard) is down or did not answer
+    in time; the request failed whole (HTTP 503) and may be retried."""
+
+
+class IndexShardError(Unavailable):
+    """A piece of a sharded index is missing or did not answer: the queries that needed it fail, never with a
+    partial top-k."""

@@ -377,3 +377,21 @@ def test_kv_fp8_bench_smoke(tmp_path):
     assert set(fp16) == {(5, 512), (5, 4096), (10, 512), (10, 4096)} == set(fp8)
     assert values["kv_bytes_per_step_ratio"] == pytest.approx(max(fp8[c] / fp16[c] for c in fp16), rel=1e-6)
     assert 0.5 < values["kv_bytes_per_step_ratio"] <= 0.52
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ray") is None or importlib.util.find_spec("faiss") is None,
+                    reason="needs Ray Serve and faiss: pip install 'selfrag-engine[ray,retrieval]'")
+def test_scale_bench_smoke(tmp_path):
+    """Replicas and shards, tiny: both headline ratios are the quotients of the qps the script reports (it
+    raises if the answers with 2 replicas or the sharded top-k differ)."""
+    from bench.scale import main
+
+    assert main(["--smoke", "--out", str(tmp_path), "--queries", "4", "--clients", "2"]) == 0
+    doc = _load(tmp_path, "scale")
+    rows = doc["results"]
+    serve_qps = {r["config"]["replicas"]: r["value"] for r in rows if r["metric"] == "serve_selfrag_qps"}
+    search_qps = {r["config"]["shards"]: r["value"] for r in rows if r["metric"] == "search_qps"}
+    scaling = next(r for r in rows if r["metric"] == "serve_replicas_scaling_2")
+    speedup = next(r for r in rows if r["metric"] == "search_sharded_speedup_2")
+    assert scaling["value"] == pytest.approx(serve_qps[2] / serve_qps[1], rel=1e-9)
+    assert speedup["value"] == pytest.approx(search_qps[2] / search_qps[1], rel=1e-9)

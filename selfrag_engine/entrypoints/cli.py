@@ -21,6 +21,7 @@ from selfrag_engine.entrypoints.model_args import (
     resolve_model_arg,
 )
 from selfrag_engine.entrypoints.serve_options import add_serve_options
+from selfrag_engine.entrypoints.replica_options import add_replica_options, check_replica_options
 from selfrag_engine.errors import RequestError, SelfragEngineError
 from selfrag_engine.hub import resolve_model
 from selfrag_engine.weights.convert import convert_bin_to_safetensors
@@ -107,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rows (sequences) of requests and queries in flight before 429")
     s.add_argument("--quiet", action="store_true")
     add_serve_options(s)
+    add_replica_options(s)
     s.set_defaults(func=_serve)
     return parser
 
@@ -147,16 +149,25 @@ def check_port(host: str, port: int) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     check_serve_dependencies()
+    on_ray = check_replica_options(args)  # `--replicas`: on Ray Serve (the `ray` extra)
     check_port(args.host, args.port)
     path = resolve_model_arg(args)
     if args.index is not None:
+        from selfrag_engine.retrieval.sharded_index import ShardedRetriever, is_sharded
         from selfrag_engine.retrieval.retriever import Retriever
 
-        Retriever.read_meta(args.index)
+        if is_sharded(args.index):
+            ShardedRetriever.read_manifest(args.index)
+        else:
+            Retriever.read_meta(args.index)
     args.served_model_name = args.served_model_name or model_name(args.model, path)
     args.model = str(path)
     options = engine_options(args)
     args.device, args.dtype, args.quantization = options["device"], options["dtype"], options["quantization"]
+    if on_ray:
+        from selfrag_engine.entrypoints.ray_serve import serve_command
+
+        return serve_command(args)
     # FastAPI and uvicorn are the `serve` extra: only this command imports them.
     from selfrag_engine.entrypoints.server import serve
 

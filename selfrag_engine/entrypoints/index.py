@@ -10,6 +10,7 @@ from selfrag_engine.errors import RequestError
 from selfrag_engine.retrieval.encoders import get_encoder
 from selfrag_engine.retrieval.passages import read_passages
 from selfrag_engine.retrieval.retriever import DEFAULT_TRAIN_SIZE, Retriever
+from selfrag_engine.retrieval.sharded_index import ShardedRetriever, build_sharded, load_retriever
 
 NO_ENCODER = "none"
 
@@ -20,11 +21,18 @@ def snippet(text: str, width: int) -> str:
     return flat if len(flat) <= width else flat[:max(width - 1, 0)] + "…"
 
 
-def _apply_nprobe(retriever: Retriever, nprobe: int | None) -> None:
-    if nprobe is not None:
-        if nprobe < 1:
-            raise RequestError(f"--nprobe must be at least 1, got {nprobe}")
-        retriever.set_search_parameter("nprobe", nprobe)
+def _check_nprobe(nprobe: int | None) -> None:
+    if nprobe is not None and nprobe < 1:
+        raise RequestError(f"--nprobe must be at least 1, got {nprobe}")
+
+
+def _apply_nprobe(retriever: Retriever | ShardedRetriever, nprobe: int | None) -> None:
+    _check_nprobe(nprobe)
+    if nprobe is None:
+        return
+    for shard in retriever.shards if isinstance(retriever, ShardedRetriever) else [retriever]:
+        if isinstance(shard, Retriever):  # a missing shard fails the search itself, naming it
+            shard.set_search_parameter("nprobe", nprobe)
 
 
 def _build(args: argparse.Namespace) -> int:
@@ -35,6 +43,15 @@ def _build(args: argparse.Namespace) -> int:
     encoder = None if args.encoder == NO_ENCODER else get_encoder(args.encoder, device=args.device)
     progress = not args.quiet
     train_size = args.train_size or DEFAULT_TRAIN_SIZE
+    if args.shards is not None:
+        _check_nprobe(args.nprobe)
+        build_sharded(args.out, passages, args.shards, encoder, args.factory, contriever_shards=args.embeddings,
+                      progress=progress, batch_size=args.batch_size, train_size=train_size,
+                      search_parameters=None if args.nprobe is None else {"nprobe": args.nprobe})
+        meta = ShardedRetriever.read_manifest(args.out)
+        print(f"indexed {meta['count']} passages ({meta['dim']} dimensions, faiss {args.factory!r}, encoder "
+              f"{args.encoder!r}) into {args.shards} shards in {args.out}")
+        return 0
     if args.embeddings:
         retriever = Retriever.from_contriever_shards(passages, args.embeddings, encoder, args.factory, progress,
                                                      train_size, gpu=False)
@@ -49,7 +66,7 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _search(args: argparse.Namespace) -> int:
-    retriever = Retriever.load(args.index, encoder=args.encoder, device=args.device)
+    retriever = load_retriever(args.index, encoder=args.encoder, device=args.device)
     _apply_nprobe(retriever, args.nprobe)
     results = retriever.search_batch_with_scores(args.queries, args.k)
     for query, hits in zip(args.queries, results):
@@ -85,13 +102,16 @@ def register(subparsers: Any) -> None:
     b.add_argument("--batch-size", type=int, default=64, help="passages encoded per batch")
     b.add_argument("--train-size", type=int, default=None, help="vectors used to train IVF/PQ indexes")
     b.add_argument("--nprobe", type=int, default=None, help="IVF lists searched per query (saved with the index)")
+    b.add_argument("--shards", type=int, default=None,
+                   help="split the index into N shards (each 1/N of the vectors, trained once) to serve on N "
+                        "retrieval replicas; a search fans out and merges the exact top-k")
     add_device_argument(b, "the encoder")
     b.add_argument("--quiet", action="store_true")
     b.set_defaults(func=_build)
 
     s = sub.add_parser("search", help="print the top-k passages for queries")
     s.add_argument("queries", nargs="+", help="query text (each one searched)")
-    s.add_argument("--index", required=True, help="a directory written by `index build`")
+    s.add_argument("--index", required=True, help="a directory written by `index build` (sharded or not)")
     s.add_argument("-k", type=int, default=5, help="passages per query")
     s.add_argument("--encoder", default=None, help="query encoder spec (default: the index's own)")
     s.add_argument("--nprobe", type=int, default=None)

@@ -26,6 +26,7 @@ from selfrag_engine.errors import (
     QueueFullError,
     RequestError,
     SelfragEngineError,
+    Unavailable,
 )
 
 log = logging.getLogger("selfrag_engine.server")
@@ -93,6 +94,8 @@ def error_response(e: BaseException, retry_after: int = 1) -> JSONResponse:
         return error(408, str(e), kind="timeout")
     if isinstance(e, Cancelled):
         return error(499, str(e), kind="cancelled")
+    if isinstance(e, Unavailable):
+        return error(503, str(e), kind="service_unavailable", headers={"Retry-After": str(retry_after)})
     if isinstance(e, FieldError):
         return error(400, str(e), e.param, code=e.code)
     if isinstance(e, ContextLengthError):

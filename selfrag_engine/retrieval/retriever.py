@@ -100,7 +100,8 @@ class _IndexBuilder:
     """Adds embedding chunks to a new faiss index, training it first (on the first `train_size` vectors)
     when its type needs training."""
 
-    def __init__(self, dim: int, factory: str, train_size: int, progress: bool, total: int | None = None):
+    def __init__(self, dim: int, factory: str, train_size: int, progress: bool, total: int | None = None,
+                 pieces: int = 1):
         faiss = _faiss()
         if not isinstance(factory, str) or not factory.strip():
             raise RequestError(f"index factory must be a non-empty faiss index_factory string, got {factory!r}")
@@ -112,6 +113,14 @@ class _IndexBuilder:
             raise RequestError(f"faiss cannot build index {factory!r} for dimension {dim}: "
                                f"{_faiss_message(e)}") from None
         self.dim, self.factory, self.train_size = int(dim), factory, train_size
+        # pieces > 1: a sharded build. The vectors are dealt round-robin (global row g goes to piece g % pieces
+        # as its row g // pieces) into copies of the one trained (empty) index, so every piece shares its
+        # coarse quantizer and codebooks and the pieces together are the unsharded index.
+        if isinstance(pieces, bool) or not isinstance(pieces, int) or pieces < 1:
+            raise RequestError(f"the number of index shards must be a positive integer, got {pieces!r}")
+        self.num_pieces = pieces
+        self.pieces: list[Any] = []
+        self.num_added = 0
         self.pending: list[np.ndarray] = []
         self.num_pending = 0
         # Opened at the first vectors added (training comes first), with the count when it is known, so no
@@ -134,9 +143,18 @@ class _IndexBuilder:
             self._train_and_flush()
 
     def _add(self, emb: np.ndarray) -> None:
+        if self.num_pieces > 1 and not self.pieces:
+            self.pieces = [_faiss().clone_index(self.index) for _ in range(self.num_pieces)]
         for start in range(0, len(emb), _ADD_CHUNK):
             chunk = emb[start:start + _ADD_CHUNK]
-            self.index.add(chunk)
+            if self.num_pieces == 1:
+                self.index.add(chunk)
+            else:
+                for i, piece in enumerate(self.pieces):
+                    rows = chunk[(i - self.num_added) % self.num_pieces::self.num_pieces]
+                    if len(rows):
+                        piece.add(np.ascontiguousarray(rows))
+            self.num_added += len(chunk)
             if self.bar is None:
                 self.bar = tqdm(desc=f"adding to faiss {self.factory}", total=self.total, unit="vector",
                                 unit_scale=self.total is None or self.total >= 10_000, disable=not self.progress,
@@ -158,12 +176,20 @@ class _IndexBuilder:
             self._train_and_flush()
         if self.bar is not None:
             self.bar.close()
-        if self.index.ntotal == 0:
+        if self.num_added == 0:
             raise CorpusError("no embeddings to index")
-        ivf = _faiss().try_extract_index_ivf(self.index)
-        if ivf is not None:
-            ivf.nprobe = min(ivf.nlist, DEFAULT_NPROBE)
+        if self.num_added < self.num_pieces:
+            raise CorpusError(f"{self.num_added} embeddings cannot fill {self.num_pieces} index shards")
+        for index in self.pieces or [self.index]:
+            ivf = _faiss().try_extract_index_ivf(index)
+            if ivf is not None:
+                ivf.nprobe = min(ivf.nlist, DEFAULT_NPROBE)
         return self.index
+
+    def finish_pieces(self) -> list[Any]:
+        """The pieces of a sharded build (piece i holds the global rows i, i + n, i + 2n, ...)."""
+        self.finish()
+        return self.pieces if self.num_pieces > 1 else [self.index]
 
 
 def same_encoder(a: str, b: str) -> bool:
@@ -193,6 +219,31 @@ def _lookup(by_id: dict[str, Passage], ids: Iterable[Any], where: str) -> list[P
             raise CorpusError(f"{where}: embedding id {str(pid)!r} has no passage with that id")
         out.append(p)
     return out
+
+
+def embedding_rows(passages: Sequence[Passage], ids: Sequence[Any] | None,
+                   embeddings: np.ndarray) -> tuple[list[Passage], np.ndarray]:
+    """The passage of each embedding row: `ids[i]` names the passage of `embeddings[i]`; with `ids=None`,
+    embeddings[i] belongs to passages[i]."""
+    passages = list(passages)
+    embeddings = np.asarray(embeddings)
+    if embeddings.ndim != 2:
+        raise RequestError(f"embeddings must be a 2-D array, got shape {tuple(embeddings.shape)}")
+    if ids is None:
+        if len(passages) != len(embeddings):
+            raise CorpusError(f"{len(embeddings)} embeddings for {len(passages)} passages")
+        return passages, embeddings
+    if len(ids) != len(embeddings):
+        raise CorpusError(f"{len(ids)} ids for {len(embeddings)} embeddings")
+    return _lookup(_passages_by_id(passages), ids, "embeddings"), embeddings
+
+
+def contriever_rows(passages: Sequence[Passage],
+                    shards: str | Path | Sequence[str | Path]) -> Iterable[tuple[list[Passage], np.ndarray]]:
+    """(passages, embeddings) of each Contriever embeddings file in turn, the ids looked up among `passages`."""
+    by_id = _passages_by_id(passages)
+    for shard in iter_embedding_shards(shards):
+        yield _lookup(by_id, shard.ids, str(shard.path)), shard.embeddings
 
 
 class Retriever:
@@ -233,18 +284,7 @@ class Retriever:
                         train_size: int = DEFAULT_TRAIN_SIZE, gpu: bool | None = None) -> "Retriever":
         """Indexes precomputed embeddings. `ids[i]` names the passage of `embeddings[i]`; with `ids=None`,
         embeddings[i] belongs to passages[i]. Passages without an embedding are left out."""
-        passages = list(passages)
-        embeddings = np.asarray(embeddings)
-        if embeddings.ndim != 2:
-            raise RequestError(f"embeddings must be a 2-D array, got shape {tuple(embeddings.shape)}")
-        if ids is None:
-            if len(passages) != len(embeddings):
-                raise CorpusError(f"{len(embeddings)} embeddings for {len(passages)} passages")
-            rows = passages
-        else:
-            if len(ids) != len(embeddings):
-                raise CorpusError(f"{len(ids)} ids for {len(embeddings)} embeddings")
-            rows = _lookup(_passages_by_id(passages), ids, "embeddings")
+        rows, embeddings = embedding_rows(passages, ids, embeddings)
         cls._check_encoder_dim(encoder, embeddings.shape[1])
         builder = _IndexBuilder(embeddings.shape[1], factory, train_size, progress, len(embeddings))
         builder.add(embeddings)
@@ -256,15 +296,14 @@ class Retriever:
                                train_size: int = DEFAULT_TRAIN_SIZE, gpu: bool | None = None) -> "Retriever":
         """Indexes the Contriever embedding shards (a glob such as "wikipedia_embeddings/passages_*", or a list
         of files) one at a time; their ids are looked up among `passages` (e.g. psgs_w100.tsv)."""
-        by_id = _passages_by_id(passages)
         builder: _IndexBuilder | None = None
         rows: list[Passage] = []
-        for shard in iter_embedding_shards(shards):
+        for shard_rows, embeddings in contriever_rows(passages, shards):
             if builder is None:
-                cls._check_encoder_dim(encoder, shard.embeddings.shape[1])
-                builder = _IndexBuilder(shard.embeddings.shape[1], factory, train_size, progress)
-            rows.extend(_lookup(by_id, shard.ids, str(shard.path)))
-            builder.add(shard.embeddings)
+                cls._check_encoder_dim(encoder, embeddings.shape[1])
+                builder = _IndexBuilder(embeddings.shape[1], factory, train_size, progress)
+            rows.extend(shard_rows)
+            builder.add(embeddings)
         assert builder is not None  # iter_embedding_shards raises on an empty list
         return cls(builder.finish(), rows, encoder, factory, gpu)
 

@@ -132,9 +132,9 @@ def serve(args) -> int:
     retriever = None
     if args.index is not None:
         # faiss is the `retrieval` extra.
-        from selfrag_engine.retrieval.retriever import Retriever
+        from selfrag_engine.retrieval.sharded_index import load_retriever
 
-        retriever = BatchedSearch(Retriever.load(args.index))
+        retriever = BatchedSearch(load_retriever(args.index))  # a sharded index: every shard in this process
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     engine = Engine.from_pretrained(args.model, device=device, dtype=args.dtype,
                                     quantization=args.quantization, progress=not args.quiet,
