@@ -14,7 +14,10 @@ work done in process in one run:
 The server runs as a subprocess on 127.0.0.1; each client is a thread posting held-out world questions of the
 tiny model with their five passages to /v1/selfrag over one kept-alive connection (the standard library's
 http.client: a light client, since it shares the machine's cores with the server). Every served answer is
-checked against the sequential one. Both sides use the same number of torch threads (`--threads`).
+checked against the sequential one. Both sides use the same number of torch threads (`--threads`), and every
+in-process side computes on a thread of its own that holds the process's only OpenMP team, as the server's
+engine loop does (`alone`: libgomp stops spinning between operators once a process holds more OpenMP threads
+than cores, so a team left behind on the main thread would slow whichever side ran second).
 Headline: serve_ttft_p50_ms_c8, serve_itl_p50_ms_c8, programs_vs_answer_batch_c64,
 serve_selfrag_concurrency_speedup_c1 and _c64 (qps over the sequential qps).
 """
@@ -28,8 +31,10 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Callable, TypeVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -51,6 +56,28 @@ from selfrag_engine.retrieval.passages import Passage  # noqa: E402
 from selfrag_engine.selfrag.short_form import SelfRAG  # noqa: E402
 from selfrag_engine.tiny.assets import default_model_dir  # noqa: E402
 from selfrag_engine.tiny.evaluate import world_and_split, world_cases  # noqa: E402
+
+
+T = TypeVar("T")
+
+
+def alone(fn: Callable[[], T]) -> T:
+    """fn() on a thread that ends with it, so that its OpenMP team goes with it: the next side measured (an
+    engine loop's thread, another in-process side) holds the process's only team, as the served engine does."""
+    box: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - raised by the caller
+            box["error"] = e
+
+    thread = threading.Thread(target=run, name="bench-side")
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]  # type: ignore[misc]
+    return box["value"]  # type: ignore[return-value]
 
 
 def _free_port() -> int:
@@ -108,13 +135,17 @@ def stream_completion(conn: http.client.HTTPConnection, prompt: str, max_tokens:
 def programs_ratio(model: Path, queries: list, max_tokens: int, num_blocks: int) -> tuple[float, float]:
     """In process: (qps of len(queries) concurrent programs on an EngineLoop, qps of one answer_batch of them),
     every program's answer checked against the batch's."""
-    engine = Engine.from_pretrained(model, progress=False, num_blocks=num_blocks)
-    rag = SelfRAG(engine, max_new_tokens=max_tokens)
     qs, docs = [q for q, _ in queries], [[Passage(**p) for p in d] for _, d in queries]
-    rag.answer_batch(qs[:2], docs[:2])  # warm-up
-    t0 = time.perf_counter()
-    batch = [a.answer for a in rag.answer_batch(qs, docs)]
-    batch_qps = len(qs) / (time.perf_counter() - t0)
+
+    def batch_side() -> tuple[Engine, list[str], float]:
+        engine = Engine.from_pretrained(model, progress=False, num_blocks=num_blocks)
+        rag = SelfRAG(engine, max_new_tokens=max_tokens)
+        rag.answer_batch(qs[:2], docs[:2])  # warm-up
+        t0 = time.perf_counter()
+        batch = [a.answer for a in rag.answer_batch(qs, docs)]
+        return engine, batch, len(qs) / (time.perf_counter() - t0)
+
+    engine, batch, batch_qps = alone(batch_side)
     with EngineLoop(engine, max_pending=len(qs) + 1, program_workers=len(qs)) as loop:
         loop.run_program(lambda v: SelfRAG(v, max_new_tokens=max_tokens).answer(qs[0], docs[0])).result()
         t0 = time.perf_counter()
@@ -154,20 +185,23 @@ def main(argv: list[str] | None = None) -> int:
 
     # Sequential: the synchronous API, one query after another on one engine.
     torch.set_num_threads(args.threads)
-    engine = Engine.from_pretrained(model, progress=False, num_blocks=args.num_blocks)
-    rag = SelfRAG(engine, max_new_tokens=max_tokens)
-    rag.answer(queries[0][0], [Passage(**p) for p in queries[0][1]])  # warm-up
-    expected, seq_lat = [], []
-    t0 = time.perf_counter()
-    for q, docs in queries:
-        s = time.perf_counter()
-        expected.append(rag.answer(q, [Passage(**p) for p in docs]).answer)
-        seq_lat.append(time.perf_counter() - s)
-    seq_seconds = time.perf_counter() - t0
+
+    def sequential() -> tuple[list[str], list[float], float, dict[str, int]]:
+        engine = Engine.from_pretrained(model, progress=False, num_blocks=args.num_blocks)
+        rag = SelfRAG(engine, max_new_tokens=max_tokens)
+        rag.answer(queries[0][0], [Passage(**p) for p in queries[0][1]])  # warm-up
+        expected, seq_lat = [], []
+        t0 = time.perf_counter()
+        for q, docs in queries:
+            s = time.perf_counter()
+            expected.append(rag.answer(q, [Passage(**p) for p in docs]).answer)
+            seq_lat.append(time.perf_counter() - s)
+        return expected, seq_lat, time.perf_counter() - t0, engine.cache_stats()
+
+    expected, seq_lat, seq_seconds, cache = alone(sequential)
     seq_qps = len(queries) / seq_seconds
-    num_blocks = engine.cache_stats()["num_blocks"]
-    record(results, "kv_cache_blocks", num_blocks, "blocks", block_size=engine.cache_stats().get("block_size"))
-    del rag, engine
+    num_blocks = cache["num_blocks"]
+    record(results, "kv_cache_blocks", num_blocks, "blocks", block_size=cache.get("block_size"))
     record(results, "sequential_selfrag_qps", seq_qps, "queries/s", queries=len(queries), max_tokens=max_tokens,
            threads=args.threads)
     record(results, "sequential_selfrag_p50_ms", statistics.median(seq_lat) * 1e3, "ms")

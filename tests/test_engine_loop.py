@@ -287,3 +287,26 @@ def test_a_deadline_too_far_for_a_timed_wait_keeps_the_loop_serving():
         assert first.token_ids == second.token_ids and len(second.token_ids) == 3
         gate.set()
         assert held.result(60) is True
+
+
+def test_an_engine_built_by_the_loop_is_built_on_its_thread_and_a_failed_build_raises():
+    """EngineLoop(factory) calls the factory on the loop's own thread (the thread that then steps it), returns
+    once it is built, and raises what building raised."""
+    built_on: list[threading.Thread] = []
+
+    def build() -> Engine:
+        built_on.append(threading.current_thread())
+        return _engine()
+
+    with EngineLoop(build) as loop:
+        assert built_on == [loop._thread]
+        prompt, params = [5, 17, 42, 9], SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+        expected = _engine().generate(prompt, params)[0]
+        got = loop.submit(prompt, params).result(timeout=120)
+        assert got.token_ids == expected.token_ids and got.text == expected.text
+
+    def broken() -> Engine:
+        raise FileNotFoundError("no checkpoint at /nowhere")
+
+    with pytest.raises(FileNotFoundError, match="/nowhere"):
+        EngineLoop(broken)

@@ -15,6 +15,13 @@ the step's deltas to the requests' handles and the finished requests' outputs to
 nothing to do it sleeps until a message arrives (or a request's deadline). Only the requests a step touched
 are visited.
 
+Build the engine on the loop's thread (`EngineLoop(lambda: Engine.from_pretrained(...))`) when nothing else in
+the process computes with torch: on the CPU, torch's OpenMP runtime (libgomp) keeps a team of worker threads
+for every thread that ran a parallel operator, and once the process holds more of them than it has cores it
+stops spinning between operators, so every operator of every step sleeps and wakes its workers. An engine
+loaded on the main thread leaves such a team behind; built on the loop's thread, the loop's team is the only
+one.
+
 Limits: at most `max_pending` requests and programs admitted at once (`QueueFullError` beyond), a per-request
 deadline (the request is aborted and its handle fails with `DeadlineExceeded`), and cancellation, which frees
 every KV block of the request, or of a program's requests, at the next step.
@@ -61,14 +68,19 @@ def _deadline(timeout_s: float | None) -> float | None:
 class EngineLoop:
     """Owns `engine` from a background thread. `submit` / `run_program` / `call` from any thread.
 
+    engine: an `Engine`, or a function without arguments that builds one, called on the loop's thread (see the
+    module docstring: the loop's thread then holds the process's only OpenMP team); the constructor returns
+    once it is built, and raises what building it raised.
     max_pending: requests (via submit) plus programs (via run_program) admitted at once.
     program_workers: threads that run programs; a program waiting on the loop holds one.
     """
 
-    def __init__(self, engine: Engine, *, max_pending: int = 256, program_workers: int = 64):
+    def __init__(self, engine: Engine | Callable[[], Engine], *, max_pending: int = 256,
+                 program_workers: int = 64):
         if max_pending < 1:
             raise RequestError(f"max_pending must be at least 1, got {max_pending}")
-        self.engine = engine
+        build = engine if callable(engine) else None  # an Engine is not callable
+        self.engine: Engine = None if build is not None else engine  # type: ignore[assignment]
         self.max_pending = max_pending
         self._ops: list[Callable[[], None]] = []
         self._ops_lock = threading.Lock()
@@ -85,8 +97,18 @@ class EngineLoop:
         self._error: BaseException | None = None
         self._workers = ThreadPoolExecutor(max_workers=program_workers, thread_name_prefix="selfrag-program")
         self.stats = LoopStats()
-        self._thread = threading.Thread(target=self._main, name="selfrag-engine-loop", daemon=True)
+        built: Future[None] = Future()
+        self._thread = threading.Thread(target=self._main, args=(build, built), name="selfrag-engine-loop",
+                                        daemon=True)
         self._thread.start()
+        try:
+            built.result()
+        except BaseException:
+            self._stop = True  # an interrupt while building: the loop ends once the engine is built
+            if built.done():
+                self._thread.join()
+            self._workers.shutdown(wait=False)
+            raise
 
     # -- admission -----------------------------------------------------------------------------------------
 
@@ -199,7 +221,16 @@ class EngineLoop:
         if self._error is not None:
             raise RuntimeError(f"the engine loop failed: {self._error!r}") from self._error
 
-    def _main(self) -> None:
+    def _main(self, build: Callable[[], Engine] | None, built: Future[None]) -> None:
+        if build is not None:
+            try:
+                engine = build()
+                self.engine = engine
+            except BaseException as e:  # noqa: BLE001 - raised by the constructor
+                self._stop = True
+                built.set_exception(e)
+                return
+        built.set_result(None)
         try:
             self._serve()
         except BaseException as e:  # noqa: BLE001 - later calls learn of it

@@ -194,9 +194,10 @@ class SelfragServer:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         given = {"dtype": config.dtype, "quantization": config.quantization,
                  "kv_cache_dtype": config.kv_cache_dtype, "num_blocks": config.num_blocks}
-        engine = Engine.from_pretrained(config.model, device=device, progress=False,
-                                        **{k: v for k, v in given.items() if v is not None})
-        self.loop = EngineLoop(engine, max_pending=config.max_pending)
+        # Built on the loop's thread, so its OpenMP team is the replica's only one (see engine/loop.py).
+        self.loop = EngineLoop(lambda: Engine.from_pretrained(config.model, device=device, progress=False,
+                                                              **{k: v for k, v in given.items() if v is not None}),
+                               max_pending=config.max_pending)
         retriever = None
         if shards:
             assert config.index is not None

@@ -135,17 +135,21 @@ def serve(args) -> int:
         from selfrag_engine.retrieval.sharded_index import load_retriever
 
         retriever = BatchedSearch(load_retriever(args.index))  # a sharded index: every shard in this process
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    engine = Engine.from_pretrained(args.model, device=device, dtype=args.dtype,
-                                    quantization=args.quantization, progress=not args.quiet,
-                                    kv_cache_dtype=args.kv_cache_dtype,
-                                    **({"num_blocks": args.num_blocks} if args.num_blocks else {}))
     name = args.served_model_name or Path(args.model).resolve().name
     limits, access = ServerLimits.from_args(args), Access.from_args(args)
-    with EngineLoop(engine, max_pending=args.max_pending) as loop:
+    with EngineLoop(lambda: _load_engine(args), max_pending=args.max_pending) as loop:
         app = build_app(loop, name, retriever, limits, access)
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info",
                     ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile, **uvicorn_options(limits))
     if retriever is not None:
         retriever.close()
     return 0
+
+
+def _load_engine(args) -> Engine:
+    """The served engine, built on the engine loop's thread (EngineLoop's factory), so that the loop's OpenMP
+    team is the process's only one (see engine/loop.py)."""
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return Engine.from_pretrained(args.model, device=device, dtype=args.dtype, quantization=args.quantization,
+                                  progress=not args.quiet, kv_cache_dtype=args.kv_cache_dtype,
+                                  **({"num_blocks": args.num_blocks} if args.num_blocks else {}))
