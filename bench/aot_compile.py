@@ -73,6 +73,7 @@ from selfrag_engine.kernels.activation import silu_and_mul  # noqa: E402
 from selfrag_engine.kernels.sampling import MAX_TOP_N  # noqa: E402
 from selfrag_engine.layers.attention import FP8_KV_DTYPE, AttentionMetadata, KVCache  # noqa: E402
 from selfrag_engine.layers.fp8_linear import replace_linears_with_fp8  # noqa: E402
+from selfrag_engine.layers.penalties import apply_penalties  # noqa: E402
 from selfrag_engine.layers.sampler import ReflectionGroups, sample  # noqa: E402
 from selfrag_engine.models.llama import Llama  # noqa: E402
 from selfrag_engine.tiny.assets import default_model_dir  # noqa: E402
@@ -348,6 +349,18 @@ def sampler_step(batch: int, vocab: int, groups: ReflectionGroups | None, top_n:
            groups=groups, top_n=top_n, backend=TRITON)
 
 
+def penalties_step(batch: int, vocab: int) -> None:
+    """The logit processing before the sampler: with and without each optional input, and min-p."""
+    f32 = dict(dtype=torch.float32, device=META)
+    logits, bias = torch.empty(batch, vocab, **f32), torch.empty(batch, vocab, **f32)
+    counts = torch.empty(batch, vocab, dtype=torch.int32, device=META)
+    seen = torch.empty(batch, vocab, dtype=torch.bool, device=META)
+    rows = [torch.empty(batch, **f32) for _ in range(5)]
+    apply_penalties(logits, counts, seen, bias, *rows, use_min_p=True, backend=TRITON)
+    apply_penalties(logits, None, None, bias, *rows, use_min_p=True, backend=TRITON)
+    apply_penalties(logits, counts, seen, None, *rows, use_min_p=False, backend=TRITON)
+
+
 def reflection_groups(vocab: int) -> ReflectionGroups:
     """The Self-RAG groups with their ids in the published vocabulary: the added tokens last, in their order."""
     first = vocab - len(ADDED_TOKENS)
@@ -440,6 +453,10 @@ def scenarios() -> Iterator[tuple[str, bool, Callable[[], None]]]:
                     sampler_step(b, vocab, groups, top_n)
             yield (f"sampler b={b}, fp32 logits, top_n 0-{MAX_TOP_N}, "
                    f"{'reflection groups' if groups else 'no groups'}"), True, sampler
+    for b in BATCHES:
+        def penalties(b=b) -> None:
+            penalties_step(b, vocab)
+        yield f"penalties, bias and min-p b={b}, fp32 logits", True, penalties
 
 
 # ---- report --------------------------------------------------------------------------------------------------

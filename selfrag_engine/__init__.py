@@ -11,10 +11,12 @@ import importlib
 _EXPORTS = {
     "Engine": "selfrag_engine.engine.llm_engine",
     "RequestOutput": "selfrag_engine.engine.llm_engine",
+    "CompletionOutput": "selfrag_engine.engine.output",
     "Delta": "selfrag_engine.engine.output",
     "EngineLoop": "selfrag_engine.engine.loop",
     "EngineClient": "selfrag_engine.engine.client",
     "SamplingParams": "selfrag_engine.engine.sampling_params",
+    "StructuredOutput": "selfrag_engine.engine.structured_output",
     "LlamaConfig": "selfrag_engine.config",
     "Tokenizer": "selfrag_engine.tokenizer",
     "CheckpointError": "selfrag_engine.errors",

@@ -32,7 +32,7 @@ def fp8_engine():
 
 def test_generate_command_with_fp8_kv(tmp_path, fp8_engine):
     run = _cli("generate", PROMPT, "--model", str(MODEL), "--kv-cache-dtype", "fp8", "--max-tokens", "12",
-               "--json", "--quiet", "--keep-special-tokens", cwd=tmp_path)
+               "--temperature", "0", "--json", "--quiet", "--keep-special-tokens", cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     got = json.loads(run.stdout.splitlines()[0])
     want = fp8_engine.generate([PROMPT], SamplingParams(max_tokens=12, temperature=0.0,

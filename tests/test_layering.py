@@ -7,10 +7,10 @@ it only runs later). Layers, lowest first; a module may import its own layer and
 |---|---|---|
 | 0 | kernels | `selfrag_engine.kernels` (the top-level `kernels/` folder): imports nothing else of the package |
 | 1 | base | `errors`, `config`, `vocab`, `backend`, `tokenizer`, `detokenizer`, `hub` (model names), and `_C` (the C++ extension built from `csrc/`) |
-| 2 | layers | `layers/`: attention with its metadata and KV cache view, sampler, FP8 linear |
+| 2 | layers | `layers/`: attention with its metadata and KV cache view, sampler, penalties, FP8 linear |
 | 3 | models | `models/` |
 | 4 | weights | `weights/` (checkpoint reading, loading, quantization); `testing` (writes checkpoints) |
-| 5 | engine | `engine/` |
+| 5 | engine | `engine/` (`structured_output`: grammars and token masks over xgrammar, imported on first use) |
 | 6 | retrieval | `retrieval/` |
 | 7 | selfrag | `selfrag/` |
 | 8 | tiny | `tiny/` |

@@ -76,7 +76,8 @@ def _operations(api_schema):
 
 def test_the_schema_covers_every_route(api_schema):
     labels = {op.label for op in _operations(api_schema)}
-    assert labels == {"GET /health", "GET /metrics", "GET /v1/models", "POST /v1/completions",
+    assert labels == {"GET /health", "GET /metrics", "GET /v1/models", "GET /v1/models/{model_id}",
+                      "POST /v1/completions",
                       "POST /v1/chat/completions", "POST /v1/selfrag"}
     raw = api_schema.raw_schema
     assert "422" not in str(raw["paths"]) and "HTTPValidationError" not in str(raw)

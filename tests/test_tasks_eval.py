@@ -386,23 +386,18 @@ def test_evaluate_long_form_path_with_a_recording_runner(tmp_path):
 
 def test_build_runner_settings_and_compat():
     from selfrag_engine.errors import RequestError
-    from selfrag_engine.selfrag.evaluate import _with_compat, scoring_for
+    from selfrag_engine.selfrag.evaluate import options_for
 
-    class Old:
-        def __init__(self, engine, ndocs=5):
-            pass
+    def scoring_for(preset, threshold, compat):
+        return options_for(preset, threshold=threshold, compat=compat).scoring()
 
-    class New:
-        def __init__(self, engine, ndocs=5, compat="paper"):
-            pass
-
-    assert _with_compat(New, {"ndocs": 3}, "released") == {"ndocs": 3, "compat": "released"}
-    assert _with_compat(Old, {"ndocs": 3}, "paper") == {"ndocs": 3}
-    with pytest.raises(RequestError, match="compat='released' is not supported by Old"):
-        _with_compat(Old, {}, "released")
     paper, released = scoring_for(PRESETS["popqa"], 0.3, "paper"), scoring_for(PRESETS["popqa"], 0.3, "released")
     assert (paper.w_rel, paper.w_sup, paper.w_use, paper.use_seqscore, paper.threshold) == (1.0, 1.0, 0.5, True, 0.3)
     assert released.w_use == 1.0 and scoring_for(PRESETS["asqa"], 0.0, "released").w_use == 0.5
+    with pytest.raises(RequestError, match="compat must be one of"):
+        options_for(PRESETS["popqa"], compat="vllm")
+    bio = options_for(PRESETS["bio"], beam_width=3)
+    assert (bio.form, bio.beam_width, bio.max_depth) == ("long", 3, PRESETS["bio"].max_depth)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("selfrag_engine.selfrag.long_form") is not None,

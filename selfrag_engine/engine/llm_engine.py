@@ -20,13 +20,14 @@ from selfrag_engine.config import LlamaConfig
 from selfrag_engine.engine.block_manager import BlockManager
 from selfrag_engine.engine.kv_cache import allocate_kv_caches, kv_bytes_per_token, num_blocks_for_budget
 from selfrag_engine.engine.model_runner import ModelRunner
-from selfrag_engine.engine.output import Delta, RequestOutput, request_output, take_delta
+from selfrag_engine.engine.output import CompletionOutput, Delta, RequestOutput, request_output, take_delta
 from selfrag_engine.engine.requests import Requests, batch_of
 from selfrag_engine.engine.sampling_inputs import reflection_groups
 from selfrag_engine.engine.sampling_params import SamplingParams
 from selfrag_engine.engine.scheduler import Scheduler
 from selfrag_engine.engine.sequence import Status
 from selfrag_engine.engine.runtime_plan import plan_runtime
+from selfrag_engine.engine.sample_groups import SampleGroup, group_output, prompt_params, relabel, sample_params
 from selfrag_engine.engine.stepping import Stepper
 from selfrag_engine.errors import EngineConfigError, RequestError, SchedulingError
 from selfrag_engine.hub import resolve_model
@@ -36,7 +37,7 @@ from selfrag_engine.tokenizer import Tokenizer
 from selfrag_engine.weights.checkpoint import check_checkpoint_dir
 from selfrag_engine.weights.loader import load_model
 
-__all__ = ["Delta", "Engine", "RequestOutput"]
+__all__ = ["CompletionOutput", "Delta", "Engine", "RequestOutput"]
 
 
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
@@ -129,6 +130,9 @@ class Engine:
         self.num_draft_tokens = num_draft_tokens
         self.stepper = Stepper(self.scheduler, self.runner, tokenizer, self.max_model_len, self.reflection_groups,
                                self.backend, self.overlap, num_draft_tokens)
+        # Requests sampled several times (n, best_of > 1), by request id, and the request of each sample.
+        self.groups: dict[int, SampleGroup] = {}
+        self.group_of: dict[int, SampleGroup] = {}
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "auto",
@@ -161,11 +165,61 @@ class Engine:
     def add_request(self, prompt: str | Seq[int], params: SamplingParams | None = None,
                     keep_cache: bool = False, request_id: int | None = None) -> int:
         """Queues a prompt (text, encoded with BOS, or token ids); returns its request id. With keep_cache
-        the finished request keeps its KV blocks so it can be forked; `release` frees them."""
-        seq = self.requests.new(self.requests.prompt_ids(prompt), params or SamplingParams(), keep_cache,
-                                request_id=request_id)
+        the finished request keeps its KV blocks so it can be forked; `release` frees them. With n or best_of
+        > 1 the prompt is computed once and its samples fork off its cache (engine/sample_groups.py)."""
+        params = params or SamplingParams()
+        ids = self.requests.prompt_ids(prompt)
+        if isinstance(params, SamplingParams) and params.num_samples > 1:
+            return self._add_group(ids, params, keep_cache, request_id)
+        seq = self.requests.new(ids, params, keep_cache, request_id=request_id)
         self.scheduler.add(seq)
         return seq.request_id
+
+    def _add_group(self, ids: list[int], params: SamplingParams, keep_cache: bool, request_id: int | None) -> int:
+        if keep_cache:
+            raise RequestError("keep_cache is for a request to fork from, which n or best_of > 1 is not")
+        if len(ids) < 2:
+            raise RequestError("n or best_of > 1 needs a prompt of at least 2 tokens (the samples fork off it)")
+        k = params.num_samples
+        self.requests.check_fits(len(ids), params.max_tokens, "prompt")
+        blocks = -(-len(ids) // self.block_size) + k * -(-params.max_tokens // self.block_size) + k
+        if blocks > self.requests.pool_blocks:
+            raise CacheCapacityError(f"a prompt of {len(ids)} tokens sampled {k} times with max_tokens="
+                                     f"{params.max_tokens} needs up to {blocks} KV blocks but the whole pool has "
+                                     f"{self.requests.pool_blocks}")
+        for p in sample_params(params):
+            self.requests.check_servable(p)
+        seq = self.requests.new(ids[:-1], prompt_params(params), keep_cache=True, request_id=request_id)
+        seq.prefill_only, seq.lookahead = True, ids[-1:]
+        self.groups[seq.request_id] = SampleGroup(seq, params)
+        self.scheduler.add(seq)
+        return seq.request_id
+
+    def _fork_samples(self, prompt) -> None:
+        """The prompt of a sampled request is computed: its samples fork off its blocks, which it lets go of."""
+        group = self.groups[prompt.request_id]
+        params = sample_params(group.params)
+        samples = self.requests.branches(prompt, [prompt.lookahead] * len(params), params, None, keep_cache=False)
+        self.scheduler.fork(prompt, samples)
+        self.scheduler.free(prompt)
+        prompt.status = Status.FINISHED
+        group.samples = samples
+        for s in samples:
+            self.group_of[s.request_id] = group
+
+    def _step(self) -> tuple[list[int], bool]:
+        """One step; the ids of the requests it finished (a sampled request once all its samples are done)."""
+        finished, progressed = self.stepper.step()
+        ids = []
+        for s in finished:
+            group = self.group_of.get(s.request_id)
+            if s.prefill_only and s.request_id in self.groups:
+                self._fork_samples(s)
+            elif group is None:
+                ids.append(s.request_id)
+            elif group.done and group.request_id not in ids:
+                ids.append(group.request_id)
+        return ids, progressed
 
     def fork(self, request_id: int, suffixes: Iterable[str | Seq[int]],
              params: SamplingParams | Seq[SamplingParams], prefix_len: int | None = None,
@@ -177,6 +231,8 @@ class Engine:
         prefix_len may drop its last sampled token (whose K/V is not computed yet), not computed tokens.
         """
         p = self.requests.get(request_id)
+        if request_id in self.groups:
+            raise RequestError(f"request {request_id} samples n or best_of > 1: there is no one cache to fork from")
         self.stepper.cancel_in_flight(p)
         if p.status not in (Status.RUNNING, Status.PAUSED):
             raise RequestError(f"request {request_id} holds no KV cache to fork from (status {p.status.value})")
@@ -192,6 +248,9 @@ class Engine:
     def release(self, request_id: int) -> None:
         """Frees a request's KV blocks (a paused fork parent, or an unfinished request, which is aborted)."""
         seq = self.requests.get(request_id)
+        if request_id in self.groups:
+            for s in self.groups[request_id].samples:
+                self.release(s.request_id)
         self.stepper.cancel_in_flight(seq)
         self.scheduler.remove(seq)
         self.scheduler.free(seq)
@@ -201,26 +260,40 @@ class Engine:
 
     def forget(self, request_id: int) -> None:
         """Drops the record of a request (its output can no longer be read), freeing its blocks if it holds any."""
-        if self.requests.get(request_id).status != Status.FINISHED:
+        if self.requests.get(request_id).status != Status.FINISHED or request_id in self.groups:
             self.release(request_id)
+        group = self.groups.pop(request_id, None)
+        for s in group.samples if group is not None else ():
+            del self.group_of[s.request_id]
+            del self.seqs[s.request_id]
         del self.seqs[request_id]
 
     def is_done(self, request_id: int) -> bool:
-        return self.requests.get(request_id).status in (Status.PAUSED, Status.FINISHED)
+        seq = self.requests.get(request_id)
+        if request_id in self.groups:
+            return self.groups[request_id].done
+        return seq.status in (Status.PAUSED, Status.FINISHED)
 
     def output(self, request_id: int) -> RequestOutput:
-        return request_output(self.requests.get(request_id), self.reflection_groups)
+        seq = self.requests.get(request_id)
+        if request_id in self.groups:
+            return group_output(self.groups[request_id], self.reflection_groups)
+        return request_output(seq, self.reflection_groups)
 
     def has_request(self, request_id: int) -> bool:
         """Whether the engine still keeps a record of the request (not forgotten)."""
         return request_id in self.seqs
 
     def num_output_tokens(self, request_id: int) -> int:
-        """Tokens generated so far: cheaper than `output` for a caller that polls for new ones."""
-        return self.requests.get(request_id).num_output_tokens
+        """Tokens generated so far (by all its samples): cheaper than `output` for a caller that polls for new ones."""
+        seq = self.requests.get(request_id)
+        if request_id in self.groups:
+            return sum(s.num_output_tokens for s in self.groups[request_id].samples)
+        return seq.num_output_tokens
 
     def num_prompt_tokens(self, request_id: int) -> int:
-        return self.requests.get(request_id).num_prompt_tokens
+        seq = self.requests.get(request_id)
+        return seq.num_prompt_tokens + len(seq.lookahead)
 
     def has_work(self) -> bool:
         """Whether a step would compute something: requests are waiting or running."""
@@ -234,15 +307,15 @@ class Engine:
     def step(self) -> list[int]:
         """Runs one model step over the scheduled batch; returns the ids of requests that finished in it
         (see engine/stepping.py for overlapped steps and what an exception inside a step leaves)."""
-        return [s.request_id for s in self.stepper.step()[0]]
+        return self._step()[0]
 
     def step_deltas(self) -> list[Delta]:
         """Runs one model step; returns a `Delta` for every request it touched: the new token ids with their
         log-probabilities, the text they made final, and the finish reason on a request's last delta. A
         request's deltas, joined, are its output (`output(request_id).text`, `.token_ids`); the work per step
         is that of the step's rows, whatever the length of the outputs or the number of requests waiting."""
-        self.stepper.step()
-        return [d for d in map(take_delta, self.stepper.touched) if d is not None]
+        self._step()
+        return relabel([d for d in map(take_delta, self.stepper.touched) if d is not None], self.group_of)
 
     def run_until_any(self, request_ids: Iterable[int]) -> list[int]:
         """Steps until at least one listed request is done; returns the listed ones that are, those that
@@ -253,12 +326,12 @@ class Engine:
             done = [i for i in ids if self.is_done(i)]
             if done or not ids:
                 return done
-            finished, progressed = self.stepper.step()
+            finished, progressed = self._step()
             if not progressed:
                 raise SchedulingError(f"requests {sorted(ids)} cannot make progress: the scheduler has "
                                       f"nothing it can run ({len(self.scheduler.waiting)} waiting, "
                                       f"{len(self.scheduler.running)} running)")
-            first = [s.request_id for s in finished if s.request_id in ids]
+            first = [i for i in finished if i in ids]
             if first:
                 return first + [i for i in ids if i not in first and self.is_done(i)]
 

@@ -24,6 +24,7 @@ from selfrag_engine.backend import TORCH, Backend
 from selfrag_engine.engine.cuda_graph import capture_decode_graphs
 from selfrag_engine.engine.kv_cache import copy_blocks
 from selfrag_engine.engine.prefix_groups import PrefixGroups, shared_prefix_groups
+from selfrag_engine.engine.prompt_logprobs import wants_rows
 from selfrag_engine.engine.scheduler import Batch
 from selfrag_engine.engine.transfer import to_device
 from selfrag_engine.layers.attention import AttentionMetadata, CascadeMetadata, KVCache
@@ -181,7 +182,8 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: Batch, next_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Computes the chunks' K/V; returns float32 logits, in chunk order: every row of a scored sequence's
-        chunk and of a chunk with draft tokens, the last row of each other chunk that samples. With next_tokens (a decode step scheduled ahead,
+        chunk, of a chunk with draft tokens and of a chunk whose prompt log-probabilities are asked for, the last
+        row of each other chunk that samples. With next_tokens (a decode step scheduled ahead,
         see prepare_decode) every chunk samples."""
         chunks = batch.chunks
         copy_blocks(self.kv_caches, batch.copies)
@@ -189,9 +191,11 @@ class ModelRunner:
         meta = inputs.meta
         rows: list[int] = []
         for rs, c in zip(inputs.chunk_rows, chunks):
-            if c.seq.scores or c.draft:  # a drafted chunk samples at every position to verify its drafts
+            # A drafted chunk samples at every position to verify its drafts; a prompt chunk of a request that
+            # asks for prompt log-probabilities returns every position's (engine/prompt_logprobs.py).
+            if c.seq.scores or c.draft or (next_tokens is None and wants_rows(c)):
                 rows.extend(rs)
-            elif next_tokens is not None or c.samples:
+            elif next_tokens is not None or (c.samples and not c.seq.prefill_only):
                 rows.append(rs[-1])
         if (self.graphs is not None and meta.is_decode and meta.cascade is None
                 and self.graphs.fits(len(chunks), meta.block_tables.shape[1])):

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from selfrag_engine.detokenizer import IncrementalDetokenizer
+from selfrag_engine.engine.prompt_logprobs import entries
 from selfrag_engine.engine.sequence import Sequence
 from selfrag_engine.engine.stop_strings import StopStrings
 from selfrag_engine.layers.sampler import ReflectionGroups, SamplerOutput
@@ -22,7 +23,24 @@ from selfrag_engine.tokenizer import Tokenizer
 
 
 @dataclass
+class CompletionOutput:
+    """One sample of a request (vLLM's CompletionOutput): RequestOutput.outputs lists n of them."""
+    index: int  # its place in RequestOutput.outputs (for best_of > n: its rank by cumulative log-probability)
+    text: str
+    token_ids: list[int]
+    cumulative_logprob: float
+    token_logprobs: list[float]
+    logprobs: list[dict[int, float]] | None
+    finish_reason: str | None
+    stop_reason: str | int | None
+
+
+@dataclass
 class RequestOutput:
+    """What a request produced so far. The flat fields (token_ids, text, finish_reason, logprobs, ...) are those of
+    its first sample; `outputs` lists all n samples (vLLM's shape), one for a request with n = 1. With n > 1
+    the samples are those of `best_of` (default n) sequences forked off the prompt's cache: in their order
+    when best_of is n, else the n with the highest cumulative log-probability, best first (vLLM's ranking)."""
     request_id: int
     prompt_token_ids: list[int]
     token_ids: list[int]
@@ -35,6 +53,13 @@ class RequestOutput:
     reflection_probs: torch.Tensor | None  # [steps, G] group-normalized reflection probabilities
     reflection_logprobs: torch.Tensor | None  # [steps, G] full-vocabulary log-probabilities
     reflection_groups: ReflectionGroups | None
+    # vLLM's shape: None for the first prompt token, then per prompt token {its id and the top-k ids: logprob}
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+    outputs: list[CompletionOutput] = field(default_factory=list)
+
+    def completion(self, index: int = 0) -> CompletionOutput:
+        return CompletionOutput(index, self.text, self.token_ids, self.cumulative_logprob, self.token_logprobs,
+                                self.logprobs, self.finish_reason, self.stop_reason)
 
 
 @dataclass
@@ -48,6 +73,7 @@ class Delta:
     request_id: int = -1
     token_logprobs: list[float] = field(default_factory=list)
     logprobs: list[dict[int, float]] | None = None  # per new token, the top-n and the chosen token, when asked
+    index: int = 0  # which sample of the request (n, best_of > 1); its finish is on the request's last delta
 
     @property
     def finished(self) -> bool:
@@ -102,12 +128,14 @@ def append_token(seq: Sequence, out: SamplerOutput, row: int, token: int, lp: fl
         seq.reflection_logprobs.append(out.group_logprobs[row])
 
     reason = None
+    if seq.grammar is not None and not seq.grammar.accept(token):
+        reason = ("abort", "grammar")  # no allowed token had a finite logit: the request cannot go on
     state = text_state(seq, tokenizer) if p.detokenize else None
     if state is not None:
         piece = state.detok.add(token)
         if state.stops is not None:
             piece, hit = state.stops.feed(piece)
-            if hit is not None:
+            if hit is not None and reason is None:
                 reason = ("stop", hit)
         if piece:
             state.parts.append(piece)
@@ -146,7 +174,7 @@ def take_delta(seq: Sequence) -> Delta | None:
 
 
 def request_output(seq: Sequence, groups: ReflectionGroups | None) -> RequestOutput:
-    return RequestOutput(
+    out = RequestOutput(
         request_id=seq.request_id,
         prompt_token_ids=seq.token_ids[:seq.num_prompt_tokens],
         token_ids=list(seq.output_token_ids),
@@ -159,4 +187,7 @@ def request_output(seq: Sequence, groups: ReflectionGroups | None) -> RequestOut
         reflection_probs=torch.stack(seq.reflection) if seq.reflection else None,
         reflection_logprobs=torch.stack(seq.reflection_logprobs) if seq.reflection else None,
         reflection_groups=groups if seq.reflection else None,
+        prompt_logprobs=entries(seq),
     )
+    out.outputs = [out.completion()]
+    return out

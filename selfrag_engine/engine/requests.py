@@ -13,6 +13,7 @@ import torch
 from selfrag_engine.engine.sampling_inputs import check_servable
 from selfrag_engine.engine.sampling_params import SamplingParams
 from selfrag_engine.engine.sequence import Sequence
+from selfrag_engine.engine.structured_output import Grammars, StructuredOutput
 from selfrag_engine.errors import CacheCapacityError, ContextLengthError, RequestError
 from selfrag_engine.tokenizer import Tokenizer
 
@@ -78,6 +79,7 @@ class Requests:
         self.seqs: dict[int, Sequence] = {}
         self._ids = itertools.count()
         self._seed_rng = torch.Generator().manual_seed(seed)
+        self.grammars = Grammars(tokenizer, vocab_size)
 
     def prompt_ids(self, prompt: str | Seq[int]) -> list[int]:
         """A prompt's token ids: text is encoded with BOS, which alone is no prompt."""
@@ -117,6 +119,9 @@ class Requests:
             raise RequestError(f"request id {request_id} is already in use")
         return request_id
 
+    def check_servable(self, params: SamplingParams) -> None:
+        check_servable(params, self.vocab_size)
+
     def new(self, token_ids: list[int], params: SamplingParams, keep_cache: bool, scores: bool = False,
             request_id: int | None = None) -> Sequence:
         """A new request, in the table (the caller hands it to the scheduler)."""
@@ -126,7 +131,15 @@ class Requests:
         self.check_fits(len(token_ids) - scores, params.max_tokens, "scored sequence" if scores else "prompt")
         seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,),
                                                                              generator=self._seed_rng))
-        seq = Sequence(self._take_id(request_id), token_ids, len(token_ids), params, seed, keep_cache, scores=scores)
+        grammar = None
+        if params.structured is not None and not scores:
+            if not isinstance(params.structured, StructuredOutput):
+                raise RequestError(f"structured must be a StructuredOutput, got {type(params.structured).__name__}")
+            if params.ignore_eos:
+                raise RequestError("ignore_eos cannot be combined with structured output: EOS is how a grammar ends")
+            grammar = self.grammars.state(params.structured)
+        seq = Sequence(self._take_id(request_id), token_ids, len(token_ids), params, seed, keep_cache, scores=scores,
+                       grammar=grammar)
         self.seqs[seq.request_id] = seq
         return seq
 
@@ -148,6 +161,9 @@ class Requests:
             raise RequestError(f"{len(suffix_ids)} suffixes but {len(params)} sampling params")
         for suffix, prm in zip(suffix_ids, params):
             check_servable(prm, self.vocab_size)
+            if prm.prompt_logprobs is not None:
+                raise RequestError("prompt_logprobs is not served on a forked branch (its prefix is the parent's "
+                                   "cache, not computed again); ask for it on the parent's request")
             if prefix_len + len(suffix) == parent.num_computed:
                 raise RequestError("a forked branch needs at least one token after the parent's computed prefix")
             self.check_fits(prefix_len + len(suffix), prm.max_tokens, "forked branch")

@@ -7,8 +7,10 @@ import math
 import torch
 
 from selfrag_engine.backend import Backend
+from selfrag_engine.engine.logits_processing import process_logits
 from selfrag_engine.engine.sampling_params import SamplingParams
 from selfrag_engine.engine.sequence import Sequence
+from selfrag_engine.engine.structured_output import constrain
 from selfrag_engine.engine.transfer import to_device
 from selfrag_engine.errors import RequestError
 from selfrag_engine.layers.sampler import ReflectionGroups, SamplerOutput, sample
@@ -63,6 +65,14 @@ def check_servable(params: SamplingParams, vocab_size: int) -> None:
     if any(not _is_int(t) or not 0 <= t < vocab_size for t in params.stop_token_ids):
         raise RequestError(f"stop_token_ids must be token ids of the vocabulary (size {vocab_size}), "
                            f"got {params.stop_token_ids!r}")
+    bad = [t for t in (params.logit_bias or ()) if not _is_int(t) or not 0 <= t < vocab_size]
+    if bad:
+        raise RequestError(f"logit_bias keys must be token ids of the vocabulary (size {vocab_size}), "
+                           f"got {bad[0]!r}")
+    if params.prompt_logprobs is not None and (not _is_int(params.prompt_logprobs)
+                                               or not 0 <= params.prompt_logprobs <= vocab_size):
+        raise RequestError(f"prompt_logprobs must be an integer between 0 and the vocabulary size {vocab_size}, "
+                           f"got {params.prompt_logprobs!r}")
 
 
 def sample_rows(logits: torch.Tensor, seqs: list[Sequence], groups: ReflectionGroups | None, backend: Backend,
@@ -75,14 +85,16 @@ def sample_rows(logits: torch.Tensor, seqs: list[Sequence], groups: ReflectionGr
     params = [s.params for s in seqs]
     top_n = max((p.logprobs or 0) for p in params)
     want_groups = groups is not None and any(p.reflection for p in params)
-    return sample(
-        logits,
-        temperature=to_device([p.temperature for p in params], torch.float32, dev),
-        top_p=to_device([p.top_p for p in params], torch.float32, dev),
-        top_k=to_device([p.top_k for p in params], torch.int32, dev),
-        seeds=to_device([step_seed(s.seed, s.num_output_tokens + o) for s, o in zip(seqs, offsets)], torch.int64,
-                        dev),
-        groups=groups if want_groups else None,
-        top_n=top_n,
-        backend=backend,
-    )
+    temperature = to_device([p.temperature for p in params], torch.float32, dev)
+    top_p = to_device([p.top_p for p in params], torch.float32, dev)
+    top_k = to_device([p.top_k for p in params], torch.int32, dev)
+    seeds = to_device([step_seed(s.seed, s.num_output_tokens + o) for s, o in zip(seqs, offsets)], torch.int64, dev)
+    # Drawn from the processed logits (penalties, bias, min-p, logits processors); scored on the raw ones.
+    processed = process_logits(logits, seqs, backend, offsets)
+    out = sample(logits if processed is None else processed, temperature=temperature, top_p=top_p, top_k=top_k,
+                 seeds=seeds, groups=groups if want_groups else None, top_n=top_n, backend=backend,
+                 raw_logits=None if processed is None else logits)
+    # Structured output: the rows with a grammar redrawn from their masked (processed) logits, scored on the raw
+    # ones (no drafts, none ahead).
+    return constrain(logits, [s.grammar for s in seqs], out, temperature, top_p, top_k, seeds, backend,
+                     draw=processed)

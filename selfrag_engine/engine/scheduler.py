@@ -244,8 +244,9 @@ class Scheduler:
                         f"{bm.num_free_blocks() * bm.block_size()} while other requests hold the rest")
                 break
             self.waiting.popleft()
-            # A scored sequence needs the logits of every position, so the prefix cache must not skip any.
-            seq.num_computed = bm.allocate(seq.request_id, seq.token_ids, not seq.scores)
+            # A scored sequence needs the logits of every position, and so does one whose prompt
+            # log-probabilities are asked for (until they are computed): the prefix cache must not skip any.
+            seq.num_computed = bm.allocate(seq.request_id, seq.token_ids, not (seq.scores or seq.needs_all_rows))
             seq.status = Status.RUNNING
             self.running.append(seq)
             n = min(seq.num_uncomputed, budget)

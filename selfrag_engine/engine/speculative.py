@@ -18,6 +18,9 @@ p(x) (accept), and otherwise is a draw from p without x, renormalized (the rule'
 The rejected drafts' slots are rolled back in the block manager; they were reserved, never hashed, so the
 prefix cache never sees them.
 
+A row with a grammar (structured output) takes part with no draft: its token mask at each position depends
+on the tokens before it, so it advances one token per step while the other rows speculate.
+
 A step speculates only when every row of its batch is a decode row and some row has a draft; otherwise it
 runs as a plain step (prompt chunks, scored prompts). Verify steps run eagerly
 (no CUDA graph) and are not overlapped with the next step, whose input is their outcome.
@@ -136,14 +139,21 @@ def draft_limit(seq: Sequence, num_draft_tokens: int, max_model_len: int) -> int
 
 
 def speculable(batch: Batch) -> bool:
-    """Every chunk is a decode row: one known token, sampling the next."""
-    return bool(batch.chunks) and all(c.num_tokens == 1 and c.samples and not c.seq.scores for c in batch.chunks)
+    """Every chunk is a decode row: one known token, sampling the next; and no row's logits processing reads
+    its generated tokens (penalties, logits processors: a drafted position would need the drafts before it),
+    nor returns every prompt position (engine/prompt_logprobs.py). Otherwise the step runs plainly."""
+    return bool(batch.chunks) and all(c.num_tokens == 1 and c.samples and not c.seq.scores
+                                      and not c.seq.needs_all_rows and not c.seq.params.reads_history
+                                      and not c.seq.prefill_only
+                                      for c in batch.chunks)
 
 
 def add_drafts(scheduler: Scheduler, batch: Batch, num_draft_tokens: int, max_model_len: int,
                pool: DraftPool | None = None) -> int:
-    """Drafts the batch's rows in place (see Scheduler.add_drafts); returns how many tokens were drafted."""
-    drafts = [propose(c.seq.token_ids, draft_limit(c.seq, num_draft_tokens, max_model_len), pool)
+    """Drafts the batch's rows in place (see Scheduler.add_drafts); returns how many tokens were drafted. A row
+    with a grammar gets no draft: its mask at each position depends on the tokens before it."""
+    drafts = [[] if c.seq.grammar is not None else
+              propose(c.seq.token_ids, draft_limit(c.seq, num_draft_tokens, max_model_len), pool)
               for c in batch.chunks]
     if not any(drafts):
         return 0

@@ -25,6 +25,7 @@ import torch
 from selfrag_engine.backend import Backend
 from selfrag_engine.engine.model_runner import ModelRunner
 from selfrag_engine.engine.output import append_token
+from selfrag_engine.engine import prompt_logprobs
 from selfrag_engine.engine.sampling_inputs import sample_rows
 from selfrag_engine.engine.scheduler import Batch, Scheduler
 from selfrag_engine.engine.sequence import Sequence, Status
@@ -59,12 +60,13 @@ class _Saved:
     num_top: int
     num_reflection: int
     logits: dict[int, torch.Tensor]
+    prompt_logprobs: dict
 
     @classmethod
     def of(cls, s: Sequence) -> "_Saved":
         text = None if s.text_state is None else s.text_state.snapshot()
         return cls(s, s.status, len(s.token_ids), text, s.finish_reason, s.stop_reason, s.cumulative_logprob,
-                   len(s.top_logprobs), len(s.reflection), dict(s.logits))
+                   len(s.top_logprobs), len(s.reflection), dict(s.logits), dict(s.prompt_logprobs))
 
     def restore(self) -> None:
         s = self.seq
@@ -79,6 +81,9 @@ class _Saved:
         else:
             s.text_state.restore(self.text)
         s.cumulative_logprob, s.logits = self.cumulative_logprob, self.logits
+        s.prompt_logprobs = self.prompt_logprobs
+        if s.grammar is not None:
+            s.grammar.rollback_to(self.num_tokens - s.num_prompt_tokens)
 
 
 class Stepper:
@@ -161,10 +166,19 @@ class Stepper:
                         c.seq.finish_reason = "length"  # every position scored: its whole length
                         finished.append(c.seq)
                         self.touched.append(c.seq)
-                elif c.samples:
+                elif prompt_logprobs.wants_rows(c):
+                    prompt_logprobs.record(c, logits[at:at + c.num_tokens])
+                    at += c.num_tokens
+                    if c.samples and not c.seq.prefill_only:
+                        rows.append(at - 1)
+                elif c.samples and not c.seq.prefill_only:
                     rows.append(at)
                     at += 1
-            chunks = [c for c in chunks if c.samples and not c.seq.scores]
+                if c.seq.prefill_only and c.samples:
+                    # The shared prompt of a sampled group, computed: paused with its cache for its samples to fork.
+                    self.scheduler.finish(c.seq, keep_cache=True)
+                    finished.append(c.seq)
+            chunks = [c for c in chunks if c.samples and not c.seq.scores and not c.seq.prefill_only]
             if not chunks:
                 return None
             if len(rows) < logits.shape[0]:
@@ -179,8 +193,10 @@ class Stepper:
         (see Scheduler.schedule_ahead), or when some sequence reaches its length limit with cur's token."""
         rows = [i for i, s in enumerate(cur.seqs) if s.request_id not in cur.dropped]
         seqs = [cur.seqs[i] for i in rows]
-        if not seqs or any(s.num_output_tokens + 1 >= s.params.max_tokens
-                           or len(s.token_ids) + 1 >= self.max_model_len for s in seqs):
+        # A row with a grammar needs cur's token on the host to mask its next one (structured_output.py);
+        # penalties and logits processors read it too: such rows step aside.
+        if not seqs or any(s.num_output_tokens + 1 >= s.params.max_tokens or s.grammar is not None
+                           or len(s.token_ids) + 1 >= self.max_model_len or s.params.reads_history for s in seqs):
             return None
         batch = self.scheduler.schedule_ahead(seqs)
         if batch is None:

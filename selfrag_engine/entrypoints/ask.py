@@ -13,9 +13,9 @@ from selfrag_engine.errors import RequestError
 from selfrag_engine.retrieval.passages import read_passages
 from selfrag_engine.retrieval.retriever import Retriever
 from selfrag_engine.selfrag.decisions import MODES
-from selfrag_engine.selfrag.evaluate import short_form_trace
-from selfrag_engine.selfrag.scoring import COMPATS, ScoringConfig
-from selfrag_engine.selfrag.short_form import Answer, SelfRAG
+from selfrag_engine.selfrag.options import QueryOptions, short_form_trace
+from selfrag_engine.selfrag.scoring import COMPATS
+from selfrag_engine.selfrag.short_form import Answer
 
 
 def format_answer(ans: Answer, mode: str, threshold: float | None) -> str:
@@ -73,13 +73,10 @@ def _ask(args: argparse.Namespace) -> int:
     elif args.passages is not None:
         passages = read_passages(args.passages)[:args.ndocs]
 
-    overrides = {"threshold": args.threshold, "use_seqscore": args.use_seqscore}
-    scoring = (ScoringConfig.paper(**overrides) if args.compat == "paper"
-               else ScoringConfig.released(form="short", **overrides))
-    engine = load_engine(args)
-    rag = SelfRAG(engine, retriever=retriever, scoring=scoring, ndocs=args.ndocs,
-                  max_new_tokens=args.max_new_tokens, mode=args.mode, compat=args.compat)
-    ans = rag.answer(question, passages)
+    options = QueryOptions(form="short", mode=args.mode, ndocs=args.ndocs, compat=args.compat,
+                           threshold=args.threshold, use_seqscore=args.use_seqscore,
+                           max_new_tokens=args.max_new_tokens)
+    ans = options.runner(load_engine(args), retriever).answer(question, passages)
     if args.json:
         print(json.dumps(answer_trace(ans, args.mode, args.threshold), ensure_ascii=False))
     else:

@@ -7,6 +7,7 @@ import json
 import socket
 import sys
 
+from selfrag_engine.engine.sampling_defaults import default, help_text
 from selfrag_engine.engine.sampling_params import SamplingParams
 from selfrag_engine.entrypoints.ask import register as register_ask
 from selfrag_engine.entrypoints.eval import register as register_eval
@@ -63,13 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate text for one or more prompts")
     g.add_argument("prompts", nargs="+", help="prompt text (each one becomes a request)")
     add_model_arguments(g)
-    g.add_argument("--max-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--seed", type=int, default=None)
+    for name, kind in (("max_tokens", int), ("temperature", float), ("top_p", float), ("top_k", int),
+                       ("seed", int)):
+        g.add_argument(f"--{name.replace('_', '-')}", type=kind, default=default(name), help=help_text(name))
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
-    g.add_argument("--logprobs", type=int, default=None, help="top-n log-probabilities per step")
+    g.add_argument("--logprobs", type=int, default=default("logprobs"), help=help_text("logprobs"))
     g.add_argument("--keep-special-tokens", action="store_true", help="keep reflection tokens in the text")
     g.add_argument("--json", action="store_true", help="one JSON object per prompt")
     g.add_argument("--quiet", action="store_true")

@@ -18,14 +18,18 @@ from selfrag_engine.engine.loop import Delta, EngineLoop, RequestHandle
 from selfrag_engine.engine.output import RequestOutput
 from selfrag_engine.engine.sampling_params import SamplingParams
 from selfrag_engine.errors import Cancelled, RequestError, SelfragEngineError
-from selfrag_engine.retrieval.passages import Passage
 from selfrag_engine.retrieval.passages import read_passages as _read_passages
-from selfrag_engine.selfrag.long_form import LongAnswer, LongFormSelfRAG, Segment
-from selfrag_engine.selfrag.scoring import ScoringConfig
-from selfrag_engine.selfrag.short_form import Answer, SelfRAG
+from selfrag_engine.selfrag.long_form import LongAnswer, Segment
+from selfrag_engine.selfrag.options import (
+    QueryOptions,
+    answer_record,
+    passage_record,
+    passages_from,
+    segment_record,
+)
+from selfrag_engine.selfrag.short_form import Answer
 
 Done = Callable[[Any, Any], None]
-FORMS = ("short", "long")
 
 
 def error_info(error: BaseException) -> tuple[list[str], str]:
@@ -37,7 +41,7 @@ def error_info(error: BaseException) -> tuple[list[str], str]:
 
 def read_passages(path: str) -> list[dict[str, str | None]]:
     """A passages file in any of `selfrag-engine ask --passages`'s formats (.tsv, .jsonl, .json)."""
-    return [_passage(p) for p in _read_passages(path)]
+    return [_passage(passage_record(p)) for p in _read_passages(path)]
 
 
 class EmbeddedEngine:
@@ -92,36 +96,23 @@ class EmbeddedEngine:
         """Starts a Self-RAG query on the loop (options as AnswerOptions in engine.h); returns its handle,
         whose cancel() frees every block of its requests. on_segment (long form) gets each segment as soon as
         it is certain, on the query's thread; when it returns False the query stops (its blocks are freed)."""
-        form, mode = options.get("form", "short"), options.get("mode", "adaptive")
         if not question.strip():
             raise RequestError("question: the question is empty")
-        if form not in FORMS:
-            raise RequestError(f"form must be one of {FORMS}, got {form!r}")
-        passages = options.get("passages")
-        if passages is not None:
-            passages = [Passage(title=p.get("title") or "", text=p["text"], id=p.get("id")) for p in passages]
-        if passages is None and self.retriever is None and mode != "never":
+        # The C++ AnswerOptions' unset threshold (None) lets the model's own first token decide.
+        query = QueryOptions.from_mapping({"threshold": None, **options}, max_new_tokens="max_tokens")
+        passages = passages_from(options.get("passages"))
+        if passages is None and self.retriever is None and query.mode != "never":
             raise RequestError("passages: give passages, open the engine with an index, or use mode 'never'")
-        compat = options.get("compat", "paper")
-        knobs = {k: options[k] for k in ("w_rel", "w_sup", "w_use", "use_seqscore") if options.get(k) is not None}
-        knobs["threshold"] = options.get("threshold")
-        scoring = ScoringConfig.paper(**knobs) if compat == "paper" else ScoringConfig.released(form=form, **knobs)
-        common = {"retriever": self.retriever, "scoring": scoring, "ndocs": options.get("ndocs", 5),
-                  "mode": mode, "compat": compat}
-        if options.get("max_tokens") is not None:
-            common["max_new_tokens"] = options["max_tokens"]
-        if form == "long":
-            common.update({k: options[k] for k in ("beam_width", "max_depth") if options.get(k) is not None})
 
         def segment(seg: Segment) -> None:
             if not on_segment(_segment(seg)):
                 raise Cancelled("the segment callback failed")
 
         def program(shared) -> dict[str, Any]:
-            if form == "short":
-                return _short_answer(SelfRAG(shared, **common).answer(question, passages))
-            return _long_answer(LongFormSelfRAG(shared, **common).answer(
-                question, passages, on_segment=None if on_segment is None else segment))
+            runner = query.runner(shared, self.retriever)
+            if query.form == "short":
+                return _answer(runner.answer(question, passages))
+            return _answer(runner.answer(question, passages, on_segment=None if on_segment is None else segment))
 
         handle = self.loop.run_program(program, timeout_s=options.get("timeout_s"))
         with self._queries_lock:
@@ -200,36 +191,20 @@ def _completion(out: RequestOutput) -> dict[str, Any]:
     return result
 
 
-def _passage(p: Passage | None) -> dict[str, str] | None:
-    if p is None:
-        return None
-    return {"title": p.title or "", "text": p.text, "id": "" if p.id is None else str(p.id)}
-
-
-def _optional(x: float | None) -> float | None:
-    return None if x is None else float(x)
+def _passage(p: dict[str, Any] | None) -> dict[str, str] | None:
+    # C++ reads every passage field as a string: no id is "".
+    return None if p is None else {**p, "id": "" if p["id"] is None else p["id"]}
 
 
 def _segment(seg: Segment) -> dict[str, Any]:
-    return {"text": seg.text, "passage": _passage(seg.passage), "depth": int(seg.depth),
-            "relevance": _optional(seg.relevance), "grounding": _optional(seg.grounding),
-            "utility": _optional(seg.utility), "final": _optional(seg.final), "score": _optional(seg.score)}
+    record = segment_record(seg)
+    return {**record, "passage": _passage(record["passage"])}
 
 
-def _short_answer(ans: Answer) -> dict[str, Any]:
-    branches = [{"passage": _passage(b.passage), "text": b.text, "relevance": float(b.relevance),
-                 "grounding": float(b.grounding), "utility": float(b.utility), "final": float(b.final)}
-                for b in ans.branches]
-    return {"question": ans.question, "answer": ans.answer, "retrieved": bool(ans.retrieved),
-            "retrieval_probability": ans.retrieval_probability, "branches": branches,
-            "best": -1 if ans.best is None else int(ans.best), "citations": [], "segments": [], "score": None,
-            "draft": ans.draft, "num_generated_tokens": int(ans.num_generated_tokens),
-            "seconds": float(ans.seconds)}
-
-
-def _long_answer(ans: LongAnswer) -> dict[str, Any]:
-    return {"question": ans.question, "answer": ans.answer, "retrieved": bool(ans.retrieved),
-            "retrieval_probability": None, "branches": [], "best": -1,
-            "citations": [_passage(c) for c in ans.citations], "segments": [_segment(g) for g in ans.segments],
-            "score": ans.score, "draft": None,
-            "num_generated_tokens": int(ans.num_generated_tokens), "seconds": float(ans.seconds)}
+def _answer(ans: Answer | LongAnswer) -> dict[str, Any]:
+    """The answer's record in the C++ Answer's terms: no best branch is -1, the short form's citations []."""
+    r = answer_record(ans)
+    return {**r, "best": -1 if r["best"] is None else r["best"],
+            "branches": [{**b, "passage": _passage(b["passage"])} for b in r["branches"]],
+            "citations": [_passage(c) for c in r["citations"] or []],
+            "segments": [{**g, "passage": _passage(g["passage"])} for g in r["segments"]]}

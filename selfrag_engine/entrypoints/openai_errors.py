@@ -79,7 +79,10 @@ BODY_FIELDS = frozenset({
     "model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "n",
     "logprobs", "echo", "stream", "ignore_eos", "skip_special_tokens", "include_stop_str_in_output", "timeout",
     "messages", "max_completion_tokens", "top_logprobs", "selfrag", "question", "passages", "form", "mode",
-    "ndocs", "compat", "threshold", "w_rel", "w_sup", "w_use", "use_seqscore", "beam_width", "max_depth"})
+    "ndocs", "compat", "threshold", "w_rel", "w_sup", "w_use", "use_seqscore", "beam_width", "max_depth",
+    "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "best_of",
+    "prompt_logprobs", "response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
+    "suffix", "tools", "tool_choice", "functions", "function_call", "stream_options", "user"})
 
 
 def error_response(e: BaseException, retry_after: int = 1) -> JSONResponse:
@@ -110,6 +113,8 @@ class FieldError(RequestError):
 
 
 def _validation_message(first: dict[str, Any], where: str) -> str:
+    if first.get("type") == "extra_forbidden":
+        return f"{where}: not a field this endpoint reads (refused rather than ignored)"
     value = first.get("input")
     if isinstance(value, float) and not math.isfinite(value):
         return f"{where}: {value!r} is not a finite number"

@@ -18,6 +18,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from selfrag_engine.entrypoints.openai.request_params import ENGINE_FIELDS, NEUTRAL
 from selfrag_engine.entrypoints.openai_errors import ERROR_SCHEMA
 from selfrag_engine.entrypoints.server_limits import BodyChecks
 
@@ -36,6 +37,18 @@ CROSS_FIELD_RULES = {
     "non_finite": "the Self-RAG scores the weights make stay finite",
     "unsupported": "a Self-RAG chat answer does not stream (stream from /v1/selfrag)",
     "stream_options_without_stream": "stream_options only with stream: true",
+    "invalid_token_id": "logit_bias's keys are token ids of the served model (below its vocabulary size)",
+    "invalid_grammar": "response_format's json_schema.schema, guided_json, guided_regex and guided_grammar compile "
+                       "(a JSON schema, a regular expression, an EBNF grammar); guided_choice is a non-empty list "
+                       "of non-empty strings",
+    "structured_conflict": "one output constraint per request: response_format (json_object or json_schema) or "
+                           "one guided_* field",
+    "best_of_below_n": "best_of, when given, is at least n",
+    "best_of_with_stream": "best_of above n does not stream",
+    "echo_with_stream": "echo does not stream",
+    "top_logprobs_without_logprobs": "top_logprobs above 0 only with logprobs: true",
+    "unsupported_engine": "a field this server's engine lacks is only accepted at its neutral value (echo with "
+                          "logprobs needs the engine's prompt log-probabilities)",
 }
 
 
@@ -74,6 +87,8 @@ def truthful(schema: dict[str, Any], checks: BodyChecks, model_name: str, vocab_
                 # With "stream": true: server-sent events, each a `data:` line of JSON (the last is [DONE]).
                 ok["text/event-stream"] = {"schema": {"type": "object", "required": ["data"],
                                                       "properties": {"data": {"type": "string"}}}}
+            if "{model_id}" in path:
+                responses["404"] = _error_response("no such model: this server serves one (`code` model_not_found)")
             responses["503"] = _error_response("more connections are open than the server keeps; retry later")
             if api_key and path != "/health":
                 responses["401"] = _error_response("no API key, or not this server's")
@@ -115,8 +130,30 @@ def truthful(schema: dict[str, Any], checks: BodyChecks, model_name: str, vocab_
             for v in node:
                 cap_integers(v)
 
+    def sampling(p: dict[str, Any]) -> None:
+        """The fields completions and chat share."""
+        for name, neutral in NEUTRAL.items():
+            if name not in ENGINE_FIELDS:
+                p[name] = {"type": "number", "enum": [neutral], "default": neutral}
+        p["logit_bias"] = {"anyOf": [{"type": "object", "propertyNames": {"pattern": "^[0-9]{1,9}$"},
+                                      "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}},
+                                     {"type": "null"}]}
+        for name in ("prompt_logprobs", "best_of"):
+            if name not in ENGINE_FIELDS:
+                p[name] = {"type": "null"}
+        if "structured" not in ENGINE_FIELDS:
+            for name in ("response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar"):
+                p[name] = {"type": "null"}
+
+    rules = ("invalid_token_id", "invalid_grammar", "structured_conflict", "best_of_below_n", "best_of_with_stream",
+             "unsupported_engine")
+    if "Message" in comps and "TextPart" not in comps:
+        comps["TextPart"] = {"type": "object", "required": ["type", "text"], "additionalProperties": False,
+                             "properties": {"type": {"const": "text"}, "text": {"type": "string", "maxLength": chars}}}
     if "CompletionBody" in comps:
         p = props("CompletionBody")
+        sampling(p)
+        p["suffix"] = {"type": "null"}
         p["model"] = model
         p["prompt"] = {"anyOf": [text, token_ids,
                                  {"type": "array", "minItems": 1, "maxItems": limits.max_prompts, "items": text},
@@ -128,16 +165,30 @@ def truthful(schema: dict[str, Any], checks: BodyChecks, model_name: str, vocab_
             "type": "integer", "minimum": 0, "maximum": vocab_size - 1}}, {"type": "null"}]}
         p["n"] = n
         p["top_k"] = {"type": "integer", "minimum": -1, "maximum": TOP_K_MAX, "default": -1}
-        p["echo"] = {"type": "boolean", "enum": [False], "default": False}
-        cross("CompletionBody", "context_length_exceeded", "too_many_rows", "stream_options_without_stream")
+        cross("CompletionBody", "context_length_exceeded", "too_many_rows", "stream_options_without_stream",
+              "echo_with_stream", *rules)
     if "Message" in comps:
         p = props("Message")
-        p["content"] = {"type": "string", "maxLength": chars}
-        # A user message says something (the last one is the instruction).
-        comps["Message"]["if"] = {"required": ["role"], "properties": {"role": {"const": "user"}}}
-        comps["Message"]["then"] = {"properties": {"content": {"pattern": HAS_TEXT}}}
+        p["content"] = {"anyOf": [{"type": "string", "maxLength": chars},
+                                  {"type": "array", "items": {"$ref": "#/components/schemas/TextPart"}},
+                                  {"type": "null"}]}
+        for name in ("name", "tool_calls", "tool_call_id", "function_call"):
+            p[name] = {"type": "null"}
+        said = {"anyOf": [{"type": "string", "pattern": HAS_TEXT},
+                          {"type": "array", "contains": {"type": "object", "properties": {
+                              "text": {"type": "string", "pattern": HAS_TEXT}}}}]}
+        # A user message says something (the last one is the instruction); only an assistant's may be null.
+        comps["Message"]["allOf"] = [
+            {"if": {"required": ["role"], "properties": {"role": {"const": "user"}}},
+             "then": {"required": ["content"], "properties": {"content": said}}},
+            {"if": {"required": ["role"], "properties": {"role": {"enum": ["system", "tool", "developer"]}}},
+             "then": {"required": ["content"], "properties": {"content": {"type": ["string", "array"]}}}}]
     if "ChatBody" in comps:
         p = props("ChatBody")
+        sampling(p)
+        for name in ("tools", "functions", "function_call"):
+            p[name] = {"type": "null"}
+        p["tool_choice"] = {"enum": [None, "none"]}
         p["model"] = model
         p["messages"] = {"type": "array", "minItems": 1, "maxItems": limits.max_messages,
                          "items": {"$ref": "#/components/schemas/Message"},
@@ -149,7 +200,7 @@ def truthful(schema: dict[str, Any], checks: BodyChecks, model_name: str, vocab_
         p["n"] = n
         p["top_k"] = {"type": "integer", "minimum": -1, "maximum": TOP_K_MAX, "default": -1}
         cross("ChatBody", "context_length_exceeded", "too_many_rows", "non_finite", "unsupported",
-              "stream_options_without_stream")
+              "stream_options_without_stream", "top_logprobs_without_logprobs", *rules)
     if "SelfRAGOptions" in comps:
         p = props("SelfRAGOptions")
         p["question"] = {"anyOf": [{**text, "pattern": HAS_TEXT}, {"type": "null"}]}

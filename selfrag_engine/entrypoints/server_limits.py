@@ -179,15 +179,15 @@ class BodyChecks:
         if path == "/v1/completions":
             prompts = self._prompts(body.get("prompt"))
             self._stop(body)
-            self._rows(_count(body.get("n")) * max(prompts, 1), "n",
-                       f"n={_count(body.get('n'))} choices of {max(prompts, 1)} prompt(s)")
+            self._rows(_samples(body) * max(prompts, 1), "n",
+                       f"n={_samples(body)} choices (or best_of) of {max(prompts, 1)} prompt(s)")
         elif path == "/v1/chat/completions":
             self._messages(body.get("messages"))
             self._stop(body)
             if isinstance(body.get("selfrag"), dict):
                 self._selfrag(body["selfrag"], "selfrag.")
             else:
-                self._rows(_count(body.get("n")), "n", f"n={_count(body.get('n'))} choices")
+                self._rows(_samples(body), "n", f"n={_samples(body)} choices (or best_of)")
         elif path == "/v1/selfrag":
             self._selfrag(body, "")
 
@@ -241,10 +241,10 @@ class BodyChecks:
             raise LimitError(400, f"messages has {len(messages)} messages, more than this server takes "
                                   f"({self.limits.max_messages})", "messages", "too_many")
         for i, m in enumerate(messages):
-            if isinstance(m, dict) and m.get("role") == "user" and isinstance(m.get("content"), str) \
-                    and not m["content"].strip():
+            if isinstance(m, dict) and m.get("role") == "user" and isinstance(m.get("content"), (str, list)) \
+                    and not _content_text(m["content"]).strip():
                 raise LimitError(400, f"messages.{i}: a user message has no text", "messages", "empty")
-        total = sum(len(m["content"]) for m in messages if isinstance(m, dict) and isinstance(m.get("content"), str))
+        total = sum(len(_content_text(m.get("content"))) for m in messages if isinstance(m, dict))
         if total > self.max_prompt_chars:
             raise LimitError(400, f"messages have {total} characters, more than this server reads "
                                   f"({self.max_prompt_chars}: the model's context of {self.max_model_len} tokens "
@@ -281,6 +281,20 @@ class BodyChecks:
                              param, "too_many_rows")
 
 
+def _content_text(content: Any) -> str:
+    """A message's text as the chat endpoint reads it: a string, or its text parts joined with newlines."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "\n".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return ""
+
+
+def _samples(body: dict) -> int:
+    """Sequences per prompt: n, or best_of when it asks for more."""
+    return max(_count(body.get("n")), _count(body.get("best_of")))
+
+
 def _count(value: Any, default: int = 1) -> int:
     """A count field as the request models will read it, or its default where it is not a plain integer
     (the models refuse those)."""
@@ -296,10 +310,10 @@ def request_rows(path: str, body: Any) -> int:
     if path == "/v1/completions":
         prompt = body.get("prompt")
         prompts = (len(prompt) if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else 1)
-        return _count(body.get("n")) * prompts
+        return _samples(body) * prompts
     opts = body.get("selfrag") if path == "/v1/chat/completions" else body
     if path == "/v1/chat/completions" and not isinstance(opts, dict):
-        return _count(body.get("n"))
+        return _samples(body)
     if isinstance(opts, dict):
         if opts.get("mode") == "never":
             return 1

@@ -31,7 +31,8 @@ import torch
 from selfrag_engine.backend import TORCH, Backend, as_backend
 from selfrag_engine.kernels.sampling import MAX_TOP_N, check_sample_args, fused_sample
 
-__all__ = ["ReflectionGroups", "SamplerOutput", "sample", "sample_torch", "top_n_logprobs", "MAX_TOP_N"]
+__all__ = ["ReflectionGroups", "SamplerOutput", "sample", "sample_torch", "score_tokens", "top_n_logprobs",
+           "MAX_TOP_N"]
 
 
 @dataclass
@@ -163,18 +164,34 @@ def top_n_logprobs(logits: torch.Tensor, lse: torch.Tensor, n: int) -> tuple[tor
     return ids.gather(1, order), vals - lse.unsqueeze(-1)
 
 
+def score_tokens(raw_logits: torch.Tensor, tokens: torch.Tensor, groups: ReflectionGroups | None = None,
+                 top_n: int = 0) -> SamplerOutput:
+    """The sampler's output for tokens [B] chosen elsewhere, every score of raw_logits [B, V]: what `sample`
+    returns when the tokens are drawn from processed logits (penalties, bias, min-p, logits processors) while
+    the log-probabilities stay those of the model's logits (vLLM v1's default, raw log-probabilities)."""
+    x = finite_logits(raw_logits)
+    lse = torch.logsumexp(x, dim=-1)
+    return _scores(x, tokens, lse, groups, top_n)
+
+
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
            seeds: torch.Tensor, groups: ReflectionGroups | None = None, top_n: int = 0,
-           backend: Backend | str = TORCH) -> SamplerOutput:
+           backend: Backend | str = TORCH, raw_logits: torch.Tensor | None = None) -> SamplerOutput:
     """Samples one token per row of logits [B, V] (fp16 / bf16 / fp32) and scores it.
 
     temperature [B] f32, top_p [B] f32, top_k [B] int32, seeds [B] int64, all on the logits' device.
     top_n: 0 to V. backend: the engine's (or its name, "torch" or "triton"); the kernel on a CPU needs
-    TRITON_INTERPRET=1.
+    TRITON_INTERPRET=1. raw_logits [B, V]: when the tokens are drawn from processed logits, the model's logits,
+    which every log-probability and reflection score is then of (`score_tokens`).
     """
     backend = as_backend(backend)
     _check_args(logits, temperature, top_p, top_k, seeds, top_n)
     _check_groups(groups, logits.shape[1])
+    if raw_logits is not None:
+        if raw_logits.shape != logits.shape:
+            raise ValueError(f"raw_logits {tuple(raw_logits.shape)} must have the logits' shape {tuple(logits.shape)}")
+        tokens = sample(logits, temperature, top_p, top_k, seeds, backend=backend).tokens
+        return score_tokens(raw_logits, tokens, groups, top_n)
     if not backend.kernels:
         return sample_torch(logits, temperature, top_p, top_k, seeds, groups, top_n)
     dev = logits.device
@@ -224,6 +241,12 @@ def sample_torch(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.T
         # Rounding can put the goal at the very top of the range: the most likely token stands in.
         drawn = torch.where(drawn < vocab, drawn, order[:, 0])
         tokens[rows] = drawn
+    return _scores(x, tokens, lse, groups, top_n)
+
+
+def _scores(x: torch.Tensor, tokens: torch.Tensor, lse: torch.Tensor, groups: ReflectionGroups | None,
+            top_n: int) -> SamplerOutput:
+    """The sampler's output for the chosen tokens of the finite float32 logits x, whose rows' log-sum-exp is lse."""
     logprobs = x.gather(1, tokens.unsqueeze(-1)).squeeze(-1) - lse
     out = SamplerOutput(tokens, logprobs, lse)
     if groups is not None:

@@ -10,7 +10,6 @@ prediction). Every value lies in [0, 1]; a report averages them over the rows th
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import time
 from dataclasses import dataclass
@@ -20,7 +19,8 @@ from typing import Any, Callable, Sequence
 from selfrag_engine.engine.client import EngineClient
 from selfrag_engine.errors import RequestError
 from selfrag_engine.selfrag.long_form import LongFormSelfRAG
-from selfrag_engine.selfrag.scoring import COMPATS, ScoringConfig
+from selfrag_engine.selfrag.options import QueryOptions, long_form_trace, short_form_trace
+from selfrag_engine.selfrag.scoring import COMPATS
 from selfrag_engine.selfrag.short_form import SelfRAG
 from selfrag_engine.selfrag.tasks import (
     PASSAGE_FIELDS,
@@ -107,40 +107,6 @@ class Report:
     def summary(self) -> dict[str, Any]:
         """Everything but the per-row records."""
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "records"}
-
-
-def _jsonable(value: Any) -> Any:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if value is None or isinstance(value, (str, int, float, bool)):
-        return value
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    return str(value)
-
-
-def short_form_trace(ans: Any) -> dict[str, Any]:
-    """Why the short form answered as it did: the gate value and every branch's critique."""
-    return {
-        "retrieval_probability": ans.retrieval_probability,
-        "best": ans.best,
-        "answer": ans.answer,
-        "num_generated_tokens": ans.num_generated_tokens,
-        "branches": [{"title": b.passage.title, "passage_id": b.passage.id, "text": b.text,
-                      "relevance": b.relevance, "grounding": b.grounding, "utility": b.utility,
-                      "seq_score": b.seq_score, "final": b.final, "probs": _jsonable(b.probs)}
-                     for b in ans.branches],
-    }
-
-
-def long_form_trace(ans: Any) -> dict[str, Any]:
-    return {"answer": ans.answer, "segments": _jsonable(getattr(ans, "segments", None)),
-            "citations": _jsonable(getattr(ans, "citations", None)),
-            "num_generated_tokens": getattr(ans, "num_generated_tokens", None)}
 
 
 def _row_passages(ex: Example, ndocs: int, retriever: Any, needed: bool) -> list | None:
@@ -256,24 +222,25 @@ def format_table(report: Report) -> str:
 # ---- building the runner ----------------------------------------------------------------------------
 
 
-def scoring_for(preset: Preset, threshold: float, compat: str) -> ScoringConfig:
-    """The flavour's preset (ScoringConfig.paper / .released) with the task's threshold. The README commands
+def options_for(preset: Preset, *, ndocs: int | None = None, mode: str | None = None,
+                threshold: float | None = None, max_new_tokens: int | None = None, compat: str = "paper",
+                beam_width: int | None = None, max_depth: int | None = None) -> QueryOptions:
+    """The preset's settings, overridable, as the query options every entry point takes. The README commands
     all add the sequence score (the released long form ignores it); the released short-form script uses its
     --w_use default (1.0)."""
-    if compat == "released":
-        weights = {"w_use": preset.w_use_released} if preset.form == "short" else {}
-        return ScoringConfig.released(form=preset.form, threshold=threshold, use_seqscore=preset.use_seqscore,
-                                      **weights)
-    return ScoringConfig.paper(threshold=threshold, use_seqscore=preset.use_seqscore)
-
-
-def _with_compat(cls: type, kwargs: dict[str, Any], compat: str) -> dict[str, Any]:
-    """kwargs plus compat for a runner class that takes it; for one that does not, only compat="paper"."""
-    if "compat" in inspect.signature(cls.__init__).parameters:
-        return {**kwargs, "compat": compat}
-    if compat != "paper":
-        raise RequestError(f"compat={compat!r} is not supported by {cls.__name__} in this build")
-    return kwargs
+    if compat not in COMPATS:
+        raise RequestError(f"compat must be one of {COMPATS}, got {compat!r}")
+    for name, value in (("ndocs", ndocs), ("max_new_tokens", max_new_tokens), ("beam_width", beam_width),
+                        ("max_depth", max_depth)):
+        if value is not None and value < 1:
+            raise RequestError(f"{name} must be at least 1, got {value}")
+    weights = {"w_use": preset.w_use_released} if compat == "released" and preset.form == "short" else {}
+    long = {"beam_width": beam_width or preset.beam_width, "max_depth": max_depth or preset.max_depth} \
+        if preset.form == "long" else {}
+    return QueryOptions(form=preset.form, mode=normalize_mode(mode or preset.mode), ndocs=ndocs or preset.ndocs,
+                        compat=compat, threshold=preset.threshold if threshold is None else threshold,
+                        use_seqscore=preset.use_seqscore, max_new_tokens=max_new_tokens or preset.max_new_tokens,
+                        **weights, **long)
 
 
 def build_runner(engine: EngineClient, preset: Preset, *, ndocs: int | None = None, mode: str | None = None,
@@ -281,19 +248,6 @@ def build_runner(engine: EngineClient, preset: Preset, *, ndocs: int | None = No
                  beam_width: int | None = None, max_depth: int | None = None,
                  retriever: Any = None) -> SelfRAG | LongFormSelfRAG:
     """A SelfRAG (short form) or LongFormSelfRAG (long form) with the preset's settings, overridable."""
-    if compat not in COMPATS:
-        raise RequestError(f"compat must be one of {COMPATS}, got {compat!r}")
-    for name, value in (("ndocs", ndocs), ("max_new_tokens", max_new_tokens), ("beam_width", beam_width),
-                        ("max_depth", max_depth)):
-        if value is not None and value < 1:
-            raise RequestError(f"{name} must be at least 1, got {value}")
-    mode = normalize_mode(mode or preset.mode)
-    scoring = scoring_for(preset, preset.threshold if threshold is None else threshold, compat)
-    kwargs: dict[str, Any] = {"retriever": retriever, "scoring": scoring, "ndocs": ndocs or preset.ndocs,
-                              "max_new_tokens": max_new_tokens or preset.max_new_tokens, "mode": mode,
-                              "compat": compat}
-    if preset.form == "short":
-        return SelfRAG(engine, **kwargs)
-    kwargs.update(beam_width=beam_width or preset.beam_width, max_depth=max_depth or preset.max_depth,
-                  retrieval="static")
-    return LongFormSelfRAG(engine, **kwargs)
+    options = options_for(preset, ndocs=ndocs, mode=mode, threshold=threshold, max_new_tokens=max_new_tokens,
+                          compat=compat, beam_width=beam_width, max_depth=max_depth)
+    return options.runner(engine, retriever)
