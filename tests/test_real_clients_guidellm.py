@@ -69,7 +69,5 @@ def test_completions_benchmark(server, tmp_path):
     check(benchmark(server, "/v1/completions", tmp_path), "completions")
 
 
-@pytest.mark.xfail(strict=True, reason="guidellm's chat requests send content as a list of text parts, which gets "
-                                       "400 'messages.0.content: Input should be a valid string'")
 def test_chat_benchmark(server, tmp_path):
     check(benchmark(server, "/v1/chat/completions", tmp_path), "chat")

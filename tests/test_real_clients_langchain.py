@@ -91,8 +91,6 @@ def test_stream_arrives_in_chunks_that_join_to_the_answer(server, expected):
     assert (usage[0]["input_tokens"], usage[0]["output_tokens"]) == (len(out.prompt_token_ids), len(out.token_ids))
 
 
-@pytest.mark.xfail(strict=True, reason="chat content as a list of text parts (LangChain content blocks) gets 400 "
-                                       "'messages.0.content: Input should be a valid string'")
 def test_content_blocks_answer_as_a_string(server, expected):
     llm = chat(server, temperature=0, max_tokens=MAX_TOKENS)
     instruction, out = next(iter(expected.items()))
@@ -112,8 +110,6 @@ ANSWER_SCHEMA = {
 }
 
 
-@pytest.mark.xfail(strict=True, reason="response_format json_schema is accepted and ignored: the model's free text "
-                                       "comes back, which does not parse")
 def test_with_structured_output_json_schema(server):
     """LangChain's default method (json_schema): the reply parses and validates against the schema."""
     llm = chat(server, temperature=0, max_tokens=64)
@@ -125,7 +121,6 @@ def test_with_structured_output_json_schema(server):
         assert json.loads(result["raw"].content) == result["parsed"]
 
 
-@pytest.mark.xfail(strict=True, reason="response_format json_object is accepted and ignored: free text comes back")
 def test_with_structured_output_json_mode(server):
     llm = chat(server, temperature=0, max_tokens=64)
     result = llm.with_structured_output(method="json_mode", include_raw=True).invoke(INSTRUCTIONS[0])
@@ -133,8 +128,6 @@ def test_with_structured_output_json_mode(server):
     assert isinstance(result["parsed"], dict)
 
 
-@pytest.mark.xfail(strict=True, reason="tools / tool_choice are accepted and silently ignored (the parse is None) "
-                                       "instead of refused with a 400 naming them")
 def test_function_calling_is_refused_by_name(server):
     """The server calls no tools: LangChain's function-calling method gets a 400 naming `tools`, never an
     answer that silently ignored them."""

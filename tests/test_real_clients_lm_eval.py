@@ -86,8 +86,6 @@ def test_generate_until_equals_the_transformers_backend(server, transformers_bac
     assert score == 1.0  # the model reads each answer from the passage in its prompt
 
 
-@pytest.mark.xfail(strict=True, reason="lm-eval's loglikelihood requests (echo: true, logprobs: 1, max_tokens: 1) "
-                                       "get 400 'echo is not supported': no prompt logprobs on completions")
 def test_multiple_choice_score_equals_the_transformers_backend(server, transformers_backend):
     served = through_server(server, [MC])
     ours, theirs = by_doc(served, MC), by_doc(transformers_backend, MC)
