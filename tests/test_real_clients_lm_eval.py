@@ -2,7 +2,7 @@
 `selfrag-engine serve` with its `local-completions` model, and the same tasks through its own transformers backend
 (`hf`) on the same checkpoint: the two must agree. The tasks are local (tests/lm_eval_tasks: a YAML each and a
 jsonl of documents, no dataset hub): a multiple-choice task scored by loglikelihood (prompt logprobs through
-`echo`) and a generate_until task, both about facts of the model's world that training held out, read from the
+`echo`), a perplexity task (loglikelihood_rolling, the same requests over whole passages) and a generate_until task, both about facts of the model's world that training held out, read from the
 passage in the prompt.
 
 Both backends get `add_bos_token=True` (the model was trained with BOS; lm-eval's API models default to False,
@@ -22,7 +22,7 @@ from tests.server_process import MODEL, NAME, serve  # noqa: E402
 pytestmark = pytest.mark.skipif(not (MODEL / "model.safetensors").is_file(), reason="tiny_selfrag not present")
 
 TASKS = Path(__file__).resolve().parent / "lm_eval_tasks"
-MC, GEN = "tiny_world_mc", "tiny_world_gen"
+MC, GEN, PPL = "tiny_world_mc", "tiny_world_gen", "tiny_world_ppl"
 # Loglikelihoods of the same token ids from the engine's float32 CPU forward and transformers' (sums over ~10
 # tokens).
 LOGLIK_TOL = 1e-3
@@ -64,7 +64,7 @@ def through_server(server, tasks: list[str]) -> dict:
 @pytest.fixture(scope="module")
 def transformers_backend(offline) -> dict:
     return evaluate("hf", {"pretrained": str(MODEL), "dtype": "float32", "device": "cpu", "add_bos_token": True},
-                    [MC, GEN], batch_size=8)
+                    [MC, GEN, PPL], batch_size=8)
 
 
 def by_doc(results: dict, task: str) -> dict[str, dict]:
@@ -99,3 +99,16 @@ def test_multiple_choice_score_equals_the_transformers_backend(server, transform
     score = served["results"][MC]["acc,none"]
     assert score == transformers_backend["results"][MC]["acc,none"]
     assert score == 1.0  # the passage states the answer; the distractors are values it does not mention
+
+
+def test_perplexity_equals_the_transformers_backend(server, transformers_backend):
+    served = through_server(server, [PPL])
+    ours, theirs = by_doc(served, PPL), by_doc(transformers_backend, PPL)
+    assert ours.keys() == theirs.keys() and len(ours) >= 4
+    for doc_id, sample in ours.items():
+        [ll], [ref] = sample["filtered_resps"], theirs[doc_id]["filtered_resps"]
+        assert ll == pytest.approx(ref, abs=LOGLIK_TOL), doc_id
+        assert ll < 0
+    for metric in ("word_perplexity,none", "byte_perplexity,none", "bits_per_byte,none"):
+        assert served["results"][PPL][metric] == pytest.approx(transformers_backend["results"][PPL][metric],
+                                                              rel=1e-4), metric

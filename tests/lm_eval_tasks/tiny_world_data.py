@@ -3,7 +3,8 @@
 Each document asks about an entity of the embedded model's world that training held out, in a phrasing training
 held out, with the passage stating the fact in the prompt in Self-RAG's retrieval format, up to the model's
 `[Relevant]` judgement; the answer is the sentence the model was trained to write after it. The distractor
-choices state another value of the same attribute that the passage does not mention."""
+choices state another value of the same attribute that the passage does not mention. The perplexity task's
+documents are passages of the same entities."""
 from __future__ import annotations
 
 import json
@@ -25,3 +26,7 @@ def load_mc(**_: object) -> datasets.DatasetDict:
 
 def load_gen(**_: object) -> datasets.DatasetDict:
     return _load("tiny_world_gen.jsonl")
+
+
+def load_ppl(**_: object) -> datasets.DatasetDict:
+    return _load("tiny_world_ppl.jsonl")
