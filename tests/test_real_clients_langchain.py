@@ -64,8 +64,9 @@ def test_invoke_answers_as_the_engine(server, expected):
 
 
 def test_invoke_with_langchains_defaults(server, engine):
-    """No temperature and no max_tokens: the request carries only model, messages and stream; the server's
-    defaults (vLLM's) apply, so a seeded draw is repeatable and ends within the context."""
+    """No temperature and no max_tokens: the request carries model, messages, stream and the seed; the server's
+    defaults (vLLM's: temperature 1, the rest of the context) apply, so a seeded draw is repeatable and ends within
+    the context."""
     llm = chat(server, seed=11)
     first, second = llm.invoke(INSTRUCTIONS[0]), llm.invoke(INSTRUCTIONS[0])
     assert first.content == second.content
