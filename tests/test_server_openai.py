@@ -127,6 +127,16 @@ def test_unknown_and_unusable_fields_are_refused_naming_them(server):
     _refused(server, "/v1/completions", _completion(logit_bias={"99999999": 5}), "logit_bias")
 
 
+def test_a_selfrag_chat_refuses_the_sampling_fields_it_does_not_read(server):
+    messages = [{"role": "user", "content": QUESTION}]
+    for field, value in (("temperature", 0.5), ("logprobs", True), ("max_tokens", 8), ("timeout", 30.0)):
+        _refused(server, "/v1/chat/completions",
+                 {"messages": messages, "selfrag": {"mode": "never", "max_tokens": 4}, field: value}, field)
+    r = _post(server, "/v1/chat/completions", {"messages": messages, "temperature": 1.0,
+                                               "selfrag": {"mode": "never", "max_tokens": 4}})
+    assert r.status_code == 200, r.text  # a field at its default value asks for nothing
+
+
 def test_what_the_clients_send_by_default_is_accepted(server):
     # LangChain's ChatOpenAI: model, stream, n, temperature (and stream_options when it streams).
     r = _post(server, "/v1/chat/completions", _chat(stream=False, n=1, temperature=0.7, user="u1"))
@@ -243,12 +253,28 @@ def test_penalties_equal_the_python_api_or_are_refused(client, engine, server, f
     if field not in ENGINE_FIELDS:
         _refused(server, "/v1/completions", _completion(**{field: value}), field)
         return
-    params = SamplingParams(max_tokens=16, temperature=0.0, **{field: value})
-    expected = engine.generate(PROMPT, params)[0]
-    got = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=16, temperature=0,
-                                    extra_body={field: value} if field in ("repetition_penalty", "min_p") else {},
-                                    **({} if field in ("repetition_penalty", "min_p") else {field: value}))
-    assert got.choices[0].text == expected.text
+    # Sampled, three seeds: the greedy answer of the tiny model is too short for a penalty to move it.
+    def texts(**extra):
+        return [engine.generate(PROMPT, SamplingParams(max_tokens=16, temperature=1.0, seed=s, **extra))[0].text
+                for s in range(3)]
+
+    expected = texts(**{field: value})
+    assert expected != texts()  # the field changes the output: a server that ignored it would fail below
+    got = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=16, temperature=1.0, seed=0, n=3,
+                                    extra_body={field: value})
+    assert [c.text for c in sorted(got.choices, key=lambda c: c.index)] == expected
+
+
+def test_best_of_keeps_the_best_samples_as_the_python_api_does(client, engine, server):
+    if "best_of" not in ENGINE_FIELDS:
+        _refused(server, "/v1/completions", _completion(best_of=3, temperature=1.0), "best_of")
+        return
+    out = engine.generate(PROMPT, SamplingParams(max_tokens=12, temperature=1.0, seed=5, n=2, best_of=4))[0]
+    got = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=12, temperature=1.0, seed=5, n=2,
+                                    best_of=4)
+    assert [c.text for c in got.choices] == [c.text for c in out.outputs]
+    assert got.usage.completion_tokens == sum(len(c.token_ids) for c in out.outputs)
+    _refused(server, "/v1/completions", _completion(best_of=4, n=2, temperature=1.0, stream=True), "best_of")
 
 
 def test_logit_bias_by_token_id_string(client, engine, server):

@@ -30,7 +30,9 @@ from selfrag_engine.weights.quantize import quantize_checkpoint
 def _generate(args: argparse.Namespace) -> int:
     resolve_model_arg(args)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, seed=args.seed, stop=args.stop or [], logprobs=args.logprobs,
+                            top_k=args.top_k, min_p=args.min_p, presence_penalty=args.presence_penalty,
+                            frequency_penalty=args.frequency_penalty, repetition_penalty=args.repetition_penalty,
+                            seed=args.seed, stop=args.stop or [], logprobs=args.logprobs,
                             skip_special_tokens=not args.keep_special_tokens)
     outputs = load_engine(args).generate(args.prompts, params)
     for prompt, out in zip(args.prompts, outputs):
@@ -65,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompts", nargs="+", help="prompt text (each one becomes a request)")
     add_model_arguments(g)
     for name, kind in (("max_tokens", int), ("temperature", float), ("top_p", float), ("top_k", int),
-                       ("seed", int)):
+                       ("min_p", float), ("presence_penalty", float), ("frequency_penalty", float),
+                       ("repetition_penalty", float), ("seed", int)):
         g.add_argument(f"--{name.replace('_', '-')}", type=kind, default=default(name), help=help_text(name))
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--logprobs", type=int, default=default("logprobs"), help=help_text("logprobs"))

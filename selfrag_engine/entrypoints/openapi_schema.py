@@ -35,7 +35,8 @@ CROSS_FIELD_RULES = {
     "too_many_rows": "n x prompts (or ndocs x beam_width) fit one request's share of the server's row slots",
     "passages_required": "/v1/selfrag needs passages unless the server has an index or mode is 'never'",
     "non_finite": "the Self-RAG scores the weights make stay finite",
-    "unsupported": "a Self-RAG chat answer does not stream (stream from /v1/selfrag)",
+    "unsupported": "a Self-RAG chat answer does not stream (stream from /v1/selfrag) and takes its options in "
+                   "`selfrag` only (another sampling field at a value of its own is refused)",
     "stream_options_without_stream": "stream_options only with stream: true",
     "invalid_token_id": "logit_bias's keys are token ids of the served model (below its vocabulary size)",
     "invalid_grammar": "response_format's json_schema.schema, guided_json, guided_regex and guided_grammar compile "
@@ -132,6 +133,8 @@ def truthful(schema: dict[str, Any], checks: BodyChecks, model_name: str, vocab_
 
     def sampling(p: dict[str, Any]) -> None:
         """The fields completions and chat share."""
+        p["stop_token_ids"] = {"anyOf": [{"type": "array", "maxItems": limits.max_stop, "items": {
+            "type": "integer", "minimum": 0, "maximum": vocab_size - 1}}, {"type": "null"}]}
         for name, neutral in NEUTRAL.items():
             if name not in ENGINE_FIELDS:
                 p[name] = {"type": "number", "enum": [neutral], "default": neutral}
@@ -161,8 +164,6 @@ def truthful(schema: dict[str, Any], checks: BodyChecks, model_name: str, vocab_
                                   "items": token_ids}]}
         p["max_tokens"] = {**max_tokens, "default": 16}
         p["stop"] = stop
-        p["stop_token_ids"] = {"anyOf": [{"type": "array", "maxItems": limits.max_stop, "items": {
-            "type": "integer", "minimum": 0, "maximum": vocab_size - 1}}, {"type": "null"}]}
         p["n"] = n
         p["top_k"] = {"type": "integer", "minimum": -1, "maximum": TOP_K_MAX, "default": -1}
         cross("CompletionBody", "context_length_exceeded", "too_many_rows", "stream_options_without_stream",

@@ -35,6 +35,8 @@ from selfrag_engine.errors import RequestError
 from selfrag_engine.selfrag.prompts import format_prompt
 
 _NO_TOOLS = "this server calls no tools (the model has no tool-calling format)"
+# What a chat body with `selfrag` reads besides it; any other field set to a value of its own is refused.
+_SELFRAG_CHAT_FIELDS = frozenset({"model", "messages", "selfrag", "stream", "user"})
 
 
 def message_text(m: Message, i: int) -> str:
@@ -163,6 +165,10 @@ class OpenAIServingChat(OpenAIServing):
         if body.stream:
             raise FieldError("stream", "stream: Self-RAG answers stream from /v1/selfrag (long-form segments), "
                                        "not from chat completions", code="unsupported")
+        for name in sorted(body.model_fields_set - _SELFRAG_CHAT_FIELDS):
+            if getattr(body, name) != ChatBody.model_fields[name].default:
+                raise FieldError(name, f"{name}: a Self-RAG answer (selfrag) decodes with its own options; set them "
+                                       f"in selfrag, and leave {name} out", code="unsupported")
         opts = body.selfrag
         question = opts.question or last_user(body.messages)
         result = await self.selfrag.answer(request, question, opts)
