@@ -7,7 +7,7 @@ CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.hpp')
 
 .PHONY: install demo test test-gpu rehearse-gpu-image clean
 
-$(VENV)/.deps: requirements.txt requirements-test.txt
+$(VENV)/.deps: requirements.txt requirements-test.txt requirements-clients.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q -r requirements-test.txt
 	touch $@
