@@ -415,22 +415,9 @@ class Retriever:
 
     @staticmethod
     def read_meta(directory: str | Path) -> dict[str, Any]:
-        path = Path(directory) / META_FILE
-        if not path.is_file():
-            raise RequestError(f"{directory}: not a retriever index directory (no {META_FILE}); "
-                               "build one with `selfrag-engine index build`")
-        try:
-            meta = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise RequestError(f"{path}: not valid JSON ({e.msg})") from None
-        if not isinstance(meta, dict) or meta.get("format") != "selfrag-engine-retriever":
-            raise RequestError(f"{path}: not a selfrag-engine retriever description")
-        if meta.get("version") != FORMAT_VERSION:
-            raise RequestError(f"{path}: format version {meta.get('version')!r}, this build reads {FORMAT_VERSION}")
-        for key in ("dim", "factory", "count"):
-            if key not in meta:
-                raise RequestError(f"{path}: missing field {key!r}")
-        return meta
+        return read_description(directory, META_FILE, "selfrag-engine-retriever", FORMAT_VERSION,
+                                ("dim", "factory", "count"), what="retriever index",
+                                described="retriever", build="`selfrag-engine index build`")
 
     @classmethod
     def load(cls, directory: str | Path, encoder: Encoder | str | None = None, gpu: bool | None = None,
@@ -472,3 +459,24 @@ class Retriever:
         for name, value in (meta.get("search_parameters") or {}).items():
             retriever.set_search_parameter(name, value)
         return retriever
+
+
+def read_description(directory: str | Path, file: str, format_name: str, version: int, keys: Sequence[str], *,
+                     what: str, described: str, build: str) -> dict[str, Any]:
+    """The JSON description `file` of an index directory, checked: its format name and version, and `keys`
+    present; each problem a RequestError naming the file."""
+    path = Path(directory) / file
+    if not path.is_file():
+        raise RequestError(f"{directory}: not a {what} directory (no {file}); build one with {build}")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise RequestError(f"{path}: not valid JSON ({e.msg})") from None
+    if not isinstance(meta, dict) or meta.get("format") != format_name:
+        raise RequestError(f"{path}: not a selfrag-engine {described} description")
+    if meta.get("version") != version:
+        raise RequestError(f"{path}: format version {meta.get('version')!r}, this build reads {version}")
+    for key in keys:
+        if key not in meta:
+            raise RequestError(f"{path}: missing field {key!r}")
+    return meta

@@ -50,6 +50,7 @@ from selfrag_engine.retrieval.retriever import (
     _IndexBuilder,
     contriever_rows,
     embedding_rows,
+    read_description,
     same_encoder,
 )
 
@@ -178,23 +179,12 @@ class ShardedRetriever:
 
     @staticmethod
     def read_manifest(directory: str | Path) -> dict[str, Any]:
-        path = Path(directory) / MANIFEST_FILE
-        if not path.is_file():
-            raise RequestError(f"{directory}: not a sharded index directory (no {MANIFEST_FILE}); build one with "
-                               "`selfrag-engine index build --shards N`")
-        try:
-            meta = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise RequestError(f"{path}: not valid JSON ({e.msg})") from None
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            raise RequestError(f"{path}: not a selfrag-engine sharded index description")
-        if meta.get("version") != FORMAT_VERSION:
-            raise RequestError(f"{path}: format version {meta.get('version')!r}, this build reads {FORMAT_VERSION}")
-        for key in ("shards", "dim", "factory", "count"):
-            if key not in meta:
-                raise RequestError(f"{path}: missing field {key!r}")
+        meta = read_description(directory, MANIFEST_FILE, FORMAT, FORMAT_VERSION,
+                                ("shards", "dim", "factory", "count"), what="sharded index",
+                                described="sharded index", build="`selfrag-engine index build --shards N`")
         if not isinstance(meta["shards"], int) or meta["shards"] < 1:
-            raise RequestError(f"{path}: 'shards' must be a positive integer, got {meta['shards']!r}")
+            raise RequestError(f"{Path(directory) / MANIFEST_FILE}: 'shards' must be a positive integer, "
+                               f"got {meta['shards']!r}")
         return meta
 
     @classmethod
