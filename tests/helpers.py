@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
+import fcntl
 import hashlib
 import json
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -79,3 +82,16 @@ def record_preemptions(engine) -> list:
 
     engine.scheduler.schedule = watch
     return preempted
+
+
+@contextlib.contextmanager
+def one_ray_cluster_at_a_time() -> Iterator[None]:
+    """Held while a test runs a local Ray cluster: the test workers of one machine take turns (a lock file), so
+    two clusters never start side by side on its cores, where Serve's controller may judge a slow-starting
+    HTTP proxy unhealthy and kill it."""
+    with open(Path(tempfile.gettempdir()) / "selfrag-engine-ray-tests.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)

@@ -385,8 +385,10 @@ def test_scale_bench_smoke(tmp_path):
     """Replicas and shards, tiny: both headline ratios are the quotients of the qps the script reports (it
     raises if the answers with 2 replicas or the sharded top-k differ)."""
     from bench.scale import main
+    from tests.helpers import one_ray_cluster_at_a_time
 
-    assert main(["--smoke", "--out", str(tmp_path), "--queries", "4", "--clients", "2"]) == 0
+    with one_ray_cluster_at_a_time():
+        assert main(["--smoke", "--out", str(tmp_path), "--queries", "4", "--clients", "2"]) == 0
     doc = _load(tmp_path, "scale")
     rows = doc["results"]
     serve_qps = {r["config"]["replicas"]: r["value"] for r in rows if r["metric"] == "serve_selfrag_qps"}

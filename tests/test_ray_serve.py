@@ -19,6 +19,7 @@ import pytest
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("ray") is None or importlib.util.find_spec("faiss") is None,
                                 reason="needs Ray Serve and faiss: pip install 'selfrag-engine[ray,retrieval]'")
 
+from tests.helpers import one_ray_cluster_at_a_time  # noqa: E402
 from tests.server_process import NAME, free_port  # noqa: E402
 from tests.server_process import serve as single_process  # noqa: E402
 from tests.test_retrieval_sharded import assert_same_top_k  # noqa: E402
@@ -62,22 +63,23 @@ def cluster(indexes):
 
     os.environ[CALLBACK_ENV] = CALLBACK  # read by the proxy the local cluster starts
     port = free_port()
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        config = ReplicaConfig(model=str(default_model_dir()), served_model_name=NAME, device="cpu",
-                               index=str(indexes[1]), shard_timeout_s=60)
-        serve.run(build_application(config, DeploymentOptions(replicas=2, replica_cpus=1, shard_cpus=0.5,
-                                                              health_check_period_s=1)),
-                  name=APP_NAME, route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
-    finally:
+    with one_ray_cluster_at_a_time():
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
         try:
-            serve.shutdown()
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            config = ReplicaConfig(model=str(default_model_dir()), served_model_name=NAME, device="cpu",
+                                   index=str(indexes[1]), shard_timeout_s=60)
+            serve.run(build_application(config, DeploymentOptions(replicas=2, replica_cpus=1, shard_cpus=0.5,
+                                                                  health_check_period_s=1)),
+                      name=APP_NAME, route_prefix="/")
+            yield f"http://127.0.0.1:{port}"
         finally:
-            ray.shutdown()
-            os.environ.pop(CALLBACK_ENV, None)
+            try:
+                serve.shutdown()
+            finally:
+                ray.shutdown()
+                os.environ.pop(CALLBACK_ENV, None)
 
 
 def _engine_handle():
