@@ -3,11 +3,14 @@ transport with stand-ins for the proxy: one whose replica dies before answering 
 response, as Ray's proxy does for a dead replica), one whose stream breaks, one that answers."""
 import json
 
-import httpx
 import pytest
-from starlette.middleware import Middleware
 
-from selfrag_engine.entrypoints.replica_failure import ReplicaFailure, proxy_middlewares
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("starlette", reason="starlette (through fastapi) is the serve extra")
+
+from starlette.middleware import Middleware  # noqa: E402
+
+from selfrag_engine.entrypoints.replica_failure import ReplicaFailure, proxy_middlewares  # noqa: E402
 
 
 class Proxy:
