@@ -246,7 +246,35 @@ def contriever_rows(passages: Sequence[Passage],
         yield _lookup(by_id, shard.ids, str(shard.path)), shard.embeddings
 
 
-class Retriever:
+class TextSearch:
+    """Searching by text, for an index that embeds queries (`_encode_queries`) and searches embeddings
+    (`search_embeddings`): the unsharded `Retriever` and the sharded one."""
+
+    def search_embeddings(self, queries: np.ndarray, k: int) -> list[list[Hit]]:
+        raise NotImplementedError
+
+    def _encode_queries(self, queries: list[str]) -> np.ndarray:
+        raise NotImplementedError
+
+    def search_batch_with_scores(self, queries: Sequence[str], k: int) -> list[list[Hit]]:
+        k = _check_k(k)
+        queries = _check_queries(queries)
+        if not queries:
+            return []
+        return self.search_embeddings(self._encode_queries(queries), k)
+
+    def search_with_scores(self, query: str, k: int) -> list[Hit]:
+        return self.search_batch_with_scores([query], k)[0]
+
+    def search_batch(self, queries: Sequence[str], k: int) -> list[list[Passage]]:
+        return [[h.passage for h in hits] for hits in self.search_batch_with_scores(queries, k)]
+
+    def search(self, query: str, k: int) -> list[Passage]:
+        """The k passages most similar to the query, best first (what SelfRAG calls)."""
+        return [h.passage for h in self.search_with_scores(query, k)]
+
+
+class Retriever(TextSearch):
     """faiss index + passages (row i of the index is `passages[i]`) + the encoder that embeds queries."""
 
     def __init__(self, index: Any, passages: Sequence[Passage], encoder: Encoder | None, factory: str = "Flat",
@@ -380,23 +408,6 @@ class Retriever:
             raise RequestError("this retriever has no query encoder: pass one (e.g. Retriever.load(dir, "
                                "encoder=...)) or search with embeddings")
         return self.encoder.encode_queries(queries)
-
-    def search_batch_with_scores(self, queries: Sequence[str], k: int) -> list[list[Hit]]:
-        k = _check_k(k)
-        queries = _check_queries(queries)
-        if not queries:
-            return []
-        return self.search_embeddings(self._encode_queries(queries), k)
-
-    def search_with_scores(self, query: str, k: int) -> list[Hit]:
-        return self.search_batch_with_scores([query], k)[0]
-
-    def search_batch(self, queries: Sequence[str], k: int) -> list[list[Passage]]:
-        return [[h.passage for h in hits] for hits in self.search_batch_with_scores(queries, k)]
-
-    def search(self, query: str, k: int) -> list[Passage]:
-        """The k passages most similar to the query, best first (what SelfRAG calls)."""
-        return [h.passage for h in self.search_with_scores(query, k)]
 
     # ---- files --------------------------------------------------------------------------------------
 

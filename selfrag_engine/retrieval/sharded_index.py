@@ -45,8 +45,8 @@ from selfrag_engine.retrieval.retriever import (
     DEFAULT_TRAIN_SIZE,
     Hit,
     Retriever,
+    TextSearch,
     _check_k,
-    _check_queries,
     _IndexBuilder,
     contriever_rows,
     embedding_rows,
@@ -101,7 +101,7 @@ def _set_omp_threads(n: int) -> None:
     faiss.omp_set_num_threads(n)
 
 
-class ShardedRetriever:
+class ShardedRetriever(TextSearch):
     """The query encoder plus N shard searchers; searches like a `Retriever` (`search`, `search_batch`,
     `search_with_scores`, `search_batch_with_scores`, `search_embeddings`), fanning out to the shards at once."""
 
@@ -157,23 +157,10 @@ class ShardedRetriever:
         per_shard = [f.result() for f in futures]  # the first failing shard's error, after all have answered
         return [merge_top_k([hits[j] for hits in per_shard], self.num_shards, k) for j in range(len(q))]
 
-    def search_batch_with_scores(self, queries: Sequence[str], k: int) -> list[list[Hit]]:
-        k = _check_k(k)
-        queries = _check_queries(queries)
-        if not queries:
-            return []
+    def _encode_queries(self, queries: list[str]) -> np.ndarray:
         if self.encoder is None:
             raise RequestError("this sharded index has no query encoder: pass one, or search with embeddings")
-        return self.search_embeddings(self.encoder.encode_queries(queries), k)
-
-    def search_with_scores(self, query: str, k: int) -> list[Hit]:
-        return self.search_batch_with_scores([query], k)[0]
-
-    def search_batch(self, queries: Sequence[str], k: int) -> list[list[Passage]]:
-        return [[h.passage for h in hits] for hits in self.search_batch_with_scores(queries, k)]
-
-    def search(self, query: str, k: int) -> list[Passage]:
-        return [h.passage for h in self.search_with_scores(query, k)]
+        return self.encoder.encode_queries(queries)
 
     # ---- files --------------------------------------------------------------------------------------
 
