@@ -90,11 +90,25 @@ def _engine_handle():
     return serve.get_deployment_handle(ENGINE_DEPLOYMENT, APP_NAME)
 
 
-def _replica_stats(times: int = 12) -> dict[int, dict]:
-    """Each replica's KV blocks and requests in flight, by pid (the router spreads these calls over them)."""
+def _replica_stats(expected: int = 2, exclude: str | None = None, wait_s: float = 180) -> dict[str, dict]:
+    """Each engine replica's KV blocks and requests in flight, by replica id, once `expected` replicas (none of
+    them `exclude`) have answered. The router picks the replica of each call, so calls go out in rounds until
+    every replica has been reached; `wait_s` only bounds a replica that never answers."""
     handle = _engine_handle()
-    calls = [handle.kv_blocks.remote() for _ in range(times)]
-    return {s["pid"]: s for s in (c.result(timeout_s=60) for c in calls)}
+    deadline = time.monotonic() + wait_s
+    stats: dict[str, dict] = {}
+    while True:
+        for call in [handle.kv_blocks.remote() for _ in range(8)]:
+            try:
+                s = call.result(timeout_s=60)
+            except Exception:  # noqa: BLE001 - sent to a replica that just died: the next round goes elsewhere
+                continue
+            if s["replica"] != exclude:
+                stats[s["replica"]] = s
+        if len(stats) >= expected:
+            return stats
+        assert time.monotonic() < deadline, stats
+        time.sleep(0.5)
 
 
 def _selfrag(base: str, question: str, **extra) -> dict:
@@ -162,8 +176,12 @@ def test_replicas_answer_as_the_single_process_server(cluster, single):
     bad = {"model": NAME, "prompt": "x", "max_tokens": -1}
     ra, rb = (httpx.post(f"{b}/v1/completions", json=bad, timeout=30) for b in (cluster, single))
     assert ra.status_code == rb.status_code == 400 and ra.json() == rb.json()
-    # Both replicas served, and the index lives in the retrieval deployments, not in the engine replicas.
-    assert len(_replica_stats()) == 2
+    # Every response names its replica; both replicas are up and idle.
+    from selfrag_engine.entrypoints.ray_serve import REPLICA_HEADER
+
+    stats = _replica_stats()
+    assert len(stats) == 2 and all(s["used"] == 0 and s["pending"] == 0 for s in stats.values()), stats
+    assert ra.headers[REPLICA_HEADER] in stats
 
 
 def test_sharded_retrieval_deployments_merge_the_unsharded_top_k(cluster, indexes):
@@ -195,11 +213,12 @@ def test_sharded_retrieval_deployments_merge_the_unsharded_top_k(cluster, indexe
 def test_a_replica_killed_under_load(cluster):
     from ray import serve
 
-    from selfrag_engine.entrypoints.ray_serve import APP_NAME, ENGINE_DEPLOYMENT
+    from selfrag_engine.entrypoints.ray_serve import APP_NAME, ENGINE_DEPLOYMENT, REPLICA_HEADER
 
-    pids = sorted(_replica_stats())
-    assert len(pids) == 2
+    before = _replica_stats()
+    assert len(before) == 2
     results: dict[int, tuple] = {}
+    served_by: dict[int, str] = {}  # each stream's replica, from its response header
     first_chunk = [threading.Event() for _ in range(8)]
 
     def run(i: int) -> None:
@@ -208,6 +227,7 @@ def test_a_replica_killed_under_load(cluster):
         try:
             if body["stream"]:
                 with httpx.stream("POST", f"{cluster}/v1/completions", json=body, timeout=180) as r:
+                    served_by[i] = r.headers[REPLICA_HEADER]
                     lines = []
                     for line in r.iter_lines():
                         if line:
@@ -227,21 +247,22 @@ def test_a_replica_killed_under_load(cluster):
         t.start()
     for e in first_chunk:
         assert e.wait(120)
-    # Every stream has produced tokens: with two replicas the router put half of them on each.
-    victim = pids[0]
-    os.kill(victim, signal.SIGKILL)
+    # Every stream has produced tokens; the replica holding the first one dies (a crash: its process killed).
+    victim = served_by[0]
+    os.kill(before[victim]["pid"], signal.SIGKILL)
     for t in threads:
         t.join(200)
         assert not t.is_alive()  # none hangs
     assert all(r[0] != "error" for r in results.values()), results
-    streams = [r for r in results.values() if r[0] == "stream"]
-    plain = [r for r in results.values() if r[0] == "plain"]
     # Non-streamed requests on the dead replica had produced nothing: sent again, they succeed.
-    assert all(status == 200 and body["usage"]["completion_tokens"] == 400 for _, status, body in plain)
-    broken = [last for _, status, last in streams if last != "data: [DONE]"]
-    assert 0 < len(broken) < len(streams)
-    for last in broken:
-        event = json.loads(last.removeprefix("data: "))
+    plain = [r for r in results.values() if r[0] == "plain"]
+    assert len(plain) == 2 and all(status == 200 and body["usage"]["completion_tokens"] == 400
+                                   for _, status, body in plain)
+    # Exactly the streams on the dead replica end with the error event; the others finish.
+    broken = {i for i, r in results.items() if r[0] == "stream" and r[2] != "data: [DONE]"}
+    assert broken == {i for i, replica in served_by.items() if replica == victim}
+    for i in broken:
+        event = json.loads(results[i][2].removeprefix("data: "))
         assert event["error"]["code"] == "replica_unavailable" and "retry" in event["error"]["message"]
     # Ray replaces the replica; the survivor holds no KV blocks of the finished requests.
     deadline = time.monotonic() + 180
@@ -251,11 +272,8 @@ def test_a_replica_killed_under_load(cluster):
             break
         assert time.monotonic() < deadline, status
         time.sleep(1)
-    survivor = pids[1]
-    while len(stats := _replica_stats()) < 2:  # until this process's router has heard of the new replica
-        assert time.monotonic() < deadline, stats
-        time.sleep(1)
-    assert victim not in stats and survivor in stats and len(stats) == 2
+    stats = _replica_stats(exclude=victim)  # until this process's router has heard of the new replica
+    assert len(stats) == 2 and set(served_by.values()) - {victim} <= set(stats)
     assert all(s["used"] == 0 and s["pending"] == 0 for s in stats.values()), stats  # no block leaked
     r = httpx.post(f"{cluster}/v1/completions", json={"model": NAME, "prompt": PROMPTS[0], "max_tokens": 4},
                    timeout=120)

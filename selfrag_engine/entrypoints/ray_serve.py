@@ -51,6 +51,7 @@ from selfrag_engine.retrieval.sharded_index import ShardedRetriever, is_sharded,
 
 APP_NAME = "selfrag"
 ENGINE_DEPLOYMENT = "SelfragServer"
+REPLICA_HEADER = "x-selfrag-replica"
 DEFAULT_SHARD_TIMEOUT_S = 30.0
 
 
@@ -173,6 +174,25 @@ def remote_retriever(index: str, handles: list[DeploymentHandle], timeout_s: flo
 # ---- engine replicas --------------------------------------------------------------------------------------
 
 
+class ReplicaHeader:
+    """ASGI middleware: every response names the replica that served it (`x-selfrag-replica`, Ray Serve's
+    replica id), so an operator can tell which replica answered, and which one a broken stream was on."""
+
+    def __init__(self, app: Any, replica: str):
+        self.app, self.header = app, (REPLICA_HEADER.encode(), replica.encode())
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def tagged(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), self.header]}
+            await send(message)
+
+        await self.app(scope, receive, tagged)
+
+
 @serve.deployment(name=ENGINE_DEPLOYMENT)
 @serve.ingress()
 class SelfragServer:
@@ -202,7 +222,9 @@ class SelfragServer:
         if shards:
             assert config.index is not None
             retriever = remote_retriever(config.index, shards, config.shard_timeout_s)
+        self.replica = serve.get_replica_context().replica_id.unique_id
         self.asgi_app = build_app(self.loop, config.served_model_name, retriever, config.limits, config.access)
+        self.asgi_app.add_middleware(ReplicaHeader, replica=self.replica)
 
     def __serve_build_asgi_app__(self):
         return self.asgi_app
@@ -212,10 +234,12 @@ class SelfragServer:
         unhealthy replica, which Ray replaces."""
         await asyncio.wrap_future(self.loop.call(lambda: None))
 
-    async def kv_blocks(self) -> dict[str, int]:
-        """This replica's KV blocks in use and free and its requests in flight (for tests and operators)."""
+    async def kv_blocks(self) -> dict[str, Any]:
+        """This replica's KV blocks in use and free and its requests in flight, with its replica id (the
+        `x-selfrag-replica` header) and process id (for tests and operators)."""
         stats = await asyncio.wrap_future(self.loop.call(self.loop.engine.cache_stats))
-        return {"used": stats["used"], "free": stats["free"], "pending": self.loop.pending, "pid": os.getpid()}
+        return {"used": stats["used"], "free": stats["free"], "pending": self.loop.pending, "pid": os.getpid(),
+                "replica": self.replica}
 
     def __del__(self):
         loop = getattr(self, "loop", None)
