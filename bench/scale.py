@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import queue
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -65,12 +66,16 @@ def _client_process(base: str, bodies: list[dict], clients: int, out) -> None:
         r.raise_for_status()
         return r.json()["answer"]
 
-    # One warm query per client thread before the clock, so both runs start warm.
-    with ThreadPoolExecutor(clients) as pool:
-        list(pool.map(one, bodies[:clients]))
-        start = time.perf_counter()
-        answers = list(pool.map(one, bodies))
-        out.put((time.perf_counter() - start, answers))
+    try:
+        # One warm query per client thread before the clock, so both runs start warm.
+        with ThreadPoolExecutor(clients) as pool:
+            list(pool.map(one, bodies[:clients]))
+            start = time.perf_counter()
+            answers = list(pool.map(one, bodies))
+            out.put((time.perf_counter() - start, answers))
+    except Exception as e:  # noqa: BLE001 - the bench stops with the clients' error, not a wait
+        detail = e.response.text if isinstance(e, httpx.HTTPStatusError) else ""
+        out.put((None, f"{type(e).__name__}: {e} {detail}"))
 
 
 def _measure(base: str, bodies: list[dict], clients: int) -> tuple[float, list[str]]:
@@ -78,8 +83,16 @@ def _measure(base: str, bodies: list[dict], clients: int) -> tuple[float, list[s
     out = ctx.Queue()
     proc = ctx.Process(target=_client_process, args=(base, bodies, clients, out))
     proc.start()
-    elapsed, answers = out.get(timeout=1800)
+    while True:
+        try:
+            elapsed, answers = out.get(timeout=5)
+            break
+        except queue.Empty:
+            if not proc.is_alive():
+                raise RuntimeError(f"the client process exited ({proc.exitcode}) without its measurement") from None
     proc.join()
+    if elapsed is None:
+        raise RuntimeError(f"a client's query failed: {answers}")
     return len(bodies) / elapsed, answers
 
 
