@@ -413,6 +413,17 @@ def test_ask_command_matches_self_rag_on_the_retrieved_passages(engine, tmp_path
         assert (got["relevance"], got["grounding"], got["utility"], got["final"]) == pytest.approx(
             (want.relevance, want.grounding, want.utility, want.final), abs=1e-6)
     assert [b["chosen"] for b in trace["branches"]] == [i == direct.best for i in range(ndocs)]
+    # The same index in 2 shards: the same passages, answer and scores.
+    assert main(["index", "build", "--passages", corpus, "--out", str(tmp_path / "sharded"), "--encoder",
+                 "hashing:128", "--shards", "2", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["ask", "--model", model, "--index", str(tmp_path / "sharded"), question, "--mode", "always",
+                 "--ndocs", str(ndocs), "--max-new-tokens", str(mnt), "--json", "--quiet"]) == 0
+    sharded = json.loads(capsys.readouterr().out)
+    assert [b["passage_id"] for b in sharded["branches"]] == [p.id for p in retrieved]
+    assert (sharded["answer"], sharded["best"]) == (trace["answer"], trace["best"])
+    assert [b["final"] for b in sharded["branches"]] == pytest.approx([b["final"] for b in trace["branches"]],
+                                                                      abs=1e-6)
     # The table: the answer, the decision and one row per branch, the chosen one starred.
     assert main(["ask", "--model", model, "--index", str(index), question, "--mode", "always", "--ndocs",
                  str(ndocs), "--max-new-tokens", str(mnt), "--quiet"]) == 0

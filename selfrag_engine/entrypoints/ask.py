@@ -11,7 +11,7 @@ from selfrag_engine.entrypoints.index import snippet
 from selfrag_engine.entrypoints.model_args import add_model_arguments, load_engine, resolve_model_arg
 from selfrag_engine.errors import RequestError
 from selfrag_engine.retrieval.passages import read_passages
-from selfrag_engine.retrieval.retriever import Retriever
+from selfrag_engine.retrieval.sharded_index import load_retriever, read_index_meta
 from selfrag_engine.selfrag.decisions import MODES
 from selfrag_engine.selfrag.options import QueryOptions, short_form_trace
 from selfrag_engine.selfrag.scoring import COMPATS
@@ -66,10 +66,10 @@ def _ask(args: argparse.Namespace) -> int:
     # Cheap checks first: a bad model name, index or passages file fails before anything loads.
     resolve_model_arg(args)
     if args.index is not None:
-        Retriever.read_meta(args.index)
+        read_index_meta(args.index)
     retriever, passages = None, None
     if args.index is not None:
-        retriever = Retriever.load(args.index, encoder=args.encoder, device=args.encoder_device or args.device)
+        retriever = load_retriever(args.index, encoder=args.encoder, device=args.encoder_device or args.device)
     elif args.passages is not None:
         passages = read_passages(args.passages)[:args.ndocs]
 

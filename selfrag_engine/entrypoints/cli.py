@@ -153,13 +153,9 @@ def _serve(args: argparse.Namespace) -> int:
     check_port(args.host, args.port)
     path = resolve_model_arg(args)
     if args.index is not None:
-        from selfrag_engine.retrieval.sharded_index import ShardedRetriever, is_sharded
-        from selfrag_engine.retrieval.retriever import Retriever
+        from selfrag_engine.retrieval.sharded_index import read_index_meta
 
-        if is_sharded(args.index):
-            ShardedRetriever.read_manifest(args.index)
-        else:
-            Retriever.read_meta(args.index)
+        read_index_meta(args.index)
     args.served_model_name = args.served_model_name or model_name(args.model, path)
     args.model = str(path)
     options = engine_options(args)

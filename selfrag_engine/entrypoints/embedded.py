@@ -55,10 +55,10 @@ class EmbeddedEngine:
         if index is not None:
             # faiss is imported only by an engine that retrieves.
             from selfrag_engine.retrieval.batched import BatchedSearch
-            from selfrag_engine.retrieval.retriever import Retriever
+            from selfrag_engine.retrieval.sharded_index import load_retriever
 
             # The C++ threads' concurrent searches go in batches.
-            self.retriever = BatchedSearch(Retriever.load(index, encoder=encoder, device=encoder_device))
+            self.retriever = BatchedSearch(load_retriever(index, encoder=encoder, device=encoder_device))
         self.engine = Engine.from_pretrained(model, device=device, dtype=dtype, quantization=quantization,
                                              progress=False, **(engine_options or {}))
         self.loop = EngineLoop(self.engine, max_pending=max_pending)

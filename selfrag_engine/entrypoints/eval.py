@@ -9,7 +9,7 @@ from typing import Any
 
 from selfrag_engine.entrypoints.model_args import add_model_arguments, load_engine, resolve_model_arg
 from selfrag_engine.errors import RequestError
-from selfrag_engine.retrieval.retriever import Retriever
+from selfrag_engine.retrieval.sharded_index import load_retriever
 from selfrag_engine.selfrag.decisions import MODES
 from selfrag_engine.selfrag.evaluate import (
     build_runner,
@@ -36,7 +36,7 @@ def _run(args: argparse.Namespace) -> int:
             raise RequestError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     resolve_model_arg(args)
     examples = read_examples(args.input, preset, args.limit)
-    retriever = Retriever.load(args.index, device=args.device) if args.index else None
+    retriever = load_retriever(args.index, device=args.device) if args.index else None
     engine = load_engine(args)
     runner = build_runner(engine, preset, ndocs=args.ndocs, mode=args.mode, threshold=args.threshold,
                           max_new_tokens=args.max_new_tokens, compat=args.compat, beam_width=args.beam_width,

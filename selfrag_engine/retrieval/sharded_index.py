@@ -287,6 +287,14 @@ def build_sharded(directory: str | Path, passages: Sequence[Passage], num_shards
     return directory
 
 
+def read_index_meta(directory: str | Path) -> dict[str, Any]:
+    """The description of the index in `directory` (a sharded index's manifest, or a plain index's
+    `retriever.json`), checked without loading any vectors: the cheap check before a command loads a model."""
+    if is_sharded(directory):
+        return ShardedRetriever.read_manifest(directory)
+    return Retriever.read_meta(directory)
+
+
 def load_retriever(directory: str | Path, encoder: Encoder | str | None = None, gpu: bool | None = None,
                    device: str | None = None) -> Retriever | ShardedRetriever:
     """The retriever in `directory`: a sharded index (every shard in this process) or a plain one."""
