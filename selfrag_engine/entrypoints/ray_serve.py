@@ -47,7 +47,7 @@ from selfrag_engine.entrypoints.server_limits import ServerLimits
 from selfrag_engine.errors import IndexShardError, RequestError
 from selfrag_engine.retrieval.encoders import get_encoder
 from selfrag_engine.retrieval.retriever import Hit, Retriever
-from selfrag_engine.retrieval.sharded_index import ShardedRetriever, is_sharded, shard_dir_name
+from selfrag_engine.retrieval.sharded_index import ShardedRetriever, is_sharded, read_index_meta, shard_dir_name
 
 APP_NAME = "selfrag"
 ENGINE_DEPLOYMENT = "SelfragServer"
@@ -94,10 +94,8 @@ class DeploymentOptions:
 
 def index_shard_count(index: str | Path) -> int:
     """How many shard deployments an index directory needs (a plain index is one)."""
-    if is_sharded(index):
-        return ShardedRetriever.read_manifest(index)["shards"]
-    Retriever.read_meta(index)
-    return 1
+    meta = read_index_meta(index)
+    return meta["shards"] if is_sharded(index) else 1
 
 
 def _load_shard(index: str, i: int) -> Retriever:
