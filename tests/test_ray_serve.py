@@ -278,3 +278,54 @@ def test_a_replica_killed_under_load(cluster):
     r = httpx.post(f"{cluster}/v1/completions", json={"model": NAME, "prompt": PROMPTS[0], "max_tokens": 4},
                    timeout=120)
     assert r.status_code == 200
+
+
+def test_autoscaling_adds_a_replica_under_load_within_its_bounds(cluster):
+    """`--replicas 1 --max-replicas 2`: requests in flight above the target per replica add a second replica
+    (Ray's autoscaler, its upscale delay set to 0 here), and no more than the bound."""
+    from ray import serve
+
+    from selfrag_engine.entrypoints.ray_serve import (
+        ENGINE_DEPLOYMENT,
+        DeploymentOptions,
+        ReplicaConfig,
+        build_application,
+    )
+    from selfrag_engine.tiny.assets import default_model_dir
+
+    app, prefix = "autoscaled", "/autoscaled"
+    config = ReplicaConfig(model=str(default_model_dir()), served_model_name=NAME, device="cpu")
+    options = DeploymentOptions(replicas=1, max_replicas=2, target_ongoing_requests=1, replica_cpus=0.5,
+                                upscale_delay_s=0, health_check_period_s=1)
+    serve.run(build_application(config, options), name=app, route_prefix=prefix)
+    base = f"{cluster}{prefix}"
+    scaled = threading.Event()
+    statuses: list[int] = []
+
+    def load() -> None:  # requests back to back until the deployment has grown
+        while not scaled.is_set():
+            r = httpx.post(f"{base}/v1/completions", json={"model": NAME, "prompt": PROMPTS[0], "max_tokens": 200,
+                                                           "ignore_eos": True, "temperature": 0}, timeout=120)
+            statuses.append(r.status_code)
+
+    def replicas() -> dict:
+        return dict(serve.status().applications[app].deployments[ENGINE_DEPLOYMENT].replica_states)
+
+    clients = [threading.Thread(target=load) for _ in range(4)]
+    try:
+        assert replicas() == {"RUNNING": 1}
+        for t in clients:
+            t.start()
+        deadline = time.monotonic() + 180
+        while replicas().get("RUNNING", 0) < 2:
+            assert time.monotonic() < deadline, replicas()
+            time.sleep(1)
+        scaled.set()
+        for t in clients:
+            t.join(150)
+            assert not t.is_alive()
+        assert statuses and set(statuses) == {200}
+        assert sum(replicas().values()) == 2  # the bound holds: 4 requests in flight would ask for 4
+    finally:
+        scaled.set()
+        serve.delete(app)

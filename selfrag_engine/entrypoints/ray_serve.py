@@ -80,6 +80,8 @@ class DeploymentOptions:
     replicas: int = 1
     max_replicas: int | None = None            # > replicas: autoscale between them
     target_ongoing_requests: float = 16.0      # autoscaling's target per replica
+    upscale_delay_s: float = 30.0              # how long above the target before a replica is added (Ray's default)
+    downscale_delay_s: float = 600.0           # how long below it before one is removed (Ray's default)
     max_ongoing_requests: int = 256            # a replica's bound before the router queues (its loop batches)
     replica_gpus: float | None = None          # default: 1 on a cluster with GPUs, else 0
     replica_cpus: float = 1.0
@@ -266,7 +268,9 @@ def build_application(config: ReplicaConfig, options: DeploymentOptions) -> Any:
     scaling: dict[str, Any]
     if options.max_replicas is not None and options.max_replicas > options.replicas:
         scaling = {"autoscaling_config": {"min_replicas": options.replicas, "max_replicas": options.max_replicas,
-                                          "target_ongoing_requests": options.target_ongoing_requests}}
+                                          "target_ongoing_requests": options.target_ongoing_requests,
+                                          "upscale_delay_s": options.upscale_delay_s,
+                                          "downscale_delay_s": options.downscale_delay_s}}
     else:
         scaling = {"num_replicas": options.replicas}
     return SelfragServer.options(
