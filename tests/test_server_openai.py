@@ -205,6 +205,55 @@ def test_completion_top_logprobs_and_streamed_offsets(client, engine, server):
     _joins(tokens, offsets, expected.text)
 
 
+def _stop_across_tokens(tokens: list[str], text: str) -> str:
+    """A stop string that starts inside one token and ends inside the next, first found where it is cut."""
+    pos = 0
+    for a, b in zip(tokens, tokens[1:]):
+        stop = a[1:] + b[:1]
+        if len(a) >= 2 and b and stop.strip() and text.find(stop) == pos + 1:
+            return stop
+        pos += len(a)
+    raise AssertionError(f"no stop string spans two tokens of {tokens}")
+
+
+def test_streamed_logprobs_are_released_with_the_text_and_cut_at_a_stop_string(client):
+    """The stream holds back text that may begin a stop string; its tokens wait with it, so the streamed
+    tokens never run ahead of the streamed text, and joined they equal the non-streamed answer's."""
+    full = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=24, temperature=0, logprobs=0)
+    stop = _stop_across_tokens(full.choices[0].logprobs.tokens, full.choices[0].text)
+    plain = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=24, temperature=0, logprobs=2,
+                                      stop=[stop])
+    want = plain.choices[0]
+    assert want.finish_reason == "stop" and stop not in want.text
+    text, tokens, offsets, lps = "", [], [], []
+    for chunk in client.completions.create(model=NAME, prompt=PROMPT, max_tokens=24, temperature=0, logprobs=2,
+                                           stop=[stop], stream=True):
+        c = chunk.choices[0]
+        text += c.text
+        if c.logprobs is not None:
+            tokens += c.logprobs.tokens
+            offsets += c.logprobs.text_offset
+            lps += c.logprobs.token_logprobs
+        assert text.startswith("".join(tokens))  # never ahead of the text
+    assert text == want.text
+    assert tokens == want.logprobs.tokens and offsets == want.logprobs.text_offset
+    assert lps == pytest.approx(want.logprobs.token_logprobs, abs=1e-6)
+    # The chat endpoint's streamed logprobs likewise.
+    messages = [{"role": "user", "content": QUESTION}]
+    chat = client.chat.completions.create(model=NAME, messages=messages, max_tokens=24, temperature=0,
+                                          logprobs=True, stop=[stop])
+    content, streamed = "", []
+    for chunk in client.chat.completions.create(model=NAME, messages=messages, max_tokens=24, temperature=0,
+                                                logprobs=True, stop=[stop], stream=True):
+        if chunk.choices:
+            content += chunk.choices[0].delta.content or ""
+            if chunk.choices[0].logprobs is not None:
+                streamed += [t.token for t in chunk.choices[0].logprobs.content]
+            assert content.startswith("".join(streamed))
+    assert content == chat.choices[0].message.content
+    assert streamed == [t.token for t in chat.choices[0].logprobs.content]
+
+
 def test_chat_logprobs_true_alone_gives_the_chosen_tokens(client, engine):
     expected = engine.generate(PROMPT, SamplingParams(max_tokens=10, temperature=0.0))[0]
     got = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": QUESTION}],

@@ -40,6 +40,43 @@ def clip_to(pieces: list[str], text: str) -> list[str]:
     return out if pos == len(text) else pieces
 
 
+class StreamedTokens:
+    """A streamed choice's tokens for its logprobs, released with its text: a token whose text the stream holds
+    back (it may begin a stop string) waits for it, and at the end the pieces are clipped to the final text, as
+    `clip_to` clips the non-streamed answer's. So the streamed tokens, their strings and offsets equal the
+    non-streamed ones chunk for chunk joined, with or without a stop string."""
+
+    def __init__(self, tok, prompt_ids: Sequence[int], skip_special_tokens: bool):
+        self.detok = IncrementalDetokenizer(tok, prompt_ids, skip_special_tokens=skip_special_tokens)
+        self.pending: list[tuple[int, str, float | None, dict[int, float] | None]] = []
+        self.text = ""   # the text released so far
+        self.covered = 0  # characters of it the released tokens' strings cover
+
+    def release(self, token_ids: Sequence[int], token_logprobs: Sequence[float | None],
+                top: Sequence[dict[int, float] | None] | None, text: str, finished: bool
+                ) -> tuple[list[int], list[str], list[float | None], list[dict[int, float] | None] | None]:
+        """One delta in; the tokens now final out: (ids, strings, logprobs, top candidates or None)."""
+        tops = list(top) if top is not None else [None] * len(token_ids)
+        for t, lp, c in zip(token_ids, token_logprobs, tops):
+            self.pending.append((int(t), self.detok.add(t), lp, c))
+        self.text += text
+        if finished:
+            n = len(self.pending)
+            pieces = clip_to([p for _, p, _, _ in self.pending], self.text[self.covered:])
+        else:
+            n, room, pieces = 0, len(self.text) - self.covered, []
+            for _, piece, _, _ in self.pending:
+                if len(piece) > room:
+                    break
+                room -= len(piece)
+                pieces.append(piece)
+                n += 1
+        out, self.pending = self.pending[:n], self.pending[n:]
+        self.covered += sum(map(len, pieces))
+        return ([t for t, _, _, _ in out], pieces, [lp for _, _, lp, _ in out],
+                None if top is None else [c for _, _, _, c in out])
+
+
 def piece_text(tok, token_id: int) -> str:
     """A candidate token by its own piece: '▁' as a space, an ASCII byte piece as its character."""
     piece = tok.id_to_token(int(token_id))

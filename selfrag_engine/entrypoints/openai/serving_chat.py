@@ -13,9 +13,14 @@ from typing import Any
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
-from selfrag_engine.detokenizer import IncrementalDetokenizer
 from selfrag_engine.engine.output import Delta
-from selfrag_engine.entrypoints.openai.logprobs import chat_logprobs, clip_to, prompt_logprobs_body, token_texts
+from selfrag_engine.entrypoints.openai.logprobs import (
+    StreamedTokens,
+    chat_logprobs,
+    clip_to,
+    prompt_logprobs_body,
+    token_texts,
+)
 from selfrag_engine.entrypoints.openai.protocol import ChatBody, Message
 from selfrag_engine.entrypoints.openai.request_params import sampling_params
 from selfrag_engine.entrypoints.openai.serving_engine import (
@@ -128,15 +133,16 @@ class OpenAIServingChat(OpenAIServing):
         handles = await admitted(submit(self.loop, [prompt_ids], params, body.n, body.timeout))
         skip = body.skip_special_tokens
         if body.stream:
-            detoks: dict[int, IncrementalDetokenizer] = {}
+            streamed: dict[int, StreamedTokens] = {}
 
             def chunk(i: int, d: Delta, first: bool, offset: int) -> dict[str, Any]:
                 delta = {"role": "assistant", "content": d.text} if first else {"content": d.text}
                 lp = None
                 if body.logprobs:
-                    detok = detoks.setdefault(i, IncrementalDetokenizer(tok, prompt_ids, skip_special_tokens=skip))
-                    pieces = token_texts(tok, (), d.token_ids, skip, detok)
-                    lp = chat_logprobs(tok, d.token_ids, pieces, d.token_logprobs, d.logprobs, top)
+                    tokens = streamed.setdefault(i, StreamedTokens(tok, prompt_ids, skip))
+                    ids, pieces, lps, tops = tokens.release(d.token_ids, d.token_logprobs, d.logprobs, d.text,
+                                                            d.finished)
+                    lp = chat_logprobs(tok, ids, pieces, lps, tops, top)
                 return {"index": i, "delta": delta, "logprobs": lp, "finish_reason": d.finish_reason,
                         "stop_reason": d.stop_reason}
 

@@ -10,9 +10,9 @@ from typing import Any
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
-from selfrag_engine.detokenizer import IncrementalDetokenizer
 from selfrag_engine.engine.output import Delta
 from selfrag_engine.entrypoints.openai.logprobs import (
+    StreamedTokens,
     clip_to,
     completion_logprobs,
     prompt_logprobs_body,
@@ -74,16 +74,16 @@ class OpenAIServingCompletion(OpenAIServing):
         created = int(time.time())
         skip = body.skip_special_tokens
         if body.stream:
-            detoks: dict[int, IncrementalDetokenizer] = {}
+            streamed: dict[int, StreamedTokens] = {}
             sent = [0] * len(handles)  # characters of token strings each choice has sent
 
             def chunk(i: int, d: Delta, first: bool, offset: int) -> dict[str, Any]:
                 lp = None
                 if body.logprobs is not None:
-                    detok = detoks.setdefault(i, IncrementalDetokenizer(tok, prompts[i // body.n],
-                                                                        skip_special_tokens=skip))
-                    pieces = token_texts(tok, (), d.token_ids, skip, detok)
-                    lp = completion_logprobs(tok, d.token_ids, pieces, d.token_logprobs, d.logprobs, sent[i])
+                    tokens = streamed.setdefault(i, StreamedTokens(tok, prompts[i // body.n], skip))
+                    ids, pieces, lps, tops = tokens.release(d.token_ids, d.token_logprobs, d.logprobs, d.text,
+                                                            d.finished)
+                    lp = completion_logprobs(tok, ids, pieces, lps, tops, sent[i])
                     sent[i] += sum(map(len, pieces))
                 return {"index": i, "text": d.text, "logprobs": lp, "finish_reason": d.finish_reason,
                         "stop_reason": d.stop_reason}
