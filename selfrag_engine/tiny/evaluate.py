@@ -20,16 +20,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Protocol, Sequence
 
 import torch
 
 from selfrag_engine.engine.llm_engine import Engine
 from selfrag_engine.retrieval.passages import Passage
+from selfrag_engine.selfrag.long_form import LongAnswer, LongFormSelfRAG, Segment
 from selfrag_engine.selfrag.short_form import Answer, SelfRAG
 from selfrag_engine.tiny.assets import default_checkpoint_dir, read_corpus
 from selfrag_engine.tiny.training_data import (
@@ -45,7 +47,7 @@ from selfrag_engine.tiny.training_data import (
     heldout_questions,
     split_world,
 )
-from selfrag_engine.tiny.world import World, build_world
+from selfrag_engine.tiny.world import OCCUPATIONS, Entity, World, WorldPassage, build_world
 
 
 @dataclass
@@ -177,6 +179,188 @@ def score_instructions(examples: Sequence[Example], answers: Sequence[Answer]) -
                              "retrieved": ans.retrieved, "gate": ans.retrieval_probability})
     n = max(1, len(examples))
     return retrieved / n, exact / n, failures
+
+
+# ---- long form: judges of an answer's facts and citations --------------------------------------------
+#
+# A long-form answer about an entity is judged by the values of the world it states: town, country and river
+# names, occupations and years. Each stated value is a claim about the asked entity (the answer is about it);
+# it is correct when it is the entity's value of an attribute that kind of value can be. A sentence naming
+# another entity of the asked one's kind (another person; for a town, another town) and not the asked one is
+# about that entity: its values are wrong for the asked one.
+
+_YEAR = re.compile(r"\b\d{3,4}\b")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+# The attributes a value of each kind may be, per entity kind.
+_CANDIDATES: dict[tuple[str, str], tuple[str, ...]] = {
+    ("person", "town"): ("birthplace", "residence"),
+    ("person", "country"): ("country",),
+    ("person", "occupation"): ("occupation",),
+    ("person", "year"): ("birth_year",),
+    ("town", "country"): ("country",),
+    ("town", "river"): ("river",),
+    ("town", "year"): ("founded",),
+}
+# Words that tie a person's town or year to birth or to a later move.
+_BIRTH_CUES = re.compile(r"\b(born|birth\w*)\b", re.IGNORECASE)
+_MOVE_CUES = re.compile(r"\b(mov\w*|lived|lives|live|stay\w*|settled)\b", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class StatedFact:
+    """A value of the world a text states about the asked entity, and what the judge made of it."""
+    kind: str                # "town" | "country" | "river" | "occupation" | "year"
+    value: str
+    attribute: str | None    # the entity's attribute it states (None: none; the claim is wrong)
+    correct: bool
+
+
+def _alternation(words: Sequence[str]) -> str:
+    return "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True))
+
+
+def _values_in(world: World, sentence: str) -> list[tuple[str, str]]:
+    """(kind, value) of every world value in the sentence, in order."""
+    found: list[tuple[int, str, str]] = []
+    for kind, words, flags in (("town", world.towns, 0), ("country", world.countries, 0),
+                               ("river", world.rivers, 0), ("occupation", OCCUPATIONS, re.IGNORECASE)):
+        if words:
+            for m in re.finditer(rf"\b(?:{_alternation(words)})\b", sentence, flags):
+                found.append((m.start(), kind, m.group(0).lower() if kind == "occupation" else m.group(0)))
+    found += [(m.start(), "year", m.group(0)) for m in _YEAR.finditer(sentence)]
+    return [(kind, value) for _, kind, value in sorted(found)]
+
+
+def _names_another(world: World, entity: Entity, sentence: str) -> bool:
+    """Whether the sentence names another entity of the asked one's kind and not the asked one."""
+    if entity.name in sentence:
+        return False
+    others = [e.name for e in world.entities if e.kind == entity.kind and e.id != entity.id]
+    return bool(others) and re.search(rf"\b(?:{_alternation(others)})\b", sentence) is not None
+
+
+def _passage_years(world: World, entity: Entity) -> dict[str, str]:
+    """Years the entity's passages state that are no attribute value (a move's year), each with the attribute
+    of the passage stating it."""
+    values = set(entity.attributes.values())
+    return {y: p.states[0] for p in world.passages_of(entity.id) if p.states
+            for y in _YEAR.findall(p.text) if y not in values}
+
+
+def stated_facts(world: World, entity: Entity, text: str) -> list[StatedFact]:
+    """The facts `text` states about `entity`, each judged against the entity's attributes.
+
+    A town or year in a person's sentence that speaks only of birth ("born") is the birthplace or birth year;
+    one that speaks only of a move ("moved", "lived") is the residence, or the year the move passage gives."""
+    out: list[StatedFact] = []
+    move_years = _passage_years(world, entity) if entity.kind == "person" else {}
+    for sentence in _SENTENCE_END.split(text):
+        elsewhere = _names_another(world, entity, sentence)
+        birth, move = bool(_BIRTH_CUES.search(sentence)), bool(_MOVE_CUES.search(sentence))
+        for kind, value in _values_in(world, sentence):
+            if entity.kind == "town" and kind == "town" and value == entity.name:
+                continue  # the subject, not a claim
+            candidates = _CANDIDATES.get((entity.kind, kind), ())
+            if entity.kind == "person" and birth != move:
+                candidates = tuple(a for a in candidates if (a in ("birthplace", "birth_year")) == birth)
+            attribute = None if elsewhere else next(
+                (a for a in candidates if entity.attributes.get(a) == value), None)
+            if attribute is None and not elsewhere and kind == "year" and not birth and value in move_years:
+                attribute = move_years[value]
+            out.append(StatedFact(kind, value, attribute, attribute is not None))
+    return out
+
+
+def world_passage(world: World, passage: Passage | None) -> WorldPassage | None:
+    """The world's record of a cited passage (retrievers hand over title, text and id only)."""
+    if passage is None or isinstance(passage, WorldPassage):
+        return passage
+    by_id = {p.id: p for p in world.passages}
+    found = by_id.get(passage.id)
+    if found is None or (found.title, found.text) != (passage.title, passage.text):
+        raise ValueError(f"passage {passage.id!r} ({passage.title!r}) is not a passage of world {world.seed}")
+    return found
+
+
+def citation_correct(world: World, entity: Entity, segment: Segment) -> bool | None:
+    """Whether the segment's cited passage states, for `entity`, every fact the segment's text states (None: the
+    segment states no fact). A wrong fact, an uncited one, or one cited to a passage about another entity or
+    to the entity's passage on other attributes makes it False."""
+    facts = stated_facts(world, entity, segment.text)
+    if not facts:
+        return None
+    cited = world_passage(world, segment.passage)
+    return (cited is not None and cited.entity_id == entity.id
+            and all(f.correct and f.attribute in cited.states for f in facts))
+
+
+def answer_segments(segments: Sequence[Segment]) -> list[Segment]:
+    """The segments that hold text (a segment may be empty, e.g. the root that only asked for retrieval)."""
+    return [s for s in segments if s.text.strip()]
+
+
+class LongFormCaseLike(Protocol):
+    """What the long-form measures read of a case: the entity asked about, the facts a good answer states
+    (each with `attribute` and `value`), and whether the instruction is worded as in training."""
+    entity: Entity
+    instruction: str
+    facts: list
+    heldout_phrasing: bool
+
+
+def _net_facts(world: World, entity: Entity, answer: LongAnswer) -> int:
+    """Distinct correct facts of an answer minus its wrong ones: what a reader gains from it."""
+    facts = stated_facts(world, entity, answer.answer)
+    return len({(f.attribute, f.value) for f in facts if f.correct}) - sum(not f.correct for f in facts)
+
+
+def score_long_form(world: World, cases: Sequence[LongFormCaseLike], answers: Sequence[LongAnswer]) -> dict:
+    """The long-form measures of answers to `cases`:
+    - multi_segment: share of answers with at least 2 segments holding text;
+    - citation: share of segments stating a fact whose cited passage states it for the asked entity
+      (`citation_correct`), over `segments_judged` such segments;
+    - fact_precision: share of the facts stated in the final answers that are right for the asked entity, over
+      `facts_stated`; fact_recall: share of the cases' facts (`case.facts`) the answers state correctly;
+    - retrieved: share of answers written from passages; failures: a few answers to read."""
+    multi = retrieved = judged = cited = stated = correct = expected = recalled = 0
+    segments_total = 0
+    failures = []
+    for case, ans in zip(cases, answers, strict=True):
+        segments = answer_segments(ans.segments)
+        segments_total += len(segments)
+        multi += len(segments) >= 2
+        retrieved += ans.retrieved
+        verdicts = [citation_correct(world, case.entity, s) for s in segments]
+        judged += sum(v is not None for v in verdicts)
+        cited += sum(v is True for v in verdicts)
+        facts = stated_facts(world, case.entity, ans.answer)
+        stated += len(facts)
+        correct += sum(f.correct for f in facts)
+        got = {(f.attribute, f.value) for f in facts if f.correct}
+        expected += len(case.facts)
+        recalled += sum((f.attribute, f.value) in got for f in case.facts)
+        if (len(segments) < 2 or False in verdicts or not all(f.correct for f in facts)) and len(failures) < 6:
+            failures.append({"instruction": case.instruction, "answer": ans.answer,
+                             "segments": [{"text": s.text, "passage": s.passage.id if s.passage else None,
+                                           "cited_ok": v} for s, v in zip(segments, verdicts)],
+                             "wrong": [f.value for f in facts if not f.correct]})
+    n = max(1, len(cases))
+    return {"answers": len(cases), "multi_segment": round(multi / n, 4),
+            "mean_segments": round(segments_total / n, 2), "retrieved": round(retrieved / n, 4),
+            "segments_judged": judged, "citation": round(cited / max(1, judged), 4),
+            "facts_stated": stated, "fact_precision": round(correct / max(1, stated), 4),
+            "fact_recall": round(recalled / max(1, expected), 4), "failures": failures}
+
+
+def compare_choices(world: World, cases: Sequence[LongFormCaseLike], chosen: Sequence[LongAnswer],
+                    baseline: Sequence[LongAnswer]) -> dict[str, int]:
+    """Per case, whether `chosen` (the beam's answer) states more net correct facts than `baseline` (the
+    greedy path's): counts of wins, ties and losses."""
+    out = {"wins": 0, "ties": 0, "losses": 0}
+    for case, a, b in zip(cases, chosen, baseline, strict=True):
+        d = _net_facts(world, case.entity, a) - _net_facts(world, case.entity, b)
+        out["wins" if d > 0 else "losses" if d < 0 else "ties"] += 1
+    return out
 
 
 def evaluate(rag: SelfRAG, world: World, split: Split, num_world: int | None = None, num_instructions: int = 300,
