@@ -320,3 +320,47 @@ def test_long_form_text_tokenizes_as_transformers_does(examples, tokenizer, toke
     for _, _, ex in examples[::20]:
         text = ex.prompt + ex.response
         assert tokenizer.encode(text, add_bos=True) == hf.encode(text)
+
+
+# ---- the training stream ---------------------------------------------------------------------------------
+
+
+def _stream(world, split, seed, **kw):
+    return TrainingStream(world, split, seed=seed, long_form_fraction=0.4, long_form=training_examples, **kw)
+
+
+def test_stream_mixes_long_form_requests_about_unseen_and_training_entities_only(world, split):
+    held = [world.entity(i) for i in split.heldout_entities]
+    held_people = [e.name for e in held if e.kind == "person"]
+    held_passages = {p.text for e in held for p in world.passages_of(e.id)}
+    heldout_forms = [f for _, forms in LONG_FORM_PROMPTS.values() for f in forms]
+    heldout_re = re.compile("|".join(re.escape(f).replace(r"\{name\}", ".+") for f in heldout_forms))
+    main_names = {e.name for e in world.entities}
+    stream = _stream(world, split, seed=3, new_world_questions=100)
+    kinds: dict[str, int] = {}
+    about_main = about_other = 0
+    for _ in range(1500):
+        ex = stream.next()
+        kinds[ex.kind] = kinds.get(ex.kind, 0) + 1
+        text = ex.instruction + ex.response
+        assert not any(name in text for name in held_people), text
+        assert not any(p in ex.response for p in held_passages), text
+        assert not heldout_re.fullmatch(ex.instruction), ex.instruction
+        if ex.kind == "long_form":
+            parse(ex.response)
+            named = [n for n in main_names if n in ex.instruction]
+            about_main += bool(named)
+            about_other += not named
+    assert set(kinds) == {"relevant", "irrelevant", "no_fact", "long_form", "long_form_irrelevant"}
+    # 40% of the world draws: about 1 example in 7 is a long-form answer.
+    assert 0.09 < kinds["long_form"] / 1500 < 0.2, kinds
+    # Mostly about people and towns of fresh worlds, seen once, whose passages must be read.
+    assert about_other > 2 * about_main > 0, (about_main, about_other)
+
+
+def test_stream_with_long_form_is_deterministic_and_needs_its_maker(world, split):
+    first = [(e.instruction, e.response) for e in (lambda s: [s.next() for _ in range(300)])(_stream(world, split, 4))]
+    again = [(e.instruction, e.response) for e in (lambda s: [s.next() for _ in range(300)])(_stream(world, split, 4))]
+    assert first == again
+    with pytest.raises(ValueError, match="long_form"):
+        TrainingStream(world, split, seed=0, long_form_fraction=0.2)

@@ -85,9 +85,12 @@ SENTENCES: dict[str, dict[tuple[str, ...], str]] = {
 PARTIAL_RESIDENCE = "{S} later moved from {birthplace} to {residence}."
 
 # How a sentence going on from the previous sentence's passage is marked (shares of such sentences).
+# `[Continue to Use Evidence]` is the likeliest token there, so that greedy decoding writes it: the paper
+# flavour's segment gate expands on it as on `[Retrieval]`, and a decoding that runs to the end without
+# stopping (the released flavour's children) goes on from the passage instead of opening one it must invent.
 CONTINUATIONS: tuple[tuple[str, float], ...] = (
-    ("continue", 0.45),      # [Continue to Use Evidence]{sentence}
-    ("again", 0.30),         # the same passage retrieved again, [Relevant]{sentence}[Fully supported]
+    ("continue", 0.50),      # [Continue to Use Evidence]{sentence}
+    ("again", 0.25),         # the same passage retrieved again, [Relevant]{sentence}[Fully supported]
     ("irrelevant", 0.15),    # a distractor retrieved, [Irrelevant]{sentence}
     ("no_retrieval", 0.10),  # [No Retrieval]{sentence}
 )
