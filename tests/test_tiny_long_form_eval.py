@@ -2,10 +2,11 @@
 
 Each answer is built from an entity's attribute values and passages (not from the judges), and each judge is
 shown failing on the mistakes it exists to catch: a segment citing a distractor, a wrong year, another
-entity's town, a one-segment answer."""
+entity's town, a one-segment answer. The training targets `long_form_data` writes, by other code from the same
+records, must all pass."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import random
 
 import pytest
 
@@ -16,24 +17,23 @@ from selfrag_engine.tiny.evaluate import (
     citation_correct,
     compare_choices,
     score_long_form,
+    segment_citations,
     stated_facts,
     world_and_split,
     world_passage,
 )
+from selfrag_engine.tiny.long_form_data import LongFormCase, entity_facts, plan_segments, training_case
+from selfrag_engine.tiny.training_data import LexicalIndex
 
 
-@dataclass
-class Fact:
-    attribute: str
-    value: str
+def Case(entity, instruction, facts=(), heldout_phrasing=False):
+    return LongFormCase(entity, instruction, list(facts), [], heldout_phrasing)
 
 
-@dataclass
-class Case:
-    entity: object
-    instruction: str
-    facts: list = field(default_factory=list)
-    heldout_phrasing: bool = False
+def Fact(attribute, value):
+    # The judges read a case's facts by attribute and value only.
+    from selfrag_engine.tiny.long_form_data import Fact as DataFact
+    return DataFact(attribute, value, None)
 
 
 @pytest.fixture(scope="module")
@@ -190,3 +190,47 @@ def test_a_passage_from_elsewhere_is_an_error(world, person):
     with pytest.raises(ValueError, match="not a passage of world"):
         world_passage(world, Passage("Nowhere", "Nothing here.", "1"))
     assert world_passage(world, _plain(_main(world, person))) == _main(world, person)
+
+
+def test_nothing_stated_is_not_measured_as_zero(world, person):
+    case = Case(person, "q", [Fact("occupation", person.attributes["occupation"])])
+    scores = score_long_form(world, [case], [long_answer([seg("Hello there!", None, 0)])])
+    assert (scores["segments_judged"], scores["citation"], scores["facts_stated"], scores["fact_precision"]) == \
+        (0, None, 0, None)
+    assert scores["fact_recall"] == 0.0 and scores["multi_segment"] == 0.0
+
+
+def test_a_fact_said_again_needs_no_new_citation(world, person):
+    a = person.attributes
+    pron = person.pronoun.capitalize()
+    born = seg(f"{person.name} was born in {a['birthplace']}.", _plain(_main(world, person)), 1)
+    # Self-RAG's "partially supported" sentence: the move passage states the residence, not the birthplace.
+    moved = seg(f"{pron} later moved from {a['birthplace']} to {a['residence']}.", _plain(_move(world, person)), 2)
+    assert [f.attribute for f in stated_facts(world, person, moved.text)] == ["birthplace", "residence"]
+    assert segment_citations(world, person, [born, moved]) == [True, True]
+    assert citation_correct(world, person, moved) is False  # said first here, the birthplace is uncited
+    assert segment_citations(world, person, [born, seg(born.text, None, 2)]) == [True, None]
+    # The move's towns swapped: both wrong, and an earlier right birthplace does not excuse the segment.
+    swapped = seg(f"{pron} later moved from {a['residence']} to {a['birthplace']}.", _plain(_move(world, person)))
+    assert [f.correct for f in stated_facts(world, person, swapped.text)] == [False, False]
+    assert segment_citations(world, person, [born, swapped]) == [True, False]
+
+
+def test_the_judges_accept_every_answer_the_training_data_writes(world):
+    """The training targets of `long_form_data` (written from the same records by other code) pass: every
+    sentence's facts right, each segment citing the passage the tree would hand it (the one shown before it,
+    or for a continuation the previous one), all of the entity's facts stated."""
+    rng = random.Random(0)
+    index = LexicalIndex.build(world.passages)
+    people = [e for e in world.entities if e.kind == "person"]
+    for entity in rng.sample(people, 80) + [e for e in world.entities if e.kind == "town"][:20]:
+        segments, shown = [], None
+        for planned in plan_segments(training_case(world, entity, index, rng), rng):
+            if planned.form in ("retrieval", "again"):
+                shown = planned.shown
+            segments.append(seg(planned.sentence, shown))
+        assert False not in segment_citations(world, entity, segments), (entity, segments)
+        facts = stated_facts(world, entity, " ".join(s.text for s in segments))
+        assert all(f.correct for f in facts)
+        assert {(f.attribute, f.value) for f in facts} == {(f.attribute, f.value)
+                                                          for f in entity_facts(world, entity)}
