@@ -364,3 +364,18 @@ def test_stream_with_long_form_is_deterministic_and_needs_its_maker(world, split
     assert first == again
     with pytest.raises(ValueError, match="long_form"):
         TrainingStream(world, split, seed=0, long_form_fraction=0.2)
+
+
+def test_demo_examples_hold_long_form_requests_about_heldout_entities(world, split, tmp_path):
+    import json
+
+    from selfrag_engine.tiny.train import write_examples
+
+    write_examples(world, split, tmp_path)
+    requests = json.loads((tmp_path / "examples.json").read_text())["long_form"]
+    held = {world.entity(i).name: world.entity(i) for i in split.heldout_entities}
+    assert [held[r["entity"]].kind for r in requests] == ["person", "person", "town"]
+    for r in requests:
+        entity = held[r["entity"]]
+        assert r["facts"] == entity.attributes
+        assert r["instruction"] in {f.format(name=entity.name) for f in LONG_FORM_PROMPTS[entity.kind][0]}
