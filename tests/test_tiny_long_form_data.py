@@ -364,3 +364,43 @@ def test_stream_with_long_form_is_deterministic_and_needs_its_maker(world, split
     assert first == again
     with pytest.raises(ValueError, match="long_form"):
         TrainingStream(world, split, seed=0, long_form_fraction=0.2)
+
+
+def test_demo_examples_hold_long_form_requests_about_heldout_entities(world, split, tmp_path):
+    import json
+
+    from selfrag_engine.tiny.train import write_examples
+
+    write_examples(world, split, tmp_path)
+    requests = json.loads((tmp_path / "examples.json").read_text())["long_form"]
+    held = {world.entity(i).name: world.entity(i) for i in split.heldout_entities}
+    assert [held[r["entity"]].kind for r in requests] == ["person", "person", "town"]
+    for r in requests:
+        entity = held[r["entity"]]
+        assert r["facts"] == entity.attributes
+        assert r["instruction"] in {f.format(name=entity.name) for f in LONG_FORM_PROMPTS[entity.kind][0]}
+
+
+def test_the_engine_inserts_a_passage_as_the_tokens_trained_at_that_place(examples, tokenizer):
+    """The long-form tree cuts a segment at a retrieval token and forks children with
+    `passage_suffixes` appended: the prompt and every passage must be the very tokens the target holds there,
+    or the model meets text it was never trained on at every depth."""
+    from selfrag_engine.retrieval.passages import Passage
+    from selfrag_engine.selfrag.decisions import passage_suffixes
+    from selfrag_engine.selfrag.prompts import format_prompt
+
+    ret = tokenizer.token_to_id(RETRIEVAL)
+    stops = {tokenizer.token_to_id(t) for t in (RETRIEVAL, NO_RETRIEVAL, CONTINUE, PARAGRAPH_OPEN)}
+    for _, case, ex in examples[::4]:
+        ids = encode_example(ex, tokenizer).input_ids
+        prompt = tokenizer.encode(format_prompt(case.instruction))
+        assert ids[:len(prompt)] == prompt
+        segments, _ = parse(ex.response)
+        starts = [i for i in range(len(prompt), len(ids)) if ids[i] in stops - {tokenizer.token_to_id(PARAGRAPH_OPEN)}]
+        assert len(starts) == len(segments) and starts[0] == len(prompt)
+        for at, s in zip(starts, segments):
+            if s["token"] != RETRIEVAL:
+                continue
+            assert ids[at] == ret
+            suffix = passage_suffixes(tokenizer, [Passage(s["title"], s["text"], "0")])[0]
+            assert ids[at:at + len(suffix)] == suffix
