@@ -1,12 +1,12 @@
 """Trains the tiny Self-RAG model on the synthetic world, on the CPU, and measures it on held-out data.
 
-    python -m selfrag_engine.tiny.train --out DIR [--steps 5000] [--seed 0] [--snapshot-every N]
+    python -m selfrag_engine.tiny.train --out DIR [--steps N] [--seed 0] [--snapshot-every N]
 
 Writes a Hugging Face checkpoint directory (config.json, model.safetensors, generation_config.json, the
 SentencePiece tokenizer with the 16 Self-RAG tokens), corpus.jsonl (the world's passages), examples.json
-(held-out questions and instructions for demos) and training.json (the run's settings, its statistics and
-the held-out evaluation of `selfrag_engine.tiny.evaluate`, which reads the written checkpoint through the
-engine). A run is fixed by its seed and step count (which also sets the learning-rate schedule): the same
+(held-out questions, instructions and long-form requests for demos) and training.json (the run's settings,
+its statistics and the held-out evaluation of `selfrag_engine.tiny.evaluate`, short form and long form, which
+reads the written checkpoint through the engine). A run is fixed by its seed and step count (which also sets the learning-rate schedule): the same
 command gives the same weights with the same thread count (2) on the same kind of CPU.
 """
 from __future__ import annotations
@@ -425,6 +425,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vocab", type=int, default=TrainConfig.sp_vocab_size, help="SentencePiece pieces")
     parser.add_argument("--eval-questions", type=int, default=None, help="default: every held-out question")
     parser.add_argument("--eval-instructions", type=int, default=300)
+    parser.add_argument("--eval-long-form", type=int, default=None,
+                        help="long-form cases to evaluate (default: every one; 0: none)")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(2)
@@ -463,7 +465,8 @@ def main(argv: list[str] | None = None) -> None:
     stats["wall_seconds_with_tokenizer_and_saving"] = round(time.perf_counter() - wall, 1)
     log(f"trained in {stats['seconds']} s; evaluating the written checkpoint through the engine")
 
-    result = evaluate(load_selfrag(out), world, split, args.eval_questions, args.eval_instructions)
+    result = evaluate(load_selfrag(out), world, split, args.eval_questions, args.eval_instructions,
+                      num_long_form=args.eval_long_form)
     log(json.dumps(result.summary(), indent=2))
     record = {"command": "python -m selfrag_engine.tiny.train " + " ".join(sys.argv[1:] if argv is None else argv),
               "threads": torch.get_num_threads(), "train_config": asdict(cfg), "model_shape": asdict(shape),
