@@ -15,6 +15,7 @@ import argparse
 import json
 import math
 import random
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -106,11 +107,22 @@ class TrainConfig:
     decision_weight: float = 3.0
     # Examples are drawn this many batches at a time and batched by length, which cuts the padding by half.
     bucket_batches: int = 8
-    # bf16 autocast: on CPUs with AMX or AVX512-BF16 the matrix products run about 4x faster; master weights,
-    # optimizer state and the loss stay float32.
-    bf16: bool = True
+    # bf16 autocast (None: where the CPU has bf16 matrix instructions, `bf16_is_native`): with AMX or AVX512-BF16
+    # the matrix products run about 4x faster; on an AVX2-only CPU they are emulated, and 7 steps of the
+    # 256-wide shape took over a minute where float32 takes 1.4 s a step. Master weights, optimizer state and the
+    # loss stay float32.
+    bf16: bool | None = None
     # Write the weights so far to DIR/step-N every this many steps (0: never), to inspect a run under way.
     snapshot_every: int = 0
+
+
+def bf16_is_native(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether the CPU multiplies bf16 matrices natively (AMX or AVX512-BF16), read from the kernel's flags."""
+    try:
+        flags = cpuinfo.read_text()
+    except OSError:
+        return False
+    return re.search(r"\b(amx_bf16|avx512_bf16)\b", flags) is not None
 
 
 def new_stream(world: World, split: Split, cfg: TrainConfig, seed: int) -> TrainingStream:
@@ -320,6 +332,7 @@ def train(model: Llama, tokenizer, stream: TrainingStream, cfg: TrainConfig, pro
     decision_ids = {tokenizer.token_to_id(t) for t in ("[Retrieval]", "[No Retrieval]", "[Continue to Use Evidence]",
                                                        "[Relevant]", "[Irrelevant]")}
     pad_id = tokenizer.token_to_id("<pad>")
+    bf16 = bf16_is_native() if cfg.bf16 is None else cfg.bf16
     total = cfg.steps
     start = time.perf_counter()
     losses: list[float] = []
@@ -333,7 +346,7 @@ def train(model: Llama, tokenizer, stream: TrainingStream, cfg: TrainConfig, pro
         lr = lr_at(step, total, cfg)
         for group in opt.param_groups:
             group["lr"] = lr
-        loss = batch_loss(model, batch, cfg.bf16)
+        loss = batch_loss(model, batch, bf16)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -419,7 +432,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--copy-fraction", type=float, default=TrainConfig.copy_fraction)
     parser.add_argument("--long-form-fraction", type=float, default=TrainConfig.long_form_fraction)
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=TrainConfig.bf16,
-                        help="bf16 autocast of the matrix products")
+                        help="bf16 autocast of the matrix products (default: where the CPU has bf16 "
+                             "matrix instructions)")
     parser.add_argument("--snapshot-every", type=int, default=0)
     parser.add_argument("--stop-after", type=int, default=None, help="stop after N steps of the --steps schedule")
     parser.add_argument("--vocab", type=int, default=TrainConfig.sp_vocab_size, help="SentencePiece pieces")
@@ -438,7 +452,8 @@ def main(argv: list[str] | None = None) -> None:
                       lr=args.lr, fresh_fraction=args.fresh_fraction, remix_fraction=args.remix_fraction,
                       world_fraction=args.world_fraction, copy_fraction=args.copy_fraction,
                       long_form_fraction=args.long_form_fraction, sp_vocab_size=args.vocab,
-                      snapshot_every=args.snapshot_every, stop_after=args.stop_after, bf16=args.bf16)
+                      snapshot_every=args.snapshot_every, stop_after=args.stop_after,
+                      bf16=bf16_is_native() if args.bf16 is None else args.bf16)
     shape = ModelShape(args.hidden, args.intermediate, args.layers, args.heads)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
