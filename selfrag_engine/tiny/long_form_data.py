@@ -43,11 +43,16 @@ from selfrag_engine.tiny.world import Entity, World, WorldPassage
 
 # entity kind -> (phrasings used in training, phrasings kept for evaluation only)
 LONG_FORM_PROMPTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    # An 850-step run wrote several segments for 26 of 26 requests in training phrasings but for only 5 of
+    # 14 in held-out ones, hence many phrasings.
     "person": (("Tell me about {name}.", "Write a short biography of {name}.", "Tell me a bio of {name}.",
-                "Who is {name}?", "Write a few sentences about {name}."),
+                "Who is {name}?", "Write a few sentences about {name}.", "Tell me everything you know about {name}.",
+                "Give me a biography of {name}.", "Write a paragraph about {name}.", "Describe {name}."),
                ("What do you know about {name}?", "Give me a short bio of {name}.")),
     "town": (("Describe the town of {name}.", "Tell me about the town of {name}.", "Tell me about {name}.",
-              "Write a few sentences about {name}."),
+              "Write a few sentences about {name}.", "Tell me everything you know about {name}.",
+              "Write a paragraph about the town of {name}.", "Give me an overview of {name}.",
+              "Describe {name}."),
              ("What can you tell me about the town of {name}?", "Give me a description of {name}.")),
 }
 
