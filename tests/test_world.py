@@ -361,3 +361,15 @@ def test_training_is_deterministic_from_its_seed_and_lowers_the_loss(world, spli
     assert start["final_loss"] > 0.9 * math.log(tokenizer.vocab_size), start
     _, stats = run(0, 100)
     assert stats["final_loss"] < 0.75 * start["final_loss"], (start, stats)
+
+
+def test_bf16_autocast_is_chosen_only_where_the_cpu_multiplies_bf16_natively(tmp_path):
+    from selfrag_engine.tiny.train import bf16_is_native
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("flags\t\t: fpu sse2 avx2 fma avx512f avx512bw\n")
+    assert not bf16_is_native(info)
+    for flag in ("avx512_bf16", "amx_bf16"):
+        info.write_text(f"flags\t\t: fpu sse2 avx2 avx512f {flag} avx512_vnni\n")
+        assert bf16_is_native(info)
+    assert not bf16_is_native(tmp_path / "missing")

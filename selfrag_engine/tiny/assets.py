@@ -4,7 +4,8 @@ The directory ships as package data, so an installed package finds it next to th
 
 - the Hugging Face checkpoint (config.json, model.safetensors, tokenizer files), loadable by `Engine.from_pretrained`;
 - `corpus.jsonl`: the world's passages, one `{"id", "title", "text"}` object a line, to index for retrieval;
-- `examples.json`: a few held-out questions (with their gold answers) and no-fact instructions for demos;
+- `examples.json`: a few held-out questions (with their gold answers), no-fact instructions and long-form
+  requests (with the facts a good answer states) for demos;
 - `MODEL_CARD.md`: what the model learned, how it was made, its measured accuracy.
 """
 from __future__ import annotations

@@ -1,12 +1,12 @@
 """Trains the tiny Self-RAG model on the synthetic world, on the CPU, and measures it on held-out data.
 
-    python -m selfrag_engine.tiny.train --out DIR [--steps 5000] [--seed 0] [--snapshot-every N]
+    python -m selfrag_engine.tiny.train --out DIR [--steps N] [--seed 0] [--snapshot-every N]
 
 Writes a Hugging Face checkpoint directory (config.json, model.safetensors, generation_config.json, the
 SentencePiece tokenizer with the 16 Self-RAG tokens), corpus.jsonl (the world's passages), examples.json
-(held-out questions and instructions for demos) and training.json (the run's settings, its statistics and
-the held-out evaluation of `selfrag_engine.tiny.evaluate`, which reads the written checkpoint through the
-engine). A run is fixed by its seed and step count (which also sets the learning-rate schedule): the same
+(held-out questions, instructions and long-form requests for demos) and training.json (the run's settings,
+its statistics and the held-out evaluation of `selfrag_engine.tiny.evaluate`, short form and long form, which
+reads the written checkpoint through the engine). A run is fixed by its seed and step count (which also sets the learning-rate schedule): the same
 command gives the same weights with the same thread count (2) on the same kind of CPU.
 """
 from __future__ import annotations
@@ -15,6 +15,7 @@ import argparse
 import json
 import math
 import random
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -35,6 +36,7 @@ from selfrag_engine.tiny.evaluate import (
     load_selfrag,
     world_and_split,
 )
+from selfrag_engine.tiny import long_form_data
 from selfrag_engine.tiny.training_data import (
     Encoded,
     Split,
@@ -56,10 +58,12 @@ def log(message: str) -> None:
 
 @dataclass
 class ModelShape:
-    # A run 256 wide with 8 heads (about as fast on this CPU) stalled: the held-out relevance stayed near chance
-    # and no answer was copied exactly after 2000 steps, where this shape had learned both.
-    hidden_size: int = 192
-    intermediate_size: int = 512
+    # Heads of 64, as in Llama-2 (128 in the 7B), so the kernels run at a head size real checkpoints have. A run
+    # 256 wide with 8 heads of 32 stalled: the held-out relevance stayed near chance and no answer was copied
+    # exactly after 2000 steps, where 192 wide with 4 heads of 48 had learned both. On 2 AVX2 cores in float32 a
+    # step of this shape took 1.4 s (batches aside), of 192 wide with 3 heads of 64 1.15 s.
+    hidden_size: int = 256
+    intermediate_size: int = 768
     num_hidden_layers: int = 4
     num_attention_heads: int = 4
     max_position_embeddings: int = 512
@@ -72,7 +76,9 @@ class ModelShape:
 @dataclass
 class TrainConfig:
     seed: int = 0
-    steps: int = 5000
+    # About two hours on 2 AVX2 cores in float32: the default shape with long-form answers in the mix ran 1.8 s a
+    # step there (batches included), with about a minute for the tokenizer and a few for the evaluation.
+    steps: int = 3500
     # Stop after this many steps of the `steps`-step schedule (None: run it all): the weights a longer schedule
     # has at that step, for runs that must fit in less time than the schedule they are compared with.
     stop_after: int | None = None
@@ -94,22 +100,39 @@ class TrainConfig:
     # learned when to retrieve and which passage is relevant, but after 6000 steps still could not repeat an
     # unseen name: copying arrived too slowly from the few copied tokens of each world answer.
     copy_fraction: float = 0.5
-    # Decision tokens (the first response token and the relevance token) carry the behaviour the scores read;
-    # weighting them keeps them from being drowned by the many copy tokens of each answer.
+    # Share of the world draws that are long-form requests ("Tell me about X", long_form_data) instead of a
+    # question pair. At 0.4 they are 16% of the examples and 31% of the target tokens (an answer has 4 to 5
+    # times the target tokens of a short one); the question pairs keep 47% of the examples (53% without).
+    long_form_fraction: float = 0.4
+    # Decision tokens (the retrieval tokens, at the first response position and between long-form sentences, and
+    # the relevance token) carry the behaviour the scores read; weighting them keeps them from being drowned by
+    # the many copy tokens of each answer.
     decision_weight: float = 3.0
     # Examples are drawn this many batches at a time and batched by length, which cuts the padding by half.
     bucket_batches: int = 8
-    # bf16 autocast: on CPUs with AMX or AVX512-BF16 the matrix products run about 4x faster; master weights,
-    # optimizer state and the loss stay float32.
-    bf16: bool = True
+    # bf16 autocast (None: where the CPU has bf16 matrix instructions, `bf16_is_native`): with AMX or AVX512-BF16
+    # the matrix products run about 4x faster; on an AVX2-only CPU they are emulated, and 7 steps of the
+    # 256-wide shape took over a minute where float32 takes 1.4 s a step. Master weights, optimizer state and the
+    # loss stay float32.
+    bf16: bool | None = None
     # Write the weights so far to DIR/step-N every this many steps (0: never), to inspect a run under way.
     snapshot_every: int = 0
+
+
+def bf16_is_native(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether the CPU multiplies bf16 matrices natively (AMX or AVX512-BF16), read from the kernel's flags."""
+    try:
+        flags = cpuinfo.read_text()
+    except OSError:
+        return False
+    return re.search(r"\b(amx_bf16|avx512_bf16)\b", flags) is not None
 
 
 def new_stream(world: World, split: Split, cfg: TrainConfig, seed: int) -> TrainingStream:
     return TrainingStream(world, split, seed=seed, world_fraction=cfg.world_fraction,
                           remix_fraction=cfg.remix_fraction, fresh_fraction=cfg.fresh_fraction,
-                          copy_fraction=cfg.copy_fraction)
+                          copy_fraction=cfg.copy_fraction, long_form_fraction=cfg.long_form_fraction,
+                          long_form=long_form_data.training_examples)
 
 
 # ---- tokenizer -----------------------------------------------------------------------------------
@@ -257,6 +280,40 @@ def make_probe(world: World, split: Split, tokenizer, n: int = 48) -> Probe:
     return Probe(batch, rel_rows, want, spans)
 
 
+@dataclass
+class LongFormProbe:
+    """Held-out long-form targets, teacher-forced: how many of their sentences the model writes exactly (the
+    decision tokens between them are drawn at random in the data, so only the sentences are read)."""
+    batch: Batch
+    sentences: list[tuple[int, int, int]]  # (row, first position predicting the sentence, end)
+
+
+def make_long_form_probe(world: World, split: Split, tokenizer, n: int = 24) -> LongFormProbe:
+    control = {tokenizer.token_to_id(t) for t in ADDED_TOKENS} | {tokenizer.eos_id}
+    rng = random.Random(321)
+    encoded, spans = [], []
+    for case in long_form_data.long_form_cases(world, split, n, seed=321):
+        e = encode_example(long_form_data.long_form_example(case, rng), tokenizer)
+        row = len(encoded)
+        encoded.append(e)
+        run = None
+        for i, (t, m) in enumerate(zip(e.input_ids, e.loss_mask)):
+            if m and t not in control and run is None:
+                run = i
+            elif (not m or t in control) and run is not None:
+                spans.append((row, run - 1, i - 1))
+                run = None
+    batch = make_batch(encoded, tokenizer.token_to_id("<pad>"), set(), 1.0)
+    return LongFormProbe(batch, spans)
+
+
+@torch.inference_mode()
+def run_long_form_probe(model: Llama, probe: LongFormProbe) -> float:
+    pred = model.forward_dense(probe.batch.input_ids).argmax(-1)
+    ids = probe.batch.input_ids
+    return sum(bool((pred[r, a:b] == ids[r, a + 1:b + 1]).all()) for r, a, b in probe.sentences) / len(probe.sentences)
+
+
 @torch.inference_mode()
 def run_probe(model: Llama, probe: Probe, tokenizer) -> tuple[float, float]:
     rel_id, irrel_id = tokenizer.token_to_id("[Relevant]"), tokenizer.token_to_id("[Irrelevant]")
@@ -269,15 +326,16 @@ def run_probe(model: Llama, probe: Probe, tokenizer) -> tuple[float, float]:
 
 
 def train(model: Llama, tokenizer, stream: TrainingStream, cfg: TrainConfig, probe: Probe | None = None,
-          snapshot: "Callable[[int], None] | None" = None) -> dict:
+          snapshot: "Callable[[int], None] | None" = None, long_form_probe: LongFormProbe | None = None) -> dict:
     """AdamW over the example stream; returns what the model card records (steps, time, last losses)."""
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
-    decision_ids = {tokenizer.token_to_id(t) for t in ("[Retrieval]", "[No Retrieval]", "[Relevant]",
-                                                       "[Irrelevant]")}
+    decision_ids = {tokenizer.token_to_id(t) for t in ("[Retrieval]", "[No Retrieval]", "[Continue to Use Evidence]",
+                                                       "[Relevant]", "[Irrelevant]")}
     pad_id = tokenizer.token_to_id("<pad>")
+    bf16 = bf16_is_native() if cfg.bf16 is None else cfg.bf16
     total = cfg.steps
     start = time.perf_counter()
     losses: list[float] = []
@@ -291,7 +349,7 @@ def train(model: Llama, tokenizer, stream: TrainingStream, cfg: TrainConfig, pro
         lr = lr_at(step, total, cfg)
         for group in opt.param_groups:
             group["lr"] = lr
-        loss = batch_loss(model, batch, cfg.bf16)
+        loss = batch_loss(model, batch, bf16)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -305,6 +363,10 @@ def train(model: Llama, tokenizer, stream: TrainingStream, cfg: TrainConfig, pro
                 rel_acc, answer_exact = run_probe(model, probe, tokenizer)
                 model.train()
                 extra = f"  held-out relevance {rel_acc:.3f} answers {answer_exact:.3f}"
+                if long_form_probe is not None:
+                    model.eval()
+                    extra += f"  long-form sentences {run_long_form_probe(model, long_form_probe):.3f}"
+                    model.train()
             if snapshot is not None and cfg.snapshot_every and step % cfg.snapshot_every == 0:
                 snapshot(step)
             log(f"step {step}/{total}  loss {sum(losses[-50:]) / 50:.4f}  lr {lr:.2e}  "
@@ -346,7 +408,13 @@ def write_examples(world: World, split: Split, out: Path, n: int = 8) -> None:
             questions.append({"question": q.text, "gold": q.gold})
     instructions = [{"instruction": ex.instruction, "answer": expected_answer(ex)}
                     for ex in heldout_instructions(world, split, n, seed=7)]
-    record = {"questions": questions[:n], "instructions": instructions}
+    # Long-form requests in training phrasings: a person with two passages first, then a town.
+    cases = [c for c in long_form_data.long_form_cases(world, split, seed=7) if not c.heldout_phrasing]
+    cases.sort(key=lambda c: (c.entity.kind != "person", -len({f.passage.id for f in c.facts})))
+    long_form = [{"instruction": c.instruction, "entity": c.entity.name,
+                  "facts": {f.attribute: f.value for f in c.facts}} for c in cases[:2] + [
+                      next(c for c in cases if c.entity.kind == "town")]]
+    record = {"questions": questions[:n], "instructions": instructions, "long_form": long_form}
     (out / EXAMPLES_FILE).write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
@@ -365,11 +433,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--remix-fraction", type=float, default=TrainConfig.remix_fraction)
     parser.add_argument("--world-fraction", type=float, default=TrainConfig.world_fraction)
     parser.add_argument("--copy-fraction", type=float, default=TrainConfig.copy_fraction)
+    parser.add_argument("--long-form-fraction", type=float, default=TrainConfig.long_form_fraction)
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=TrainConfig.bf16,
+                        help="bf16 autocast of the matrix products (default: where the CPU has bf16 "
+                             "matrix instructions)")
     parser.add_argument("--snapshot-every", type=int, default=0)
     parser.add_argument("--stop-after", type=int, default=None, help="stop after N steps of the --steps schedule")
     parser.add_argument("--vocab", type=int, default=TrainConfig.sp_vocab_size, help="SentencePiece pieces")
     parser.add_argument("--eval-questions", type=int, default=None, help="default: every held-out question")
     parser.add_argument("--eval-instructions", type=int, default=300)
+    parser.add_argument("--eval-long-form", type=int, default=None,
+                        help="long-form cases to evaluate (default: every one; 0: none)")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(2)
@@ -379,8 +453,10 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_flush_denormal(True)
     cfg = TrainConfig(seed=args.seed, steps=args.steps, batch_size=args.batch_size,
                       lr=args.lr, fresh_fraction=args.fresh_fraction, remix_fraction=args.remix_fraction,
-                      world_fraction=args.world_fraction, copy_fraction=args.copy_fraction, sp_vocab_size=args.vocab,
-                      snapshot_every=args.snapshot_every, stop_after=args.stop_after)
+                      world_fraction=args.world_fraction, copy_fraction=args.copy_fraction,
+                      long_form_fraction=args.long_form_fraction, sp_vocab_size=args.vocab,
+                      snapshot_every=args.snapshot_every, stop_after=args.stop_after,
+                      bf16=bf16_is_native() if args.bf16 is None else args.bf16)
     shape = ModelShape(args.hidden, args.intermediate, args.layers, args.heads)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -399,14 +475,16 @@ def main(argv: list[str] | None = None) -> None:
     def snapshot(step: int) -> None:
         save_checkpoint(model, out, config, out / f"step-{step}")
 
-    stats = train(model, tokenizer, stream, cfg, make_probe(world, split, tokenizer), snapshot)
+    stats = train(model, tokenizer, stream, cfg, make_probe(world, split, tokenizer), snapshot,
+                  make_long_form_probe(world, split, tokenizer) if cfg.long_form_fraction > 0 else None)
     save_checkpoint(model, out, config)
     write_corpus(out, world.passages)
     write_examples(world, split, out)
     stats["wall_seconds_with_tokenizer_and_saving"] = round(time.perf_counter() - wall, 1)
     log(f"trained in {stats['seconds']} s; evaluating the written checkpoint through the engine")
 
-    result = evaluate(load_selfrag(out), world, split, args.eval_questions, args.eval_instructions)
+    result = evaluate(load_selfrag(out), world, split, args.eval_questions, args.eval_instructions,
+                      num_long_form=args.eval_long_form)
     log(json.dumps(result.summary(), indent=2))
     record = {"command": "python -m selfrag_engine.tiny.train " + " ".join(sys.argv[1:] if argv is None else argv),
               "threads": torch.get_num_threads(), "train_config": asdict(cfg), "model_shape": asdict(shape),

@@ -499,6 +499,15 @@ class QuestionSource:
     index: LexicalIndex  # over the passages it may show
     questions: list[Question]
 
+    @property
+    def entities(self) -> list[Entity]:
+        """The entities its questions ask about, in the order of the world."""
+        cache = self.__dict__.get("_entities")
+        if cache is None:
+            asked = {q.entity_id for q in self.questions}
+            cache = self.__dict__["_entities"] = [e for e in self.world.entities if e.id in asked]
+        return cache
+
     @classmethod
     def of(cls, world: World, excluded: set[str]) -> "QuestionSource":
         """Leaves out the entities in `excluded` and every passage about them."""
@@ -536,7 +545,11 @@ class TrainingStream:
 
     A world question comes as a pair, relevant and irrelevant, one after the other: seeing the same question
     with both labels close together (length bucketing usually puts them in one batch) makes the relevance
-    token's dependence on the passage the easiest thing to learn, instead of the question's wording."""
+    token's dependence on the passage the easiest thing to learn, instead of the question's wording.
+
+    With `long_form` given (`long_form_data.training_examples`) a `long_form_fraction` of the world draws are
+    long-form requests about an entity of the same sources instead ("Tell me about X", answered sentence by
+    sentence from its passages), so that the long form, too, is mostly about entities seen once."""
     world: World
     split: Split
     seed: int = 0
@@ -545,8 +558,13 @@ class TrainingStream:
     fresh_fraction: float = 0.7  # of world questions
     copy_fraction: float = 0.0  # of no-fact examples: made-up names and years to repeat (`copy_task`)
     new_world_questions: int = 400
+    long_form_fraction: float = 0.0  # of world draws
+    # (world, entity, passages it may show, rng) -> examples; given by the caller (`long_form_data`).
+    long_form: Callable[[World, Entity, "LexicalIndex", random.Random], list[Example]] | None = None
 
     def __post_init__(self) -> None:
+        if self.long_form_fraction > 0 and self.long_form is None:
+            raise ValueError("long_form_fraction > 0 needs the long_form example maker")
         held = set(self.split.heldout_entities)
         self.rng = random.Random(self.seed)
         self.main = QuestionSource.of(self.world, held)
@@ -587,6 +605,11 @@ class TrainingStream:
             source = self._source("fresh")
         else:
             source = self.main
+        if self.long_form_fraction > 0 and self.rng.random() < self.long_form_fraction:
+            assert self.long_form is not None
+            examples = self.long_form(source.world, self.rng.choice(source.entities), source.index, self.rng)
+            self.pending.extend(reversed(examples[1:]))
+            return examples[0]
         pair = source.pair(self.rng)
         self.rng.shuffle(pair)
         self.pending.append(pair[1])
