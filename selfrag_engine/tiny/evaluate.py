@@ -466,7 +466,7 @@ def evaluate_long_form(engine: Engine, world: World, split: Split, n: int | None
 
 
 def evaluate(rag: SelfRAG, world: World, split: Split, num_world: int | None = None, num_instructions: int = 300,
-             seed: int = 0, batch_size: int = 32, num_long_form: int | None = 0) -> Evaluation:
+             seed: int = 0, batch_size: int = 32, num_long_form: int | None = None) -> Evaluation:
     """num_long_form: long-form cases to measure (None: every one `long_form_cases` makes; 0: none)."""
     start = time.perf_counter()
     cases = world_cases(world, split, num_world, seed)
