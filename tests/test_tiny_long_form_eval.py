@@ -234,3 +234,38 @@ def test_the_judges_accept_every_answer_the_training_data_writes(world):
         assert all(f.correct for f in facts)
         assert {(f.attribute, f.value) for f in facts} == {(f.attribute, f.value)
                                                           for f in entity_facts(world, entity)}
+
+
+def test_the_evaluation_command_reports_the_long_form(tmp_path):
+    """`python -m selfrag_engine.tiny.evaluate`, run from another directory as a user runs it, prints the long
+    form's measures for both flavours, beam and greedy, beside the short form's."""
+    import json
+    import subprocess
+    import sys
+
+    from selfrag_engine.tiny.assets import default_model_dir
+
+    if not (default_model_dir() / "model.safetensors").is_file():
+        pytest.skip("tiny_selfrag not present")
+    result = subprocess.run([sys.executable, "-m", "selfrag_engine.tiny.evaluate", "--world-questions", "4",
+                             "--instructions", "4", "--long-form", "6", "--threads", "1"],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert (report["world_questions"], report["instructions"]) == (4, 4) and "failures" not in report
+    long_form = report["long_form"]
+    assert long_form["cases"] == 6 and long_form["settings"]["beam_width"] == 2
+    for compat, mode in (("paper", "adaptive"), ("released", "always")):
+        part = long_form[compat]
+        assert part["mode"] == mode
+        assert sum(part["beam_vs_greedy"].values()) == 6
+        assert sum(p["answers"] for p in part["by_phrasing"].values()) == 6
+        for path in ("beam", "greedy"):
+            scores = part[path]
+            assert scores["answers"] == 6 and "failures" not in scores
+            for key in ("multi_segment", "retrieved", "citation", "fact_precision", "fact_recall"):
+                assert scores[key] is None or 0.0 <= scores[key] <= 1.0, (compat, path, key, scores)
+    assert long_form["released"]["beam"]["retrieved"] == 1.0  # it always retrieves
+    # The misses to read come on stderr, one JSON object a line, the long form's named by flavour.
+    lines = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    assert {f["long_form"] for f in lines if "long_form" in f} <= {"paper", "released"}

@@ -34,7 +34,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Sequence
 
 import torch
 
@@ -341,22 +341,13 @@ def answer_segments(segments: Sequence[Segment]) -> list[Segment]:
     return [s for s in segments if s.text.strip()]
 
 
-class LongFormCaseLike(Protocol):
-    """What the long-form measures read of a case: the entity asked about, the facts a good answer states
-    (each with `attribute` and `value`), and whether the instruction is worded as in training."""
-    entity: Entity
-    instruction: str
-    facts: list
-    heldout_phrasing: bool
-
-
 def _net_facts(world: World, entity: Entity, answer: LongAnswer) -> int:
     """Distinct correct facts of an answer minus its wrong ones: what a reader gains from it."""
     facts = stated_facts(world, entity, answer.answer)
     return len({(f.attribute, f.value) for f in facts if f.correct}) - sum(not f.correct for f in facts)
 
 
-def score_long_form(world: World, cases: Sequence[LongFormCaseLike], answers: Sequence[LongAnswer]) -> dict:
+def score_long_form(world: World, cases: Sequence[LongFormCase], answers: Sequence[LongAnswer]) -> dict:
     """The long-form measures of answers to `cases`:
     - multi_segment: share of answers with at least 2 segments holding text;
     - citation: share of segments stating a new fact whose cited passage states it for the asked entity
@@ -400,7 +391,7 @@ def _share(part: int, whole: int) -> float | None:
     return round(part / whole, 4) if whole else None
 
 
-def compare_choices(world: World, cases: Sequence[LongFormCaseLike], chosen: Sequence[LongAnswer],
+def compare_choices(world: World, cases: Sequence[LongFormCase], chosen: Sequence[LongAnswer],
                     baseline: Sequence[LongAnswer]) -> dict[str, int]:
     """Per case, whether `chosen` (the beam's answer) states more net correct facts than `baseline` (the
     greedy path's): counts of wins, ties and losses."""
@@ -412,7 +403,7 @@ def compare_choices(world: World, cases: Sequence[LongFormCaseLike], chosen: Seq
 
 
 # The long form is run as the reference's commands run it: the paper flavour lets the model decide when to
-# retrieve (as the bio task does); the released flavour always retrieves (as the README's ASQA command does:
+# retrieve (as the bio task does); the released flavour always retrieves (as the released ASQA command does:
 # adaptively, the released script never retrieves, since it looks for "[Retrieval]" in text vLLM stripped).
 LONG_FORM_MODES = {"paper": "adaptive", "released": "always"}
 LONG_FORM_BEAM = 2
@@ -437,6 +428,8 @@ def evaluate_long_form(engine: Engine, world: World, split: Split, n: int | None
     beam (width 2) and for the greedy single path (width 1) over the same passages, and how often the beam's
     answer states more net correct facts than the greedy one's. Returns the measures and a few failures."""
     cases = long_form_cases(world, split, n, seed)
+    if not cases:
+        raise ValueError(f"no long-form cases to measure (n={n!r})")
     ndocs = max(len(c.passages) for c in cases)
     out: dict = {"cases": len(cases), "entities": len({c.entity.id for c in cases}),
                  "held_out_phrasings": sum(c.heldout_phrasing for c in cases),
@@ -466,7 +459,7 @@ def evaluate_long_form(engine: Engine, world: World, split: Split, n: int | None
 
 
 def evaluate(rag: SelfRAG, world: World, split: Split, num_world: int | None = None, num_instructions: int = 300,
-             seed: int = 0, batch_size: int = 32, num_long_form: int | None = 0) -> Evaluation:
+             seed: int = 0, batch_size: int = 32, num_long_form: int | None = None) -> Evaluation:
     """num_long_form: long-form cases to measure (None: every one `long_form_cases` makes; 0: none)."""
     start = time.perf_counter()
     cases = world_cases(world, split, num_world, seed)
