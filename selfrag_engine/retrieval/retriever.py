@@ -85,6 +85,14 @@ def _check_k(k: Any) -> int:
     return int(k)
 
 
+def _check_embeddings(queries: np.ndarray, dim: int) -> np.ndarray:
+    """Query embeddings [n, dim] as the contiguous float32 array faiss searches."""
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    if q.ndim != 2 or q.shape[1] != dim:
+        raise RequestError(f"query embeddings of shape {tuple(q.shape)} for an index of dimension {dim}")
+    return q
+
+
 def _check_queries(queries: Sequence[str]) -> list[str]:
     if isinstance(queries, str):
         raise TypeError("search_batch takes a sequence of queries, not one string")
@@ -394,9 +402,7 @@ class Retriever(TextSearch):
     def search_embeddings(self, queries: np.ndarray, k: int) -> list[list[Hit]]:
         """Top-k passages for query embeddings [n, dim], best first."""
         k = _check_k(k)
-        q = np.ascontiguousarray(queries, dtype=np.float32)
-        if q.ndim != 2 or q.shape[1] != self.dim:
-            raise RequestError(f"query embeddings of shape {tuple(q.shape)} for an index of dimension {self.dim}")
+        q = _check_embeddings(queries, self.dim)
         if len(q) == 0:
             return []
         scores, rows = self.index.search(q, min(k, len(self.passages)))

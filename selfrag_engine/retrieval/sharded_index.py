@@ -46,6 +46,7 @@ from selfrag_engine.retrieval.retriever import (
     Hit,
     Retriever,
     TextSearch,
+    _check_embeddings,
     _check_k,
     _IndexBuilder,
     contriever_rows,
@@ -148,9 +149,7 @@ class ShardedRetriever(TextSearch):
 
     def search_embeddings(self, queries: np.ndarray, k: int) -> list[list[Hit]]:
         k = _check_k(k)
-        q = np.ascontiguousarray(queries, dtype=np.float32)
-        if q.ndim != 2 or q.shape[1] != self.dim:
-            raise RequestError(f"query embeddings of shape {tuple(q.shape)} for an index of dimension {self.dim}")
+        q = _check_embeddings(queries, self.dim)
         if len(q) == 0:
             return []
         futures = [self._pool.submit(self._search_shard, i, q, k) for i in range(self.num_shards)]
