@@ -135,7 +135,7 @@ class OpenAIServingChat(OpenAIServing):
         if body.stream:
             streamed: dict[int, StreamedTokens] = {}
 
-            def chunk(i: int, d: Delta, first: bool, offset: int) -> dict[str, Any]:
+            def chunk(i: int, d: Delta, first: bool) -> dict[str, Any]:
                 delta = {"role": "assistant", "content": d.text} if first else {"content": d.text}
                 lp = None
                 if body.logprobs:

@@ -75,16 +75,15 @@ class OpenAIServingCompletion(OpenAIServing):
         skip = body.skip_special_tokens
         if body.stream:
             streamed: dict[int, StreamedTokens] = {}
-            sent = [0] * len(handles)  # characters of token strings each choice has sent
 
-            def chunk(i: int, d: Delta, first: bool, offset: int) -> dict[str, Any]:
+            def chunk(i: int, d: Delta, first: bool) -> dict[str, Any]:
                 lp = None
                 if body.logprobs is not None:
                     tokens = streamed.setdefault(i, StreamedTokens(tok, prompts[i // body.n], skip))
+                    at = tokens.covered  # where its released tokens begin (the text sent may run ahead)
                     ids, pieces, lps, tops = tokens.release(d.token_ids, d.token_logprobs, d.logprobs, d.text,
                                                             d.finished)
-                    lp = completion_logprobs(tok, ids, pieces, lps, tops, sent[i])
-                    sent[i] += sum(map(len, pieces))
+                    lp = completion_logprobs(tok, ids, pieces, lps, tops, at)
                 return {"index": i, "text": d.text, "logprobs": lp, "finish_reason": d.finish_reason,
                         "stop_reason": d.stop_reason}
 

@@ -16,7 +16,7 @@ from selfrag_engine.entrypoints.openai_errors import error_response
 
 
 def stream_response(handles: list[RequestHandle], metrics: ServerMetrics, start: float, endpoint: str,
-                    options: StreamOptions | None, choice: Callable[[int, Delta, bool, int], dict[str, Any]],
+                    options: StreamOptions | None, choice: Callable[[int, Delta, bool], dict[str, Any]],
                     head: dict[str, Any], wants_logprobs: bool, n: int) -> StreamingResponse:
     """Server-sent events: a chunk for every step's delta of every choice, in arrival order, as soon as the
     engine hands it over (its text what that step made final, its tokens' log-probabilities when asked), then,
@@ -40,7 +40,6 @@ def stream_response(handles: list[RequestHandle], metrics: ServerMetrics, start:
         tasks = [asyncio.create_task(pump(i, h)) for i, h in enumerate(handles)]
         open_choices = len(handles)
         sent_first: set[int] = set()
-        offsets = [0] * len(handles)  # characters each choice has sent
         completion = [0] * len(handles)
         try:
             while open_choices:
@@ -57,9 +56,8 @@ def stream_response(handles: list[RequestHandle], metrics: ServerMetrics, start:
                     continue
                 if i not in sent_first and d.text:
                     metrics.ttft.observe(time.perf_counter() - start)
-                event = {**head, "choices": [choice(i, d, i not in sent_first, offsets[i])]}
+                event = {**head, "choices": [choice(i, d, i not in sent_first)]}
                 sent_first.add(i)
-                offsets[i] += len(d.text)
                 if continuous:
                     event["usage"] = stream_usage(handles, n, completion)
                 yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
