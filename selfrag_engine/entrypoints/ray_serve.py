@@ -42,6 +42,7 @@ from selfrag_engine.engine.llm_engine import Engine
 from selfrag_engine.engine.loop import EngineLoop
 from selfrag_engine.entrypoints.access import Access
 from selfrag_engine.entrypoints.replica_failure import CALLBACK, CALLBACK_ENV
+from selfrag_engine.entrypoints.replica_options import check_replica_bounds
 from selfrag_engine.entrypoints.server import build_app
 from selfrag_engine.entrypoints.server_limits import ServerLimits
 from selfrag_engine.errors import IndexShardError, RequestError
@@ -249,10 +250,7 @@ class SelfragServer:
 
 def build_application(config: ReplicaConfig, options: DeploymentOptions) -> Any:
     """The bound Ray Serve application: the engine deployment, and one deployment per index shard."""
-    if options.replicas < 1:
-        raise RequestError(f"--replicas must be at least 1, got {options.replicas}")
-    if options.max_replicas is not None and options.max_replicas < options.replicas:
-        raise RequestError(f"--max-replicas {options.max_replicas} is below --replicas {options.replicas}")
+    check_replica_bounds(options.replicas, options.max_replicas)
     shards = []
     if config.index is not None:
         n = index_shard_count(config.index)

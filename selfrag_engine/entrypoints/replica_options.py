@@ -27,6 +27,14 @@ def add_replica_options(parser: argparse.ArgumentParser) -> None:
                    help="seconds an index shard may take to answer before the query fails (503)")
 
 
+def check_replica_bounds(replicas: int, max_replicas: int | None) -> None:
+    """The engine deployment's replica counts (the command's, and `build_application`'s from Python)."""
+    if replicas < 1:
+        raise RequestError(f"--replicas must be at least 1, got {replicas}")
+    if max_replicas is not None and max_replicas < replicas:
+        raise RequestError(f"--max-replicas {max_replicas} is below --replicas {replicas}")
+
+
 def check_replica_options(args: argparse.Namespace) -> bool:
     """Whether `serve` runs on Ray; the Ray options without --replicas, or Ray missing, are named errors."""
     ray_only = [name for name in ("max_replicas", "ray_address", "replica_gpus") if getattr(args, name) is not None]
@@ -34,10 +42,7 @@ def check_replica_options(args: argparse.Namespace) -> bool:
         if ray_only:
             raise RequestError(f"--{ray_only[0].replace('_', '-')} needs --replicas N (serving on Ray Serve)")
         return False
-    if args.replicas < 1:
-        raise RequestError(f"--replicas must be at least 1, got {args.replicas}")
-    if args.max_replicas is not None and args.max_replicas < args.replicas:
-        raise RequestError(f"--max-replicas {args.max_replicas} is below --replicas {args.replicas}")
+    check_replica_bounds(args.replicas, args.max_replicas)
     if args.shard_replicas < 1:
         raise RequestError(f"--shard-replicas must be at least 1, got {args.shard_replicas}")
     if not args.shard_timeout > 0:
