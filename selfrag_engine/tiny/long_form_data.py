@@ -39,7 +39,7 @@ from selfrag_engine.tiny.training_data import (
     LexicalIndex,
     Split,
 )
-from selfrag_engine.tiny.world import Entity, World, WorldPassage
+from selfrag_engine.tiny.world import Entity, World, WorldPassage, with_article
 
 # entity kind -> (phrasings used in training, phrasings kept for evaluation only)
 LONG_FORM_PROMPTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -226,10 +226,6 @@ def training_case(world: World, entity: Entity, index: LexicalIndex, rng: random
 # ---- examples -----------------------------------------------------------------------------------------
 
 
-def _article(word: str) -> str:
-    return ("an " if word[0] in "aeiou" else "a ") + word
-
-
 def _groups(case: LongFormCase, rng: random.Random) -> list[list[Fact]]:
     """The facts cut into 2 to 4 sentences, in order; two neighbours share a sentence only when one passage
     states both and a sentence states that pair."""
@@ -261,7 +257,7 @@ def _sentence(entity: Entity, group: list[Fact], first: bool, partial: bool) -> 
     template = PARTIAL_RESIDENCE if partial else SENTENCES[entity.kind][key]
     values = dict(entity.attributes)
     subject = entity.name if first else entity.pronoun.capitalize()
-    a_occupation = _article(values["occupation"]) if "occupation" in values else ""
+    a_occupation = with_article(values["occupation"]) if "occupation" in values else ""
     return template.format(S=subject, a_occupation=a_occupation, **values)
 
 

@@ -6,8 +6,9 @@ Writes a Hugging Face checkpoint directory (config.json, model.safetensors, gene
 SentencePiece tokenizer with the 16 Self-RAG tokens), corpus.jsonl (the world's passages), examples.json
 (held-out questions, instructions and long-form requests for demos) and training.json (the run's settings,
 its statistics and the held-out evaluation of `selfrag_engine.tiny.evaluate`, short form and long form, which
-reads the written checkpoint through the engine). A run is fixed by its seed and step count (which also sets the learning-rate schedule): the same
-command gives the same weights with the same thread count (2) on the same kind of CPU.
+reads the written checkpoint through the engine). A run is fixed by its seed and step count (which also sets
+the learning-rate schedule): the same command gives the same weights with the same thread count (2) on the
+same kind of CPU.
 """
 from __future__ import annotations
 

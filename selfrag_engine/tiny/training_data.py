@@ -39,6 +39,7 @@ from selfrag_engine.tiny.world import (
     build_world,
     made_up_name,
     remix_world,
+    with_article,
 )
 
 # The world the committed model is trained on, and its held-out split.
@@ -182,10 +183,6 @@ def split_world(world: World, heldout_fraction: float = HELDOUT_FRACTION, seed: 
 # ---- questions ---------------------------------------------------------------------------------------
 
 
-def _article(word: str) -> str:
-    return ("an " if word[0] in "aeiou" else "a ") + word
-
-
 def questions_for(entity: Entity, heldout_phrasings: bool) -> list[Question]:
     """Every question about the entity's attributes, in the training or in the held-out phrasings."""
     table = PERSON_QUESTIONS if entity.kind == "person" else TOWN_QUESTIONS
@@ -194,7 +191,7 @@ def questions_for(entity: Entity, heldout_phrasings: bool) -> list[Question]:
         if attribute not in entity.attributes:
             continue
         value = entity.attributes[attribute]
-        answer = ANSWERS[(entity.kind, attribute)].format(name=entity.name, value=value, a_value=_article(value))
+        answer = ANSWERS[(entity.kind, attribute)].format(name=entity.name, value=value, a_value=with_article(value))
         for form in (heldout_forms if heldout_phrasings else train_forms):
             out.append(Question(form.format(name=entity.name), entity.id, attribute, value, answer,
                                 heldout_phrasings))

@@ -114,7 +114,8 @@ def _unique_words(rng: random.Random, n: int, taken: set[str], make, max_len: in
     return out
 
 
-def _article(word: str) -> str:
+def with_article(word: str) -> str:
+    """"a sculptor", "an engineer"."""
     return ("an " if word[0] in "aeiou" else "a ") + word
 
 
@@ -174,7 +175,7 @@ def _add_people(rng: random.Random, names: list[tuple[str, str]], towns: list[st
         e = Entity(f"{id_prefix}{i:03d}", "person", name, attrs, pronoun)
         entities.append(e)
         text = rng.choice(_PERSON_MAIN).format(name=name, Pron=pronoun.capitalize(),
-                                               a_occupation=_article(occupation), **attrs)
+                                               a_occupation=with_article(occupation), **attrs)
         passages.append(WorldPassage(name, text, str(len(passages) + 1), e.id,
                                      ("birthplace", "birth_year", "occupation", "country")))
         # Some people have a second passage under the same title that names a different town: the hard
