@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from selfrag_engine.config import LlamaConfig
 from selfrag_engine.models.llama import Llama
@@ -327,8 +327,14 @@ def run_probe(model: Llama, probe: Probe, tokenizer) -> tuple[float, float]:
 
 
 def train(model: Llama, tokenizer, stream: TrainingStream, cfg: TrainConfig, probe: Probe | None = None,
-          snapshot: "Callable[[int], None] | None" = None, long_form_probe: LongFormProbe | None = None) -> dict:
-    """AdamW over the example stream; returns what the model card records (steps, time, last losses)."""
+          snapshot: "Callable[[int, dict], None] | None" = None, long_form_probe: LongFormProbe | None = None,
+          resume: dict | None = None) -> dict:
+    """AdamW over the example stream; returns what the model card records (steps, time, last losses).
+
+    snapshot(step, state) is called every cfg.snapshot_every steps with the training state (`training_state`);
+    `resume`, such a state, continues the run from its step: the weights are the caller's to load, the
+    optimizer, the losses and the position in the example stream come from the state (the stream is replayed
+    from its seed up to that step), so a resumed run ends with the weights of one that never stopped."""
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -342,6 +348,12 @@ def train(model: Llama, tokenizer, stream: TrainingStream, cfg: TrainConfig, pro
     losses: list[float] = []
     step = 0
     batches = length_bucketed(stream, tokenizer, cfg, random.Random(cfg.seed + 1))
+    if resume is not None:
+        opt.load_state_dict(resume["optimizer"])
+        step, losses = resume["step"], list(resume["losses"])
+        for _ in range(step):
+            next(batches)
+        log(f"resumed at step {step} (example stream replayed in {time.perf_counter() - start:.0f}s)")
     model.train()
     while True:
         if step >= total or (cfg.stop_after is not None and step >= cfg.stop_after):
@@ -368,14 +380,42 @@ def train(model: Llama, tokenizer, stream: TrainingStream, cfg: TrainConfig, pro
                     model.eval()
                     extra += f"  long-form sentences {run_long_form_probe(model, long_form_probe):.3f}"
                     model.train()
-            if snapshot is not None and cfg.snapshot_every and step % cfg.snapshot_every == 0:
-                snapshot(step)
             log(f"step {step}/{total}  loss {sum(losses[-50:]) / 50:.4f}  lr {lr:.2e}  "
                 f"{time.perf_counter() - start:.0f}s{extra}")
+        if snapshot is not None and cfg.snapshot_every and step % cfg.snapshot_every == 0:
+            snapshot(step, training_state(step, opt, losses))
     model.eval()
     return {"steps": step, "planned_steps": total, "seconds": round(time.perf_counter() - start, 1),
             "final_loss": round(sum(losses[-50:]) / max(1, len(losses[-50:])), 4)}
 
+
+
+TRAINING_STATE_FILE = "training_state.pt"
+
+
+def write_snapshot(model: Llama, out: Path, config: dict, state: dict) -> Path:
+    """OUT/step-N: the weights so far (as `save_checkpoint` writes them) and the training state."""
+    snap = out / f"step-{state['step']}"
+    save_checkpoint(model, out, config, snap)
+    torch.save(state, snap / TRAINING_STATE_FILE)
+    return snap
+
+
+def read_snapshot(model: Llama, snap: Path) -> dict:
+    """Loads a snapshot's weights into `model` (a tied output head shares the embedding it was written as) and
+    returns its training state, for `train(resume=...)`."""
+    path = snap / "model.safetensors"
+    missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
+    missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or unexpected:
+        raise ValueError(f"{path}: missing {missing}, unexpected {unexpected}")
+    return torch.load(snap / TRAINING_STATE_FILE, weights_only=True)
+
+
+def training_state(step: int, opt: torch.optim.Optimizer, losses: list[float]) -> dict:
+    """What `train(resume=...)` needs besides the weights to continue a run exactly. The loss window is kept
+    whole-run short (the last 50, what the log averages)."""
+    return {"step": step, "optimizer": opt.state_dict(), "losses": losses[-50:]}
 
 
 # ---- output ----------------------------------------------------------------------------------------
@@ -438,7 +478,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=TrainConfig.bf16,
                         help="bf16 autocast of the matrix products (default: where the CPU has bf16 "
                              "matrix instructions)")
-    parser.add_argument("--snapshot-every", type=int, default=0)
+    parser.add_argument("--snapshot-every", type=int, default=0,
+                        help="write the weights and the training state to OUT/step-N every N steps")
+    parser.add_argument("--resume", type=Path, default=None,
+                        help="continue the run from a snapshot OUT/step-N written with the same arguments")
     parser.add_argument("--stop-after", type=int, default=None, help="stop after N steps of the --steps schedule")
     parser.add_argument("--vocab", type=int, default=TrainConfig.sp_vocab_size, help="SentencePiece pieces")
     parser.add_argument("--eval-questions", type=int, default=None, help="default: every held-out question")
@@ -465,7 +508,11 @@ def main(argv: list[str] | None = None) -> None:
 
     world, split = world_and_split()
     sentences = tokenizer_sentences(new_stream(world, split, cfg, 10_000 + args.seed), 20_000)
+    tokenizer_file = out / "tokenizer.model"
+    previous = tokenizer_file.read_bytes() if args.resume is not None and tokenizer_file.is_file() else None
     vocab_size = write_world_tokenizer(out, sentences, cfg.sp_vocab_size, shape.max_position_embeddings)
+    if previous is not None and tokenizer_file.read_bytes() != previous:
+        raise SystemExit(f"--resume: the tokenizer these arguments make differs from the one in {out}")
     tokenizer = load_tokenizer(out)
     config = hf_config(shape, vocab_size)
     model = new_model(LlamaConfig.from_dict(config), args.seed)
@@ -473,11 +520,15 @@ def main(argv: list[str] | None = None) -> None:
     log(f"model: {num_params / 1e6:.2f}M parameters, vocab {vocab_size}")
 
     stream = new_stream(world, split, cfg, args.seed)
-    def snapshot(step: int) -> None:
-        save_checkpoint(model, out, config, out / f"step-{step}")
+    def snapshot(step: int, state: dict) -> None:
+        write_snapshot(model, out, config, state)
 
+    resume = read_snapshot(model, args.resume) if args.resume is not None else None
     stats = train(model, tokenizer, stream, cfg, make_probe(world, split, tokenizer), snapshot,
-                  make_long_form_probe(world, split, tokenizer) if cfg.long_form_fraction > 0 else None)
+                  make_long_form_probe(world, split, tokenizer) if cfg.long_form_fraction > 0 else None,
+                  resume=resume)
+    if resume is not None:
+        stats["resumed_from_step"] = resume["step"]
     save_checkpoint(model, out, config)
     write_corpus(out, world.passages)
     write_examples(world, split, out)
