@@ -107,7 +107,7 @@ def test_non_text_parts_and_tools_are_refused_naming_them(server):
     assert "messages.0.content" in error["message"]
     tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
     for field, value in (("tools", [tool]), ("tool_choice", "auto"), ("functions", [tool["function"]]),
-                         ("function_call", "auto")):
+                         ("function_call", "auto"), ("parallel_tool_calls", True), ("parallel_tool_calls", False)):
         _refused(server, "/v1/chat/completions", _chat(**{field: value}), field)
     call = {"role": "assistant", "content": None,
             "tool_calls": [{"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}

@@ -187,7 +187,7 @@ def truthful(schema: dict[str, Any], checks: BodyChecks, model_name: str, vocab_
     if "ChatBody" in comps:
         p = props("ChatBody")
         sampling(p)
-        for name in ("tools", "functions", "function_call"):
+        for name in ("tools", "functions", "function_call", "parallel_tool_calls"):
             p[name] = {"type": "null"}
         p["tool_choice"] = {"enum": [None, "none"]}
         p["model"] = model

@@ -100,6 +100,9 @@ def check_tools(body: ChatBody) -> None:
     for name in ("tool_choice", "function_call"):
         if getattr(body, name) not in (None, "none"):
             raise FieldError(name, f"{name}: {_NO_TOOLS}; leave {name} out or set it to 'none'", code="unsupported")
+    if body.parallel_tool_calls is not None:  # as OpenAI answers it without tools
+        raise FieldError("parallel_tool_calls", f"parallel_tool_calls: only with tools, and {_NO_TOOLS}; leave "
+                                                "parallel_tool_calls out", code="unsupported")
 
 
 class OpenAIServingChat(OpenAIServing):
