@@ -114,6 +114,12 @@ def test_non_text_parts_and_tools_are_refused_naming_them(server):
     error = _refused(server, "/v1/chat/completions", _chat(messages=[call, {"role": "user", "content": "Hi"}]),
                      "messages")
     assert "messages.0.tool_calls" in error["message"]
+    # Nothing may follow the last user message (the instruction): an assistant prefill or a late system
+    # message would be dropped.
+    for late in ({"role": "assistant", "content": "The"}, {"role": "system", "content": "Be brief."}):
+        error = _refused(server, "/v1/chat/completions",
+                         _chat(messages=[{"role": "user", "content": QUESTION}, late]), "messages")
+        assert "messages.1" in error["message"] and late["role"] in error["message"]
 
 
 def test_unknown_and_unusable_fields_are_refused_naming_them(server):

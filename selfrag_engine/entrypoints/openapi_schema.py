@@ -47,6 +47,7 @@ CROSS_FIELD_RULES = {
     "best_of_below_n": "best_of, when given, is at least n",
     "best_of_with_stream": "best_of above n does not stream",
     "echo_with_stream": "echo does not stream",
+    "message_after_last_user": "the last user message is the last message (the instruction the model answers)",
     "top_logprobs_without_logprobs": "top_logprobs above 0 only with logprobs: true",
     "unsupported_engine": "a field this server's engine lacks is only accepted at its neutral value (echo with "
                           "logprobs needs the engine's prompt log-probabilities)",
@@ -201,7 +202,7 @@ def truthful(schema: dict[str, Any], checks: BodyChecks, model_name: str, vocab_
         p["n"] = n
         p["top_k"] = {"type": "integer", "minimum": -1, "maximum": TOP_K_MAX, "default": -1}
         cross("ChatBody", "context_length_exceeded", "too_many_rows", "non_finite", "unsupported",
-              "stream_options_without_stream", "top_logprobs_without_logprobs", *rules)
+              "stream_options_without_stream", "message_after_last_user", "top_logprobs_without_logprobs", *rules)
     if "SelfRAGOptions" in comps:
         p = props("SelfRAGOptions")
         p["question"] = {"anyOf": [{**text, "pattern": HAS_TEXT}, {"type": "null"}]}

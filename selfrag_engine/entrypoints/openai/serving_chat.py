@@ -68,6 +68,14 @@ def message_text(m: Message, i: int) -> str:
 
 
 def check_messages(messages: list[Message]) -> None:
+    """Tool fields and speaker names refused; nothing after the last user message (the format has no place for
+    it: it would be dropped)."""
+    users = [i for i, m in enumerate(messages) if m.role == "user"]
+    if users and users[-1] < len(messages) - 1:
+        i = users[-1] + 1
+        raise FieldError("messages", f"messages.{i}: a {messages[i].role} message after the last user message; this "
+                                     "chat format answers the last user message (Self-RAG's instruction), so no "
+                                     "message may follow it", code="message_after_last_user")
     for i, m in enumerate(messages):
         for name in ("tool_calls", "tool_call_id", "function_call"):
             if getattr(m, name) is not None:
