@@ -53,3 +53,16 @@ def test_generate_honours_a_penalty_as_the_python_api(capsys):
     engine = Engine.from_pretrained(MODEL, progress=False)
     want = engine.generate(prompt, SamplingParams(seed=1, repetition_penalty=1.8))[0]
     assert got["token_ids"] == want.token_ids and len(want.token_ids) >= 1
+
+
+# vLLM's (and OpenAI's) request defaults, written out: the reference the table is checked against.
+VLLM_DEFAULTS = {"max_tokens": "16", "temperature": "1.0", "top_p": "1.0", "min_p": "0.0", "presence_penalty": "0.0",
+                 "frequency_penalty": "0.0", "repetition_penalty": "1.0", "seed": "none", "n": "1"}
+
+
+def test_serve_help_prints_the_request_defaults(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--help"])
+    text = capsys.readouterr().out
+    for name, value in VLLM_DEFAULTS.items():
+        assert f"  {name} = {value}: " in text, name
