@@ -133,6 +133,25 @@ def test_unknown_and_unusable_fields_are_refused_naming_them(server):
     _refused(server, "/v1/completions", _completion(logit_bias={"99999999": 5}), "logit_bias")
 
 
+def test_null_asks_for_the_default(client, engine):
+    """OpenAI's reference marks the sampling fields nullable, and the openai client sends null for an argument
+    given as None: each null is the field's default, and a completion's max_tokens null the rest of the context
+    (vLLM's reading)."""
+    want = engine.generate(PROMPT, SamplingParams(max_tokens=8, seed=0))[0].text
+    nulls = dict(temperature=None, top_p=None, n=None, presence_penalty=None, frequency_penalty=None, stop=None,
+                 logit_bias=None, user=None, stream=None)
+    got = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=8, seed=0, echo=None, logprobs=None,
+                                    best_of=None, suffix=None, **nulls)
+    assert got.choices[0].text == want
+    got = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": QUESTION}], max_tokens=8,
+                                         seed=0, logprobs=None, top_logprobs=None, **nulls)
+    assert got.choices[0].message.content == want
+    rest = engine.max_model_len - len(engine.tokenizer.encode(PROMPT, add_bos=True))
+    greedy = engine.generate(PROMPT, SamplingParams(max_tokens=rest, temperature=0.0))[0]
+    got = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=None, temperature=0)
+    assert (got.choices[0].text, got.choices[0].finish_reason) == (greedy.text, greedy.finish_reason)
+
+
 def test_a_selfrag_chat_refuses_the_sampling_fields_it_does_not_read(server):
     messages = [{"role": "user", "content": QUESTION}]
     for field, value in (("temperature", 0.5), ("logprobs", True), ("max_tokens", 8), ("timeout", 30.0)):

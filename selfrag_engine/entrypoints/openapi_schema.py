@@ -18,6 +18,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from selfrag_engine.entrypoints.openai.protocol import NULL_IS_DEFAULT
 from selfrag_engine.entrypoints.openai.request_params import ENGINE_FIELDS, NEUTRAL
 from selfrag_engine.entrypoints.openai_errors import ERROR_SCHEMA
 from selfrag_engine.entrypoints.server_limits import BodyChecks
@@ -117,6 +118,15 @@ def truthful(schema: dict[str, Any], checks: BodyChecks, model_name: str, vocab_
     def props(name: str) -> dict[str, Any]:
         return comps[name]["properties"]
 
+    def nullable(p: dict[str, Any]) -> None:
+        """A field whose null asks for its default admits null."""
+        for name in NULL_IS_DEFAULT & set(p):
+            prop = p[name]
+            if "anyOf" not in prop or {"type": "null"} not in prop["anyOf"]:
+                inner = {k: v for k, v in prop.items() if k not in ("default", "title", "description")}
+                p[name] = {"anyOf": [inner, {"type": "null"}],
+                           **{k: prop[k] for k in ("default", "title", "description") if k in prop}}
+
     def cross(name: str, *codes: str) -> None:
         comps[name]["x-cross-field-rules"] = {c: CROSS_FIELD_RULES[c] for c in codes}
 
@@ -163,10 +173,11 @@ def truthful(schema: dict[str, Any], checks: BodyChecks, model_name: str, vocab_
                                  {"type": "array", "minItems": 1, "maxItems": limits.max_prompts, "items": text},
                                  {"type": "array", "minItems": 1, "maxItems": limits.max_prompts,
                                   "items": token_ids}]}
-        p["max_tokens"] = {**max_tokens, "default": 16}
+        p["max_tokens"] = {"anyOf": [max_tokens, {"type": "null"}], "default": 16}
         p["stop"] = stop
         p["n"] = n
         p["top_k"] = {"type": "integer", "minimum": -1, "maximum": TOP_K_MAX, "default": -1}
+        nullable(p)
         cross("CompletionBody", "context_length_exceeded", "too_many_rows", "stream_options_without_stream",
               "echo_with_stream", *rules)
     if "Message" in comps:
@@ -201,6 +212,7 @@ def truthful(schema: dict[str, Any], checks: BodyChecks, model_name: str, vocab_
         p["stop"] = stop
         p["n"] = n
         p["top_k"] = {"type": "integer", "minimum": -1, "maximum": TOP_K_MAX, "default": -1}
+        nullable(p)
         cross("ChatBody", "context_length_exceeded", "too_many_rows", "non_finite", "unsupported",
               "stream_options_without_stream", "message_after_last_user", "top_logprobs_without_logprobs", *rules)
     if "SelfRAGOptions" in comps:

@@ -141,7 +141,7 @@ class OpenAIServingChat(OpenAIServing):
         # Off the event loop: a grammar (response_format, guided_*) is compiled when its params are made.
         params = await run_in_threadpool(sampling_params, body, max_tokens, top, self.engine.config.vocab_size,
                                          body.prompt_logprobs)
-        handles = await admitted(submit(self.loop, [prompt_ids], params, body.n, body.timeout))
+        handles = await admitted(submit(self.loop, [prompt_ids], [params], body.n, body.timeout))
         skip = body.skip_special_tokens
         if body.stream:
             streamed: dict[int, StreamedTokens] = {}
