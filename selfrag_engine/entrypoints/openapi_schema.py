@@ -223,7 +223,8 @@ def truthful(schema: dict[str, Any], checks: BodyChecks, model_name: str, vocab_
             "properties": {"title": {"type": "string", "maxLength": chars},
                            "text": {"type": "string", "maxLength": chars}}}}, {"type": "null"}]}
         p["ndocs"] = {"type": "integer", "minimum": 1, "maximum": min(64, rows), "default": 5}
-        p["max_tokens"] = {**max_tokens, "default": 100}
+        p["max_tokens"] = {"anyOf": [max_tokens, {"type": "null"}],
+                           "description": "null: the form's own (100 tokens short, 300 long)"}
         # compat 'released' expands depths 1..max_depth-1 of the long form: it needs max_depth >= 2.
         # compat 'released' needs a threshold.
         comps["SelfRAGOptions"]["allOf"] = [

@@ -111,7 +111,7 @@ class SelfRAGOptions(_Body):
     w_sup: float | None = None
     w_use: float | None = None
     use_seqscore: bool | None = None
-    max_tokens: int = Field(100, ge=1)
+    max_tokens: int | None = Field(None, ge=1)  # None: the form's own (100 short, 300 long), as every entry point
     beam_width: int | None = Field(None, ge=1)
     max_depth: int | None = Field(None, ge=1)
     stream: bool = False
