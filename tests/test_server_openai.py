@@ -129,6 +129,9 @@ def test_unknown_and_unusable_fields_are_refused_naming_them(server):
     _refused(server, "/v1/chat/completions", _chat(top_logprobs=2), "top_logprobs")
     _refused(server, "/v1/completions", _completion(n=2, best_of=1, temperature=1.0), "best_of")
     _refused(server, "/v1/completions", _completion(echo=True, stream=True), "echo")
+    # A stream has no place for the prompt's log-probabilities (vLLM refuses them too).
+    _refused(server, "/v1/completions", _completion(prompt_logprobs=1, stream=True), "prompt_logprobs")
+    _refused(server, "/v1/chat/completions", _chat(prompt_logprobs=0, stream=True), "prompt_logprobs")
     _refused(server, "/v1/completions", _completion(logit_bias={"the": 5}), "logit_bias")
     _refused(server, "/v1/completions", _completion(logit_bias={"99999999": 5}), "logit_bias")
 

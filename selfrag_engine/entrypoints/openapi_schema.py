@@ -48,6 +48,7 @@ CROSS_FIELD_RULES = {
     "best_of_below_n": "best_of, when given, is at least n",
     "best_of_with_stream": "best_of above n does not stream",
     "echo_with_stream": "echo does not stream",
+    "prompt_logprobs_with_stream": "prompt_logprobs does not stream",
     "message_after_last_user": "the last user message is the last message (the instruction the model answers)",
     "top_logprobs_without_logprobs": "top_logprobs above 0 only with logprobs: true",
     "unsupported_engine": "a field this server's engine lacks is only accepted at its neutral value (echo with "
@@ -160,7 +161,7 @@ def truthful(schema: dict[str, Any], checks: BodyChecks, model_name: str, vocab_
                 p[name] = {"type": "null"}
 
     rules = ("invalid_token_id", "invalid_grammar", "structured_conflict", "best_of_below_n", "best_of_with_stream",
-             "unsupported_engine")
+             "prompt_logprobs_with_stream", "unsupported_engine")
     if "Message" in comps and "TextPart" not in comps:
         comps["TextPart"] = {"type": "object", "required": ["type", "text"], "additionalProperties": False,
                              "properties": {"type": {"const": "text"}, "text": {"type": "string", "maxLength": chars}}}

@@ -39,6 +39,9 @@ def check_common(body: CompletionBody | ChatBody) -> None:
     if body.best_of is not None and body.best_of < body.n:
         raise FieldError("best_of", f"best_of must be >= n, got best_of={body.best_of} and n={body.n}",
                          code="best_of_below_n")
+    if body.prompt_logprobs is not None and body.stream:  # as vLLM refuses it: a stream has no place for them
+        raise FieldError("prompt_logprobs", "prompt_logprobs: not with stream (ask without stream to have the "
+                                            "prompt's log-probabilities)", code="prompt_logprobs_with_stream")
     if body.best_of is not None and body.best_of > body.n and body.stream:
         raise FieldError("best_of", "best_of: not with stream (the best choices are known at the end)",
                          code="best_of_with_stream")
