@@ -160,6 +160,8 @@ def test_a_selfrag_chat_refuses_the_sampling_fields_it_does_not_read(server):
     for field, value in (("temperature", 0.5), ("logprobs", True), ("max_tokens", 8), ("timeout", 30.0)):
         _refused(server, "/v1/chat/completions",
                  {"messages": messages, "selfrag": {"mode": "never", "max_tokens": 4}, field: value}, field)
+    _refused(server, "/v1/chat/completions",
+             {"messages": messages, "selfrag": {"mode": "never", "max_tokens": 4, "stream": True}}, "selfrag.stream")
     r = _post(server, "/v1/chat/completions", {"messages": messages, "temperature": 1.0,
                                                "selfrag": {"mode": "never", "max_tokens": 4}})
     assert r.status_code == 200, r.text  # a field at its default value asks for nothing

@@ -179,8 +179,9 @@ class OpenAIServingChat(OpenAIServing):
 
     async def _selfrag_answer(self, body: ChatBody, request: Request, rid: str, created: int,
                               start: float) -> dict[str, Any]:
-        if body.stream:
-            raise FieldError("stream", "stream: Self-RAG answers stream from /v1/selfrag (long-form segments), "
+        for name, value in (("stream", body.stream), ("selfrag.stream", body.selfrag.stream)):
+            if value:
+                raise FieldError(name, f"{name}: Self-RAG answers stream from /v1/selfrag (long-form segments), "
                                        "not from chat completions", code="unsupported")
         for name in sorted(body.model_fields_set - _SELFRAG_CHAT_FIELDS):
             if getattr(body, name) != ChatBody.model_fields[name].default:
