@@ -162,6 +162,9 @@ def test_a_selfrag_chat_refuses_the_sampling_fields_it_does_not_read(server):
                  {"messages": messages, "selfrag": {"mode": "never", "max_tokens": 4}, field: value}, field)
     _refused(server, "/v1/chat/completions",
              {"messages": messages, "selfrag": {"mode": "never", "max_tokens": 4, "stream": True}}, "selfrag.stream")
+    # The long form's tree options in a short-form query.
+    for field in ("beam_width", "max_depth"):
+        _refused(server, "/v1/selfrag", {"question": QUESTION, "mode": "never", "max_tokens": 4, field: 2}, field)
     r = _post(server, "/v1/chat/completions", {"messages": messages, "temperature": 1.0,
                                                "selfrag": {"mode": "never", "max_tokens": 4}})
     assert r.status_code == 200, r.text  # a field at its default value asks for nothing

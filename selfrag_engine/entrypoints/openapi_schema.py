@@ -229,6 +229,9 @@ def truthful(schema: dict[str, Any], checks: BodyChecks, model_name: str, vocab_
         # compat 'released' expands depths 1..max_depth-1 of the long form: it needs max_depth >= 2.
         # compat 'released' needs a threshold.
         comps["SelfRAGOptions"]["allOf"] = [
+            # beam_width and max_depth are the long form's: null in the short form (the default form).
+            {"if": {"required": ["form"], "properties": {"form": {"const": "long"}}},
+             "else": {"properties": {"beam_width": {"type": "null"}, "max_depth": {"type": "null"}}}},
             {"if": {"required": ["compat", "form"], "properties": {"compat": {"const": "released"},
                                                                   "form": {"const": "long"}}},
              "then": {"properties": {"max_depth": {"anyOf": [{"type": "integer", "minimum": 2}, {"type": "null"}]}}}},
