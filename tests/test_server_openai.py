@@ -387,3 +387,6 @@ def test_json_schema_response_format(client, server):
     assert got.choices[0].message.content in ("yes", "no")
     _refused(server, "/v1/chat/completions", _chat(response_format={"type": "json_object"}, guided_regex="a+"),
              "guided_regex")
+    # A schema beside another type would be ignored: refused.
+    beside = {"type": "text", "json_schema": fmt["json_schema"]}
+    _refused(server, "/v1/chat/completions", _chat(response_format=beside), "response_format")

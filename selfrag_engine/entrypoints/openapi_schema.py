@@ -165,6 +165,11 @@ def truthful(schema: dict[str, Any], checks: BodyChecks, model_name: str, vocab_
     if "Message" in comps and "TextPart" not in comps:
         comps["TextPart"] = {"type": "object", "required": ["type", "text"], "additionalProperties": False,
                              "properties": {"type": {"const": "text"}, "text": {"type": "string", "maxLength": chars}}}
+    if "ResponseFormat" in comps:
+        # json_schema only with type json_schema (a schema beside another type is refused, not ignored).
+        comps["ResponseFormat"]["allOf"] = [
+            {"if": {"properties": {"type": {"const": "json_schema"}}},
+             "else": {"properties": {"json_schema": {"type": "null"}}}}]
     if "CompletionBody" in comps:
         p = props("CompletionBody")
         sampling(p)
