@@ -370,3 +370,11 @@ def test_selfrag_options_are_named_errors():
         ScoringConfig(threshold=float("nan"))
     with pytest.raises(RequestError, match="form"):
         ScoringConfig.released(form="medium")
+    # The one mapping of a query's options (server, C++ API, ask, evaluate): the long form's tree options in a
+    # short-form query are refused, not dropped.
+    from selfrag_engine.selfrag.options import QueryOptions
+
+    for name in ("beam_width", "max_depth"):
+        with pytest.raises(RequestError, match=name):
+            QueryOptions.from_mapping({"form": "short", name: 2})
+    assert QueryOptions.from_mapping({"form": "long", "beam_width": 2}).beam_width == 2

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 
@@ -53,3 +55,32 @@ def test_generate_honours_a_penalty_as_the_python_api(capsys):
     engine = Engine.from_pretrained(MODEL, progress=False)
     want = engine.generate(prompt, SamplingParams(seed=1, repetition_penalty=1.8))[0]
     assert got["token_ids"] == want.token_ids and len(want.token_ids) >= 1
+
+
+# vLLM's (and OpenAI's) request defaults, written out: the reference the table is checked against.
+VLLM_DEFAULTS = {"max_tokens": "16", "temperature": "1.0", "top_p": "1.0", "min_p": "0.0", "presence_penalty": "0.0",
+                 "frequency_penalty": "0.0", "repetition_penalty": "1.0", "seed": "none", "n": "1"}
+
+
+def test_serve_help_prints_the_request_defaults(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--help"])
+    text = capsys.readouterr().out
+    for name, value in VLLM_DEFAULTS.items():
+        assert f"  {name} = {value}: " in text, name
+
+
+def test_the_cpp_api_declares_the_table():
+    """The C++ API's SamplingParams (engine.h) states its defaults in C++: each equals the table's."""
+    header = Path(__file__).resolve().parents[1] / "csrc/include/selfrag_engine/engine.h"
+    body = re.search(r"struct SamplingParams \{(.*?)\n\};", header.read_text(), re.S).group(1)
+    declared = {name: {"true": True, "false": False}.get(v) if v in ("true", "false") else float(v)
+                for name, v in re.findall(r"^\s*[\w:<>]+ (\w+) = ([^;]+);", body, re.M)}
+    optional = set(re.findall(r"std::optional<[\w:]+> (\w+);", body))
+    assert {"max_tokens", "temperature", "top_p", "top_k", "skip_special_tokens", "seed", "logprobs"} <= \
+        set(declared) | optional
+    for name in SAMPLING_DEFAULTS:
+        if name in declared:
+            assert declared[name] == default(name), name
+        elif name in optional:
+            assert default(name) is None, name

@@ -183,7 +183,8 @@ def test_selfrag_long_form_streams_its_segments(server, engine):
         [None if s.passage is None else s.passage.title for s in expected.segments]
     assert [e["index"] for e in events[:-2]] == list(range(len(segments)))
     # The short form streams its answer alone; a bad streamed body is still a 400, before any event.
-    with httpx.stream("POST", f"{server}/v1/selfrag", json={**body, "form": "short"}, timeout=120) as r:
+    short_body = {k: v for k, v in body.items() if k not in ("beam_width", "max_depth")}  # the long form's
+    with httpx.stream("POST", f"{server}/v1/selfrag", json={**short_body, "form": "short"}, timeout=120) as r:
         short = _events(r)
     assert [e["object"] for e in short[:-1]] == ["selfrag.answer"] and short[-1] == "[DONE]"
     r = httpx.post(f"{server}/v1/selfrag", json={**body, "passages": [{"title": "no text"}]}, timeout=30)
@@ -405,3 +406,35 @@ def test_a_client_that_hangs_up_mid_stream_frees_its_request(server):
 def _in_flight(base: str) -> float:
     text = httpx.get(f"{base}/metrics", timeout=10).text
     return float(re.search(r"^selfrag_requests_in_flight (\S+)$", text, re.M).group(1))
+
+
+class _MaxTokens:
+    """An engine whose requests' max_tokens are recorded."""
+
+    def __init__(self, engine: Engine):
+        self.engine, self.asked = engine, []
+
+    def add_request(self, prompt, params=None, **kw):
+        self.asked.append(params.max_tokens)
+        return self.engine.add_request(prompt, params, **kw)
+
+    def fork(self, request_id, suffixes, params=None, **kw):
+        self.asked.append(params.max_tokens)
+        return self.engine.fork(request_id, suffixes, params, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+
+@pytest.mark.parametrize("form", ["short", "long"])
+def test_selfrag_body_leaves_the_length_to_the_form_as_the_python_api(engine, form):
+    """A /v1/selfrag body without max_tokens decodes as the Python API (and the C++ API) does without one: 100
+    tokens in the short form, 300 a segment in the long form."""
+    from selfrag_engine.entrypoints.openai.protocol import SelfRAGOptions
+    from selfrag_engine.entrypoints.openai.serving_selfrag import selfrag_program
+
+    question = "Who wrote the letter?"
+    served, python = _MaxTokens(engine), _MaxTokens(engine)
+    selfrag_program(None, question, SelfRAGOptions(question=question, form=form, mode="never"))(served)
+    (SelfRAG if form == "short" else LongFormSelfRAG)(python, mode="never").answer(question)
+    assert served.asked and served.asked == python.asked

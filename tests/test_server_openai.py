@@ -107,13 +107,19 @@ def test_non_text_parts_and_tools_are_refused_naming_them(server):
     assert "messages.0.content" in error["message"]
     tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
     for field, value in (("tools", [tool]), ("tool_choice", "auto"), ("functions", [tool["function"]]),
-                         ("function_call", "auto")):
+                         ("function_call", "auto"), ("parallel_tool_calls", True), ("parallel_tool_calls", False)):
         _refused(server, "/v1/chat/completions", _chat(**{field: value}), field)
     call = {"role": "assistant", "content": None,
             "tool_calls": [{"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}
     error = _refused(server, "/v1/chat/completions", _chat(messages=[call, {"role": "user", "content": "Hi"}]),
                      "messages")
     assert "messages.0.tool_calls" in error["message"]
+    # Nothing may follow the last user message (the instruction): an assistant prefill or a late system
+    # message would be dropped.
+    for late in ({"role": "assistant", "content": "The"}, {"role": "system", "content": "Be brief."}):
+        error = _refused(server, "/v1/chat/completions",
+                         _chat(messages=[{"role": "user", "content": QUESTION}, late]), "messages")
+        assert "messages.1" in error["message"] and late["role"] in error["message"]
 
 
 def test_unknown_and_unusable_fields_are_refused_naming_them(server):
@@ -123,8 +129,30 @@ def test_unknown_and_unusable_fields_are_refused_naming_them(server):
     _refused(server, "/v1/chat/completions", _chat(top_logprobs=2), "top_logprobs")
     _refused(server, "/v1/completions", _completion(n=2, best_of=1, temperature=1.0), "best_of")
     _refused(server, "/v1/completions", _completion(echo=True, stream=True), "echo")
+    # A stream has no place for the prompt's log-probabilities (vLLM refuses them too).
+    _refused(server, "/v1/completions", _completion(prompt_logprobs=1, stream=True), "prompt_logprobs")
+    _refused(server, "/v1/chat/completions", _chat(prompt_logprobs=0, stream=True), "prompt_logprobs")
     _refused(server, "/v1/completions", _completion(logit_bias={"the": 5}), "logit_bias")
     _refused(server, "/v1/completions", _completion(logit_bias={"99999999": 5}), "logit_bias")
+
+
+def test_null_asks_for_the_default(client, engine):
+    """OpenAI's reference marks the sampling fields nullable, and the openai client sends null for an argument
+    given as None: each null is the field's default, and a completion's max_tokens null the rest of the context
+    (vLLM's reading)."""
+    want = engine.generate(PROMPT, SamplingParams(max_tokens=8, seed=0))[0].text
+    nulls = dict(temperature=None, top_p=None, n=None, presence_penalty=None, frequency_penalty=None, stop=None,
+                 logit_bias=None, user=None, stream=None)
+    got = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=8, seed=0, echo=None, logprobs=None,
+                                    best_of=None, suffix=None, **nulls)
+    assert got.choices[0].text == want
+    got = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": QUESTION}], max_tokens=8,
+                                         seed=0, logprobs=None, top_logprobs=None, **nulls)
+    assert got.choices[0].message.content == want
+    rest = engine.max_model_len - len(engine.tokenizer.encode(PROMPT, add_bos=True))
+    greedy = engine.generate(PROMPT, SamplingParams(max_tokens=rest, temperature=0.0))[0]
+    got = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=None, temperature=0)
+    assert (got.choices[0].text, got.choices[0].finish_reason) == (greedy.text, greedy.finish_reason)
 
 
 def test_a_selfrag_chat_refuses_the_sampling_fields_it_does_not_read(server):
@@ -132,6 +160,11 @@ def test_a_selfrag_chat_refuses_the_sampling_fields_it_does_not_read(server):
     for field, value in (("temperature", 0.5), ("logprobs", True), ("max_tokens", 8), ("timeout", 30.0)):
         _refused(server, "/v1/chat/completions",
                  {"messages": messages, "selfrag": {"mode": "never", "max_tokens": 4}, field: value}, field)
+    _refused(server, "/v1/chat/completions",
+             {"messages": messages, "selfrag": {"mode": "never", "max_tokens": 4, "stream": True}}, "selfrag.stream")
+    # The long form's tree options in a short-form query.
+    for field in ("beam_width", "max_depth"):
+        _refused(server, "/v1/selfrag", {"question": QUESTION, "mode": "never", "max_tokens": 4, field: 2}, field)
     r = _post(server, "/v1/chat/completions", {"messages": messages, "temperature": 1.0,
                                                "selfrag": {"mode": "never", "max_tokens": 4}})
     assert r.status_code == 200, r.text  # a field at its default value asks for nothing
@@ -354,3 +387,6 @@ def test_json_schema_response_format(client, server):
     assert got.choices[0].message.content in ("yes", "no")
     _refused(server, "/v1/chat/completions", _chat(response_format={"type": "json_object"}, guided_regex="a+"),
              "guided_regex")
+    # A schema beside another type would be ignored: refused.
+    beside = {"type": "text", "json_schema": fmt["json_schema"]}
+    _refused(server, "/v1/chat/completions", _chat(response_format=beside), "response_format")

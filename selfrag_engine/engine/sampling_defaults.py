@@ -1,7 +1,8 @@
 """The default of every decoding option, in one table that the Python API (`SamplingParams`), the server's
-request bodies and the command line (`selfrag-engine generate --help` prints each default) all read. The
-values are vLLM's (and OpenAI's): 16 tokens, temperature 1, no truncation, no penalty. Chat completions alone
-generate up to the rest of the context when no max_tokens is given, as vLLM's chat endpoint does.
+request bodies and the command line (`selfrag-engine generate --help` prints each default, `serve --help` the
+request defaults) all read. The values are vLLM's (and OpenAI's): 16 tokens, temperature 1, no truncation, no
+penalty. Chat completions alone generate up to the rest of the context when no max_tokens is given, as vLLM's
+chat endpoint does.
 """
 from __future__ import annotations
 
@@ -35,6 +36,15 @@ SAMPLING_DEFAULTS: dict[str, Default] = {
 def default(name: str) -> Any:
     """The default of a decoding option."""
     return SAMPLING_DEFAULTS[name].value
+
+
+def request_defaults_text() -> str:
+    """The table as a command's help epilog: what a request that leaves a field out gets."""
+    lines = ["defaults of a request's decoding fields (vLLM's; a field left out of the body):"]
+    for name, d in SAMPLING_DEFAULTS.items():
+        shown = "none" if d.value is None else d.value
+        lines.append(f"  {name} = {shown}: {d.help}")
+    return "\n".join(lines)
 
 
 def help_text(name: str) -> str:

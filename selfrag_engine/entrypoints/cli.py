@@ -7,7 +7,7 @@ import json
 import socket
 import sys
 
-from selfrag_engine.engine.sampling_defaults import default, help_text
+from selfrag_engine.engine.sampling_defaults import default, help_text, request_defaults_text
 from selfrag_engine.engine.sampling_params import SamplingParams
 from selfrag_engine.entrypoints.ask import register as register_ask
 from selfrag_engine.entrypoints.eval import register as register_eval
@@ -96,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     register_index(sub)
     register_ask(sub)
 
-    s = sub.add_parser("serve", help="serve the OpenAI-compatible API and /v1/selfrag over HTTP")
+    s = sub.add_parser("serve", help="serve the OpenAI-compatible API and /v1/selfrag over HTTP",
+                       epilog=request_defaults_text(), formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(s)
     s.add_argument("--index", default=None, help="retrieval index directory (`selfrag-engine index build`)")
     s.add_argument("--host", default="127.0.0.1")

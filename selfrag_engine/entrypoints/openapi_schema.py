@@ -18,6 +18,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from selfrag_engine.entrypoints.openai.protocol import NULL_IS_DEFAULT
 from selfrag_engine.entrypoints.openai.request_params import ENGINE_FIELDS, NEUTRAL
 from selfrag_engine.entrypoints.openai_errors import ERROR_SCHEMA
 from selfrag_engine.entrypoints.server_limits import BodyChecks
@@ -47,6 +48,8 @@ CROSS_FIELD_RULES = {
     "best_of_below_n": "best_of, when given, is at least n",
     "best_of_with_stream": "best_of above n does not stream",
     "echo_with_stream": "echo does not stream",
+    "prompt_logprobs_with_stream": "prompt_logprobs does not stream",
+    "message_after_last_user": "the last user message is the last message (the instruction the model answers)",
     "top_logprobs_without_logprobs": "top_logprobs above 0 only with logprobs: true",
     "unsupported_engine": "a field this server's engine lacks is only accepted at its neutral value (echo with "
                           "logprobs needs the engine's prompt log-probabilities)",
@@ -116,6 +119,15 @@ def truthful(schema: dict[str, Any], checks: BodyChecks, model_name: str, vocab_
     def props(name: str) -> dict[str, Any]:
         return comps[name]["properties"]
 
+    def nullable(p: dict[str, Any]) -> None:
+        """A field whose null asks for its default admits null."""
+        for name in NULL_IS_DEFAULT & set(p):
+            prop = p[name]
+            if "anyOf" not in prop or {"type": "null"} not in prop["anyOf"]:
+                inner = {k: v for k, v in prop.items() if k not in ("default", "title", "description")}
+                p[name] = {"anyOf": [inner, {"type": "null"}],
+                           **{k: prop[k] for k in ("default", "title", "description") if k in prop}}
+
     def cross(name: str, *codes: str) -> None:
         comps[name]["x-cross-field-rules"] = {c: CROSS_FIELD_RULES[c] for c in codes}
 
@@ -149,10 +161,15 @@ def truthful(schema: dict[str, Any], checks: BodyChecks, model_name: str, vocab_
                 p[name] = {"type": "null"}
 
     rules = ("invalid_token_id", "invalid_grammar", "structured_conflict", "best_of_below_n", "best_of_with_stream",
-             "unsupported_engine")
+             "prompt_logprobs_with_stream", "unsupported_engine")
     if "Message" in comps and "TextPart" not in comps:
         comps["TextPart"] = {"type": "object", "required": ["type", "text"], "additionalProperties": False,
                              "properties": {"type": {"const": "text"}, "text": {"type": "string", "maxLength": chars}}}
+    if "ResponseFormat" in comps:
+        # json_schema only with type json_schema (a schema beside another type is refused, not ignored).
+        comps["ResponseFormat"]["allOf"] = [
+            {"if": {"properties": {"type": {"const": "json_schema"}}},
+             "else": {"properties": {"json_schema": {"type": "null"}}}}]
     if "CompletionBody" in comps:
         p = props("CompletionBody")
         sampling(p)
@@ -162,10 +179,11 @@ def truthful(schema: dict[str, Any], checks: BodyChecks, model_name: str, vocab_
                                  {"type": "array", "minItems": 1, "maxItems": limits.max_prompts, "items": text},
                                  {"type": "array", "minItems": 1, "maxItems": limits.max_prompts,
                                   "items": token_ids}]}
-        p["max_tokens"] = {**max_tokens, "default": 16}
+        p["max_tokens"] = {"anyOf": [max_tokens, {"type": "null"}], "default": 16}
         p["stop"] = stop
         p["n"] = n
         p["top_k"] = {"type": "integer", "minimum": -1, "maximum": TOP_K_MAX, "default": -1}
+        nullable(p)
         cross("CompletionBody", "context_length_exceeded", "too_many_rows", "stream_options_without_stream",
               "echo_with_stream", *rules)
     if "Message" in comps:
@@ -187,7 +205,7 @@ def truthful(schema: dict[str, Any], checks: BodyChecks, model_name: str, vocab_
     if "ChatBody" in comps:
         p = props("ChatBody")
         sampling(p)
-        for name in ("tools", "functions", "function_call"):
+        for name in ("tools", "functions", "function_call", "parallel_tool_calls"):
             p[name] = {"type": "null"}
         p["tool_choice"] = {"enum": [None, "none"]}
         p["model"] = model
@@ -200,8 +218,9 @@ def truthful(schema: dict[str, Any], checks: BodyChecks, model_name: str, vocab_
         p["stop"] = stop
         p["n"] = n
         p["top_k"] = {"type": "integer", "minimum": -1, "maximum": TOP_K_MAX, "default": -1}
+        nullable(p)
         cross("ChatBody", "context_length_exceeded", "too_many_rows", "non_finite", "unsupported",
-              "stream_options_without_stream", "top_logprobs_without_logprobs", *rules)
+              "stream_options_without_stream", "message_after_last_user", "top_logprobs_without_logprobs", *rules)
     if "SelfRAGOptions" in comps:
         p = props("SelfRAGOptions")
         p["question"] = {"anyOf": [{**text, "pattern": HAS_TEXT}, {"type": "null"}]}
@@ -210,10 +229,14 @@ def truthful(schema: dict[str, Any], checks: BodyChecks, model_name: str, vocab_
             "properties": {"title": {"type": "string", "maxLength": chars},
                            "text": {"type": "string", "maxLength": chars}}}}, {"type": "null"}]}
         p["ndocs"] = {"type": "integer", "minimum": 1, "maximum": min(64, rows), "default": 5}
-        p["max_tokens"] = {**max_tokens, "default": 100}
+        p["max_tokens"] = {"anyOf": [max_tokens, {"type": "null"}],
+                           "description": "null: the form's own (100 tokens short, 300 long)"}
         # compat 'released' expands depths 1..max_depth-1 of the long form: it needs max_depth >= 2.
         # compat 'released' needs a threshold.
         comps["SelfRAGOptions"]["allOf"] = [
+            # beam_width and max_depth are the long form's: null in the short form (the default form).
+            {"if": {"required": ["form"], "properties": {"form": {"const": "long"}}},
+             "else": {"properties": {"beam_width": {"type": "null"}, "max_depth": {"type": "null"}}}},
             {"if": {"required": ["compat", "form"], "properties": {"compat": {"const": "released"},
                                                                   "form": {"const": "long"}}},
              "then": {"properties": {"max_depth": {"anyOf": [{"type": "integer", "minimum": 2}, {"type": "null"}]}}}},

@@ -46,6 +46,10 @@ class QueryOptions:
             raise RequestError(f"form must be one of {FORMS}, got {self.form!r}")
         if self.compat not in COMPATS:
             raise RequestError(f"compat must be one of {COMPATS}, got {self.compat!r}")
+        for name in ("beam_width", "max_depth"):
+            if self.form == "short" and getattr(self, name) is not None:
+                raise RequestError(f"{name}: an option of the long form's tree; the short form has none (leave "
+                                   f"{name} out, or ask for form 'long')")
 
     @classmethod
     def from_mapping(cls, options: Mapping[str, Any], **renamed: str) -> "QueryOptions":

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from selfrag_engine.engine.sampling_defaults import default
 from selfrag_engine.engine.sampling_params import MAX_TOP_LOGPROBS
@@ -26,8 +26,25 @@ class ResponseFormat(_Body):
     json_schema: dict[str, Any] | None = None  # {"name", "schema", "strict", "description"}
 
 
+# Fields that OpenAI's API reference marks nullable (and vLLM's extras, Optional in vLLM's protocol) whose null
+# asks for the default, as OpenAI and vLLM answer it (the openai client sends null for an argument given as None).
+# A completion's max_tokens keeps its null: the rest of the context, as vLLM reads it.
+NULL_IS_DEFAULT = frozenset({"temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+                             "repetition_penalty", "n", "stream", "ignore_eos", "skip_special_tokens",
+                             "include_stop_str_in_output", "echo", "logprobs"})
+
+
 class _Sampling(_Body):
     """What completions and chat completions share: OpenAI's sampling fields and vLLM's extras."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        return {k: v for k, v in data.items()
+                if v is not None or k not in NULL_IS_DEFAULT or k not in cls.model_fields}
+
     model: str | None = None
     temperature: float = Field(default("temperature"), ge=0.0, le=100.0)
     top_p: float = Field(default("top_p"), gt=0.0, le=1.0)
@@ -64,7 +81,7 @@ class StreamOptions(_Body):
 
 class CompletionBody(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(default("max_tokens"), ge=1)
+    max_tokens: int | None = Field(default("max_tokens"), ge=1)  # null: the rest of each prompt's context
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool = False
     suffix: str | None = None  # refused unless null: the model does not fill in the middle
@@ -94,7 +111,7 @@ class SelfRAGOptions(_Body):
     w_sup: float | None = None
     w_use: float | None = None
     use_seqscore: bool | None = None
-    max_tokens: int = Field(100, ge=1)
+    max_tokens: int | None = Field(None, ge=1)  # None: the form's own (100 short, 300 long), as every entry point
     beam_width: int | None = Field(None, ge=1)
     max_depth: int | None = Field(None, ge=1)
     stream: bool = False

@@ -69,6 +69,9 @@ def structured_output(body: CompletionBody | ChatBody) -> Any:
     """The one output constraint the body asks for (response_format or a guided_* extra), or None."""
     specs: list[tuple[str, dict[str, Any]]] = []
     fmt = body.response_format
+    if fmt is not None and fmt.type != "json_schema" and fmt.json_schema is not None:
+        raise FieldError("response_format", f"response_format: json_schema goes with type 'json_schema', not "
+                                            f"{fmt.type!r}", code="invalid_grammar")
     if fmt is not None and fmt.type == "json_object":
         specs.append(("response_format", {"json_object": True}))
     elif fmt is not None and fmt.type == "json_schema":

@@ -68,6 +68,14 @@ def message_text(m: Message, i: int) -> str:
 
 
 def check_messages(messages: list[Message]) -> None:
+    """Tool fields and speaker names refused; nothing after the last user message (the format has no place for
+    it: it would be dropped)."""
+    users = [i for i, m in enumerate(messages) if m.role == "user"]
+    if users and users[-1] < len(messages) - 1:
+        i = users[-1] + 1
+        raise FieldError("messages", f"messages.{i}: a {messages[i].role} message after the last user message; this "
+                                     "chat format answers the last user message (Self-RAG's instruction), so no "
+                                     "message may follow it", code="message_after_last_user")
     for i, m in enumerate(messages):
         for name in ("tool_calls", "tool_call_id", "function_call"):
             if getattr(m, name) is not None:
@@ -100,6 +108,9 @@ def check_tools(body: ChatBody) -> None:
     for name in ("tool_choice", "function_call"):
         if getattr(body, name) not in (None, "none"):
             raise FieldError(name, f"{name}: {_NO_TOOLS}; leave {name} out or set it to 'none'", code="unsupported")
+    if body.parallel_tool_calls is not None:  # as OpenAI answers it without tools
+        raise FieldError("parallel_tool_calls", f"parallel_tool_calls: only with tools, and {_NO_TOOLS}; leave "
+                                                "parallel_tool_calls out", code="unsupported")
 
 
 class OpenAIServingChat(OpenAIServing):
@@ -130,7 +141,7 @@ class OpenAIServingChat(OpenAIServing):
         # Off the event loop: a grammar (response_format, guided_*) is compiled when its params are made.
         params = await run_in_threadpool(sampling_params, body, max_tokens, top, self.engine.config.vocab_size,
                                          body.prompt_logprobs)
-        handles = await admitted(submit(self.loop, [prompt_ids], params, body.n, body.timeout))
+        handles = await admitted(submit(self.loop, [prompt_ids], [params], body.n, body.timeout))
         skip = body.skip_special_tokens
         if body.stream:
             streamed: dict[int, StreamedTokens] = {}
@@ -168,8 +179,9 @@ class OpenAIServingChat(OpenAIServing):
 
     async def _selfrag_answer(self, body: ChatBody, request: Request, rid: str, created: int,
                               start: float) -> dict[str, Any]:
-        if body.stream:
-            raise FieldError("stream", "stream: Self-RAG answers stream from /v1/selfrag (long-form segments), "
+        for name, value in (("stream", body.stream), ("selfrag.stream", body.selfrag.stream)):
+            if value:
+                raise FieldError(name, f"{name}: Self-RAG answers stream from /v1/selfrag (long-form segments), "
                                        "not from chat completions", code="unsupported")
         for name in sorted(body.model_fields_set - _SELFRAG_CHAT_FIELDS):
             if getattr(body, name) != ChatBody.model_fields[name].default:

@@ -28,6 +28,7 @@ from selfrag_engine.entrypoints.openai.serving_engine import (
     gather,
     submit,
     usage,
+    with_fields,
 )
 from selfrag_engine.entrypoints.openai.streaming import stream_response
 from selfrag_engine.entrypoints.openai_errors import FieldError
@@ -66,10 +67,13 @@ class OpenAIServingCompletion(OpenAIServing):
         prompt_lp = body.prompt_logprobs if body.prompt_logprobs is not None else echo_lp
         if echo_lp is not None and body.prompt_logprobs is not None:
             prompt_lp = max(echo_lp, body.prompt_logprobs)
+        # max_tokens null: each prompt generates up to the rest of its context, as vLLM's completions do.
+        rest = [self.engine.max_model_len - len(p) for p in prompts]
         # Off the event loop: a grammar (response_format, guided_*) is compiled when its params are made.
-        params = await run_in_threadpool(sampling_params, body, body.max_tokens, body.logprobs,
+        params = await run_in_threadpool(sampling_params, body, body.max_tokens or rest[0], body.logprobs,
                                          self.engine.config.vocab_size, prompt_lp)
-        handles = await admitted(submit(self.loop, prompts, params, body.n, body.timeout))
+        per_prompt = [params if body.max_tokens else with_fields(params, max_tokens=r) for r in rest]
+        handles = await admitted(submit(self.loop, prompts, per_prompt, body.n, body.timeout))
         rid = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         skip = body.skip_special_tokens

@@ -39,29 +39,36 @@ def check_common(body: CompletionBody | ChatBody) -> None:
     if body.best_of is not None and body.best_of < body.n:
         raise FieldError("best_of", f"best_of must be >= n, got best_of={body.best_of} and n={body.n}",
                          code="best_of_below_n")
+    if body.prompt_logprobs is not None and body.stream:  # as vLLM refuses it: a stream has no place for them
+        raise FieldError("prompt_logprobs", "prompt_logprobs: not with stream (ask without stream to have the "
+                                            "prompt's log-probabilities)", code="prompt_logprobs_with_stream")
     if body.best_of is not None and body.best_of > body.n and body.stream:
         raise FieldError("best_of", "best_of: not with stream (the best choices are known at the end)",
                          code="best_of_with_stream")
 
 
-def submit(loop: EngineLoop, prompts: list, params: SamplingParams, n: int,
+def submit(loop: EngineLoop, prompts: list, params: list[SamplingParams], n: int,
            timeout: float | None) -> list[RequestHandle]:
-    """n choices per prompt (choice i of a seeded request draws with seed + i, so choices differ), or, for
-    best_of above n, one request per prompt whose engine samples best_of and keeps the n best."""
-    copies = 1 if engine_ranks(params) else n
+    """n choices of each prompt under its params (choice i of a seeded request draws with seed + i, so choices
+    differ), or, for best_of above n, one request per prompt whose engine samples best_of and keeps the n best."""
     handles: list[RequestHandle] = []
     try:
-        for prompt in prompts:
-            for i in range(copies):
-                p = params
-                if params.seed is not None and i > 0:
-                    p = SamplingParams(**{**params.__dict__, "seed": params.seed + i})
+        for prompt, own in zip(prompts, params, strict=True):
+            for i in range(1 if engine_ranks(own) else n):
+                p = own
+                if own.seed is not None and i > 0:
+                    p = with_fields(own, seed=own.seed + i)
                 handles.append(loop.submit(prompt, p, timeout_s=timeout))
     except BaseException:
         for h in handles:
             h.cancel()
         raise
     return handles
+
+
+def with_fields(params: SamplingParams, **changes: Any) -> SamplingParams:
+    """A copy of `params` with some fields changed."""
+    return SamplingParams(**{**params.__dict__, **changes})
 
 
 async def admitted(handles: list[RequestHandle]) -> list[RequestHandle]:
