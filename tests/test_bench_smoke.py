@@ -312,6 +312,17 @@ def test_serve_bench_smoke(tmp_path):
         values["serve_selfrag_qps_c8"] / values["sequential_selfrag_qps"], rel=1e-9)
 
 
+@pytest.mark.parametrize("argv, named", [(["--only", "programs"], "--out"),
+                                         (["--levels", "8,x", "--out", "/tmp"], "--levels"),
+                                         (["--levels", "0", "--out", "/tmp"], "--levels")])
+def test_serve_bench_refuses_a_partial_run_without_out_and_bad_levels(argv, named, capsys):
+    """A partial run (--only) would replace the recorded results with a part of them: it needs --out."""
+    from bench.serve import main
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert named in capsys.readouterr().err
+
+
 def test_design_ceiling_bench_smoke(tmp_path):
     """The analytic ceiling's rows: every mode, the reference's host entries as the script's counts give them,
     and each ratio the quotient of the two lower bounds it reports."""
