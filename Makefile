@@ -33,7 +33,7 @@ cpp: install
 # tree, a server subprocess) are set up once, and no two workers share one.
 TEST_WORKERS ?= auto
 test: install
-	$(PY) -m pytest -q -ra -n $(TEST_WORKERS) --dist loadfile tests
+	$(PY) -m pytest -q -ra -n $(TEST_WORKERS) --dist loadfile --durations=25 tests
 
 test-gpu: install
 	$(PY) -m pytest -q -ra -m gpu tests
