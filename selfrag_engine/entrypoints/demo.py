@@ -52,17 +52,18 @@ def _cites(p: Passage | None) -> str:
 
 
 def format_long_answer(ans: LongAnswer, passages: list[Passage]) -> str:
-    """The answer, its score, a table of its segments (each with the passage it cites and its critique), and the
-    passages it was given, each marked with the segments citing it."""
+    """The answer, its score, a table of its segments that hold text (each with the passage it cites and its
+    critique), and the passages it was given, each marked with the segments citing it."""
+    segments = [seg for seg in ans.segments if seg.text.strip()]
     lines = [f"Answer: {ans.answer}",
              f"Score: {_number(ans.score)}; written from passages: {'yes' if ans.retrieved else 'no'}", ""]
     lines.append(f"   {'#':>2}  {'cites':<28}  {'relevance':>9}  {'grounding':>9}  {'score':>7}  text")
-    for i, seg in enumerate(ans.segments, 1):
+    for i, seg in enumerate(segments, 1):
         lines.append(f"   {i:>2}  {snippet(_cites(seg.passage), 28):<28}  {_number(seg.relevance):>9}  "
                      f"{_number(seg.grounding):>9}  {_number(seg.score):>7}  {seg.text.strip()}")
     lines += ["", "Passages given:"]
     for p in passages:
-        citing = [str(i) for i, seg in enumerate(ans.segments, 1) if seg.passage is not None and seg.passage.id == p.id]
+        citing = [str(i) for i, seg in enumerate(segments, 1) if seg.passage is not None and seg.passage.id == p.id]
         mark = f"cited by segment {', '.join(citing)}" if citing else "not cited"
         lines.append(f"   {snippet(_cites(p), 28):<28}  {mark:<20}  {snippet(p.text, 60)}")
     lines.append("")
