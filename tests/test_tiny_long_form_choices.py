@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from selfrag_engine.selfrag.long_form import LongFormSelfRAG
-from selfrag_engine.tiny.assets import TRAINING_FILE, trained_for_long_form
+from selfrag_engine.tiny.assets import TRAINING_FILE, read_examples, read_training_record, trained_for_long_form
 from selfrag_engine.tiny.evaluate import (
     LONG_FORM_BEAM,
     LONG_FORM_MAX_DEPTH,
@@ -108,6 +108,17 @@ def test_the_tree_answers_from_the_passage_that_states_the_fact(engines, cases, 
                            gold))
     # The distractors outnumber the relevant passage four to one: only the critique's choice gets this high.
     assert good / len(sample) >= CHOICE_BOUND, misses
+
+
+def test_a_checkpoint_with_long_form_examples_carries_its_training_record():
+    """The long-form test below runs where the training record says the model learned the long form: a checkpoint
+    written by the trainer that has the long-form data (its examples.json lists long-form requests) must carry
+    that record, or the test would skip a model that should be judged."""
+    if "long_form" in read_examples(MODEL):
+        record = read_training_record(MODEL)
+        assert record is not None, f"{MODEL} lists long-form examples but has no {TRAINING_FILE}: copy the one " \
+                                   "`python -m selfrag_engine.tiny.train` wrote beside it"
+        assert "long_form_fraction" in record.get("train_config", {}), record.get("train_config")
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,8 @@ import time
 
 from selfrag_engine.engine.llm_engine import Engine
 from selfrag_engine.entrypoints.ask import format_answer
-from selfrag_engine.entrypoints.model_args import add_device_argument
 from selfrag_engine.entrypoints.index import snippet
+from selfrag_engine.entrypoints.model_args import add_device_argument
 from selfrag_engine.hub import resolve_model
 from selfrag_engine.retrieval.encoders import get_encoder
 from selfrag_engine.retrieval.passages import Passage

@@ -237,7 +237,6 @@ def demo_requests(world: World, split: Split, seed: int = 7) -> list[dict]:
             for c in chosen]
 
 
-
 def _groups(case: LongFormCase, rng: random.Random) -> list[list[Fact]]:
     """The facts cut into 2 to 4 sentences, in order; two neighbours share a sentence only when one passage
     states both and a sentence states that pair."""
