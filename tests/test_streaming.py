@@ -130,7 +130,9 @@ def test_a_32_token_answer_streams_token_by_token(engine):
     assert "".join(d.text for d in deltas) == out.text
     assert [t for d in deltas for t in d.token_ids] == out.token_ids
     # Each token that lengthens the reference text comes as text of its own, when it is sampled.
-    assert sum(1 for d in deltas if d.text) == _tokens_making_text(engine, out) > len(out.token_ids) // 2
+    making_text = _tokens_making_text(engine, out)
+    assert sum(1 for d in deltas if d.text) == making_text
+    assert making_text >= 4, f"the answer is almost all special tokens: choose another PROMPT ({out.token_ids})"
     # The first text comes with the first token, long before the end.
     assert deltas[0].text and deltas[0].token_ids == out.token_ids[:1]
     assert [d.finish_reason for d in deltas] == [None] * (len(deltas) - 1) + ["length"]
