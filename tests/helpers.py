@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -15,6 +16,8 @@ import pytest
 import torch
 
 from selfrag_engine.testing import write_tiny_checkpoint
+from selfrag_engine.tiny.assets import default_model_dir
+from selfrag_engine.weights.checkpoint import check_checkpoint_dir
 
 _ROOT = Path(tempfile.mkdtemp(prefix="selfrag-test-ckpt-"))
 atexit.register(shutil.rmtree, _ROOT, ignore_errors=True)
@@ -23,6 +26,20 @@ atexit.register(shutil.rmtree, _ROOT, ignore_errors=True)
 # Every engine a GPU test builds passes this KV budget (or num_blocks): a test takes what it needs, never a share
 # of the card, so the engines of one process (and the frames pytest keeps of a failed test) all fit.
 GPU_KV_CACHE_BYTES = 256 << 20
+
+
+# A checkpoint directory trained on the tiny world (config, weights, tokenizer, corpus.jsonl, examples.json,
+# training.json, as `python -m selfrag_engine.tiny.train --out DIR` writes them) for the behaviour tests of the
+# embedded model to judge instead of the embedded one: a candidate is held to the same bounds before it
+# replaces it.
+TINY_MODEL_ENV = "SELFRAG_TINY_MODEL"
+
+
+def tiny_model_dir() -> Path:
+    """The tiny Self-RAG model the behaviour tests judge: the embedded one, or the directory $SELFRAG_TINY_MODEL
+    names (checked as a checkpoint: a wrong path fails every test that asks, naming what is wrong)."""
+    chosen = os.environ.get(TINY_MODEL_ENV)
+    return check_checkpoint_dir(Path(chosen).expanduser()) if chosen else default_model_dir()
 
 
 def tiny_checkpoint(**kwargs) -> Path:

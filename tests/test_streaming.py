@@ -13,12 +13,12 @@ from selfrag_engine import Engine, SamplingParams
 from selfrag_engine.detokenizer import IncrementalDetokenizer
 from selfrag_engine.engine.loop import EngineLoop
 from selfrag_engine.engine.stop_strings import StopStrings
-from selfrag_engine.tiny.assets import default_model_dir
-from tests.helpers import tiny_checkpoint
+from tests.helpers import tiny_checkpoint, tiny_model_dir
 
-MODEL = default_model_dir()
-# The embedded model's greedy answer to this prompt is 32 tokens of digits, commas and a few reflection tokens
-# (skipped): most tokens make text of their own.
+MODEL = tiny_model_dir()
+# A passage of the embedded model's world cut short: the model writes the rest of a sentence and reflection
+# tokens, and (ignoring EOS) goes on for 32 tokens. What each test needs of the answer (a stop string spanning
+# tokens, special tokens, tokens making text of their own) is read off the answer itself.
 PROMPT = "Thastrai\nFounded in 1787, Thastrai is a"
 
 
@@ -36,6 +36,37 @@ def _stream(engine: Engine, prompt, params: SamplingParams):
     out = engine.output(rid)
     engine.forget(rid)
     return deltas, out
+
+
+def _prefix_texts(engine: Engine, out) -> list[str]:
+    """The reference text of the answer's first i tokens, for i = 0..n: vLLM's detokenizer over each prefix."""
+    return [engine.tokenizer.decode_continuation(out.token_ids[:i], out.prompt_token_ids)
+            for i in range(len(out.token_ids) + 1)]
+
+
+def _tokens_making_text(engine: Engine, out, stops: list[str] = ()) -> int:
+    """How many of the answer's tokens lengthen the reference text (not skipped, not part of a character whose
+    bytes are still incomplete) and leave it not ending in the beginning of a stop string: those a stream
+    can hand over as soon as they are sampled."""
+    texts = _prefix_texts(engine, out)
+    heads = {s[:j] for s in stops for j in range(1, len(s))}
+    return sum(len(b) > len(a) and not b.endswith("\ufffd") and not any(b.endswith(h) for h in heads)
+               for a, b in zip(texts, texts[1:]))
+
+
+def _spanning_stop(engine: Engine, out) -> str:
+    """A stop string read off the answer: its end, spanning its last two tokens or more, whose first character
+    also occurs earlier in the answer (so a stream must hold it back there, then let it go)."""
+    texts, n = _prefix_texts(engine, out), len(out.token_ids)
+    text = texts[n]
+    assert text == out.text
+    for k in range(2, min(8, n) + 1):
+        head, first = texts[n - k], texts[n - k + 1]
+        # The span's first token and a later one both add text; the stop's first character came earlier too.
+        if text.startswith(first) and first.startswith(head) and head != first != text and \
+                0 <= text.find(text[len(head)]) < len(head):
+            return text[len(head):]
+    pytest.fail(f"no stop string spanning tokens ends the answer {text!r}: choose another PROMPT")
 
 
 def _cut(text: str, stops: list[str], include: bool) -> str:
@@ -98,7 +129,10 @@ def test_a_32_token_answer_streams_token_by_token(engine):
     assert len(out.token_ids) == 32
     assert "".join(d.text for d in deltas) == out.text
     assert [t for d in deltas for t in d.token_ids] == out.token_ids
-    assert sum(1 for d in deltas if d.text) >= 24
+    # Each token that lengthens the reference text comes as text of its own, when it is sampled.
+    making_text = _tokens_making_text(engine, out)
+    assert sum(1 for d in deltas if d.text) == making_text
+    assert making_text >= 4, f"the answer is almost all special tokens: choose another PROMPT ({out.token_ids})"
     # The first text comes with the first token, long before the end.
     assert deltas[0].text and deltas[0].token_ids == out.token_ids[:1]
     assert [d.finish_reason for d in deltas] == [None] * (len(deltas) - 1) + ["length"]
@@ -110,10 +144,9 @@ def test_a_32_token_answer_streams_token_by_token(engine):
 def test_a_stop_string_spanning_tokens_streams_what_the_answer_keeps(engine, include):
     full = engine.generate(PROMPT, SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True))[0]
     text = full.text
-    # A stop string that ends the answer, spanning its last three tokens ("8", ",", "no"), whose beginning
-    # occurs earlier too (held back, then let go).
-    stop = text[-4:]
-    assert stop == "8,no" and text.find(stop[0]) < len(text) - 4
+    # A stop string that ends the answer, spanning its last tokens, whose beginning occurs earlier too (held
+    # back, then let go).
+    stop = _spanning_stop(engine, full)
     params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True, stop=[stop],
                             include_stop_str_in_output=include)
     deltas, out = _stream(engine, PROMPT, params)
@@ -121,7 +154,8 @@ def test_a_stop_string_spanning_tokens_streams_what_the_answer_keeps(engine, inc
     assert "".join(d.text for d in deltas) == out.text
     assert out.finish_reason == "stop" and out.stop_reason == stop
     assert deltas[-1].finish_reason == "stop" and deltas[-1].stop_reason == stop
-    assert sum(1 for d in deltas if d.text) >= 24
+    # Text still streams token by token: only where the text ends in the stop's beginning is it held back.
+    assert sum(1 for d in deltas if d.text) >= _tokens_making_text(engine, full, [stop]) - 1
 
 
 @pytest.mark.parametrize("skip", [True, False])
@@ -130,7 +164,10 @@ def test_special_tokens_stream_as_the_answer_has_them(engine, skip):
                             logprobs=2)
     deltas, out = _stream(engine, PROMPT, params)
     assert "".join(d.text for d in deltas) == out.text
-    assert ("[Utility:5]" in out.text) == (not skip)
+    added = [engine.tokenizer.id_to_token(t) for t in out.token_ids if t in engine.tokenizer.added_tokens.values()]
+    reflection = [t for t in added if t.startswith("[")]
+    assert reflection, f"the answer holds no reflection token: choose another PROMPT ({out.token_ids})"
+    assert all((t in out.text) == (not skip) for t in reflection)
     assert out.text == engine.tokenizer.decode_continuation(out.token_ids, out.prompt_token_ids,
                                                             skip_special_tokens=skip)
     if not skip:
@@ -173,7 +210,7 @@ def test_random_requests_stream_their_answers_exactly():
 @pytest.mark.parametrize("stop", [False, True])
 def test_loop_deltas_stream_token_by_token(engine, stop):
     full = engine.generate(PROMPT, SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True))[0]
-    stops = [full.text[-4:]] if stop else []
+    stops = [_spanning_stop(engine, full)] if stop else []
     params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True, stop=stops)
     with EngineLoop(Engine.from_pretrained(MODEL, progress=False)) as loop:
         h = loop.submit(PROMPT, params)
@@ -181,5 +218,5 @@ def test_loop_deltas_stream_token_by_token(engine, stop):
         out = h.result(10)
     assert out.text == _cut(full.text, stops, False)
     assert "".join(d.text for d in deltas) == out.text
-    assert sum(1 for d in deltas if d.text) >= 24
+    assert sum(1 for d in deltas if d.text) >= _tokens_making_text(engine, full, stops) - 1
     assert deltas[0].text and len(deltas[0].token_ids) == 1

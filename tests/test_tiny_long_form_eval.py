@@ -243,12 +243,13 @@ def test_the_evaluation_command_reports_the_long_form(tmp_path):
     import subprocess
     import sys
 
-    from selfrag_engine.tiny.assets import default_model_dir
+    from tests.helpers import tiny_model_dir
 
-    if not (default_model_dir() / "model.safetensors").is_file():
+    model = tiny_model_dir()
+    if not (model / "model.safetensors").is_file():
         pytest.skip("tiny_selfrag not present")
-    result = subprocess.run([sys.executable, "-m", "selfrag_engine.tiny.evaluate", "--world-questions", "4",
-                             "--instructions", "4", "--long-form", "6", "--threads", "1"],
+    result = subprocess.run([sys.executable, "-m", "selfrag_engine.tiny.evaluate", str(model),
+                             "--world-questions", "4", "--instructions", "4", "--long-form", "6", "--threads", "1"],
                             capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)

@@ -16,14 +16,14 @@ import json
 import pytest
 import torch
 
-from selfrag_engine.tiny.assets import default_corpus_path, default_model_dir
+from selfrag_engine.tiny.assets import CORPUS_FILE
 from selfrag_engine.tiny.evaluate import (
     _passages, answer_all, instruction_cases, phrasing_breakdown, score_instructions, score_world, world_and_split,
     world_cases,
 )
-from tests.helpers import GPU_KV_CACHE_BYTES
+from tests.helpers import GPU_KV_CACHE_BYTES, tiny_model_dir
 
-MODEL = default_model_dir()
+MODEL = tiny_model_dir()  # $SELFRAG_TINY_MODEL judges a candidate checkpoint instead
 NUM_QUESTIONS = 96
 NUM_INSTRUCTIONS = 64
 # Measured on these fixed samples (greedy decoding, so the same on every run up to float rounding): world
@@ -59,7 +59,7 @@ def world_split():
 
 def test_corpus_is_the_worlds_passages(world_split):
     world, _ = world_split
-    lines = default_corpus_path().read_text(encoding="utf-8").splitlines()
+    lines = (MODEL / CORPUS_FILE).read_text(encoding="utf-8").splitlines()
     records = [json.loads(line) for line in lines]
     assert [(r["id"], r["title"], r["text"]) for r in records] == [(p.id, p.title, p.text) for p in world.passages]
 

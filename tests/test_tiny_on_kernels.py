@@ -1,5 +1,5 @@
-"""The embedded tiny Self-RAG model (head_dim 48, not a power of two) on the Triton kernels answers as the
-torch reference does.
+"""The embedded tiny Self-RAG model on the Triton kernels answers as the torch reference does, at the head size
+its checkpoint has (read from its config; kernel tests cover other head sizes on random checkpoints).
 
 On the CPU the kernels run in Triton's interpreter (slow: one question, two passages, short answers); on CUDA
 they run compiled, in fp16, with graphs. The reference is the torch path of the same engine class, whose
@@ -7,14 +7,15 @@ logits test_model_parity checks against transformers.
 """
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
 import torch
 
-from selfrag_engine.tiny.assets import default_model_dir
+from tests.helpers import tiny_model_dir
 
-MODEL = default_model_dir()
+MODEL = tiny_model_dir()
 
 pytestmark = pytest.mark.skipif(not (MODEL / "model.safetensors").is_file(), reason="tiny_selfrag not present")
 
@@ -30,13 +31,18 @@ def _question_and_passages():
     return case.question.text, relevant + other
 
 
+def _checkpoint_head_dim() -> int:
+    config = json.loads((MODEL / "config.json").read_text())
+    return config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+
+
 def _answer(device: str, use_kernels: bool, dtype=None):
     from selfrag_engine.engine.llm_engine import Engine
     from selfrag_engine.selfrag.short_form import SelfRAG
     question, passages = _question_and_passages()
     engine = Engine.from_pretrained(MODEL, device=device, dtype=dtype, use_kernels=use_kernels, progress=False,
                                     max_num_seqs=4, num_blocks=64)
-    assert engine.config.head_dim == 48
+    assert engine.config.head_dim == _checkpoint_head_dim()
     (answer,) = SelfRAG(engine, max_new_tokens=20).answer_batch([question], [passages], mode="adaptive")
     return engine, answer
 

@@ -6,6 +6,8 @@ The directory ships as package data, so an installed package finds it next to th
 - `corpus.jsonl`: the world's passages, one `{"id", "title", "text"}` object a line, to index for retrieval;
 - `examples.json`: a few held-out questions (with their gold answers), no-fact instructions and long-form
   requests (with the facts a good answer states) for demos;
+- `training.json`: the training run's record (its command, settings, statistics and held-out evaluation), which
+  says what the model was trained to do;
 - `MODEL_CARD.md`: what the model learned, how it was made, its measured accuracy.
 """
 from __future__ import annotations
@@ -24,6 +26,7 @@ from selfrag_engine.retrieval.passages import (
 
 CORPUS_FILE = "corpus.jsonl"
 EXAMPLES_FILE = "examples.json"
+TRAINING_FILE = "training.json"
 
 
 def default_model_dir() -> Path:
@@ -59,3 +62,19 @@ def read_examples(path: Path | None = None) -> dict[str, list[dict[str, str]]]:
     if not file.is_file():
         raise CheckpointError(f"no examples at {file}")
     return json.loads(file.read_text(encoding="utf-8"))
+
+
+def read_training_record(path: Path | None = None) -> dict | None:
+    """`training.json` in `path` (default: the committed checkpoint's), the record `tiny.train` writes beside the
+    checkpoint; None where there is none (the checkpoints shipped before the record did)."""
+    file = (path or default_checkpoint_dir()) / TRAINING_FILE
+    if not file.is_file():
+        return None
+    return json.loads(file.read_text(encoding="utf-8"))
+
+
+def trained_for_long_form(path: Path | None = None) -> bool:
+    """Whether the checkpoint in `path` was trained on long-form answers, as its training record says (a share
+    of long-form requests in its training data above 0). A checkpoint without a record predates them."""
+    record = read_training_record(path)
+    return bool(record and record.get("train_config", {}).get("long_form_fraction", 0) > 0)

@@ -226,6 +226,17 @@ def training_case(world: World, entity: Entity, index: LexicalIndex, rng: random
 # ---- examples -----------------------------------------------------------------------------------------
 
 
+def demo_requests(world: World, split: Split, seed: int = 7) -> list[dict]:
+    """Long-form requests for demos (examples.json's `long_form`): held-out entities asked in training wordings,
+    a person with two passages first, then another person, then a town; each with the facts a good answer
+    states: `{"instruction", "entity", "facts": {attribute: value}}`."""
+    cases = [c for c in long_form_cases(world, split, seed=seed) if not c.heldout_phrasing]
+    cases.sort(key=lambda c: (c.entity.kind != "person", -len({f.passage.id for f in c.facts})))
+    chosen = cases[:2] + [next(c for c in cases if c.entity.kind == "town")]
+    return [{"instruction": c.instruction, "entity": c.entity.name, "facts": {f.attribute: f.value for f in c.facts}}
+            for c in chosen]
+
+
 def _groups(case: LongFormCase, rng: random.Random) -> list[list[Fact]]:
     """The facts cut into 2 to 4 sentences, in order; two neighbours share a sentence only when one passage
     states both and a sentence states that pair."""

@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from selfrag_engine.config import LlamaConfig
 from selfrag_engine.models.llama import Llama
 from selfrag_engine.testing import sentencepiece_model, write_tokenizer_files
-from selfrag_engine.tiny.assets import EXAMPLES_FILE, write_corpus
+from selfrag_engine.tiny.assets import EXAMPLES_FILE, TRAINING_FILE, write_corpus
 from selfrag_engine.tiny.evaluate import (
     evaluate,
     expected_answer,
@@ -439,7 +439,7 @@ def save_checkpoint(model: Llama, out: Path, config: dict, weights_dir: Path | N
 
 
 def write_examples(world: World, split: Split, out: Path, n: int = 8) -> None:
-    """A few held-out questions (one per attribute kind first) and instructions, for demos."""
+    """A few held-out questions (one per attribute kind first), instructions and long-form requests, for demos."""
     questions, seen = [], set()
     for case in branch_cases(world, split, 200, k=2, seed=7):
         q = case.question
@@ -449,13 +449,8 @@ def write_examples(world: World, split: Split, out: Path, n: int = 8) -> None:
             questions.append({"question": q.text, "gold": q.gold})
     instructions = [{"instruction": ex.instruction, "answer": expected_answer(ex)}
                     for ex in heldout_instructions(world, split, n, seed=7)]
-    # Long-form requests in training phrasings: a person with two passages first, then a town.
-    cases = [c for c in long_form_data.long_form_cases(world, split, seed=7) if not c.heldout_phrasing]
-    cases.sort(key=lambda c: (c.entity.kind != "person", -len({f.passage.id for f in c.facts})))
-    long_form = [{"instruction": c.instruction, "entity": c.entity.name,
-                  "facts": {f.attribute: f.value for f in c.facts}} for c in cases[:2] + [
-                      next(c for c in cases if c.entity.kind == "town")]]
-    record = {"questions": questions[:n], "instructions": instructions, "long_form": long_form}
+    record = {"questions": questions[:n], "instructions": instructions,
+              "long_form": long_form_data.demo_requests(world, split)}
     (out / EXAMPLES_FILE).write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
@@ -542,7 +537,7 @@ def main(argv: list[str] | None = None) -> None:
               "threads": torch.get_num_threads(), "train_config": asdict(cfg), "model_shape": asdict(shape),
               "num_parameters": num_params, "vocab_size": vocab_size, "training": stats,
               "heldout": result.summary(), "heldout_failures": result.failures}
-    (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    (out / TRAINING_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
 
 if __name__ == "__main__":
