@@ -231,15 +231,17 @@ def truthful(schema: dict[str, Any], checks: BodyChecks, model_name: str, vocab_
         p["ndocs"] = {"type": "integer", "minimum": 1, "maximum": min(64, rows), "default": 5}
         p["max_tokens"] = {"anyOf": [max_tokens, {"type": "null"}],
                            "description": "null: the form's own (100 tokens short, 300 long)"}
-        # compat 'released' expands depths 1..max_depth-1 of the long form: it needs max_depth >= 2.
-        # compat 'released' needs a threshold.
+        # compat 'released' expands depths 1..max_depth-1 of the long form: it needs max_depth >= 2, and a
+        # mode other than 'never' (the reference long-form script fails there). compat 'released' needs a
+        # threshold.
         comps["SelfRAGOptions"]["allOf"] = [
             # beam_width and max_depth are the long form's: null in the short form (the default form).
             {"if": {"required": ["form"], "properties": {"form": {"const": "long"}}},
              "else": {"properties": {"beam_width": {"type": "null"}, "max_depth": {"type": "null"}}}},
             {"if": {"required": ["compat", "form"], "properties": {"compat": {"const": "released"},
                                                                   "form": {"const": "long"}}},
-             "then": {"properties": {"max_depth": {"anyOf": [{"type": "integer", "minimum": 2}, {"type": "null"}]}}}},
+             "then": {"properties": {"max_depth": {"anyOf": [{"type": "integer", "minimum": 2}, {"type": "null"}]},
+                                     "mode": {"not": {"const": "never"}}}}},
             {"if": {"required": ["compat"], "properties": {"compat": {"const": "released"}}},
              "then": {"properties": {"threshold": {"type": "number"}}}}]
         cross("SelfRAGOptions", "context_length_exceeded", "too_many_rows", "non_finite",
