@@ -37,7 +37,7 @@ def _run(tmp_path, steps: int, seed: int, resume_from=None, fresh_optimizer: boo
             resume = {**resume, "optimizer": {"state": {}, "param_groups": resume["optimizer"]["param_groups"]}}
     snaps = []
     train(model, tokenizer, new_stream(world, split, cfg, 0), cfg,
-          snapshot=lambda step, state: snaps.append(write_snapshot(model, tmp_path, config, state)), resume=resume)
+          snapshot=lambda state: snaps.append(write_snapshot(model, tmp_path, config, state)), resume=resume)
     return model, snaps
 
 

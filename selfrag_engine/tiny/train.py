@@ -327,11 +327,11 @@ def run_probe(model: Llama, probe: Probe, tokenizer) -> tuple[float, float]:
 
 
 def train(model: Llama, tokenizer, stream: TrainingStream, cfg: TrainConfig, probe: Probe | None = None,
-          snapshot: "Callable[[int, dict], None] | None" = None, long_form_probe: LongFormProbe | None = None,
+          snapshot: "Callable[[dict], None] | None" = None, long_form_probe: LongFormProbe | None = None,
           resume: dict | None = None) -> dict:
     """AdamW over the example stream; returns what the model card records (steps, time, last losses).
 
-    snapshot(step, state) is called every cfg.snapshot_every steps with the training state (`training_state`);
+    snapshot(state) is called every cfg.snapshot_every steps with the training state (`training_state`);
     `resume`, such a state, continues the run from its step: the weights are the caller's to load, the
     optimizer, the losses and the position in the example stream come from the state (the stream is replayed
     from its seed up to that step), so a resumed run ends with the weights of one that never stopped."""
@@ -383,7 +383,7 @@ def train(model: Llama, tokenizer, stream: TrainingStream, cfg: TrainConfig, pro
             log(f"step {step}/{total}  loss {sum(losses[-50:]) / 50:.4f}  lr {lr:.2e}  "
                 f"{time.perf_counter() - start:.0f}s{extra}")
         if snapshot is not None and cfg.snapshot_every and step % cfg.snapshot_every == 0:
-            snapshot(step, training_state(step, opt, losses))
+            snapshot(training_state(step, opt, losses))
     model.eval()
     return {"steps": step, "planned_steps": total, "seconds": round(time.perf_counter() - start, 1),
             "final_loss": round(sum(losses[-50:]) / max(1, len(losses[-50:])), 4)}
@@ -413,8 +413,8 @@ def read_snapshot(model: Llama, snap: Path) -> dict:
 
 
 def training_state(step: int, opt: torch.optim.Optimizer, losses: list[float]) -> dict:
-    """What `train(resume=...)` needs besides the weights to continue a run exactly. The loss window is kept
-    whole-run short (the last 50, what the log averages)."""
+    """What `train(resume=...)` needs besides the weights to continue a run exactly; of the losses, only the
+    last 50 (what the log averages)."""
     return {"step": step, "optimizer": opt.state_dict(), "losses": losses[-50:]}
 
 
@@ -515,11 +515,9 @@ def main(argv: list[str] | None = None) -> None:
     log(f"model: {num_params / 1e6:.2f}M parameters, vocab {vocab_size}")
 
     stream = new_stream(world, split, cfg, args.seed)
-    def snapshot(step: int, state: dict) -> None:
-        write_snapshot(model, out, config, state)
-
     resume = read_snapshot(model, args.resume) if args.resume is not None else None
-    stats = train(model, tokenizer, stream, cfg, make_probe(world, split, tokenizer), snapshot,
+    stats = train(model, tokenizer, stream, cfg, make_probe(world, split, tokenizer),
+                  lambda state: write_snapshot(model, out, config, state),
                   make_long_form_probe(world, split, tokenizer) if cfg.long_form_fraction > 0 else None,
                   resume=resume)
     if resume is not None:

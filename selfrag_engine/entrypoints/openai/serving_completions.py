@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from dataclasses import replace
 from typing import Any
 
 from fastapi import Request
@@ -28,7 +29,6 @@ from selfrag_engine.entrypoints.openai.serving_engine import (
     gather,
     submit,
     usage,
-    with_fields,
 )
 from selfrag_engine.entrypoints.openai.streaming import stream_response
 from selfrag_engine.entrypoints.openai_errors import FieldError
@@ -72,7 +72,7 @@ class OpenAIServingCompletion(OpenAIServing):
         # Off the event loop: a grammar (response_format, guided_*) is compiled when its params are made.
         params = await run_in_threadpool(sampling_params, body, body.max_tokens or rest[0], body.logprobs,
                                          self.engine.config.vocab_size, prompt_lp)
-        per_prompt = [params if body.max_tokens else with_fields(params, max_tokens=r) for r in rest]
+        per_prompt = [params if body.max_tokens else replace(params, max_tokens=r) for r in rest]
         handles = await admitted(submit(self.loop, prompts, per_prompt, body.n, body.timeout))
         rid = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())

@@ -3,7 +3,7 @@ the engine loop, waiting for them while watching for the client to hang up, and 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from fastapi import Request
@@ -57,18 +57,13 @@ def submit(loop: EngineLoop, prompts: list, params: list[SamplingParams], n: int
             for i in range(1 if engine_ranks(own) else n):
                 p = own
                 if own.seed is not None and i > 0:
-                    p = with_fields(own, seed=own.seed + i)
+                    p = replace(own, seed=own.seed + i)
                 handles.append(loop.submit(prompt, p, timeout_s=timeout))
     except BaseException:
         for h in handles:
             h.cancel()
         raise
     return handles
-
-
-def with_fields(params: SamplingParams, **changes: Any) -> SamplingParams:
-    """A copy of `params` with some fields changed."""
-    return SamplingParams(**{**params.__dict__, **changes})
 
 
 async def admitted(handles: list[RequestHandle]) -> list[RequestHandle]:
