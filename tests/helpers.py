@@ -112,3 +112,24 @@ def one_ray_cluster_at_a_time() -> Iterator[None]:
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def prefix_texts(engine, out) -> list[str]:
+    """The reference text of the answer's first i tokens, for i = 0..n: vLLM's detokenizer over each prefix."""
+    return [engine.tokenizer.decode_continuation(out.token_ids[:i], out.prompt_token_ids)
+            for i in range(len(out.token_ids) + 1)]
+
+
+def spanning_stop(engine, out) -> str:
+    """A stop string read off the answer: its end, spanning its last two tokens or more, whose first character
+    also occurs earlier in the answer (so a stream must hold it back there, then let it go)."""
+    texts, n = prefix_texts(engine, out), len(out.token_ids)
+    text = texts[n]
+    assert text == out.text
+    for k in range(2, min(8, n) + 1):
+        head, first = texts[n - k], texts[n - k + 1]
+        # The span's first token and a later one both add text; the stop's first character came earlier too.
+        if text.startswith(first) and first.startswith(head) and head != first != text and \
+                0 <= text.find(text[len(head)]) < len(head):
+            return text[len(head):]
+    pytest.fail(f"no stop string spanning tokens ends the answer {text!r}: choose another prompt")

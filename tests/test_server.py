@@ -24,6 +24,7 @@ from selfrag_engine.selfrag.long_form import LongFormSelfRAG  # noqa: E402
 from selfrag_engine.selfrag.prompts import format_prompt  # noqa: E402
 from selfrag_engine.selfrag.short_form import SelfRAG  # noqa: E402
 from selfrag_engine.tiny.assets import default_model_dir, read_corpus, read_examples  # noqa: E402
+from tests.helpers import spanning_stop  # noqa: E402
 
 MODEL = default_model_dir()
 NAME = "tiny-selfrag"
@@ -292,7 +293,10 @@ def _generated(base: str) -> float:
 
 # The embedded model's greedy answer to this prompt is 32 tokens of digits and commas (and three reflection
 # tokens, skipped): nearly every token makes text of its own, and "8,no" ends it across three tokens.
-DIGITS = "Thastrai\nFounded in 1787, Thastrai is a"
+# A long-form answer begun with the passage read: the model writes sentences with few reflection tokens between
+# them, so most of 32 tokens make text of their own.
+SENTENCES = ("### Instruction:\nTell me about Fezas Thedrekpik.\n\n### Response:\n[Retrieval]<paragraph>Fezas Thedrekpik\n"
+          "Born in 1954 in the town of Birnrou, Fezas Thedrekpik is a novelist from Shekrania.</paragraph>[Relevant]")
 LONG = {"max_tokens": 32, "temperature": 0, "ignore_eos": True}
 
 
@@ -306,17 +310,21 @@ def _sse(server: str, path: str, body: dict) -> list:
     return [b[6:] if b == "data: [DONE]" else json.loads(b[6:]) for b in blocks[:-1]]
 
 
-@pytest.mark.parametrize("stop", [None, "8,no"])
-def test_a_streamed_completion_arrives_token_by_token(client, engine, stop):
-    whole = client.completions.create(model=NAME, prompt=DIGITS, stop=stop, max_tokens=32, temperature=0,
+@pytest.mark.parametrize("spanning_stop_string", [False, True])
+def test_a_streamed_completion_arrives_token_by_token(client, engine, spanning_stop_string):
+    # The stop string is read off the answer: its end, spanning its last tokens (tests/helpers.spanning_stop).
+    stop = spanning_stop(engine, engine.generate(SENTENCES, SamplingParams(max_tokens=32, temperature=0.0,
+                                                                          ignore_eos=True))[0]) \
+        if spanning_stop_string else None
+    whole = client.completions.create(model=NAME, prompt=SENTENCES, stop=stop, max_tokens=32, temperature=0,
                                       extra_body={"ignore_eos": True})
-    expected = engine.generate(DIGITS, SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True,
+    expected = engine.generate(SENTENCES, SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True,
                                                       stop=[stop] if stop else []))[0]
     assert whole.choices[0].text == expected.text
     if stop:
-        full = engine.generate(DIGITS, SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True))[0]
+        full = engine.generate(SENTENCES, SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True))[0]
         assert expected.text == full.text[:full.text.index(stop)] and len(full.token_ids) == 32
-    chunks = list(client.completions.create(model=NAME, prompt=DIGITS, stop=stop, max_tokens=32, temperature=0,
+    chunks = list(client.completions.create(model=NAME, prompt=SENTENCES, stop=stop, max_tokens=32, temperature=0,
                                             stream=True, extra_body={"ignore_eos": True}))
     texts = [c.choices[0].text for c in chunks if c.choices and c.choices[0].text]
     assert len(texts) >= 24
@@ -342,9 +350,9 @@ def test_a_streamed_chat_arrives_token_by_token(client, engine):
 
 
 def test_raw_sse_logprobs_and_usage(server, engine):
-    expected = engine.generate(DIGITS, SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True,
+    expected = engine.generate(SENTENCES, SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True,
                                                       logprobs=2))[0]
-    events = _sse(server, "/v1/completions", {"prompt": DIGITS, **LONG, "logprobs": 2, "stream": True,
+    events = _sse(server, "/v1/completions", {"prompt": SENTENCES, **LONG, "logprobs": 2, "stream": True,
                                               "stream_options": {"include_usage": True}})
     assert events[-1] == "[DONE]"
     usage = events[-2]
@@ -374,9 +382,9 @@ def test_raw_sse_logprobs_and_usage(server, engine):
 
 
 def test_n_streams_interleaved_demultiplex_to_their_answers(client, engine):
-    expected = [engine.generate(DIGITS, SamplingParams(max_tokens=12, temperature=1.0, seed=3 + i,
+    expected = [engine.generate(SENTENCES, SamplingParams(max_tokens=12, temperature=1.0, seed=3 + i,
                                                        ignore_eos=True))[0].text for i in range(3)]
-    chunks = list(client.completions.create(model=NAME, prompt=DIGITS, max_tokens=12, temperature=1.0, seed=3,
+    chunks = list(client.completions.create(model=NAME, prompt=SENTENCES, max_tokens=12, temperature=1.0, seed=3,
                                             n=3, stream=True, extra_body={"ignore_eos": True}))
     assert all(len(c.choices) == 1 for c in chunks)
     got = ["".join(c.choices[0].text for c in chunks if c.choices[0].index == i) for i in range(3)]

@@ -135,9 +135,12 @@ def _strict_json(text: str):
     return json.loads(text, parse_constant=refuse)
 
 
-SELFRAG = {"question": "Who wrote it?", "passages": [{"title": "A", "text": "Ann wrote it."},
-                                                      {"title": "B", "text": "Bob read it."}], "max_tokens": 8,
-           "mode": "always"}
+# A question of the embedded model's world with the passage that answers it: the model writes its answer and
+# critique tokens (relevance, support, utility) within 40 tokens, so a branch's weighted terms add up past 1.
+SELFRAG = {"question": "What is the job of Fezas Thedrekpik?",
+           "passages": [{"title": "Fezas Thedrekpik", "text": "Born in 1954 in the town of Birnrou, Fezas Thedrekpik "
+                                                              "is a novelist from Shekrania."},
+                        {"title": "B", "text": "Bob read it."}], "max_tokens": 40, "mode": "always"}
 
 
 def test_scores_that_overflow_are_a_400_naming_the_weights(server):

@@ -13,7 +13,7 @@ from selfrag_engine import Engine, SamplingParams
 from selfrag_engine.detokenizer import IncrementalDetokenizer
 from selfrag_engine.engine.loop import EngineLoop
 from selfrag_engine.engine.stop_strings import StopStrings
-from tests.helpers import tiny_checkpoint, tiny_model_dir
+from tests.helpers import prefix_texts, spanning_stop, tiny_checkpoint, tiny_model_dir
 
 MODEL = tiny_model_dir()
 # A passage of the embedded model's world cut short: the model writes the rest of a sentence and reflection
@@ -38,35 +38,14 @@ def _stream(engine: Engine, prompt, params: SamplingParams):
     return deltas, out
 
 
-def _prefix_texts(engine: Engine, out) -> list[str]:
-    """The reference text of the answer's first i tokens, for i = 0..n: vLLM's detokenizer over each prefix."""
-    return [engine.tokenizer.decode_continuation(out.token_ids[:i], out.prompt_token_ids)
-            for i in range(len(out.token_ids) + 1)]
-
-
 def _tokens_making_text(engine: Engine, out, stops: list[str] = ()) -> int:
     """How many of the answer's tokens lengthen the reference text (not skipped, not part of a character whose
     bytes are still incomplete) and leave it not ending in the beginning of a stop string: those a stream
     can hand over as soon as they are sampled."""
-    texts = _prefix_texts(engine, out)
+    texts = prefix_texts(engine, out)
     heads = {s[:j] for s in stops for j in range(1, len(s))}
     return sum(len(b) > len(a) and not b.endswith("\ufffd") and not any(b.endswith(h) for h in heads)
                for a, b in zip(texts, texts[1:]))
-
-
-def _spanning_stop(engine: Engine, out) -> str:
-    """A stop string read off the answer: its end, spanning its last two tokens or more, whose first character
-    also occurs earlier in the answer (so a stream must hold it back there, then let it go)."""
-    texts, n = _prefix_texts(engine, out), len(out.token_ids)
-    text = texts[n]
-    assert text == out.text
-    for k in range(2, min(8, n) + 1):
-        head, first = texts[n - k], texts[n - k + 1]
-        # The span's first token and a later one both add text; the stop's first character came earlier too.
-        if text.startswith(first) and first.startswith(head) and head != first != text and \
-                0 <= text.find(text[len(head)]) < len(head):
-            return text[len(head):]
-    pytest.fail(f"no stop string spanning tokens ends the answer {text!r}: choose another PROMPT")
 
 
 def _cut(text: str, stops: list[str], include: bool) -> str:
@@ -146,7 +125,7 @@ def test_a_stop_string_spanning_tokens_streams_what_the_answer_keeps(engine, inc
     text = full.text
     # A stop string that ends the answer, spanning its last tokens, whose beginning occurs earlier too (held
     # back, then let go).
-    stop = _spanning_stop(engine, full)
+    stop = spanning_stop(engine, full)
     params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True, stop=[stop],
                             include_stop_str_in_output=include)
     deltas, out = _stream(engine, PROMPT, params)
@@ -210,7 +189,7 @@ def test_random_requests_stream_their_answers_exactly():
 @pytest.mark.parametrize("stop", [False, True])
 def test_loop_deltas_stream_token_by_token(engine, stop):
     full = engine.generate(PROMPT, SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True))[0]
-    stops = [_spanning_stop(engine, full)] if stop else []
+    stops = [spanning_stop(engine, full)] if stop else []
     params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True, stop=stops)
     with EngineLoop(Engine.from_pretrained(MODEL, progress=False)) as loop:
         h = loop.submit(PROMPT, params)
