@@ -4,7 +4,9 @@ work done in process in one run:
   chunk by chunk from the server-sent events;
 - Self-RAG short-form queries: queries per second and latency, against the same queries answered one after
   another by `SelfRAG.answer` (the server's own cost: serve_selfrag_concurrency_speedup_c1, target >= 0.9;
-  at 64 clients, target >= 4), and the time to the first streamed event;
+  at 64 clients, target >= 4), and the time to the first streamed event. At one client the two sides run in
+  `--rounds` blocks of the queries, interleaved (the order alternating), so that the machine's drift over the
+  run falls on both;
 - in process: N concurrent programs on an `EngineLoop` over `answer_batch` of the same N queries
   (programs_vs_answer_batch_c64, target >= 0.95): what sharing steps through the loop costs; the median of
   `--rounds` side-by-side rounds.
@@ -190,8 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help="torch threads of the sequential engine and of the server alike (default: torch's)")
     parser.add_argument("--rounds", type=int, default=3,
-                        help="rounds of the in-process comparison (batch, then programs); the median round's "
-                             "ratio is recorded (smoke: 1)")
+                        help="rounds of the in-process comparison (batch, then programs; the median round's "
+                             "ratio is recorded) and blocks of the one-client comparison (in process, then "
+                             "served; the sums' ratio is recorded) (smoke: 1)")
     parser.add_argument("--only", choices=("programs", "serve"), default=None,
                         help="programs: the in-process ratio alone; serve: the sequential side and the server "
                              "alone (a partial run: give --out)")
@@ -242,27 +245,32 @@ def main(argv: list[str] | None = None) -> int:
         write_results("serve", args.device, results, out_dir=args.out)
         return 0
 
-    # Sequential: the synchronous API, one query after another on one engine.
+    # Sequential: the synchronous API, one query after another on one engine. At one client it runs in blocks
+    # interleaved with the server's (`--rounds` of them, the order alternating), so that the machine's drift over
+    # the run (several percent on a shared 2-core machine) falls on both sides of the ratio alike.
+    seq_engine = alone(lambda: Engine.from_pretrained(model, progress=False, num_blocks=args.num_blocks))
+    seq_rag = SelfRAG(seq_engine, max_new_tokens=max_tokens)
+    expected: list[str | None] = [None] * len(queries)
+    seq_lat: list[float] = [0.0] * len(queries)
 
-    def sequential() -> tuple[list[str], list[float], float, dict[str, int]]:
-        engine = Engine.from_pretrained(model, progress=False, num_blocks=args.num_blocks)
-        rag = SelfRAG(engine, max_new_tokens=max_tokens)
-        rag.answer(queries[0][0], [Passage(**p) for p in queries[0][1]])  # warm-up
-        expected, seq_lat = [], []
-        t0 = time.perf_counter()
-        for q, docs in queries:
-            s = time.perf_counter()
-            expected.append(rag.answer(q, [Passage(**p) for p in docs]).answer)
-            seq_lat.append(time.perf_counter() - s)
-        return expected, seq_lat, time.perf_counter() - t0, engine.cache_stats()
+    def sequential(indices: list[int]) -> float:
+        """Answers queries[i] for i in indices one after another; returns the seconds they took."""
+        def run() -> float:
+            t0 = time.perf_counter()
+            for i in indices:
+                q, docs = queries[i]
+                s = time.perf_counter()
+                expected[i] = seq_rag.answer(q, [Passage(**p) for p in docs]).answer
+                seq_lat[i] = time.perf_counter() - s
+            return time.perf_counter() - t0
+        return alone(run)
 
-    expected, seq_lat, seq_seconds, cache = alone(sequential)
-    seq_qps = len(queries) / seq_seconds
-    num_blocks = cache["num_blocks"]
-    record(results, "kv_cache_blocks", num_blocks, "blocks", block_size=cache.get("block_size"))
-    record(results, "sequential_selfrag_qps", seq_qps, "queries/s", queries=len(queries), max_tokens=max_tokens,
-           threads=args.threads)
-    record(results, "sequential_selfrag_p50_ms", statistics.median(seq_lat) * 1e3, "ms")
+    alone(lambda: seq_rag.answer(queries[0][0], [Passage(**p) for p in queries[0][1]]))  # warm-up
+    num_blocks = seq_engine.cache_stats()["num_blocks"]
+    record(results, "kv_cache_blocks", num_blocks, "blocks", block_size=seq_engine.cache_stats().get("block_size"))
+    interleaved = 1 in levels
+    blocks = [list(range(len(queries)))[b::rounds] for b in range(rounds)] if interleaved else []
+    seq_seconds = 0.0 if interleaved else sequential(list(range(len(queries))))
 
     programs_vs_batch = measure_programs(num_blocks) if args.only is None else float("nan")
 
@@ -305,10 +313,10 @@ def main(argv: list[str] | None = None) -> int:
             latencies: list[float] = [0.0] * len(queries)
             answers: list[str | None] = [None] * len(queries)
 
-            def client(worker: int) -> None:
+            def client(worker: int, indices: list[int]) -> None:
                 conn = http.client.HTTPConnection(host, port, timeout=600)
                 try:
-                    for i in range(worker, len(queries), level):
+                    for i in indices[worker::level]:
                         q, docs = queries[i]
                         body = json.dumps({"question": q, "passages": docs, "max_tokens": max_tokens,
                                            "stream": True})
@@ -332,10 +340,28 @@ def main(argv: list[str] | None = None) -> int:
                 finally:
                     conn.close()
 
-            t0 = time.perf_counter()
-            with cf.ThreadPoolExecutor(level) as pool:
-                list(pool.map(client, range(level)))
-            seconds = time.perf_counter() - t0
+            def served(indices: list[int]) -> float:
+                t0 = time.perf_counter()
+                with cf.ThreadPoolExecutor(level) as pool:
+                    list(pool.map(client, range(level), [indices] * level))
+                return time.perf_counter() - t0
+
+            if level == 1 and interleaved:
+                seconds = 0.0
+                for r, block in enumerate(blocks):
+                    if r % 2 == 0:
+                        seq_seconds += sequential(block)
+                        seconds += served(block)
+                    else:
+                        seconds += served(block)
+                        seq_seconds += sequential(block)
+            else:
+                seconds = served(list(range(len(queries))))
+            seq_qps = len(queries) / seq_seconds
+            if not any(r["metric"] == "sequential_selfrag_qps" for r in results):
+                record(results, "sequential_selfrag_qps", seq_qps, "queries/s", queries=len(queries),
+                       max_tokens=max_tokens, threads=args.threads, interleaved_rounds=len(blocks) or None)
+                record(results, "sequential_selfrag_p50_ms", statistics.median(seq_lat) * 1e3, "ms")
             mismatched = sum(a != e for a, e in zip(answers, expected))
             qps = len(queries) / seconds
             qps_by_level[level] = qps
