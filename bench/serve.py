@@ -210,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--levels: comma-separated client counts, got {args.levels!r}")
         if not levels or min(levels) < 1:
             parser.error(f"--levels: client counts of at least 1, got {args.levels!r}")
+        levels = tuple(sorted(set(levels)))  # one client first: its blocks complete the sequential side
     if args.only is not None and args.out is None:
         parser.error("--only writes a partial result: give --out, so the recorded results are not replaced")
     num_queries = 8 if args.smoke else args.queries
