@@ -267,8 +267,9 @@ def main(argv: list[str] | None = None) -> int:
         return alone(run)
 
     alone(lambda: seq_rag.answer(queries[0][0], [Passage(**p) for p in queries[0][1]]))  # warm-up
-    num_blocks = seq_engine.cache_stats()["num_blocks"]
-    record(results, "kv_cache_blocks", num_blocks, "blocks", block_size=seq_engine.cache_stats().get("block_size"))
+    cache = seq_engine.cache_stats()
+    num_blocks = cache["num_blocks"]
+    record(results, "kv_cache_blocks", num_blocks, "blocks", block_size=cache.get("block_size"))
     interleaved = 1 in levels
     blocks = [list(range(len(queries)))[b::rounds] for b in range(rounds)] if interleaved else []
     seq_seconds = 0.0 if interleaved else sequential(list(range(len(queries))))

@@ -291,12 +291,11 @@ def _generated(base: str) -> float:
 
 # ---- streams, chunk by chunk --------------------------------------------------------------------------------
 
-# The embedded model's greedy answer to this prompt is 32 tokens of digits and commas (and three reflection
-# tokens, skipped): nearly every token makes text of its own, and "8,no" ends it across three tokens.
 # A long-form answer begun with the passage read: the model writes sentences with few reflection tokens between
 # them, so most of 32 tokens make text of their own.
-SENTENCES = ("### Instruction:\nTell me about Fezas Thedrekpik.\n\n### Response:\n[Retrieval]<paragraph>Fezas Thedrekpik\n"
-          "Born in 1954 in the town of Birnrou, Fezas Thedrekpik is a novelist from Shekrania.</paragraph>[Relevant]")
+SENTENCES = ("### Instruction:\nTell me about Fezas Thedrekpik.\n\n### Response:\n[Retrieval]<paragraph>Fezas "
+             "Thedrekpik\nBorn in 1954 in the town of Birnrou, Fezas Thedrekpik is a novelist from Shekrania."
+             "</paragraph>[Relevant]")
 LONG = {"max_tokens": 32, "temperature": 0, "ignore_eos": True}
 
 
@@ -312,20 +311,18 @@ def _sse(server: str, path: str, body: dict) -> list:
 
 @pytest.mark.parametrize("spanning_stop_string", [False, True])
 def test_a_streamed_completion_arrives_token_by_token(client, engine, spanning_stop_string):
+    full = engine.generate(SENTENCES, SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True))[0]
     # The stop string is read off the answer: its end, spanning its last tokens (tests/helpers.spanning_stop).
-    stop = spanning_stop(engine, engine.generate(SENTENCES, SamplingParams(max_tokens=32, temperature=0.0,
-                                                                          ignore_eos=True))[0]) \
-        if spanning_stop_string else None
+    stop = spanning_stop(engine, full) if spanning_stop_string else None
     whole = client.completions.create(model=NAME, prompt=SENTENCES, stop=stop, max_tokens=32, temperature=0,
                                       extra_body={"ignore_eos": True})
     expected = engine.generate(SENTENCES, SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True,
-                                                      stop=[stop] if stop else []))[0]
+                                                         stop=[stop] if stop else []))[0]
     assert whole.choices[0].text == expected.text
     if stop:
-        full = engine.generate(SENTENCES, SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True))[0]
         assert expected.text == full.text[:full.text.index(stop)] and len(full.token_ids) == 32
-    chunks = list(client.completions.create(model=NAME, prompt=SENTENCES, stop=stop, max_tokens=32, temperature=0,
-                                            stream=True, extra_body={"ignore_eos": True}))
+    chunks = list(client.completions.create(model=NAME, prompt=SENTENCES, stop=stop, max_tokens=32,
+                                            temperature=0, stream=True, extra_body={"ignore_eos": True}))
     texts = [c.choices[0].text for c in chunks if c.choices and c.choices[0].text]
     assert len(texts) >= 24
     assert "".join(texts) == expected.text
@@ -351,9 +348,9 @@ def test_a_streamed_chat_arrives_token_by_token(client, engine):
 
 def test_raw_sse_logprobs_and_usage(server, engine):
     expected = engine.generate(SENTENCES, SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True,
-                                                      logprobs=2))[0]
+                                                         logprobs=2))[0]
     events = _sse(server, "/v1/completions", {"prompt": SENTENCES, **LONG, "logprobs": 2, "stream": True,
-                                              "stream_options": {"include_usage": True}})
+                                                 "stream_options": {"include_usage": True}})
     assert events[-1] == "[DONE]"
     usage = events[-2]
     assert usage["choices"] == [] and usage["usage"] == {
@@ -383,7 +380,7 @@ def test_raw_sse_logprobs_and_usage(server, engine):
 
 def test_n_streams_interleaved_demultiplex_to_their_answers(client, engine):
     expected = [engine.generate(SENTENCES, SamplingParams(max_tokens=12, temperature=1.0, seed=3 + i,
-                                                       ignore_eos=True))[0].text for i in range(3)]
+                                                          ignore_eos=True))[0].text for i in range(3)]
     chunks = list(client.completions.create(model=NAME, prompt=SENTENCES, max_tokens=12, temperature=1.0, seed=3,
                                             n=3, stream=True, extra_body={"ignore_eos": True}))
     assert all(len(c.choices) == 1 for c in chunks)
