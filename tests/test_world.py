@@ -16,7 +16,8 @@ import torch
 from selfrag_engine.tiny import build_world
 from selfrag_engine.tiny.world import remix_world
 from selfrag_engine.tiny.training_data import (
-    HELDOUT_TASKS, HELDOUT_WORDS, IRRELEVANT_ANSWER, PERSON_QUESTIONS, TOWN_QUESTIONS, TRAIN_TASKS,
+    HELDOUT_COUNT_STARTS, HELDOUT_TASKS, HELDOUT_WORDS, IRRELEVANT_ANSWER, PERSON_QUESTIONS, SKILL_TASKS,
+    TOWN_QUESTIONS, TRAIN_TASKS,
     LexicalIndex, TrainingStream, _heldout_pair, branch_cases, encode_example, fresh_source, heldout_instructions,
     heldout_questions, is_relevant, questions_for, retrieved_distractors, split_world, training_distractor,
 )
@@ -119,7 +120,7 @@ def test_training_stream_never_shows_heldout_entities_or_phrasings(world, split)
     held_passages = {p.text for e in held for p in world.passages_of(e.id)}
     heldout_forms = [f for table in (PERSON_QUESTIONS, TOWN_QUESTIONS) for _, forms in table.values() for f in forms]
     heldout_re = re.compile("|".join(re.escape(f).replace(r"\{name\}", ".+") for f in heldout_forms))
-    stream = TrainingStream(world, split, seed=3, copy_fraction=0.5)
+    stream = TrainingStream(world, split, seed=3, copy_fraction=0.5, skill_fraction=0.5)
     kinds = set()
     for _ in range(3000):
         ex = stream.next()
@@ -130,18 +131,53 @@ def test_training_stream_never_shows_heldout_entities_or_phrasings(world, split)
         assert not heldout_re.fullmatch(ex.instruction), ex.instruction
         for a, b in re.findall(r"(\d+) (?:plus|minus|times|and|by|from|greater than) (\d+)", ex.instruction):
             assert not _heldout_pair(int(a), int(b)), ex.instruction
+        for start in re.findall(r"[Cc]ount (?:up )?from (\d+)", ex.instruction):
+            assert int(start) not in HELDOUT_COUNT_STARTS, ex.instruction
         if ex.kind == "no_fact":
             assert not set(re.findall(r"[a-z]+", text)) & HELDOUT_WORDS, text
     assert kinds == {"relevant", "irrelevant", "no_fact"}
 
 
 def test_heldout_instructions_are_unseen(world, split):
-    stream = TrainingStream(world, split, seed=4)
+    stream = TrainingStream(world, split, seed=4, skill_fraction=0.5)
     seen = {stream.next().instruction for _ in range(20000)}
     held = heldout_instructions(world, split, 300, seed=0)
     assert len(held) == 300 and all(e.kind == "no_fact" for e in held)
     assert not {e.instruction for e in held} & seen
     assert HELDOUT_TASKS and not set(HELDOUT_TASKS) & set(TRAIN_TASKS)
+
+
+def test_skill_tasks_answer_what_they_ask():
+    rng = random.Random(5)
+    seen = {task: 0 for task in SKILL_TASKS}
+    for _ in range(600):
+        task = rng.choice(SKILL_TASKS)
+        seen[task] += 1
+        instruction, answer = task(rng, False, [])
+        if m := re.fullmatch(r"(?:Repeat the phrase|Repeat after me|Please repeat|Copy this text|Say this back to me"
+                             r"|Write this again): (.+)", instruction):
+            assert answer == m[1] and 1 <= len(answer.split()) <= 7
+        elif m := re.fullmatch(r"(?:Write '|Put ')(.+)' in (?:capital letters|upper case)\.", instruction) or \
+                re.fullmatch(r"(?:Convert to uppercase|Rewrite in capital letters|Please write this in uppercase): "
+                             r"(.+)", instruction):
+            assert answer == m[1].upper() != m[1]
+        elif m := re.fullmatch(r"(?:Convert to lowercase|Rewrite in small letters|Put this in lowercase): (.+)",
+                               instruction):
+            assert answer == m[1].lower() != m[1]
+        elif m := re.search(r"(\d+) (plus|and|minus|from|away from) (\d+)", instruction):
+            a, b = int(m[1]), int(m[3])
+            if "plus" in instruction or "sum" in instruction or "add" in instruction.lower():
+                assert answer == f"{a} + {b} = {a + b}."
+            else:
+                big, small = (b, a) if m[2].endswith("from") else (a, b)
+                assert big >= small and answer == f"{big} - {small} = {big - small}."
+            assert max(a, b) <= 50 and not _heldout_pair(a, b)
+        else:
+            m = re.fullmatch(r"(?:Please count|Count up|Count) from (\d+) to (\d+)\.", instruction)
+            assert m, instruction
+            a, b = int(m[1]), int(m[2])
+            assert a >= HELDOUT_COUNT_STARTS.stop and answer == ", ".join(map(str, range(a, b + 1))) + "."
+    assert min(seen.values()) > 50
 
 
 def test_copy_tasks_ask_to_repeat_exactly_their_answer(world, split):

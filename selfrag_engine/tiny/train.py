@@ -1,6 +1,7 @@
 """Trains the tiny Self-RAG model on the synthetic world, on the CPU, and measures it on held-out data.
 
     python -m selfrag_engine.tiny.train --out DIR [--steps N] [--seed 0] [--snapshot-every N]
+    python -m selfrag_engine.tiny.train --out DIR2 --init-from DIR [--steps N] [--skill-fraction F] ...
 
 Writes a Hugging Face checkpoint directory (config.json, model.safetensors, generation_config.json, the
 SentencePiece tokenizer with the 16 Self-RAG tokens), corpus.jsonl (the world's passages), examples.json
@@ -8,7 +9,8 @@ SentencePiece tokenizer with the 16 Self-RAG tokens), corpus.jsonl (the world's 
 its statistics and the held-out evaluation of `selfrag_engine.tiny.evaluate`, short form and long form, which
 reads the written checkpoint through the engine). A run is fixed by its seed and step count (which also sets
 the learning-rate schedule): the same command gives the same weights with the same thread count (2) on the
-same kind of CPU.
+same kind of CPU. `--init-from DIR` starts from DIR's weights and tokenizer instead (a further stage, with
+its own schedule and mix), and its training.json keeps the earlier stages' commands and statistics.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import json
 import math
 import random
 import re
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -101,6 +104,9 @@ class TrainConfig:
     # learned when to retrieve and which passage is relevant, but after 6000 steps still could not repeat an
     # unseen name: copying arrived too slowly from the few copied tokens of each world answer.
     copy_fraction: float = 0.5
+    # Share of the other no-fact examples drawn from `SKILL_TASKS` (wider phrases, sums, counts). 0 in the
+    # first stage, whose stream is the one the committed model's first stage was trained on.
+    skill_fraction: float = 0.0
     # Share of the world draws that are long-form requests ("Tell me about X", long_form_data) instead of a
     # question pair. At 0.4 they are 16% of the examples and 31% of the target tokens (an answer has 4 to 5
     # times the target tokens of a short one); the question pairs keep 47% of the examples (53% without).
@@ -132,8 +138,8 @@ def bf16_is_native(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
 def new_stream(world: World, split: Split, cfg: TrainConfig, seed: int) -> TrainingStream:
     return TrainingStream(world, split, seed=seed, world_fraction=cfg.world_fraction,
                           remix_fraction=cfg.remix_fraction, fresh_fraction=cfg.fresh_fraction,
-                          copy_fraction=cfg.copy_fraction, long_form_fraction=cfg.long_form_fraction,
-                          long_form=long_form_data.training_examples)
+                          copy_fraction=cfg.copy_fraction, skill_fraction=cfg.skill_fraction,
+                          long_form_fraction=cfg.long_form_fraction, long_form=long_form_data.training_examples)
 
 
 # ---- tokenizer -----------------------------------------------------------------------------------
@@ -401,15 +407,35 @@ def write_snapshot(model: Llama, out: Path, config: dict, state: dict) -> Path:
     return snap
 
 
-def read_snapshot(model: Llama, snap: Path) -> dict:
-    """Loads a snapshot's weights into `model` (a tied output head shares the embedding it was written as) and
-    returns its training state, for `train(resume=...)`."""
-    path = snap / "model.safetensors"
+def load_weights(model: Llama, path: Path) -> None:
+    """Loads weights `save_checkpoint` wrote into `model` (a tied output head shares the embedding it was
+    written as)."""
     missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
     missing = [k for k in missing if k != "lm_head.weight"]
     if missing or unexpected:
         raise ValueError(f"{path}: missing {missing}, unexpected {unexpected}")
+
+
+def read_snapshot(model: Llama, snap: Path) -> dict:
+    """Loads a snapshot's weights into `model` and returns its training state, for `train(resume=...)`."""
+    load_weights(model, snap / "model.safetensors")
     return torch.load(snap / TRAINING_STATE_FILE, weights_only=True)
+
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+
+
+def earlier_stages(init: Path) -> list[dict]:
+    """The stages that made the checkpoint in `init` (its training.json's, oldest first), for the record."""
+    record = json.loads((init / TRAINING_FILE).read_text())
+    stage = {k: record[k] for k in ("command", "train_config", "training")}
+    return record.get("earlier_stages", []) + [stage]
+
+
+def shape_of(config: dict) -> ModelShape:
+    return ModelShape(config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"],
+                      config["num_attention_heads"], config["max_position_embeddings"],
+                      config["tie_word_embeddings"])
 
 
 def training_state(step: int, opt: torch.optim.Optimizer, losses: list[float]) -> dict:
@@ -469,6 +495,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--remix-fraction", type=float, default=TrainConfig.remix_fraction)
     parser.add_argument("--world-fraction", type=float, default=TrainConfig.world_fraction)
     parser.add_argument("--copy-fraction", type=float, default=TrainConfig.copy_fraction)
+    parser.add_argument("--skill-fraction", type=float, default=TrainConfig.skill_fraction)
+    parser.add_argument("--init-from", type=Path, default=None,
+                        help="start from this checkpoint's weights and tokenizer (a directory this command "
+                             "wrote); its shape is kept, --hidden/--intermediate/--layers/--heads/--vocab unused")
     parser.add_argument("--long-form-fraction", type=float, default=TrainConfig.long_form_fraction)
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=TrainConfig.bf16,
                         help="bf16 autocast of the matrix products (default: where the CPU has bf16 "
@@ -493,24 +523,36 @@ def main(argv: list[str] | None = None) -> None:
     cfg = TrainConfig(seed=args.seed, steps=args.steps, batch_size=args.batch_size,
                       lr=args.lr, fresh_fraction=args.fresh_fraction, remix_fraction=args.remix_fraction,
                       world_fraction=args.world_fraction, copy_fraction=args.copy_fraction,
+                      skill_fraction=args.skill_fraction,
                       long_form_fraction=args.long_form_fraction, sp_vocab_size=args.vocab,
                       snapshot_every=args.snapshot_every, stop_after=args.stop_after,
                       bf16=bf16_is_native() if args.bf16 is None else args.bf16)
-    shape = ModelShape(args.hidden, args.intermediate, args.layers, args.heads)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     wall = time.perf_counter()
 
     world, split = world_and_split()
-    sentences = tokenizer_sentences(new_stream(world, split, cfg, 10_000 + args.seed), 20_000)
-    tokenizer_file = out / "tokenizer.model"
-    previous = tokenizer_file.read_bytes() if args.resume is not None and tokenizer_file.is_file() else None
-    vocab_size = write_world_tokenizer(out, sentences, cfg.sp_vocab_size, shape.max_position_embeddings)
-    if previous is not None and tokenizer_file.read_bytes() != previous:
-        raise SystemExit(f"--resume: the tokenizer these arguments make differs from the one in {out}")
+    init: Path | None = args.init_from
+    if init is not None:
+        if init.resolve() == out.resolve():
+            raise SystemExit("--init-from: give another --out; the new stage writes a new checkpoint")
+        for name in TOKENIZER_FILES:
+            shutil.copyfile(init / name, out / name)
+        config = json.loads((init / "config.json").read_text())
+        shape, vocab_size = shape_of(config), config["vocab_size"]
+    else:
+        shape = ModelShape(args.hidden, args.intermediate, args.layers, args.heads)
+        sentences = tokenizer_sentences(new_stream(world, split, cfg, 10_000 + args.seed), 20_000)
+        tokenizer_file = out / "tokenizer.model"
+        previous = tokenizer_file.read_bytes() if args.resume is not None and tokenizer_file.is_file() else None
+        vocab_size = write_world_tokenizer(out, sentences, cfg.sp_vocab_size, shape.max_position_embeddings)
+        if previous is not None and tokenizer_file.read_bytes() != previous:
+            raise SystemExit(f"--resume: the tokenizer these arguments make differs from the one in {out}")
+        config = hf_config(shape, vocab_size)
     tokenizer = load_tokenizer(out)
-    config = hf_config(shape, vocab_size)
     model = new_model(LlamaConfig.from_dict(config), args.seed)
+    if init is not None and args.resume is None:
+        load_weights(model, init / "model.safetensors")
     num_params = sum(p.numel() for p in model.parameters())
     log(f"model: {num_params / 1e6:.2f}M parameters, vocab {vocab_size}")
 
@@ -535,6 +577,8 @@ def main(argv: list[str] | None = None) -> None:
               "threads": torch.get_num_threads(), "train_config": asdict(cfg), "model_shape": asdict(shape),
               "num_parameters": num_params, "vocab_size": vocab_size, "training": stats,
               "heldout": result.summary(), "heldout_failures": result.failures}
+    if init is not None:
+        record["earlier_stages"] = earlier_stages(init)
     (out / TRAINING_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
 

@@ -309,19 +309,26 @@ def _numbers(rng: random.Random, hi: int, heldout: bool) -> tuple[int, int]:
 Task = Callable[[random.Random, bool, list[str]], tuple[str, str]]
 
 
-def _add(rng, held, names):
-    a, b = _numbers(rng, 20, held)
+def _addition(rng: random.Random, a: int, b: int) -> tuple[str, str]:
     form = rng.choice(["What is {a} plus {b}?", "Add {a} and {b}.", "What is the sum of {a} and {b}?",
                        "Calculate {a} plus {b}.", "Tell me the sum of {a} and {b}.",
                        "What do you get when you add {a} and {b}?"])
     return form.format(a=a, b=b), f"{a} + {b} = {a + b}."
 
 
-def _sub(rng, held, names):
-    a, b = sorted(_numbers(rng, 20, held), reverse=True)
+def _subtraction(rng: random.Random, a: int, b: int) -> tuple[str, str]:
+    a, b = sorted((a, b), reverse=True)
     form = rng.choice(["What is {a} minus {b}?", "Subtract {b} from {a}.", "Calculate {a} minus {b}.",
                        "Take {b} away from {a}."])
     return form.format(a=a, b=b), f"{a} - {b} = {a - b}."
+
+
+def _add(rng, held, names):
+    return _addition(rng, *_numbers(rng, 20, held))
+
+
+def _sub(rng, held, names):
+    return _subtraction(rng, *_numbers(rng, 20, held))
 
 
 def _mul(rng, held, names):
@@ -337,31 +344,46 @@ def _chat(rng, held, names):
     return q, table[q]
 
 
-def _repeat(rng, held, names):
-    p = _phrase(rng, held)
+def _repeating(rng: random.Random, p: str) -> tuple[str, str]:
     forms = ["Repeat the phrase: {p}", "Repeat after me: {p}", "Please repeat: {p}", "Copy this text: {p}",
              "Say this back to me: {p}", "Write this again: {p}"]
     return rng.choice(forms).format(p=p), p
 
 
-def _upper(rng, held, names):
-    p = _phrase(rng, held)
+def _uppercasing(rng: random.Random, p: str) -> tuple[str, str]:
     forms = ["Write '{p}' in capital letters.", "Convert to uppercase: {p}", "Put '{p}' in upper case.",
              "Rewrite in capital letters: {p}", "Please write this in uppercase: {p}"]
     return rng.choice(forms).format(p=p), p.upper()
 
 
-def _lower(rng, held, names):
-    p = _phrase(rng, held)
+def _lowercasing(rng: random.Random, p: str) -> tuple[str, str]:
     forms = ["Convert to lowercase: {p}", "Rewrite in small letters: {p}", "Put this in lowercase: {p}"]
     return rng.choice(forms).format(p=p.upper()), p
 
 
-def _count(rng, held, names):
-    a = rng.randint(16, 25) if held else rng.randint(0, 15)
+def _counting(rng: random.Random, a: int) -> tuple[str, str]:
     b = a + rng.randint(2, 6)
     form = rng.choice(["Count from {a} to {b}.", "Please count from {a} to {b}.", "Count up from {a} to {b}."])
     return form.format(a=a, b=b), ", ".join(str(i) for i in range(a, b + 1)) + "."
+
+
+def _repeat(rng, held, names):
+    return _repeating(rng, _phrase(rng, held))
+
+
+def _upper(rng, held, names):
+    return _uppercasing(rng, _phrase(rng, held))
+
+
+def _lower(rng, held, names):
+    return _lowercasing(rng, _phrase(rng, held))
+
+
+HELDOUT_COUNT_STARTS = range(16, 26)
+
+
+def _count(rng, held, names):
+    return _counting(rng, rng.randint(16, 25) if held else rng.randint(0, 15))
 
 
 def _count_words(rng, held, names):
@@ -404,6 +426,54 @@ def _name_task(rng, held, names):
 
 TRAIN_TASKS: tuple[Task, ...] = (_add, _sub, _mul, _chat, _repeat, _upper, _lower, _count, _count_words,
                                  _compare, _next, _name_task)
+
+
+# ---- skill tasks: the training tasks' skills on wider material -------------------------------------
+# Each asks a training task in a training phrasing, on material the task's own values leave out: phrases of
+# one to seven words, half of them made up (copying and changing case become operations on pieces, not on a
+# word list, and on lengths the phrase shapes never have), sums and differences up to 50, counts starting
+# after the held-out starts. Held-out values stay out: no held-out word, number pair or count start.
+
+TRAINED_WORDS = tuple(w for w in ADJECTIVES + NOUNS if w not in HELDOUT_WORDS)
+
+
+def _free_phrase(rng: random.Random) -> str:
+    words, n = [], rng.randint(1, 7)
+    while len(words) < n:
+        if rng.random() < 0.5:
+            words.append(rng.choice(TRAINED_WORDS))
+        else:
+            word = made_up_name(rng).split()[rng.randrange(2)].lower()
+            if word not in HELDOUT_WORDS:
+                words.append(word)
+    return " ".join(words)
+
+
+def _repeat_free(rng, held, names):
+    return _repeating(rng, _free_phrase(rng))
+
+
+def _upper_free(rng, held, names):
+    return _uppercasing(rng, _free_phrase(rng))
+
+
+def _lower_free(rng, held, names):
+    return _lowercasing(rng, _free_phrase(rng))
+
+
+def _add_wide(rng, held, names):
+    return _addition(rng, *_numbers(rng, 50, False))
+
+
+def _sub_wide(rng, held, names):
+    return _subtraction(rng, *_numbers(rng, 50, False))
+
+
+def _count_wide(rng, held, names):
+    return _counting(rng, rng.randint(HELDOUT_COUNT_STARTS.stop, 60))
+
+
+SKILL_TASKS: tuple[Task, ...] = (_repeat_free, _upper_free, _lower_free, _add_wide, _sub_wide, _count_wide)
 
 
 def _h_add(rng, held, names):
@@ -465,12 +535,16 @@ def copy_task(rng: random.Random) -> tuple[str, str]:
 
 
 def no_fact_example(rng: random.Random, names: list[str], heldout: bool = False,
-                    heldout_phrasing: bool = False, copy_fraction: float = 0.0) -> Example:
-    """An instruction that needs no facts; a `copy_fraction` of training ones are `copy_task`s."""
+                    heldout_phrasing: bool = False, copy_fraction: float = 0.0, skill_fraction: float = 0.0) -> Example:
+    """An instruction that needs no facts; a `copy_fraction` of training ones are `copy_task`s, a
+    `skill_fraction` of the rest `SKILL_TASKS`."""
     if copy_fraction > 0 and not heldout and rng.random() < copy_fraction:
         instruction, answer = copy_task(rng)
         return Example(instruction, f"[No Retrieval]{answer}[Utility:5]", "no_fact")
-    task = rng.choice(HELDOUT_TASKS if heldout_phrasing else TRAIN_TASKS)
+    if skill_fraction > 0 and not heldout and rng.random() < skill_fraction:
+        task = rng.choice(SKILL_TASKS)
+    else:
+        task = rng.choice(HELDOUT_TASKS if heldout_phrasing else TRAIN_TASKS)
     instruction, answer = task(rng, heldout, names)
     utility = 4 if task in (_chat, _h_chat) else 5
     return Example(instruction, f"[No Retrieval]{answer}[Utility:{utility}]", "no_fact")
@@ -554,6 +628,7 @@ class TrainingStream:
     remix_fraction: float = 0.0  # of world questions
     fresh_fraction: float = 0.7  # of world questions
     copy_fraction: float = 0.0  # of no-fact examples: made-up names and years to repeat (`copy_task`)
+    skill_fraction: float = 0.0  # of the other no-fact examples: `SKILL_TASKS`
     new_world_questions: int = 400
     long_form_fraction: float = 0.0  # of world draws
     # (world, entity, passages it may show, rng) -> examples; given by the caller (`long_form_data`).
@@ -594,7 +669,8 @@ class TrainingStream:
             return self.pending.pop()
         # A world draw yields two examples, so this makes world_fraction the share of examples.
         if self.rng.random() >= self.world_fraction / (2 - self.world_fraction):
-            return no_fact_example(self.rng, self.names, copy_fraction=self.copy_fraction)
+            return no_fact_example(self.rng, self.names, copy_fraction=self.copy_fraction,
+                                   skill_fraction=self.skill_fraction)
         r = self.rng.random()
         if r < self.remix_fraction:
             source = self._source("remix")
