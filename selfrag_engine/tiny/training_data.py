@@ -379,11 +379,15 @@ def _lower(rng, held, names):
     return _lowercasing(rng, _phrase(rng, held))
 
 
-HELDOUT_COUNT_STARTS = range(16, 26)
+HELDOUT_COUNT_STARTS = range(16, 26)  # counts starting here are evaluation's only
+
+
+def _heldout_count_start(rng: random.Random) -> int:
+    return rng.randint(HELDOUT_COUNT_STARTS.start, HELDOUT_COUNT_STARTS.stop - 1)
 
 
 def _count(rng, held, names):
-    return _counting(rng, rng.randint(16, 25) if held else rng.randint(0, 15))
+    return _counting(rng, _heldout_count_start(rng) if held else rng.randint(0, HELDOUT_COUNT_STARTS.start - 1))
 
 
 def _count_words(rng, held, names):
@@ -502,7 +506,7 @@ def _h_upper(rng, held, names):
 
 
 def _h_count(rng, held, names):
-    a = rng.randint(16, 25)
+    a = _heldout_count_start(rng)
     b = a + rng.randint(2, 6)
     return f"List the numbers from {a} to {b}.", ", ".join(str(i) for i in range(a, b + 1)) + "."
 
