@@ -59,9 +59,9 @@ NUM_LONG_FORM = 12
 # answer takes a segment from a distractor's child (an earlier model did in 2 of 12: a river or a town of the
 # passage it read); the released flavour (one whole generation per passage, the best kept) answers from the
 # entity's own passage 12 of 12 times. The model card measures the targets on all 132 held-out requests
-# (citation 0.984, facts 0.989). These bounds sit a step below this sample's counts, far above what a model not trained for the
-# long form does (one answer of 132 in two segments) or a tree that ignored the critique (four distractors to
-# one passage of the entity).
+# (citation 0.984, facts 0.989). These bounds sit a step below this sample's counts, far above what a model not
+# trained for the long form does (one answer of 132 in two segments) or a tree that ignored the critique (four
+# distractors to one passage of the entity).
 MULTI_SEGMENT_BOUND = 0.6
 CITATION_BOUND = 0.8
 FACT_PRECISION_BOUND = 0.85

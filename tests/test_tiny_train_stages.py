@@ -36,3 +36,10 @@ def test_a_stage_starts_from_the_weights_and_tokenizer_it_is_given(tmp_path):
 def test_a_stage_needs_a_directory_of_its_own(tmp_path):
     with pytest.raises(SystemExit, match="another --out"):
         main(["--out", str(MODEL), "--init-from", str(MODEL), "--steps", "0"])
+
+
+def test_a_stage_refuses_a_shape_it_would_not_use(tmp_path):
+    with pytest.raises(SystemExit, match="--hidden, --vocab cannot change them"):
+        main(["--out", str(tmp_path / "stage"), "--init-from", str(MODEL), "--steps", "0", "--hidden", "128",
+              "--vocab", "1000"])
+    assert not (tmp_path / "stage" / "tokenizer.model").exists()

@@ -498,7 +498,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skill-fraction", type=float, default=TrainConfig.skill_fraction)
     parser.add_argument("--init-from", type=Path, default=None,
                         help="start from this checkpoint's weights and tokenizer (a directory this command "
-                             "wrote); its shape is kept, --hidden/--intermediate/--layers/--heads/--vocab unused")
+                             "wrote); its shape and vocabulary are kept, so --hidden/--intermediate/--layers/"
+                             "--heads/--vocab may not be given with it")
     parser.add_argument("--long-form-fraction", type=float, default=TrainConfig.long_form_fraction)
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=TrainConfig.bf16,
                         help="bf16 autocast of the matrix products (default: where the CPU has bf16 "
@@ -534,6 +535,11 @@ def main(argv: list[str] | None = None) -> None:
     world, split = world_and_split()
     init: Path | None = args.init_from
     if init is not None:
+        shaping = [f"--{dest}" for dest in ("hidden", "intermediate", "layers", "heads", "vocab")
+                   if getattr(args, dest) != parser.get_default(dest)]
+        if shaping:
+            raise SystemExit(f"--init-from keeps the checkpoint's shape and vocabulary: {', '.join(shaping)} "
+                             "cannot change them")
         if init.resolve() == out.resolve():
             raise SystemExit("--init-from: give another --out; the new stage writes a new checkpoint")
         for name in TOKENIZER_FILES:

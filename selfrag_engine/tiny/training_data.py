@@ -361,10 +361,14 @@ def _lowercasing(rng: random.Random, p: str) -> tuple[str, str]:
     return rng.choice(forms).format(p=p.upper()), p
 
 
+def _numbers_from(a: int, b: int) -> str:
+    return ", ".join(str(i) for i in range(a, b + 1)) + "."
+
+
 def _counting(rng: random.Random, a: int) -> tuple[str, str]:
     b = a + rng.randint(2, 6)
     form = rng.choice(["Count from {a} to {b}.", "Please count from {a} to {b}.", "Count up from {a} to {b}."])
-    return form.format(a=a, b=b), ", ".join(str(i) for i in range(a, b + 1)) + "."
+    return form.format(a=a, b=b), _numbers_from(a, b)
 
 
 def _repeat(rng, held, names):
@@ -508,7 +512,7 @@ def _h_upper(rng, held, names):
 def _h_count(rng, held, names):
     a = _heldout_count_start(rng)
     b = a + rng.randint(2, 6)
-    return f"List the numbers from {a} to {b}.", ", ".join(str(i) for i in range(a, b + 1)) + "."
+    return f"List the numbers from {a} to {b}.", _numbers_from(a, b)
 
 
 def _h_compare(rng, held, names):
