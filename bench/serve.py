@@ -6,9 +6,12 @@ work done in process in one run:
   only the question, the model writes reflection tokens, which a stream carries as no text);
 - Self-RAG short-form queries: queries per second and latency, against the same queries answered one after
   another by `SelfRAG.answer` (the server's own cost: serve_selfrag_concurrency_speedup_c1, target >= 0.9;
-  at 64 clients, target >= 4), and the time to the first streamed event. At one client the two sides run in
-  `--rounds` blocks of the queries, interleaved (the order alternating), so that the machine's drift over the
-  run falls on both;
+  at 64 clients, target >= 4), and the time to the first streamed event. Each level has queries (and
+  streamed prompts) of its own, which neither side has seen, so that no side reads a prefix cache that an
+  earlier level filled; the sequential side answers them close in time to the server, so that the machine's
+  drift over the run falls on both: at one client in `--rounds` blocks interleaved with the server's (the
+  order alternating), at more clients half before and half after the served run. Before the first level a
+  burst of other queries at the most clients starts the server's program workers;
 - in process: N concurrent programs on an `EngineLoop` over `answer_batch` of the same N queries
   (programs_vs_answer_batch_c64, target >= 0.95): what sharing steps through the loop costs; the median of
   `--rounds` side-by-side rounds.
@@ -139,6 +142,14 @@ def stream_completion(conn: http.client.HTTPConnection, prompt: str, max_tokens:
     return "".join(text), times
 
 
+def start_workers(loop: EngineLoop, n: int) -> None:
+    """Starts n of the loop's program workers, as a serving loop has them: its pool makes a thread per program
+    while none is idle, so a cold pool would make 64 of them (0.1-0.2 s here) while the timed programs run."""
+    barrier = threading.Barrier(n)
+    for handle in [loop.run_program(lambda _: barrier.wait()) for _ in range(n)]:
+        handle.result()
+
+
 def programs_ratio(model: Path, queries: list, max_tokens: int, num_blocks: int, rounds: int = 1
                    ) -> tuple[float, float]:
     """In process: (qps of len(queries) concurrent programs on an EngineLoop, qps of one answer_batch of them),
@@ -160,6 +171,7 @@ def programs_ratio(model: Path, queries: list, max_tokens: int, num_blocks: int,
         # The loop's thread holds the only OpenMP team while it runs, and takes it along when it closes.
         with EngineLoop(engine, max_pending=len(qs) + 1, program_workers=len(qs)) as loop:
             loop.run_program(lambda v: SelfRAG(v, max_new_tokens=max_tokens).answer(qs[0], docs[0])).result()
+            start_workers(loop, len(qs))
             t0 = time.perf_counter()
             handles = [loop.run_program(lambda v, q=q, d=d: SelfRAG(v, max_new_tokens=max_tokens).answer(q, d)
                                         .answer) for q, d in zip(qs, docs)]
@@ -212,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--levels: comma-separated client counts, got {args.levels!r}")
         if not levels or min(levels) < 1:
             parser.error(f"--levels: client counts of at least 1, got {args.levels!r}")
-        levels = tuple(sorted(set(levels)))  # one client first: its blocks complete the sequential side
+        levels = tuple(sorted(set(levels)))
     if args.only is not None and args.out is None:
         parser.error("--only writes a partial result: give --out, so the recorded results are not replaced")
     num_queries = 8 if args.smoke else args.queries
@@ -225,10 +237,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--rounds: at least 1, got {rounds}")
 
     world, split = world_and_split()
-    if args.only == "programs":
-        num_queries = min(num_queries, num_programs)
-    cases = world_cases(world, split, num_queries, seed=11)
-    queries = [(c.question.text, [{"title": p.title, "text": p.text} for p in c.passages]) for c in cases]
+    # Each level answers queries of its own, and the warm-up others again, so that no side reads the prefix cache
+    # of queries an earlier level or the warm-up computed (the server would otherwise skip the prompts' prefill
+    # at 8 and 64 clients, the sequential engine never).
+    num_sets = 1 if args.only == "programs" else len(levels)
+    cases = world_cases(world, split, num_queries * num_sets + max(levels), seed=11)
+    as_query = lambda c: (c.question.text, [{"title": p.title, "text": p.text} for p in c.passages])  # noqa: E731
+    level_cases = {level: cases[i * num_queries:(i + 1) * num_queries] for i, level in enumerate(levels)}
+    warm_queries = [as_query(c) for c in cases[num_sets * num_queries:]]
     model = default_model_dir()
     results: list[dict] = []
 
@@ -236,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def measure_programs(num_blocks: int) -> float:
         """Records the in-process side; returns programs_vs_answer_batch."""
-        programs_qps, batch_qps = programs_ratio(model, queries[:num_programs], max_tokens, num_blocks, rounds)
+        batch = [as_query(c) for c in cases[:num_programs]]
+        programs_qps, batch_qps = programs_ratio(model, batch, max_tokens, num_blocks, rounds)
         record(results, f"answer_batch_qps_c{num_programs}", batch_qps, "queries/s", queries=num_programs)
         record(results, f"programs_qps_c{num_programs}", programs_qps, "queries/s", queries=num_programs)
         record(results, f"programs_vs_answer_batch_c{num_programs}", programs_qps / batch_qps, "x",
@@ -248,15 +265,15 @@ def main(argv: list[str] | None = None) -> int:
         write_results("serve", args.device, results, out_dir=args.out)
         return 0
 
-    # Sequential: the synchronous API, one query after another on one engine. At one client it runs in blocks
-    # interleaved with the server's (`--rounds` of them, the order alternating), so that the machine's drift over
-    # the run (several percent on a shared 2-core machine) falls on both sides of the ratio alike.
+    # Sequential: the synchronous API, one query after another on one engine, answering each level's queries
+    # close in time to the server answering them, so that the machine's drift over the run (several percent on
+    # a shared 2-core machine) falls on both sides of the ratio alike: at one client in `--rounds` blocks
+    # interleaved with the server's (the order alternating), at more clients half before and half after the
+    # served run.
     seq_engine = alone(lambda: Engine.from_pretrained(model, progress=False, num_blocks=args.num_blocks))
     seq_rag = SelfRAG(seq_engine, max_new_tokens=max_tokens)
-    expected: list[str | None] = [None] * len(queries)
-    seq_lat: list[float] = [0.0] * len(queries)
 
-    def sequential(indices: list[int]) -> float:
+    def sequential(queries: list, indices: list[int], expected: list, latency: list[float]) -> float:
         """Answers queries[i] for i in indices one after another; returns the seconds they took."""
         def run() -> float:
             t0 = time.perf_counter()
@@ -264,32 +281,38 @@ def main(argv: list[str] | None = None) -> int:
                 q, docs = queries[i]
                 s = time.perf_counter()
                 expected[i] = seq_rag.answer(q, [Passage(**p) for p in docs]).answer
-                seq_lat[i] = time.perf_counter() - s
+                latency[i] = time.perf_counter() - s
             return time.perf_counter() - t0
         return alone(run)
 
-    alone(lambda: seq_rag.answer(queries[0][0], [Passage(**p) for p in queries[0][1]]))  # warm-up
+    alone(lambda: seq_rag.answer(warm_queries[0][0], [Passage(**p) for p in warm_queries[0][1]]))  # warm-up
     cache = seq_engine.cache_stats()
     num_blocks = cache["num_blocks"]
     record(results, "kv_cache_blocks", num_blocks, "blocks", block_size=cache.get("block_size"))
-    interleaved = 1 in levels
-    blocks = [list(range(len(queries)))[b::rounds] for b in range(rounds)] if interleaved else []
-    seq_seconds = 0.0 if interleaved else sequential(list(range(len(queries))))
 
     programs_vs_batch = measure_programs(num_blocks) if args.only is None else float("nan")
 
     proc, base = start_server(model, num_blocks, args.threads)
     host, port_text = base.removeprefix("http://").split(":")
     port = int(port_text)
-    qps_by_level, p99_by_level, p50_by_level = {}, {}, {}
+    qps_by_level, p99_by_level, p50_by_level, speedup_by_level = {}, {}, {}, {}
     ttft, itl = {}, {}  # level -> (p50, p99) in ms
-    prompts = [format_prompt(c.question.text) + format_passage(c.passages[c.gold_index].title,
-                                                               c.passages[c.gold_index].text) for c in cases]
     try:
-        with httpx.Client(base_url=base, timeout=600) as warm:
-            warm.post("/v1/selfrag", json={"question": queries[0][0], "passages": queries[0][1],
-                                           "max_tokens": max_tokens}).raise_for_status()
+        # A burst at the most clients measured first, so that every level meets the server's program workers
+        # started, as a server that has been serving does (the first burst makes a thread per program).
+        def warm(i: int) -> None:
+            q, docs = warm_queries[i % len(warm_queries)]
+            with httpx.Client(base_url=base, timeout=600) as client:
+                client.post("/v1/selfrag", json={"question": q, "passages": docs, "max_tokens": max_tokens}
+                            ).raise_for_status()
+
+        with cf.ThreadPoolExecutor(max(levels)) as pool:
+            list(pool.map(warm, range(max(levels))))
         for level in levels:
+            queries = [as_query(c) for c in level_cases[level]]
+            prompts = [format_prompt(c.question.text) + format_passage(c.passages[c.gold_index].title,
+                                                                       c.passages[c.gold_index].text)
+                       for c in level_cases[level]]
             firsts: list[float] = []
             gaps: list[float] = []
 
@@ -317,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
             first_events: list[float] = [0.0] * len(queries)
             latencies: list[float] = [0.0] * len(queries)
             answers: list[str | None] = [None] * len(queries)
+            expected: list[str | None] = [None] * len(queries)
+            seq_lat: list[float] = [0.0] * len(queries)
 
             def client(worker: int, indices: list[int]) -> None:
                 conn = http.client.HTTPConnection(host, port, timeout=600)
@@ -351,25 +376,35 @@ def main(argv: list[str] | None = None) -> int:
                     list(pool.map(client, range(level), [indices] * level))
                 return time.perf_counter() - t0
 
-            if level == 1 and interleaved:
-                seconds = 0.0
-                for r, block in enumerate(blocks):
+            def answered(indices: list[int]) -> float:
+                return sequential(queries, indices, expected, seq_lat)
+
+            everything = list(range(len(queries)))
+            seq_seconds = seconds = 0.0
+            if level == 1:
+                for r, block in enumerate(everything[b::rounds] for b in range(rounds)):
                     if r % 2 == 0:
-                        seq_seconds += sequential(block)
+                        seq_seconds += answered(block)
                         seconds += served(block)
                     else:
                         seconds += served(block)
-                        seq_seconds += sequential(block)
+                        seq_seconds += answered(block)
             else:
-                seconds = served(list(range(len(queries))))
+                half = len(everything) // 2
+                seq_seconds += answered(everything[:half])
+                seconds += served(everything)
+                seq_seconds += answered(everything[half:])
             seq_qps = len(queries) / seq_seconds
             if not any(r["metric"] == "sequential_selfrag_qps" for r in results):
                 record(results, "sequential_selfrag_qps", seq_qps, "queries/s", queries=len(queries),
-                       max_tokens=max_tokens, threads=args.threads, interleaved_rounds=len(blocks) or None)
+                       max_tokens=max_tokens, threads=args.threads, clients=level)
                 record(results, "sequential_selfrag_p50_ms", statistics.median(seq_lat) * 1e3, "ms")
+            record(results, f"sequential_selfrag_qps_c{level}", seq_qps, "queries/s", queries=len(queries),
+                   blocks=rounds if level == 1 else 2)
             mismatched = sum(a != e for a, e in zip(answers, expected))
             qps = len(queries) / seconds
             qps_by_level[level] = qps
+            speedup_by_level[level] = qps / seq_qps
             p50_by_level[level] = percentile(latencies, 50) * 1e3
             p99_by_level[level] = percentile(latencies, 99) * 1e3
             record(results, f"serve_selfrag_qps_c{level}", qps, "queries/s", clients=level, queries=len(queries))
@@ -393,8 +428,7 @@ def main(argv: list[str] | None = None) -> int:
         fig, (a, b, c) = plt.subplots(1, 3, figsize=(15, 4.2))
         xs = list(qps_by_level)
         ticks = dict(xscale="log", xticks=xs, xticklabels=[str(x) for x in xs], xlabel="concurrent clients")
-        speedup = [qps_by_level[x] / seq_qps for x in xs]
-        a.plot(xs, speedup, "o-", label="served / one after another in process")
+        a.plot(xs, [speedup_by_level[x] for x in xs], "o-", label="served / one after another in process")
         a.axhline(1.0, color="gray", ls="--", lw=0.8)
         a.set(ylabel="Self-RAG queries/s ratio", title="Self-RAG throughput through the server", ylim=(0, None),
               **ticks)

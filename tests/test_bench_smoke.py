@@ -309,7 +309,7 @@ def test_serve_bench_smoke(tmp_path):
     assert values["programs_vs_answer_batch_c8"] == pytest.approx(
         values["programs_qps_c8"] / values["answer_batch_qps_c8"], rel=1e-9)
     assert values["serve_selfrag_concurrency_speedup_c8"] == pytest.approx(
-        values["serve_selfrag_qps_c8"] / values["sequential_selfrag_qps"], rel=1e-9)
+        values["serve_selfrag_qps_c8"] / values["sequential_selfrag_qps_c8"], rel=1e-9)
 
 
 @pytest.mark.parametrize("argv, named", [(["--only", "programs"], "--out"),
