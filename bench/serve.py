@@ -12,6 +12,12 @@ work done in process in one run:
   drift over the run falls on both: at one client in `--rounds` blocks interleaved with the server's (the
   order alternating), at more clients half before and half after the served run. Before the first level a
   burst of other queries at the most clients starts the server's program workers;
+- Self-RAG long-form queries streamed (`form: "long"`, the server's defaults: a beam of 2): the time to the
+  first `selfrag.segment` event and to the answer, p50 and p99, and the share of segments that arrived before
+  their answer (a segment is sent once no later choice of the beam can drop it); `--long-queries` per level,
+  or as many as the level has clients, each level with held-out people and towns of its own. A query the
+  server turns away while its rows are taken (429) is sent again after its Retry-After, the wait counted in
+  its times (serve_selfrag_long_busy_retries_c64 says how often);
 - in process: N concurrent programs on an `EngineLoop` over `answer_batch` of the same N queries
   (programs_vs_answer_batch_c64, target >= 0.95): what sharing steps through the loop costs; the median of
   `--rounds` side-by-side rounds.
@@ -66,6 +72,7 @@ from selfrag_engine.retrieval.passages import Passage  # noqa: E402
 from selfrag_engine.selfrag.short_form import SelfRAG  # noqa: E402
 from selfrag_engine.tiny.assets import default_model_dir  # noqa: E402
 from selfrag_engine.tiny.evaluate import world_and_split, world_cases  # noqa: E402
+from selfrag_engine.tiny.long_form_data import long_form_cases  # noqa: E402
 
 
 T = TypeVar("T")
@@ -150,9 +157,46 @@ def start_workers(loop: EngineLoop, n: int) -> None:
         handle.result()
 
 
+def stream_long_form(conn: http.client.HTTPConnection, question: str, passages: list[dict]
+                     ) -> tuple[list[float], float, int]:
+    """One streamed long-form Self-RAG query: the seconds to each `selfrag.segment` event and to the answer,
+    from the first try, and how many times the server answered 429 (busy: each branch of the beam holds a row,
+    so many clients' trees can outgrow the server's rows) and the query was sent again after `retry-after`, as
+    the `openai` client does."""
+    body = json.dumps({"question": question, "passages": passages, "form": "long", "stream": True})
+    s = time.perf_counter()
+    retries = 0
+    while True:
+        conn.request("POST", "/v1/selfrag", body, {"Content-Type": "application/json"})
+        r = conn.getresponse()
+        if r.status != 429:
+            break
+        r.read()
+        retries += 1
+        time.sleep(float(r.getheader("retry-after") or 1))
+    if r.status != 200:
+        raise RuntimeError(f"/v1/selfrag answered {r.status}: {r.read()[:300]!r}")
+    segments, answer = [], None
+    while line := r.readline():
+        line = line.strip()
+        if not line.startswith(b"data: ") or line == b"data: [DONE]":
+            continue
+        event = json.loads(line[6:])
+        if event.get("object") == "selfrag.segment":
+            segments.append(time.perf_counter() - s)
+        elif event.get("object") == "selfrag.answer":
+            answer = time.perf_counter() - s
+        elif "error" in event:
+            raise RuntimeError(f"/v1/selfrag failed: {event['error']}")
+    if answer is None:
+        raise RuntimeError("a long-form stream ended without its answer")
+    return segments, answer, retries
+
+
 def programs_ratio(model: Path, queries: list, max_tokens: int, num_blocks: int, rounds: int = 1
-                   ) -> tuple[float, float]:
-    """In process: (qps of len(queries) concurrent programs on an EngineLoop, qps of one answer_batch of them),
+                   ) -> tuple[float, float, list[float]]:
+    """In process: (qps of len(queries) concurrent programs on an EngineLoop, qps of one answer_batch of them,
+    every round's ratio in increasing order),
     every program's answer checked against the batch's. Measured in `rounds` rounds on the same engine, the
     batch first in even rounds and the programs first in odd ones (whichever runs second in a round is not
     favoured); the round with the median ratio is returned (one round's ratio varies by several percent on a
@@ -191,7 +235,8 @@ def programs_ratio(model: Path, queries: list, max_tokens: int, num_blocks: int,
                                  "batch")
         measured.append((programs_qps, batch_qps))
     measured.sort(key=lambda m: m[0] / m[1])
-    return measured[(len(measured) - 1) // 2]
+    programs_qps, batch_qps = measured[(len(measured) - 1) // 2]
+    return programs_qps, batch_qps, [round(p / b, 4) for p, b in measured]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,7 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--completions", type=int, default=64, help="streamed completions per concurrency level")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help="torch threads of the sequential engine and of the server alike (default: torch's)")
-    parser.add_argument("--rounds", type=int, default=3,
+    parser.add_argument("--long-queries", type=int, default=16,
+                        help="streamed long-form queries per level, at least one per client (smoke: 2)")
+    parser.add_argument("--rounds", type=int, default=5,
                         help="rounds of the in-process comparison (batch, then programs; the median round's "
                              "ratio is recorded) and blocks of the one-client comparison (in process, then "
                              "served; the sums' ratio is recorded) (smoke: 1)")
@@ -233,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     completion_tokens = 8 if args.smoke else args.completion_tokens
     num_programs = 8 if args.smoke else 64
     rounds = 1 if args.smoke else args.rounds
+    long_queries = 2 if args.smoke else args.long_queries
     if rounds < 1:
         parser.error(f"--rounds: at least 1, got {rounds}")
 
@@ -245,6 +293,12 @@ def main(argv: list[str] | None = None) -> int:
     as_query = lambda c: (c.question.text, [{"title": p.title, "text": p.text} for p in c.passages])  # noqa: E731
     level_cases = {level: cases[i * num_queries:(i + 1) * num_queries] for i, level in enumerate(levels)}
     warm_queries = [as_query(c) for c in cases[num_sets * num_queries:]]
+    long_cases, taken = long_form_cases(world, split), 0
+    level_long = {}
+    for level in levels:  # past the held-out cases (132), they come round again
+        n = max(level, long_queries)
+        level_long[level] = [long_cases[(taken + i) % len(long_cases)] for i in range(n)]
+        taken += n
     model = default_model_dir()
     results: list[dict] = []
 
@@ -253,11 +307,11 @@ def main(argv: list[str] | None = None) -> int:
     def measure_programs(num_blocks: int) -> float:
         """Records the in-process side; returns programs_vs_answer_batch."""
         batch = [as_query(c) for c in cases[:num_programs]]
-        programs_qps, batch_qps = programs_ratio(model, batch, max_tokens, num_blocks, rounds)
+        programs_qps, batch_qps, ratios = programs_ratio(model, batch, max_tokens, num_blocks, rounds)
         record(results, f"answer_batch_qps_c{num_programs}", batch_qps, "queries/s", queries=num_programs)
         record(results, f"programs_qps_c{num_programs}", programs_qps, "queries/s", queries=num_programs)
         record(results, f"programs_vs_answer_batch_c{num_programs}", programs_qps / batch_qps, "x",
-               queries=num_programs, threads=args.threads, rounds=rounds)
+               queries=num_programs, threads=args.threads, rounds=rounds, round_ratios=ratios)
         return programs_qps / batch_qps
 
     if args.only == "programs":
@@ -297,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     port = int(port_text)
     qps_by_level, p99_by_level, p50_by_level, speedup_by_level = {}, {}, {}, {}
     ttft, itl = {}, {}  # level -> (p50, p99) in ms
+    long_ms: dict[str, dict[int, tuple[float, float]]] = {}  # first_segment / answer -> level -> (p50, p99)
     try:
         # A burst at the most clients measured first, so that every level meets the server's program workers
         # started, as a server that has been serving does (the first burst makes a thread per program).
@@ -416,6 +471,34 @@ def main(argv: list[str] | None = None) -> int:
             record(results, f"serve_selfrag_mismatched_answers_c{level}", mismatched, "answers", clients=level)
             if mismatched:
                 raise AssertionError(f"{mismatched} answers at {level} clients differ from the sequential ones")
+
+            long_firsts: list[float] = []
+            long_ends: list[float] = []
+            long_counts: list[tuple[int, int, int]] = []  # per query: segments before the answer, segments, 429s
+
+            def long_client(worker: int) -> None:
+                conn = http.client.HTTPConnection(host, port, timeout=600)
+                try:
+                    for c in level_long[level][worker::level]:
+                        passages = [{"title": p.title, "text": p.text} for p in c.passages]
+                        segments, end, retries = stream_long_form(conn, c.instruction, passages)
+                        long_ends.append(end)
+                        long_firsts.append(segments[0] if segments else end)  # the first text a reader gets
+                        long_counts.append((sum(end - t > 0.001 for t in segments), len(segments), retries))
+                finally:
+                    conn.close()
+
+            with cf.ThreadPoolExecutor(level) as pool:
+                list(pool.map(long_client, range(level)))
+            for name, values in (("first_segment", long_firsts), ("answer", long_ends)):
+                long_ms.setdefault(name, {})[level] = (percentile(values, 50) * 1e3, percentile(values, 99) * 1e3)
+                for q, value in zip((50, 99), long_ms[name][level]):
+                    record(results, f"serve_selfrag_long_{name}_p{q}_ms_c{level}", value, "ms", clients=level,
+                           queries=len(level_long[level]))
+            early, total, busy = (sum(c) for c in zip(*long_counts))
+            record(results, f"serve_selfrag_long_early_segments_c{level}", early / total if total else 0.0, "x",
+                   clients=level, segments=total)
+            record(results, f"serve_selfrag_long_busy_retries_c{level}", busy, "requests", clients=level)
     finally:
         proc.terminate()
         try:
@@ -425,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def plot(path: Path) -> None:
         plt = pyplot()
-        fig, (a, b, c) = plt.subplots(1, 3, figsize=(15, 4.2))
+        fig, (a, b, c, d) = plt.subplots(1, 4, figsize=(20, 4.2))
         xs = list(qps_by_level)
         ticks = dict(xscale="log", xticks=xs, xticklabels=[str(x) for x in xs], xlabel="concurrent clients")
         a.plot(xs, [speedup_by_level[x] for x in xs], "o-", label="served / one after another in process")
@@ -445,6 +528,12 @@ def main(argv: list[str] | None = None) -> int:
         c.set(ylabel="ms", title=f"streamed completions ({completion_tokens} tokens)", ylim=(0, None), **ticks)
         c.minorticks_off()
         c.legend()
+        for name, label, style in (("first_segment", "first segment", "o-"), ("answer", "answer", "s-")):
+            d.plot(xs, [long_ms[name][x][0] for x in xs], style, label=f"{label} p50")
+            d.plot(xs, [long_ms[name][x][1] for x in xs], style, alpha=0.5, label=f"{label} p99")
+        d.set(ylabel="ms", title="streamed long-form Self-RAG (beam of 2)", ylim=(0, None), **ticks)
+        d.minorticks_off()
+        d.legend()
         fig.suptitle(f"{model.name} on {args.device}, {args.threads} torch threads; in process, "
                      f"{num_programs} programs / answer_batch = {programs_vs_batch:.2f}x")
         save_figure(fig, path)

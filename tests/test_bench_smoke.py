@@ -310,6 +310,11 @@ def test_serve_bench_smoke(tmp_path):
         values["programs_qps_c8"] / values["answer_batch_qps_c8"], rel=1e-9)
     assert values["serve_selfrag_concurrency_speedup_c8"] == pytest.approx(
         values["serve_selfrag_qps_c8"] / values["sequential_selfrag_qps_c8"], rel=1e-9)
+    # Long-form streams: the first segment never after the answer, and some segments were streamed.
+    for level in (1, 8):
+        assert 0 < values[f"serve_selfrag_long_first_segment_p50_ms_c{level}"] <= values[
+            f"serve_selfrag_long_answer_p99_ms_c{level}"]
+        assert 0 <= values[f"serve_selfrag_long_early_segments_c{level}"] <= 1
 
 
 @pytest.mark.parametrize("argv, named", [(["--only", "programs"], "--out"),
