@@ -149,6 +149,16 @@ def stream_completion(conn: http.client.HTTPConnection, prompt: str, max_tokens:
     return "".join(text), times
 
 
+def passages_json(passages) -> list[dict]:
+    """Passages as /v1/selfrag takes them."""
+    return [{"title": p.title, "text": p.text} for p in passages]
+
+
+def as_query(case) -> tuple[str, list[dict]]:
+    """A world case as the server takes it: the question and its passages."""
+    return case.question.text, passages_json(case.passages)
+
+
 def start_workers(loop: EngineLoop, n: int) -> None:
     """Starts n of the loop's program workers, as a serving loop has them: its pool makes a thread per program
     while none is idle, so a cold pool would make 64 of them (0.1-0.2 s here) while the timed programs run."""
@@ -290,7 +300,6 @@ def main(argv: list[str] | None = None) -> int:
     # at 8 and 64 clients, the sequential engine never).
     num_sets = 1 if args.only == "programs" else len(levels)
     cases = world_cases(world, split, num_queries * num_sets + max(levels), seed=11)
-    as_query = lambda c: (c.question.text, [{"title": p.title, "text": p.text} for p in c.passages])  # noqa: E731
     level_cases = {level: cases[i * num_queries:(i + 1) * num_queries] for i, level in enumerate(levels)}
     warm_queries = [as_query(c) for c in cases[num_sets * num_queries:]]
     long_cases, taken = long_form_cases(world, split), 0
@@ -480,8 +489,7 @@ def main(argv: list[str] | None = None) -> int:
                 conn = http.client.HTTPConnection(host, port, timeout=600)
                 try:
                     for c in level_long[level][worker::level]:
-                        passages = [{"title": p.title, "text": p.text} for p in c.passages]
-                        segments, end, retries = stream_long_form(conn, c.instruction, passages)
+                        segments, end, retries = stream_long_form(conn, c.instruction, passages_json(c.passages))
                         long_ends.append(end)
                         long_firsts.append(segments[0] if segments else end)  # the first text a reader gets
                         long_counts.append((sum(end - t > 0.001 for t in segments), len(segments), retries))
