@@ -174,19 +174,24 @@ class _Transport:
         pass
 
 
-def test_a_connection_beyond_the_bound_gets_a_503_in_the_openai_shape():
+@pytest.mark.parametrize("parser", ["h11", "httptools"])
+def test_a_connection_beyond_the_bound_gets_a_503_in_the_openai_shape(parser):
     import json
 
     import uvicorn
     from uvicorn.server import ServerState
 
-    from selfrag_engine.entrypoints.slow_clients import uvicorn_options
+    from selfrag_engine.entrypoints import slow_clients
+
+    if parser == "httptools" and slow_clients.HttpToolsProtocol is None:
+        pytest.skip("httptools is not installed")
 
     async def app(scope, receive, send):
         pass
 
     async def main():
-        options = uvicorn_options(ServerLimits(limit_concurrency=3, header_timeout_s=600))
+        options = {**slow_clients.uvicorn_options(ServerLimits(limit_concurrency=3, header_timeout_s=600)),
+                   "http": slow_clients.protocol_class(600, 3, parser)}
         config = uvicorn.Config(app, **options)
         config.load()
         state = ServerState()
