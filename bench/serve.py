@@ -50,7 +50,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Callable, Iterator, TypeVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -129,6 +129,14 @@ def percentile(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))]
 
 
+def sse_events(r: http.client.HTTPResponse) -> Iterator[dict]:
+    """The JSON events of a server-sent-event response, each as soon as its line arrives ([DONE] ends it)."""
+    while line := r.readline():
+        line = line.strip()
+        if line.startswith(b"data: ") and line != b"data: [DONE]":
+            yield json.loads(line[6:])
+
+
 def stream_completion(conn: http.client.HTTPConnection, prompt: str, max_tokens: int) -> tuple[str, list[float]]:
     """One streamed completion: its text and the arrival time of every chunk that carried text."""
     body = json.dumps({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
@@ -138,11 +146,8 @@ def stream_completion(conn: http.client.HTTPConnection, prompt: str, max_tokens:
     if r.status != 200:
         raise RuntimeError(f"/v1/completions answered {r.status}: {r.read()[:300]!r}")
     text, times = [], []
-    while line := r.readline():
-        line = line.strip()
-        if not line.startswith(b"data: ") or line == b"data: [DONE]":
-            continue
-        piece = json.loads(line[6:])["choices"][0]["text"]
+    for event in sse_events(r):
+        piece = event["choices"][0]["text"]
         if piece:
             times.append(time.perf_counter())
             text.append(piece)
@@ -187,11 +192,7 @@ def stream_long_form(conn: http.client.HTTPConnection, question: str, passages: 
     if r.status != 200:
         raise RuntimeError(f"/v1/selfrag answered {r.status}: {r.read()[:300]!r}")
     segments, answer = [], None
-    while line := r.readline():
-        line = line.strip()
-        if not line.startswith(b"data: ") or line == b"data: [DONE]":
-            continue
-        event = json.loads(line[6:])
+    for event in sse_events(r):
         if event.get("object") == "selfrag.segment":
             segments.append(time.perf_counter() - s)
         elif event.get("object") == "selfrag.answer":
@@ -419,11 +420,7 @@ def main(argv: list[str] | None = None) -> int:
                         r = conn.getresponse()
                         if r.status != 200:
                             raise RuntimeError(f"/v1/selfrag answered {r.status}: {r.read()[:300]!r}")
-                        while line := r.readline():
-                            line = line.strip()
-                            if not line.startswith(b"data: ") or line == b"data: [DONE]":
-                                continue
-                            event = json.loads(line[6:])
+                        for event in sse_events(r):
                             if not first_events[i]:
                                 first_events[i] = time.perf_counter() - s
                             if event.get("object") == "selfrag.answer":

@@ -24,8 +24,7 @@ from selfrag_engine.entrypoints.openai_errors import error_body
 from selfrag_engine.entrypoints.server_limits import ServerLimits
 
 try:
-    import httptools  # noqa: F401 - uvicorn's httptools protocol needs it
-    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol  # imports httptools
 except ImportError:  # h11 alone
     HttpToolsProtocol = None
 
