@@ -160,18 +160,18 @@ def test_gpu_session_stage_timeouts_kill_the_stage_and_go_on(tmp_path):
 
     root = Path(__file__).resolve().parent.parent
     env, pids = _stand_in_python(tmp_path)
-    start = time.monotonic()
+    # timeout: a bound on a hang (a script that waited for its hung children), not a measurement.
     run = subprocess.run(["bash", "bench/gpu_session.sh", "sampler", "scheduler"], cwd=root,
                          env=dict(env, STAGE_TIMEOUT="2"), capture_output=True, text=True, timeout=120)
-    took = time.monotonic() - start
     assert run.returncode == 1, run.stdout + run.stderr
     lines = [line for line in run.stdout.splitlines() if line.startswith("== ")]
     assert len(lines) == 2 and all("TIMED OUT after 2s (killed)" in line for line in lines), run.stdout
     assert lines[0].startswith("== sampler") and lines[1].startswith("== scheduler")
-    assert took < 60
     hung = [int(p) for line in pids.read_text().split("\n") if line for p in line.split()]
     assert len(hung) == 4
-    time.sleep(0.5)
+    deadline = time.monotonic() + 30  # SIGKILL was sent; the kernel's reaping is waited for, not timed
+    while any(_alive(p) for p in hung) and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert not any(_alive(p) for p in hung), hung
     with tarfile.open(tmp_path / "out" / "gpu-session.tar.gz") as tar:
         names = tar.getnames()
