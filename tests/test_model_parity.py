@@ -30,6 +30,28 @@ def test_score_equals_transformers_float32(cfg):
         assert rel_err(ours, ref) < 1e-4, (length, rel_err(ours, ref))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_rms_norm_is_transformers_to_the_bit(dtype):
+    """The torch path's RMSNorm (one fused operator in float32, HF's own steps otherwise) and its residual form
+    give Hugging Face's LlamaRMSNorm bit for bit, over widths and row counts a step has."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from selfrag_engine.models.llama import RMSNorm
+
+    gen = torch.Generator().manual_seed(7)
+    for width in (48, 256, 4096, 5120):
+        ours, ref = RMSNorm(width, 1e-5).to(dtype), LlamaRMSNorm(width, eps=1e-5).to(dtype)
+        with torch.no_grad():
+            ours.weight.copy_(torch.randn(width, generator=gen) * 0.5 + 1)
+            ref.weight.copy_(ours.weight)
+            for rows, scale in ((1, 1.0), (5, 30.0), (130, 1e-3), (1000, 1.0)):
+                x = (torch.randn(rows, width, generator=gen) * scale).to(dtype)
+                r = torch.randn(rows, width, generator=gen).to(dtype)
+                assert torch.equal(ours(x), ref(x)), (width, rows, scale)
+                out, residual = ours(x, r)
+                assert torch.equal(residual, x + r) and torch.equal(out, ref(x + r)), (width, rows, scale)
+
+
 def test_score_equals_transformers_float16():
     path = tiny_checkpoint(seed=6, num_key_value_heads=2, torch_dtype=torch.float16)
     engine = Engine.from_pretrained(path, dtype=torch.float16, progress=False)
