@@ -112,15 +112,18 @@ class Attention(ShardedLinears):
         t = qkv.shape[0]
         # Strided views of the one GEMV's output; the kernels take any strides.
         q, k, v = qkv.split(self.qkv_sizes, dim=-1)
-        q = q.view(t, self.num_heads, self.head_dim)
-        k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
         if self.backend.kernels:
+            q = q.view(t, self.num_heads, self.head_dim)
+            k = k.view(t, self.num_kv_heads, self.head_dim)
             rotary_and_store_kv(q, k, v, positions, rope[0], rope[1], kv.k, kv.v, meta.slot_mapping,
                                 kv.k_scale, kv.v_scale)
         else:
             cos, sin = rope[0][positions], rope[1][positions]
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            # q's and k's heads side by side in qkv, rotated as one tensor: each operator once, not twice.
+            heads = self.num_heads + self.num_kv_heads
+            qk = apply_rotary(qkv[:, :heads * self.head_dim].view(t, heads, self.head_dim), cos, sin)
+            q, k = qk.split((self.num_heads, self.num_kv_heads), dim=1)
             store_kv(k, v, kv, meta.slot_mapping)
         o = paged_attention(q, kv, meta, self.scale, self.backend)
         return self.o_proj(o.reshape(t, self.num_heads * self.head_dim))
