@@ -190,6 +190,13 @@ def test_selfrag_long_form_streams_its_segments(server, engine):
     assert [e["object"] for e in short[:-1]] == ["selfrag.answer"] and short[-1] == "[DONE]"
     r = httpx.post(f"{server}/v1/selfrag", json={**body, "passages": [{"title": "no text"}]}, timeout=30)
     assert r.status_code == 400 and "passages.0" in r.json()["error"]["message"]
+    # Options the released flavour's tree cannot run, streamed too.
+    released = {**body, "compat": "released", "threshold": 0.2}
+    for bad, word in (({"max_depth": 1}, "max_depth >= 2"), ({"mode": "never"}, "mode='never'")):
+        with httpx.stream("POST", f"{server}/v1/selfrag", json={**released, **bad}, timeout=30) as r:
+            r.read()
+        assert r.status_code == 400 and r.headers["content-type"].startswith("application/json"), r.text
+        assert word in r.json()["error"]["message"]
     assert _used_blocks(server) == 0
 
 

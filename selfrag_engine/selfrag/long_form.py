@@ -159,6 +159,18 @@ class _Tree:
         return n
 
 
+def check_released_tree(max_depth: int | None, mode: str) -> None:
+    """The long form's options the released flavour cannot run (RequestError; max_depth None: the runner's
+    default): checked by the runner, and by a request's options before it is queued, so that a server refuses
+    them before a stream starts."""
+    if max_depth is not None and max_depth < 2:
+        raise RequestError(f"compat='released' expands depths 1..max_depth-1 and needs max_depth >= 2, "
+                           f"got {max_depth}")
+    if mode == "never":
+        raise RequestError("compat='released' with mode='never': the reference long-form script fails "
+                           "there (it returns a prediction tree it never made); use the paper flavour")
+
+
 class LongFormSelfRAG:
     """Long-form Self-RAG over an engine and an optional retriever (anything with `search(query, k) ->
     list[Passage]`); passages may also be given per question."""
@@ -181,12 +193,7 @@ class LongFormSelfRAG:
             if retrieval != "static":
                 raise RequestError("compat='released' fixes the passages before decoding (retrieval='static'); "
                                    "retrieval='per_segment' is the paper flavour's")
-            if max_depth < 2:
-                raise RequestError(f"compat='released' expands depths 1..max_depth-1 and needs max_depth >= 2, "
-                                   f"got {max_depth}")
-            if mode == "never":
-                raise RequestError("compat='released' with mode='never': the reference long-form script fails "
-                                   "there (it returns a prediction tree it never made); use the paper flavour")
+            check_released_tree(max_depth, mode)
         elif quirks is not None:
             raise RequestError("quirks switch behaviours of compat='released' only")
         if retrieval == "per_segment" and retriever is None:

@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence
 from selfrag_engine.engine.client import EngineClient
 from selfrag_engine.errors import RequestError
 from selfrag_engine.retrieval.passages import Passage
-from selfrag_engine.selfrag.long_form import LongAnswer, LongFormSelfRAG, Segment
+from selfrag_engine.selfrag.long_form import LongAnswer, LongFormSelfRAG, Segment, check_released_tree
 from selfrag_engine.selfrag.scoring import COMPATS, FORMS, ScoringConfig
 from selfrag_engine.selfrag.short_form import Answer, SelfRAG
 
@@ -50,6 +50,8 @@ class QueryOptions:
             if self.form == "short" and getattr(self, name) is not None:
                 raise RequestError(f"{name}: an option of the long form's tree; the short form has none (leave "
                                    f"{name} out, or ask for form 'long')")
+        if self.form == "long" and self.compat == "released":
+            check_released_tree(self.max_depth, self.mode)
 
     @classmethod
     def from_mapping(cls, options: Mapping[str, Any], **renamed: str) -> "QueryOptions":
