@@ -8,7 +8,9 @@ import random
 import re
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,11 +18,12 @@ import torch
 from selfrag_engine.tiny import build_world
 from selfrag_engine.tiny.world import remix_world
 from selfrag_engine.tiny.training_data import (
-    HELDOUT_COUNT_STARTS, HELDOUT_TASKS, HELDOUT_WORDS, IRRELEVANT_ANSWER, PERSON_QUESTIONS, SKILL_TASKS,
-    TOWN_QUESTIONS, TRAIN_TASKS,
+    ADJECTIVES, HELDOUT_CHAT, HELDOUT_COUNT_STARTS, HELDOUT_TASKS, HELDOUT_WORDS, IRRELEVANT_ANSWER, NOUNS,
+    PERSON_QUESTIONS, SHAPE_TASKS, SKILL_TASKS, TOWN_QUESTIONS, TRAIN_TASKS, UNTAUGHT_WORDS, Example,
     LexicalIndex, TrainingStream, _heldout_pair, branch_cases, encode_example, fresh_source, heldout_instructions,
-    heldout_questions, is_relevant, questions_for, retrieved_distractors, split_world, training_distractor,
+    heldout_questions, is_relevant, questions_for, retrieved_distractors, split_world, training_distractor, untaught,
 )
+from selfrag_engine.tiny.evaluate import instruction_breakdown
 
 CHECKPOINT = Path(__file__).resolve().parent.parent / "selfrag_engine" / "data" / "tiny_selfrag"
 
@@ -120,7 +123,7 @@ def test_training_stream_never_shows_heldout_entities_or_phrasings(world, split)
     held_passages = {p.text for e in held for p in world.passages_of(e.id)}
     heldout_forms = [f for table in (PERSON_QUESTIONS, TOWN_QUESTIONS) for _, forms in table.values() for f in forms]
     heldout_re = re.compile("|".join(re.escape(f).replace(r"\{name\}", ".+") for f in heldout_forms))
-    stream = TrainingStream(world, split, seed=3, copy_fraction=0.5, skill_fraction=0.5)
+    stream = TrainingStream(world, split, seed=3, copy_fraction=0.5, skill_fraction=0.5, shape_fraction=0.3)
     kinds = set()
     for _ in range(3000):
         ex = stream.next()
@@ -135,11 +138,14 @@ def test_training_stream_never_shows_heldout_entities_or_phrasings(world, split)
             assert int(start) not in HELDOUT_COUNT_STARTS, ex.instruction
         if ex.kind == "no_fact":
             assert not set(re.findall(r"[a-z]+", text)) & HELDOUT_WORDS, text
+        # What `untaught` says no training example shows.
+        assert not set(re.findall(r"[a-z]+", text.lower())) & set(UNTAUGHT_WORDS.values()), text
+        assert ex.instruction not in HELDOUT_CHAT, text
     assert kinds == {"relevant", "irrelevant", "no_fact"}
 
 
 def test_heldout_instructions_are_unseen(world, split):
-    stream = TrainingStream(world, split, seed=4, skill_fraction=0.5)
+    stream = TrainingStream(world, split, seed=4, skill_fraction=0.5, shape_fraction=0.3)
     seen = {stream.next().instruction for _ in range(20000)}
     held = heldout_instructions(world, split, 300, seed=0)
     assert len(held) == 300 and all(e.kind == "no_fact" for e in held)
@@ -178,6 +184,84 @@ def test_skill_tasks_answer_what_they_ask():
             a, b = int(m[1]), int(m[2])
             assert a >= HELDOUT_COUNT_STARTS.stop and answer == ", ".join(map(str, range(a, b + 1))) + "."
     assert min(seen.values()) > 50
+
+
+def test_heldout_pairs_are_pairs_of_last_digits():
+    # So no training sum, difference or product holds a held-out pair's two last digits together.
+    assert all(_heldout_pair(a, b) == _heldout_pair(a % 10, b % 10) for a in range(100) for b in range(100))
+    assert 0 < sum(_heldout_pair(a, b) for a in range(10) for b in range(10)) < 20
+
+
+def test_untaught_names_what_a_heldout_answer_needs_that_training_never_shows(world, split):
+    def ex(instruction: str, task: str) -> Example:
+        return Example(instruction, "", "no_fact", task=task)
+
+    assert untaught(ex("What is the product of 5 and 3?", "h_mul")) == "word"
+    assert untaught(ex("Is 13 smaller than 35?", "h_compare")) == "word"
+    assert untaught(ex("Good evening!", "h_chat")) == untaught(ex("Thanks a lot!", "chat")) == "greeting"
+    assert untaught(ex("What is 7 plus 7?", "add")) == untaught(ex("How much is 15 plus 8?", "h_add")) == "digit fact"
+    assert untaught(ex("Multiply 8 by 5.", "mul")) == untaught(ex("Subtract 5 from 13.", "sub")) == "digit fact"
+    # A rule training shows: an operand ending in 0, a factor 0, 1 or 10; a pair training shows.
+    for text, task in (("Add 3 and 20.", "add"), ("What is the sum of 0 and 13?", "add"), ("Calculate 6 times 1.", "mul"),
+                       ("What do you get when you multiply 3 by 10?", "mul"), ("What is 2 plus 3?", "add"),
+                       ("Count from 19 to 21.", "count"), ("Make this uppercase: cold letter", "h_upper")):
+        assert untaught(ex(text, task)) == "", text
+    kinds = Counter(untaught(e) for e in heldout_instructions(world, split, 300, seed=0))
+    assert set(kinds) == {"", "word", "greeting", "digit fact"} and kinds[""] > 100
+
+
+def test_instruction_breakdown_counts_exact_answers_per_key():
+    examples = [Example("What is 7 plus 7?", "[No Retrieval]7 + 7 = 14.[Utility:5]", "no_fact", task="add"),
+                Example("Add 3 and 20.", "[No Retrieval]3 + 20 = 23.[Utility:5]", "no_fact", task="add"),
+                Example("Hey there!", "[No Retrieval]Hello! How can I help you today?[Utility:4]", "no_fact",
+                        task="h_chat")]
+    answers = [SimpleNamespace(answer=" 7 + 7 = 14."), SimpleNamespace(answer="3 + 20 = 22."),
+               SimpleNamespace(answer="Hello! How can I help you today?")]
+    assert instruction_breakdown(examples, answers, lambda e: e.task) == {
+        "add": {"instructions": 2, "exact": 0.5}, "h_chat": {"instructions": 1, "exact": 1.0}}
+    assert instruction_breakdown(examples, answers, lambda e: untaught(e) or "nothing") == {
+        "digit fact": {"instructions": 1, "exact": 1.0}, "greeting": {"instructions": 1, "exact": 1.0},
+        "nothing": {"instructions": 1, "exact": 0.0}}
+
+
+def test_shape_tasks_answer_what_they_ask():
+    rng = random.Random(6)
+    seen = {task: 0 for task in SHAPE_TASKS}
+    lengths, last_words = set(), set()
+    trained = set(ADJECTIVES + NOUNS)
+    for _ in range(900):
+        task = rng.choice(SHAPE_TASKS)
+        seen[task] += 1
+        instruction, answer = task(rng, False, [])
+        assert not set(re.findall(r"[a-z]+", (instruction + " " + answer).lower())) & HELDOUT_WORDS, instruction
+        if m := re.fullmatch(r"(?:Repeat the phrase|Repeat after me|Please repeat|Copy this text|Say this back to me"
+                             r"|Write this again): (.+)", instruction):
+            assert answer == m[1]
+            lengths.add(len(answer.split()))
+            last_words.add(answer.split()[-1])
+        elif m := re.fullmatch(r"(?:Write '|Put ')(.+)' in (?:capital letters|upper case)\.", instruction) or \
+                re.fullmatch(r"(?:Convert to uppercase|Rewrite in capital letters|Please write this in uppercase): "
+                             r"(.+)", instruction):
+            assert answer == m[1].upper() != m[1]
+        elif m := re.fullmatch(r"(?:Convert to lowercase|Rewrite in small letters|Put this in lowercase): (.+)",
+                               instruction):
+            assert answer == m[1].lower() != m[1]
+        elif m := re.fullmatch(r"How many words are in '(.+)'\?", instruction):
+            assert answer == f"There are {len(m[1].split())} words." and len(m[1].split()) >= 2
+        elif m := re.fullmatch(r"(?:Please count|Count up|Count) from (\d+) to (\d+)\.", instruction):
+            a, b = int(m[1]), int(m[2])
+            assert a >= HELDOUT_COUNT_STARTS.stop and b < 80  # next-number questions hold out 80 to 98
+            assert answer == ", ".join(map(str, range(a, b + 1))) + "."
+        else:
+            m = re.search(r"the name (\w+) (\w+)|Say hello to (\w+) (\w+)\.", instruction)
+            assert m, instruction
+            name = " ".join(g for g in m.groups() if g)
+            assert name in answer or name.upper() == answer or name.lower() == answer or \
+                answer in name.split() or answer == "There are 2 words.", (instruction, answer)
+    assert min(seen.values()) > 100
+    # Phrases of lengths the phrase shapes never make (1, 4, 5, 7+), ending in made-up words as in trained ones.
+    assert {1, 4, 5, 7, 8} <= lengths
+    assert last_words - trained and last_words & trained
 
 
 def test_copy_tasks_ask_to_repeat_exactly_their_answer(world, split):

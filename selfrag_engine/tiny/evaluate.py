@@ -14,7 +14,8 @@ critique scores, exactly as a user's query does:
   retrieval counts as a miss for the branch choice.
 - no-fact instructions with values or phrasings training never used, each offered the 5 passages the
   lexical retriever returns for it: how often the model retrieves anyway, and how often its answer is
-  exactly the expected one.
+  exactly the expected one, per task and by what the answer needs that no training example shows (a word, a
+  greeting, a sum of two last digits: `training_data.untaught`).
 - long-form instructions ("Tell me about X.", "Describe the town of X.", in trained and held-out wordings)
   about held-out entities, each with the entity's passages and distractors (`long_form_data.long_form_cases`),
   through `LongFormSelfRAG` in both flavours, with the beam (width 2) and with the greedy single path (width
@@ -34,7 +35,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -56,6 +57,7 @@ from selfrag_engine.tiny.training_data import (
     heldout_instructions,
     heldout_questions,
     split_world,
+    untaught,
 )
 from selfrag_engine.tiny.world import OCCUPATIONS, Entity, World, WorldPassage, build_world
 
@@ -79,6 +81,10 @@ class Evaluation:
     # Long-form answers about held-out entities (`evaluate_long_form`); empty when not measured.
     long_form: dict = field(default_factory=dict)
     failures: list[dict] = field(default_factory=list)  # a few misses, to read
+    # The instruction measures per task and by what no training example shows (`instruction_breakdown`):
+    # {task or untaught kind: {"instructions", "exact"}}.
+    instructions_by_task: dict[str, dict[str, float]] = field(default_factory=dict)
+    instructions_by_untaught: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def summary(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k != "failures"}
@@ -191,6 +197,17 @@ def score_instructions(examples: Sequence[Example], answers: Sequence[Answer]) -
                              "retrieved": ans.retrieved, "gate": ans.retrieval_probability})
     n = max(1, len(examples))
     return retrieved / n, exact / n, failures
+
+
+def instruction_breakdown(examples: Sequence[Example], answers: Sequence[Answer],
+                          key: Callable[[Example], str]) -> dict[str, dict[str, float]]:
+    """{key(example): {"instructions", "exact"}} of no-fact instruction answers, keys sorted: by task ("add" in
+    a training wording, "h_add" in a held-out one), or by what the answer needs that training never shows
+    (`training_data.untaught`, "nothing" where it needs nothing training never shows)."""
+    rows: dict[str, list[bool]] = {}
+    for ex, ans in zip(examples, answers, strict=True):
+        rows.setdefault(key(ex), []).append(ans.answer.strip() == expected_answer(ex))
+    return {k: {"instructions": len(r), "exact": round(sum(r) / len(r), 4)} for k, r in sorted(rows.items())}
 
 
 # ---- long form: judges of an answer's facts and citations --------------------------------------------
@@ -470,12 +487,15 @@ def evaluate(rag: SelfRAG, world: World, split: Split, num_world: int | None = N
     instr = instruction_cases(world, split, num_instructions, seed)
     answers = answer_all(rag, [ex.instruction for ex, _ in instr], [ps for _, ps in instr], batch_size)
     ret_i, exact, fail_i = score_instructions([ex for ex, _ in instr], answers)
+    examples = [ex for ex, _ in instr]
+    by_task = instruction_breakdown(examples, answers, lambda ex: ex.task)
+    by_untaught = instruction_breakdown(examples, answers, lambda ex: untaught(ex) or "nothing")
     long_form, fail_l = {}, []
     if num_long_form != 0:
         long_form, fail_l = evaluate_long_form(rag.engine, world, split, num_long_form, seed)
     return Evaluation(len(cases), round(ret_w, 4), round(chosen, 4), round(matched, 4), len(instr), round(ret_i, 4),
                       round(exact, 4), round(time.perf_counter() - start, 1), kinds, by_phrasing, long_form,
-                      fail_w + fail_i + fail_l)
+                      fail_w + fail_i + fail_l, by_task, by_untaught)
 
 
 def load_selfrag(path: Path, max_new_tokens: int = 48) -> SelfRAG:

@@ -107,6 +107,9 @@ class TrainConfig:
     # Share of the other no-fact examples drawn from `SKILL_TASKS` (wider phrases, sums, counts). 0 in the
     # first stage, whose stream is the one the committed model's first stage was trained on.
     skill_fraction: float = 0.0
+    # Share of the no-fact examples other than copy tasks drawn from `SHAPE_TASKS` (phrases of new shapes,
+    # counts across decades, made-up names). 0 in the first two stages.
+    shape_fraction: float = 0.0
     # Share of the world draws that are long-form requests ("Tell me about X", long_form_data) instead of a
     # question pair. At 0.4 they are 16% of the examples and 31% of the target tokens (an answer has 4 to 5
     # times the target tokens of a short one); the question pairs keep 47% of the examples (53% without).
@@ -139,6 +142,7 @@ def new_stream(world: World, split: Split, cfg: TrainConfig, seed: int) -> Train
     return TrainingStream(world, split, seed=seed, world_fraction=cfg.world_fraction,
                           remix_fraction=cfg.remix_fraction, fresh_fraction=cfg.fresh_fraction,
                           copy_fraction=cfg.copy_fraction, skill_fraction=cfg.skill_fraction,
+                          shape_fraction=cfg.shape_fraction,
                           long_form_fraction=cfg.long_form_fraction, long_form=long_form_data.training_examples)
 
 
@@ -496,6 +500,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--world-fraction", type=float, default=TrainConfig.world_fraction)
     parser.add_argument("--copy-fraction", type=float, default=TrainConfig.copy_fraction)
     parser.add_argument("--skill-fraction", type=float, default=TrainConfig.skill_fraction)
+    parser.add_argument("--shape-fraction", type=float, default=TrainConfig.shape_fraction)
     parser.add_argument("--init-from", type=Path, default=None,
                         help="start from this checkpoint's weights and tokenizer (a directory this command "
                              "wrote); its shape and vocabulary are kept, so --hidden/--intermediate/--layers/"
@@ -524,7 +529,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = TrainConfig(seed=args.seed, steps=args.steps, batch_size=args.batch_size,
                       lr=args.lr, fresh_fraction=args.fresh_fraction, remix_fraction=args.remix_fraction,
                       world_fraction=args.world_fraction, copy_fraction=args.copy_fraction,
-                      skill_fraction=args.skill_fraction,
+                      skill_fraction=args.skill_fraction, shape_fraction=args.shape_fraction,
                       long_form_fraction=args.long_form_fraction, sp_vocab_size=args.vocab,
                       snapshot_every=args.snapshot_every, stop_after=args.stop_after,
                       bf16=bf16_is_native() if args.bf16 is None else args.bf16)

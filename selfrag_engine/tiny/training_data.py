@@ -146,6 +146,7 @@ class Example:
     response: str  # the model's side, passage included, without the final </s> (added as the EOS id)
     kind: str      # "relevant" | "irrelevant" | "no_fact"
     gold: str = ""
+    task: str = ""  # of a no_fact example: the task that made it ("add", "h_add" for its held-out wording, ...)
 
     @property
     def prompt(self) -> str:
@@ -484,6 +485,59 @@ def _count_wide(rng, held, names):
 SKILL_TASKS: tuple[Task, ...] = (_repeat_free, _upper_free, _lower_free, _add_wide, _sub_wide, _count_wide)
 
 
+# ---- shape tasks: the training wordings on phrases of shapes the phrase maker never makes -------------
+# Rewriting and counting tasks whose phrase has the trained shapes' articles and "and" but more or fewer words,
+# words training has and made-up ones in any place (the last included), so that the answer's length and words
+# come from the phrase read, not from the shapes seen. Held-out words, pairs and count starts stay out.
+
+
+def _made_up_word(rng: random.Random) -> str:
+    while (word := made_up_name(rng).split()[rng.randrange(2)].lower()) in HELDOUT_WORDS:
+        pass
+    return word
+
+
+def _shaped_phrase(rng: random.Random) -> str:
+    def words(n: int) -> list[str]:
+        return [rng.choice(TRAINED_WORDS) if rng.random() < 0.6 else _made_up_word(rng) for _ in range(n)]
+
+    parts = ([rng.choice(("the", "a"))] if rng.random() < 0.6 else []) + words(rng.randint(1, 4))
+    if rng.random() < 0.4:
+        parts += ["and", "a"] + words(rng.randint(1, 3))
+    return re.sub(r"\ba (?=[aeiou])", "an ", " ".join(parts))
+
+
+def _repeat_shaped(rng, held, names):
+    return _repeating(rng, _shaped_phrase(rng))
+
+
+def _upper_shaped(rng, held, names):
+    return _uppercasing(rng, _shaped_phrase(rng))
+
+
+def _lower_shaped(rng, held, names):
+    return _lowercasing(rng, _shaped_phrase(rng))
+
+
+def _count_words_shaped(rng, held, names):
+    while len((p := _shaped_phrase(rng)).split()) < 2:
+        pass
+    return f"How many words are in '{p}'?", f"There are {len(p.split())} words."
+
+
+def _count_decades(rng, held, names):
+    # Counts across a decade past the held-out starts and below the next-number task's held-out values (80-98).
+    return _counting(rng, rng.randint(HELDOUT_COUNT_STARTS.stop, 73))
+
+
+def _name_made_up(rng, held, names):
+    return _name_task(rng, False, [made_up_name(rng)])
+
+
+SHAPE_TASKS: tuple[Task, ...] = (_repeat_shaped, _upper_shaped, _lower_shaped, _count_words_shaped, _count_decades,
+                                 _name_made_up)
+
+
 def _h_add(rng, held, names):
     a, b = _numbers(rng, 20, True)
     return f"How much is {a} plus {b}?", f"{a} + {b} = {a + b}."
@@ -543,19 +597,22 @@ def copy_task(rng: random.Random) -> tuple[str, str]:
 
 
 def no_fact_example(rng: random.Random, names: list[str], heldout: bool = False,
-                    heldout_phrasing: bool = False, copy_fraction: float = 0.0, skill_fraction: float = 0.0) -> Example:
+                    heldout_phrasing: bool = False, copy_fraction: float = 0.0, skill_fraction: float = 0.0,
+                    shape_fraction: float = 0.0) -> Example:
     """An instruction that needs no facts; a `copy_fraction` of training ones are `copy_task`s, a
-    `skill_fraction` of the rest `SKILL_TASKS`."""
+    `shape_fraction` of the rest `SHAPE_TASKS`, a `skill_fraction` of the rest `SKILL_TASKS`."""
     if copy_fraction > 0 and not heldout and rng.random() < copy_fraction:
         instruction, answer = copy_task(rng)
-        return Example(instruction, f"[No Retrieval]{answer}[Utility:5]", "no_fact")
-    if skill_fraction > 0 and not heldout and rng.random() < skill_fraction:
+        return Example(instruction, f"[No Retrieval]{answer}[Utility:5]", "no_fact", task="copy")
+    if shape_fraction > 0 and not heldout and rng.random() < shape_fraction:
+        task = rng.choice(SHAPE_TASKS)
+    elif skill_fraction > 0 and not heldout and rng.random() < skill_fraction:
         task = rng.choice(SKILL_TASKS)
     else:
         task = rng.choice(HELDOUT_TASKS if heldout_phrasing else TRAIN_TASKS)
     instruction, answer = task(rng, heldout, names)
     utility = 4 if task in (_chat, _h_chat) else 5
-    return Example(instruction, f"[No Retrieval]{answer}[Utility:{utility}]", "no_fact")
+    return Example(instruction, f"[No Retrieval]{answer}[Utility:{utility}]", "no_fact", task=task.__name__[1:])
 
 
 # ---- world examples -------------------------------------------------------------------------------
@@ -636,7 +693,8 @@ class TrainingStream:
     remix_fraction: float = 0.0  # of world questions
     fresh_fraction: float = 0.7  # of world questions
     copy_fraction: float = 0.0  # of no-fact examples: made-up names and years to repeat (`copy_task`)
-    skill_fraction: float = 0.0  # of the other no-fact examples: `SKILL_TASKS`
+    skill_fraction: float = 0.0  # of the no-fact examples neither copy nor shape tasks: `SKILL_TASKS`
+    shape_fraction: float = 0.0  # of the no-fact examples other than copy tasks: `SHAPE_TASKS`
     new_world_questions: int = 400
     long_form_fraction: float = 0.0  # of world draws
     # (world, entity, passages it may show, rng) -> examples; given by the caller (`long_form_data`).
@@ -678,7 +736,7 @@ class TrainingStream:
         # A world draw yields two examples, so this makes world_fraction the share of examples.
         if self.rng.random() >= self.world_fraction / (2 - self.world_fraction):
             return no_fact_example(self.rng, self.names, copy_fraction=self.copy_fraction,
-                                   skill_fraction=self.skill_fraction)
+                                   skill_fraction=self.skill_fraction, shape_fraction=self.shape_fraction)
         r = self.rng.random()
         if r < self.remix_fraction:
             source = self._source("remix")
@@ -721,6 +779,29 @@ def heldout_instructions(world: World, split: Split, n: int, seed: int = 0) -> l
     rng = random.Random(seed)
     names = [world.entity(e).name for e in split.heldout_entities if world.entity(e).kind == "person"]
     return [no_fact_example(rng, names, heldout=True, heldout_phrasing=i % 2 == 1) for i in range(n)]
+
+
+# The held-out wordings that hinge on a word no training example holds.
+UNTAUGHT_WORDS = {"h_mul": "product", "h_compare": "smaller", "h_name": "twice"}
+
+
+def untaught(example: Example) -> str:
+    """What the answer to a held-out no-fact example hinges on that no training example shows, or "":
+    "word" (a wording whose deciding word training never uses, `UNTAUGHT_WORDS`), "greeting" (a greeting
+    training never answers, `HELDOUT_CHAT`), "digit fact" (a sum, difference or product of a held-out pair:
+    `_heldout_pair` reads the last digits only, so no training example adds, subtracts or multiplies those two
+    last digits, unless an operand ending in 0 or a factor 0, 1 or 10 makes it a rule training shows)."""
+    if example.task in UNTAUGHT_WORDS:
+        return "word"
+    if example.task in ("chat", "h_chat"):
+        return "greeting"
+    if example.task in ("add", "h_add", "sub", "mul"):
+        a, b = map(int, re.findall(r"\d+", example.instruction)[:2])
+        if not _heldout_pair(a, b):
+            return ""
+        rule = {a, b} & {0, 1, 10} if example.task == "mul" else a % 10 == 0 or b % 10 == 0
+        return "" if rule else "digit fact"
+    return ""
 
 
 def branch_cases(world: World, split: Split, n: int, k: int = 5, seed: int = 0) -> list[BranchCase]:
