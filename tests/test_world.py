@@ -153,6 +153,21 @@ def test_heldout_instructions_are_unseen(world, split):
     assert HELDOUT_TASKS and not set(HELDOUT_TASKS) & set(TRAIN_TASKS)
 
 
+def _rewritten_phrase(instruction: str, answer: str) -> str | None:
+    """The phrase a repeating or case-changing instruction gives, its answer checked; None for other tasks."""
+    if m := re.fullmatch(r"(?:Repeat the phrase|Repeat after me|Please repeat|Copy this text|Say this back to me"
+                         r"|Write this again): (.+)", instruction):
+        assert answer == m[1]
+    elif m := re.fullmatch(r"(?:Write '|Put ')(.+)' in (?:capital letters|upper case)\.", instruction) or \
+            re.fullmatch(r"(?:Convert to uppercase|Rewrite in capital letters|Please write this in uppercase): (.+)",
+                         instruction):
+        assert answer == m[1].upper() != m[1]
+    elif m := re.fullmatch(r"(?:Convert to lowercase|Rewrite in small letters|Put this in lowercase): (.+)",
+                           instruction):
+        assert answer == m[1].lower() != m[1]
+    return m[1] if m else None
+
+
 def test_skill_tasks_answer_what_they_ask():
     rng = random.Random(5)
     seen = {task: 0 for task in SKILL_TASKS}
@@ -160,16 +175,8 @@ def test_skill_tasks_answer_what_they_ask():
         task = rng.choice(SKILL_TASKS)
         seen[task] += 1
         instruction, answer = task(rng, False, [])
-        if m := re.fullmatch(r"(?:Repeat the phrase|Repeat after me|Please repeat|Copy this text|Say this back to me"
-                             r"|Write this again): (.+)", instruction):
-            assert answer == m[1] and 1 <= len(answer.split()) <= 7
-        elif m := re.fullmatch(r"(?:Write '|Put ')(.+)' in (?:capital letters|upper case)\.", instruction) or \
-                re.fullmatch(r"(?:Convert to uppercase|Rewrite in capital letters|Please write this in uppercase): "
-                             r"(.+)", instruction):
-            assert answer == m[1].upper() != m[1]
-        elif m := re.fullmatch(r"(?:Convert to lowercase|Rewrite in small letters|Put this in lowercase): (.+)",
-                               instruction):
-            assert answer == m[1].lower() != m[1]
+        if (phrase := _rewritten_phrase(instruction, answer)) is not None:
+            assert 1 <= len(phrase.split()) <= 7
         elif m := re.search(r"(\d+) (plus|and|minus|from|away from) (\d+)", instruction):
             a, b = int(m[1]), int(m[3])
             if "plus" in instruction or "sum" in instruction or "add" in instruction.lower():
@@ -234,18 +241,9 @@ def test_shape_tasks_answer_what_they_ask():
         seen[task] += 1
         instruction, answer = task(rng, False, [])
         assert not set(re.findall(r"[a-z]+", (instruction + " " + answer).lower())) & HELDOUT_WORDS, instruction
-        if m := re.fullmatch(r"(?:Repeat the phrase|Repeat after me|Please repeat|Copy this text|Say this back to me"
-                             r"|Write this again): (.+)", instruction):
-            assert answer == m[1]
-            lengths.add(len(answer.split()))
-            last_words.add(answer.split()[-1])
-        elif m := re.fullmatch(r"(?:Write '|Put ')(.+)' in (?:capital letters|upper case)\.", instruction) or \
-                re.fullmatch(r"(?:Convert to uppercase|Rewrite in capital letters|Please write this in uppercase): "
-                             r"(.+)", instruction):
-            assert answer == m[1].upper() != m[1]
-        elif m := re.fullmatch(r"(?:Convert to lowercase|Rewrite in small letters|Put this in lowercase): (.+)",
-                               instruction):
-            assert answer == m[1].lower() != m[1]
+        if (phrase := _rewritten_phrase(instruction, answer)) is not None:
+            lengths.add(len(phrase.split()))
+            last_words.add(phrase.split()[-1].lower())
         elif m := re.fullmatch(r"How many words are in '(.+)'\?", instruction):
             assert answer == f"There are {len(m[1].split())} words." and len(m[1].split()) >= 2
         elif m := re.fullmatch(r"(?:Please count|Count up|Count) from (\d+) to (\d+)\.", instruction):
